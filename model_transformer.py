@@ -26,7 +26,7 @@ import torch.nn.functional as F
 class TransformerConfig:
     src_vocab: int
     tgt_vocab: int
-    pad_id: int                       # padding id of the source and target vocabularies
+    pad_id: int                       # padding id of the source vocabulary (builds the source mask)
     d_model: int = 256                # D: model width
     n_head: int = 4                   # H: heads per attention module (unless pruned)
     n_enc_layer: int = 3

@@ -1,0 +1,154 @@
+"""
+GRU encoder-decoder ("sequence to sequence"), the classic starting point of NMT:
+- attention='none':     Cho et al. 2014 / Sutskever et al. 2014. The decoder starts from the
+                        final encoder state and sees nothing else: the whole sentence must fit
+                        through one vector (the "bottleneck").
+- attention='dot':      Luong et al. 2015 (global, dot score): the decoder state at step t looks
+                        at every encoder state; runs over all target steps at once in training.
+- attention='additive': Bahdanau et al. 2015: the previous decoder state scores every encoder
+                        state, the context enters the GRU input; a step loop in training.
+
+Same interface as model_transformer.py: forward(src, tgt_in), encode(src), decode_step(y,
+memory, cache). The cache is the decoder hidden state (batch first, like every cache tensor).
+Leaves out: LSTMs, input feeding for Luong attention, coverage, scheduled-sampling schedules.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+@dataclass
+class RNNConfig:
+    src_vocab: int
+    tgt_vocab: int
+    pad_id: int                       # padding id of the source vocabulary
+    emb_dim: int = 256                # embedding width
+    hidden_size: int = 512            # GRU state width
+    n_enc_layer: int = 2
+    n_dec_layer: int = 2
+    bidirectional: bool = False       # encoder reads both directions (outputs are 2 x hidden_size)
+    attention: str = "none"           # 'none' | 'dot' | 'additive'
+    dropout: float = 0.1
+    tie_output: bool = True           # output layer shares the target embedding (needs a projection to emb_dim)
+    share_src_tgt: bool = False       # one embedding for source and target (joint vocabulary)
+    teacher_forcing: float = 1.0      # probability of feeding the true previous token in training
+
+
+class Seq2SeqRNN(nn.Module):
+    kind = "rnn"
+
+    def __init__(self, cfg: RNNConfig, verbose: bool = True):
+        super().__init__()
+        if cfg.attention not in ("none", "dot", "additive"):
+            raise ValueError(f"attention='{cfg.attention}' is not known: use 'none', 'dot' or 'additive'")
+        if cfg.share_src_tgt and cfg.src_vocab != cfg.tgt_vocab:
+            raise ValueError("share_src_tgt needs one joint vocabulary (joint_vocab=True)")
+        self.cfg = cfg
+        H, E = cfg.hidden_size, cfg.emb_dim
+        enc_out = H * (2 if cfg.bidirectional else 1)
+        self.tgt_embed = nn.Embedding(cfg.tgt_vocab, E)
+        self.src_embed = self.tgt_embed if cfg.share_src_tgt else nn.Embedding(cfg.src_vocab, E)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder = nn.GRU(E, H, cfg.n_enc_layer, batch_first=True, bidirectional=cfg.bidirectional,
+                              dropout=cfg.dropout if cfg.n_enc_layer > 1 else 0.0)
+        # bridge: the final encoder state (both directions) -> the first state of every decoder layer
+        self.enc_bridge = nn.Linear(enc_out, H * cfg.n_dec_layer)
+        dec_in = E + (enc_out if cfg.attention == "additive" else 0)
+        self.decoder = nn.GRU(dec_in, H, cfg.n_dec_layer, batch_first=True,
+                              dropout=cfg.dropout if cfg.n_dec_layer > 1 else 0.0)
+        if cfg.attention == "dot":
+            self.dec_key_proj = nn.Linear(enc_out, H, bias=False)          # encoder states -> keys of width H
+        if cfg.attention == "additive":
+            self.dec_query_proj = nn.Linear(H, H, bias=False)               # W_s s_{t-1}
+            self.dec_key_proj = nn.Linear(enc_out, H, bias=False)           # W_h h_j
+            self.dec_score = nn.Linear(H, 1, bias=False)                    # v^T tanh(.)
+        readout_in = H + (enc_out if cfg.attention != "none" else 0)
+        self.dec_readout = nn.Linear(readout_in, E)                         # [state; context] -> emb width
+        self.out_proj = nn.Linear(E, cfg.tgt_vocab, bias=False)
+        nn.init.normal_(self.tgt_embed.weight, std=E ** -0.5)
+        if not cfg.share_src_tgt:
+            nn.init.normal_(self.src_embed.weight, std=E ** -0.5)
+        if cfg.tie_output:
+            self.out_proj.weight = self.tgt_embed.weight
+        self.record_weights = False
+        self.last_weights: torch.Tensor | None = None                      # (B, T, S) attention weights
+        if verbose:
+            print(f"Seq2SeqRNN ({cfg.attention} attention): {sum(p.numel() for p in self.parameters()) / 1e6:.2f}M parameters")
+
+    # --- encoder ---------------------------------------------------------------------------
+    def encode(self, src: torch.Tensor) -> tuple:
+        """src (B, S) -> memory: (outputs (B, S, Hx), keys (B, S, H) or None, mask (B, S), init (B, L, H)).
+
+        Packed sequences: the GRU stops at each sentence's last real token, so padding never
+        changes the final state; padded output positions are zeros and masked in attention.
+        """
+        src_mask = src != self.cfg.pad_id                                   # (B, S) True = real token
+        lengths = src_mask.sum(dim=1).cpu()
+        x = self.dropout(self.src_embed(src))                               # (B, S, E)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, h_n = self.encoder(packed)                                     # h_n: (layers * dirs, B, H)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])  # (B, S, Hx)
+        dirs = 2 if self.cfg.bidirectional else 1
+        last = torch.cat([h_n[-dirs + d] for d in range(dirs)], dim=-1)     # top layer, (B, Hx)
+        init = torch.tanh(self.enc_bridge(last)).view(src.shape[0], self.cfg.n_dec_layer, -1)  # (B, L, H)
+        keys = self.dec_key_proj(out) if self.cfg.attention != "none" else None
+        return out, keys, src_mask, init
+
+    # --- attention -------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, memory: tuple) -> torch.Tensor:
+        """query (B, T, H) -> context (B, T, Hx) as a mask-aware weighted sum of encoder outputs."""
+        out, keys, src_mask, _ = memory
+        if self.cfg.attention == "dot":                                     # score = s_t . (W h_j)
+            scores = query @ keys.transpose(1, 2)                           # (B, T, S)
+        else:                                                               # score = v^T tanh(W_s s + W_h h_j)
+            scores = self.dec_score(torch.tanh(self.dec_query_proj(query)[:, :, None] + keys[:, None])).squeeze(-1)
+        scores = scores.masked_fill(~src_mask[:, None, :], float("-inf"))
+        weights = scores.softmax(dim=-1)                                    # (B, T, S), padding gets 0
+        if self.record_weights:
+            self.last_weights = weights.detach()
+        return weights @ out                                                # (B, T, Hx)
+
+    def readout(self, states: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        h = states if context is None else torch.cat([states, context], dim=-1)
+        return self.out_proj(self.dropout(torch.tanh(self.dec_readout(h))))  # (B, T, V)
+
+    # --- decoder ---------------------------------------------------------------------------
+    def run_decoder(self, emb: torch.Tensor, memory: tuple, hidden: torch.Tensor) -> tuple:
+        """emb (B, T, E) target embeddings, hidden (B, L, H) -> (logits (B, T, V), new hidden)."""
+        h0 = hidden.transpose(0, 1).contiguous()                            # GRU wants (L, B, H)
+        if self.cfg.attention == "additive":      # the context depends on the previous state: step by step
+            logits = []
+            for t in range(emb.shape[1]):
+                context = self.attend(h0[-1][:, None], memory)              # (B, 1, Hx)
+                step_out, h0 = self.decoder(torch.cat([emb[:, t:t + 1], context], dim=-1), h0)
+                logits.append(self.readout(step_out, context))
+            return torch.cat(logits, dim=1), h0.transpose(0, 1)
+        states, h_n = self.decoder(emb, h0)                                 # all steps at once: (B, T, H)
+        context = self.attend(states, memory) if self.cfg.attention == "dot" else None
+        return self.readout(states, context), h_n.transpose(0, 1)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """src (B, S), tgt_in (B, T) -> logits (B, T, V). With teacher_forcing < 1 (training only),
+        each step feeds the model's own previous prediction with probability 1 - teacher_forcing."""
+        memory = self.encode(src)
+        if not self.training or self.cfg.teacher_forcing >= 1.0:
+            return self.run_decoder(self.dropout(self.tgt_embed(tgt_in)), memory, memory[3])[0]
+        hidden, y, logits = memory[3], tgt_in[:, 0], []
+        for t in range(tgt_in.shape[1]):
+            step_logits, hidden = self.run_decoder(self.dropout(self.tgt_embed(y[:, None])), memory, hidden)
+            logits.append(step_logits)
+            if t + 1 < tgt_in.shape[1]:
+                # torch's generator (not Python's random): its state is saved in checkpoints, so resume stays exact
+                use_truth = torch.rand(()).item() < self.cfg.teacher_forcing
+                y = tgt_in[:, t + 1] if use_truth else step_logits[:, 0].argmax(-1)
+        return torch.cat(logits, dim=1)
+
+    def decode_step(self, y: torch.Tensor, memory: tuple, cache: dict | None) -> tuple[torch.Tensor, dict]:
+        """y (B,) previous token -> logits (B, V); the cache is {'hidden': (B, L, H)}."""
+        hidden = memory[3] if cache is None else cache["hidden"]
+        logits, hidden = self.run_decoder(self.tgt_embed(y[:, None]), memory, hidden)
+        return logits[:, 0], {"hidden": hidden}

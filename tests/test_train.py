@@ -1,0 +1,130 @@
+"""train.py and sample.py end to end on toy data: schedule, overfitting, exact resume, CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset=toy:reverse", "--tokenizer=char", "--cache_dir=", "--d_model=32", "--n_head=2",
+        "--n_enc_layer=2", "--n_dec_layer=2", "--d_ff=64", "--batch_tokens=1500", "--eval_sentences=50",
+        "--log_interval=1", "--dtype=float32"]
+
+
+def run(script, *args, check=True, stdin=None):
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, input=stdin)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def train_records(out_dir, kind="train"):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def test_one_cycle_schedule():
+    cfg = dict(learning_rate=1e-3, min_lr=1e-5, warmup_frac=0.3, decay="cosine")
+    assert train.lr_at(0.0, cfg) == 0.0
+    assert train.lr_at(0.15, cfg) == pytest.approx(5e-4)            # half way up the warm-up
+    assert train.lr_at(0.3, cfg) == pytest.approx(1e-3)             # the peak
+    assert train.lr_at(0.65, cfg) == pytest.approx((1e-3 + 1e-5) / 2)  # cosine mid-point
+    assert train.lr_at(1.0, cfg) == pytest.approx(1e-5)
+    assert train.lr_at(0.65, {**cfg, "decay": "linear"}) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert train.lr_at(0.475, {**cfg, "decay": "linear"}) == pytest.approx(1e-3 - 0.25 * (1e-3 - 1e-5))
+    assert train.lr_at(0.65, {**cfg, "decay": "exp"}) == pytest.approx(1e-4)   # geometric mid-point
+    assert train.lr_at(1.0, {**cfg, "decay": "exp"}) == pytest.approx(1e-5)
+
+
+def test_progress_takes_the_furthest_limit():
+    cfg = dict(max_iters=100, max_epochs=0, max_minutes=10.0)
+    assert train.run_progress(50, 3.0, 1.0, cfg) == 0.5
+    assert train.run_progress(10, 3.0, 6.0, cfg) == 0.6
+
+
+def test_overfit_one_batch_drives_loss_near_zero(tmp_path):
+    out = run("train.py", *TINY, f"--out_dir={tmp_path}", "--overfit_batches=1", "--max_iters=150",
+              "--learning_rate=3e-3", "--warmup_frac=0.1", "--eval_interval=1000", "--eval_sentences=10")
+    assert "overfit mode" in out.stdout
+    losses = [r["loss"] for r in train_records(tmp_path)]
+    assert losses[0] > 2.0 and losses[-1] < 0.05
+
+
+def test_tiny_transformer_solves_reverse_task(tmp_path):
+    # the shipped sanity-check config, as a person would run it
+    run("train.py", "config/toy_reverse.py", f"--out_dir={tmp_path}", "--log_interval=100")
+    final = train_records(tmp_path, "eval")[-1]
+    assert final["bleu"] > 95, final
+
+
+def test_resume_continues_exactly(tmp_path):
+    # a constant learning rate, so that stopping the first half at step 6 leaves the schedule alone
+    common = [*TINY, "--dropout=0.1", "--eval_interval=6", "--eval_sentences=5", "--max_iters=12",
+              "--warmup_frac=0", "--learning_rate=2e-3", "--min_lr=2e-3"]
+    run("train.py", *common, f"--out_dir={tmp_path / 'a'}")
+    straight = {r["step"]: r["loss"] for r in train_records(tmp_path / "a")}
+    run("train.py", *common, f"--out_dir={tmp_path / 'b'}", "--max_iters=6")
+    run("train.py", *common, f"--out_dir={tmp_path / 'b'}", "--init_from=resume")
+    resumed = {r["step"]: r["loss"] for r in train_records(tmp_path / "b")}
+    assert set(resumed) == set(range(1, 13))
+    for step in range(7, 13):
+        assert resumed[step] == straight[step], step           # bit-identical, dropout included
+
+
+def test_train_then_sample_end_to_end(tmp_path):
+    out = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=20")
+    assert "ln(V)" in out.stdout and "BLEU" in out.stdout
+    for name in ("ckpt.pt", "best.pt", "log.jsonl", "plots.png"):
+        assert os.path.exists(tmp_path / name), name
+    ckpt = str(tmp_path / "best.pt")
+    one = run("sample.py", f"--ckpt={ckpt}", "--text=1 2 3")
+    assert len(one.stdout.splitlines()) == 1
+    piped = run("sample.py", f"--ckpt={ckpt}", stdin="4 5 6\n\n7 8 9 0 1\n")
+    lines = piped.stdout.split("\n")[:-1]
+    assert len(lines) == 3 and lines[1] == ""                  # empty input line -> empty output line
+    scored = run("sample.py", f"--ckpt={ckpt}", "--split=test")
+    assert "BLEU" in scored.stderr and "nrefs:1" in scored.stderr and len(scored.stdout.splitlines()) == 500
+
+
+def test_checkpoint_round_trip_is_weights_only(tmp_path):
+    run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2")
+    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    model, src_tok, tgt_tok = train.model_from_checkpoint(ckpt)
+    assert ckpt["step"] == 2 and ckpt["kind"] == "transformer" and "optimizer" in ckpt
+    src = torch.tensor([src_tok.encode("1 2 3") + [src_tok.eos_id]])
+    tgt = torch.tensor([[tgt_tok.bos_id] + tgt_tok.encode("3 2")])
+    again, _, _ = train.model_from_checkpoint(train.load_checkpoint(str(tmp_path / "ckpt.pt")))
+    model.eval(), again.eval()
+    assert torch.equal(model(src, tgt), again(src, tgt))
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no stop condition"),
+    (["--max_iters=1", "--n_layers=2"], "Did you mean"),
+    (["--max_iters=1", "--arch=lstm"], "arch='lstm'"),
+])
+def test_cli_errors_are_one_clear_line(tmp_path, args, message):
+    out = run("train.py", *TINY, f"--out_dir={tmp_path}", *args, check=False)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sample_rejects_missing_and_corrupt_checkpoints(tmp_path):
+    out = run("sample.py", f"--ckpt={tmp_path / 'none.pt'}", "--text=x", check=False)
+    assert out.returncode != 0 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    out = run("sample.py", f"--ckpt={bad}", "--text=x", check=False)
+    assert out.returncode != 0 and "cannot be loaded safely" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_data_knobs_of_train_match_data_config():
+    from dataclasses import asdict
+
+    from data import DataConfig
+    assert {k: getattr(train, k) for k in asdict(DataConfig())} == asdict(DataConfig())
