@@ -81,8 +81,8 @@ def parse_value(key: str, text: str, default):
                           f"default {default!r}, cannot read {text!r} as one") from None
 
 
-def apply_config_file(namespace: dict, path: str, known: list[str], strict: bool = True) -> list[str]:
-    """Execute a config file and copy its assignments into `namespace`; return keys it ignored.
+def apply_config_file(namespace: dict, path: str, known: list[str], strict: bool = True) -> tuple[list, list]:
+    """Execute a config file and copy its assignments into `namespace`; return (keys set, keys ignored).
 
     strict=False ignores keys the caller does not own (data.py reads a training config
     for its data knobs and leaves the model knobs alone) instead of failing on them.
@@ -99,7 +99,7 @@ def apply_config_file(namespace: dict, path: str, known: list[str], strict: bool
     except SyntaxError as e:
         raise ConfigError(f"config file '{path}' line {e.lineno}: {e.msg}. "
                           "A config file holds plain assignments such as `n_layer = 3`") from None
-    ignored = []
+    applied, ignored = [], []
     for key, value in values.items():
         if key.startswith("_") or callable(value) or type(value).__name__ == "module":
             continue
@@ -109,7 +109,8 @@ def apply_config_file(namespace: dict, path: str, known: list[str], strict: bool
             ignored.append(key)
             continue
         namespace[key] = _check_type(key, value, namespace[key], f"in {path}")
-    return ignored
+        applied.append(key)
+    return applied, ignored
 
 
 def print_help(namespace: dict, known: list[str], doc_files: tuple[str, ...]) -> None:
@@ -124,7 +125,7 @@ def print_help(namespace: dict, known: list[str], doc_files: tuple[str, ...]) ->
 
 def configure(namespace: dict, argv: list[str] | None = None, doc_files: tuple[str, ...] = (),
               strict_file: bool = True) -> dict:
-    """Override the knobs in `namespace` (a script's globals()) from argv; return what changed.
+    """Override the knobs in `namespace` (a script's globals()) from argv; return {key: value} set.
 
     argv: optional config file path(s), then --key=value pairs; -h/--help prints the knobs
     (their comments are read from `doc_files`) and exits.
@@ -137,10 +138,10 @@ def configure(namespace: dict, argv: list[str] | None = None, doc_files: tuple[s
     changed = {}
     for arg in argv:
         if not arg.startswith("--"):
-            ignored = apply_config_file(namespace, arg, known, strict=strict_file)
+            applied, ignored = apply_config_file(namespace, arg, known, strict=strict_file)
             if ignored:
                 print(f"config {arg}: keys for other scripts, not used here: {', '.join(ignored)}")
-            changed["config"] = arg
+            changed.update({k: namespace[k] for k in applied})
             continue
         key, eq, text = arg[2:].partition("=")
         if not eq:

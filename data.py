@@ -24,7 +24,7 @@ import torch
 
 from tokenizer import Tokenizer, tokenizer_from_state, train_tokenizer
 
-CACHE_VERSION = 1        # bump when the cached format or the cleaning rules change
+CACHE_VERSION = 2        # bump when the cached format or the cleaning rules change
 
 
 @dataclass
@@ -294,14 +294,16 @@ def load_data(cfg: DataConfig, verbose: bool = True) -> Data:
     if path and os.path.exists(path):
         t0 = time.time()
         state = torch.load(path, weights_only=True)
-        data = Data(tokenizer_from_state(state["src_tok"]), tokenizer_from_state(state["tgt_tok"]),
-                    {k: Split.from_state(v) for k, v in state["splits"].items()}, state["report"])
+        src_tok = tokenizer_from_state(state["src_tok"])
+        tgt_tok = src_tok if state["joint"] else tokenizer_from_state(state["tgt_tok"])  # joint stays one object
+        data = Data(src_tok, tgt_tok, {k: Split.from_state(v) for k, v in state["splits"].items()}, state["report"])
         log(f"data: loaded tokenized splits from cache {path} in {time.time() - t0:.1f}s")
         return data
     data = build_data(cfg, log)
     if path:
         os.makedirs(cfg.cache_dir, exist_ok=True)
         state = {"src_tok": data.src_tok.state_dict(), "tgt_tok": data.tgt_tok.state_dict(),
+                 "joint": data.src_tok is data.tgt_tok,
                  "splits": {k: v.state_dict() for k, v in data.splits.items()}, "report": data.report}
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(state, tmp)

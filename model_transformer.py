@@ -15,6 +15,7 @@ Leaves out: relative positions, beam search (decoding.py), mixture-of-experts, f
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -59,10 +60,12 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, head_dim: int, dropout: float):
         super().__init__()
         self.n_head, self.head_dim, self.dropout = n_head, head_dim, dropout
-        self.q_proj = nn.Linear(d_model, n_head * head_dim)
-        self.k_proj = nn.Linear(d_model, n_head * head_dim)
-        self.v_proj = nn.Linear(d_model, n_head * head_dim)
-        self.out_proj = nn.Linear(n_head * head_dim, d_model)
+        with warnings.catch_warnings():   # n_head = 0 (pruned away) makes empty weights: nothing to initialise
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.q_proj = nn.Linear(d_model, n_head * head_dim)
+            self.k_proj = nn.Linear(d_model, n_head * head_dim)
+            self.v_proj = nn.Linear(d_model, n_head * head_dim)
+            self.out_proj = nn.Linear(n_head * head_dim, d_model)
         self.head_gate: nn.Module | None = None   # returns (H,) multipliers; prune.py sets it
         self.impl = "sdpa"
         self.last_weights: torch.Tensor | None = None  # (B, H, T, S) when record_weights is on
@@ -219,7 +222,7 @@ class Transformer(nn.Module):
         # close to ln V (uniform guessing) instead of far above it.
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.cfg.d_model ** -0.5)
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) and module.weight.numel() > 0:   # (a pruned-away attention is empty)
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -20,7 +20,8 @@ import torch
 from configurator import ConfigError, configure, main_guard
 from data import DataConfig, DataError, load_data
 from decoding import score, translate
-from train import load_checkpoint, model_from_checkpoint, setup_device
+from checkpoint import load_checkpoint, model_from_checkpoint
+from train import setup_device
 
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # checkpoint written by train.py or prune.py

@@ -11,7 +11,6 @@ prune.py reuses `train_loop` with an extra penalty. Leaves out: model averaging,
 """
 
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -26,8 +25,9 @@ import torch.nn.functional as F
 
 from configurator import ConfigError, configure, main_guard
 from data import DATA_KEYS, DataConfig, DataError, collate, load_data, make_batches
+from checkpoint import (build_model, load_checkpoint, model_classes, model_from_checkpoint, save_checkpoint,
+                        tokenizer_state)
 from decoding import score, translate
-from tokenizer import tokenizer_from_state
 
 # -----------------------------------------------------------------------------
 # knobs: defaults here, overridden by config/<name>.py, then by --key=value
@@ -106,24 +106,6 @@ TRAIN_KEYS = [k for k, v in list(globals().items())
 
 # -----------------------------------------------------------------------------
 # building blocks
-
-# the only place that knows which model classes exist: arch -> (module, model class, config class)
-MODELS = {"transformer": ("model_transformer", "Transformer", "TransformerConfig"),
-          "rnn": ("model_rnn", "Seq2SeqRNN", "RNNConfig")}
-
-
-def model_classes(kind: str):
-    if kind not in MODELS:
-        raise ConfigError(f"arch='{kind}' is not known: use {' or '.join(repr(k) for k in MODELS)}")
-    module_name, model_name, config_name = MODELS[kind]
-    module = importlib.import_module(module_name)
-    return getattr(module, model_name), getattr(module, config_name)
-
-
-def build_model(kind: str, model_config: dict, verbose: bool = True):
-    model_class, config_class = model_classes(kind)
-    return model_class(config_class(**model_config), verbose)
-
 
 def model_config_from(cfg: dict, src_tok, tgt_tok) -> dict:
     """Model constructor arguments: the knobs whose names the model's config class has, plus the vocabularies."""
@@ -213,53 +195,6 @@ def grad_norms(model) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one self-contained dict per file, written atomically
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, then rename: a crash mid-write never destroys the previous file."""
-    tmp = f"{path}.tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint "
-                      "is untouched; free disk space or choose another --out_dir.") from None
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint with weights_only=True: it can hold tensors and plain data, never code."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint '{path}' does not exist: train one with train.py or pass --ckpt=PATH")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise ConfigError(f"checkpoint '{path}' cannot be loaded safely ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}). It is truncated, corrupt, or not a checkpoint "
-                          "of this project (only tensors and plain data are accepted, never code).") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt or "model" not in ckpt:
-        raise ConfigError(f"'{path}' is not a checkpoint of this project (no model kind or weights)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, verbose: bool = False):
-    """(model with its weights, source tokenizer, target tokenizer) from a checkpoint."""
-    model = build_model(ckpt["kind"], ckpt["model_config"], verbose)
-    model.load_state_dict(ckpt["model"])
-    src_tok = tokenizer_from_state(ckpt["tokenizers"]["src"])
-    tgt_tok = src_tok if ckpt["tokenizers"].get("joint") else tokenizer_from_state(ckpt["tokenizers"]["tgt"])
-    if tgt_tok.vocab_size != ckpt["model_config"]["tgt_vocab"]:
-        raise ConfigError("the checkpoint's tokenizer does not match its model (vocabulary sizes differ)")
-    return model, src_tok, tgt_tok
-
-
-def tokenizer_state(src_tok, tgt_tok) -> dict:
-    joint = src_tok is tgt_tok
-    return {"src": src_tok.state_dict(), "tgt": None if joint else tgt_tok.state_dict(), "joint": joint}
-
-
-# -----------------------------------------------------------------------------
 # evaluation
 
 @torch.no_grad()
@@ -344,18 +279,27 @@ def plot_log(out_dir: str) -> str:
 # -----------------------------------------------------------------------------
 # the training loop
 
+def printable(extra: dict, sep: str) -> str:
+    """The scalar entries of an extra-log dict as text (lists/dicts are for log.jsonl only)."""
+    return "".join(f"{sep}{k} {v}" for k, v in extra.items() if not isinstance(v, (list, dict)))
+
+
 class Stop(Exception):
     """Raised inside the loop to end the run cleanly (signal, repeated non-finite loss)."""
 
 
 def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: dict | None = None,
-               extra_loss=None, extra_log=None, raw_model=None, rank: int = 0, world_size: int = 1) -> dict:
+               extra_loss=None, extra_log=None, lr_scale: dict | None = None, keep_best: bool = True,
+               raw_model=None, rank: int = 0, world_size: int = 1) -> dict:
     """Train `model` on `data` until a stop condition; returns the final state.
 
     ckpt_extra: what every checkpoint carries besides the training state (kind, model config,
     tokenizers, configs). state: the training state of a checkpoint to resume from.
-    extra_loss(): an optional (penalty tensor, {name: value}) added to the loss each step
-    (prune.py's L0 penalty). extra_log(): extra {name: value} for each log line and eval.
+    extra_loss(): an optional penalty tensor added to the loss each step (prune.py's L0 term).
+    extra_log(step): extra {name: value} for each log record and eval
+    (lists and dicts go to log.jsonl only, not to the printed line). lr_scale: {parameter-name
+    suffix: multiplier of the learning rate} (prune.py's gates learn faster than the weights).
+    keep_best: also write best.pt whenever validation BLEU improves.
     """
     raw_model = raw_model if raw_model is not None else model
     master = rank == 0
@@ -363,11 +307,13 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
     pad_id = data.tgt_tok.pad_id
     overfit = cfg["overfit_batches"] > 0
     smoothing = 0.0 if overfit else cfg["label_smoothing"]
-    decay, no_decay = [], []
-    for p in raw_model.parameters():          # no weight decay on biases, LayerNorm gains, gate logits
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}],
+    groups = {}                               # (weight decay?, lr multiplier) -> parameters
+    for name, p in raw_model.named_parameters():
+        scale = next((m for suffix, m in (lr_scale or {}).items() if name.endswith(suffix)), 1.0)
+        # no weight decay on biases, LayerNorm gains and gate logits (1-d parameters)
+        groups.setdefault((p.dim() >= 2, scale), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "weight_decay": cfg["weight_decay"] if decays else 0.0,
+                                    "lr_scale": scale} for (decays, scale), ps in groups.items()],
                                   lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "minutes": 0.0, "best_bleu": -1.0, "bad_steps": 0}
     if state is not None:
@@ -411,18 +357,18 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
                                **{k: st[k] for k in st}})
 
     bar = None
-    if master and sys.stderr.isatty() and cfg["max_iters"]:
+    if master and sys.stderr.isatty():       # a progress bar in percent of the run (steps, epochs or minutes)
         from tqdm import tqdm
-        bar = tqdm(total=cfg["max_iters"], initial=st["step"], dynamic_ncols=True, leave=False)
+        bar = tqdm(total=100, unit="%", dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
     log = RunLog(out_dir, master, bar)
 
     def run_eval() -> None:
         if master:
             ev = evaluate(raw_model, data, cfg["batch_tokens"], device, amp, n_sentences=cfg["eval_sentences"])
-            extra = extra_log() if extra_log is not None else {}
+            extra = extra_log(st["step"]) if extra_log is not None else {}
             log.record("eval", f"eval step {st['step']}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, "
                        f"BLEU {ev['bleu']:.2f}, chrF {ev['chrf']:.2f} ({ev['sentences']} sentences)"
-                       + "".join(f", {k} {v}" for k, v in extra.items()),
+                       + printable(extra, ", "),
                        step=st["step"], val_loss=ev["loss"], ppl=ev["ppl"], bleu=ev["bleu"], chrf=ev["chrf"],
                        examples=ev["examples"], **extra)
             for ex in ev["examples"]:
@@ -430,7 +376,8 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
             checkpoint(os.path.join(out_dir, "ckpt.pt"))
             if ev["bleu"] > st["best_bleu"]:
                 st["best_bleu"] = ev["bleu"]
-                checkpoint(os.path.join(out_dir, "best.pt"))
+                if keep_best:
+                    checkpoint(os.path.join(out_dir, "best.pt"))
         if world_size > 1:
             torch.distributed.barrier()
 
@@ -473,7 +420,7 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
                 raise Stop(f"received {stop_signal[0]}")
             lr = lr_at(run_progress(st["step"], epoch_float, minutes, cfg), cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
 
             micro = [next_batch() for _ in range(cfg["grad_accum"])]
             n_tok = torch.tensor(float(sum(int((b[2] != pad_id).sum()) for b in micro)))
@@ -486,18 +433,25 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
                 with sync:
                     with amp:
                         logits = model(src, tgt_in)
+                    # DDP averages gradients over processes; * world_size undoes that, so the
+                    # gradient is that of the summed loss over the global batch / its tokens
                     loss = sequence_loss(logits, tgt_out, pad_id, smoothing) * world_size / n_tok
+                    loss_sum += loss.item() / world_size          # the logged loss: cross-entropy only
                     if extra_loss is not None and i == 0:
-                        penalty, _ = extra_loss()
-                        loss = loss + penalty
+                        loss = loss + extra_loss()
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += loss.item() / world_size
-                interval["pad"] += int((src == pad_id).sum() + (tgt_in == pad_id).sum())
+                interval["pad"] += int((src == data.src_tok.pad_id).sum() + (tgt_in == pad_id).sum())
                 interval["cells"] += src.numel() + tgt_in.numel()
+            if world_size > 1:          # each process summed its own share of the global batch
+                shares = torch.tensor(loss_sum)
+                torch.distributed.all_reduce(shares)
+                loss_sum = shares.item()
             if scaler is not None:
                 scaler.unscale_(optimizer)
             norms = grad_norms(raw_model)
-            if not math.isfinite(norms["total"]) or not math.isfinite(loss_sum):
+            # a non-finite loss gives non-finite gradients, and gradients agree across processes,
+            # so every process takes the same decision here
+            if not math.isfinite(norms["total"]):
                 st["bad_steps"] += 1          # skip the update (GradScaler does this itself with fp16)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -524,11 +478,12 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
             interval["tokens"] += int(n_tok.item())
             interval["steps"] += 1
             if bar is not None:
-                bar.update(1)
+                bar.n = round(100 * run_progress(st["step"], epoch_float, st["minutes"], cfg), 1)
+                bar.refresh()
 
             if st["step"] % cfg["log_interval"] == 0 or st["step"] == 1:
                 dt = time.time() - t_last
-                extra = extra_log() if extra_log is not None else {}
+                extra = extra_log(st["step"]) if extra_log is not None else {}
                 rec = dict(step=st["step"], epoch=round(epoch_float, 3), loss=interval["loss"] / interval["steps"],
                            lr=lr, gnorm=norms["total"], gnorm_enc=norms["enc"], gnorm_dec=norms["dec"],
                            tok_per_s=interval["tokens"] / max(dt, 1e-9),
@@ -536,7 +491,7 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
                 log.record("train", f"step {rec['step']:>6} | epoch {rec['epoch']:6.2f} | loss {rec['loss']:.4f} | "
                            f"lr {lr:.2e} | gnorm {rec['gnorm']:.2f} (enc {rec['gnorm_enc']:.2f} dec "
                            f"{rec['gnorm_dec']:.2f}) | {rec['tok_per_s']:,.0f} tok/s | pad {rec['pad']:.1%} | "
-                           f"{rec['minutes']:.1f} min" + "".join(f" | {k} {v}" for k, v in extra.items()), **rec)
+                           f"{rec['minutes']:.1f} min" + printable(extra, " | "), **rec)
                 t_last, interval = time.time(), {k: 0 for k in interval}
             if st["step"] % cfg["eval_interval"] == 0:
                 run_eval()
@@ -573,8 +528,16 @@ def setup_distributed():
 
 
 def main() -> None:
-    configure(globals(), doc_files=(__file__,))
+    given = configure(globals(), doc_files=(__file__,))
     cfg = knobs()
+    state = None
+    if cfg["init_from"] == "resume":
+        state = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        # the run goes on with its own configuration; stop conditions, intervals and the device
+        # may be changed by naming them (e.g. --max_minutes=60 to extend a run)
+        may_change = ("max_iters", "max_epochs", "max_minutes", "eval_interval", "log_interval", "device")
+        cfg = {**state["train_config"], **{k: v for k, v in given.items() if k in may_change},
+               "init_from": "resume"}
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
     rank, world_size = setup_distributed()
@@ -585,12 +548,6 @@ def main() -> None:
     if rank == 0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
 
-    state = None
-    if cfg["init_from"] == "resume":
-        state = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        # the run goes on with its own configuration; only the stop conditions may be extended
-        changed = {k: cfg[k] for k in ("max_iters", "max_epochs", "max_minutes", "eval_interval", "log_interval")}
-        cfg = {**state["train_config"], **changed, "init_from": "resume"}
     data = load_data(data_config_from(cfg), verbose=rank == 0)
 
     torch.manual_seed(cfg["seed"])

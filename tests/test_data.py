@@ -173,6 +173,7 @@ def test_cache_is_reused_and_keyed_by_settings(tmp_path, capsys):
         assert np.array_equal(first.splits[name].src_flat, second.splits[name].src_flat)
         assert first.splits[name].tgt_text == second.splits[name].tgt_text
     assert second.src_tok.encode("the cat") == first.src_tok.encode("the cat")
+    assert first.src_tok is first.tgt_tok and second.src_tok is second.tgt_tok   # a joint vocabulary stays joint
     assert D.cache_path(cfg) != D.cache_path(cfg_for(folder, tmp_path, vocab_size=301))
     assert D.cache_path(cfg) == D.cache_path(cfg_for(folder, tmp_path, batch_tokens=999))
 

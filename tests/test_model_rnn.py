@@ -70,3 +70,4 @@ def test_teacher_forcing_below_one_feeds_predictions():
     torch.manual_seed(0)
     b = model(src, changed)
     assert torch.allclose(a, b)
+

@@ -70,7 +70,7 @@ def test_resume_continues_exactly(tmp_path):
     run("train.py", *common, f"--out_dir={tmp_path / 'a'}")
     straight = {r["step"]: r["loss"] for r in train_records(tmp_path / "a")}
     run("train.py", *common, f"--out_dir={tmp_path / 'b'}", "--max_iters=6")
-    run("train.py", *common, f"--out_dir={tmp_path / 'b'}", "--init_from=resume")
+    run("train.py", f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--max_iters=12")  # the saved config
     resumed = {r["step"]: r["loss"] for r in train_records(tmp_path / "b")}
     assert set(resumed) == set(range(1, 13))
     for step in range(7, 13):
@@ -128,3 +128,18 @@ def test_data_knobs_of_train_match_data_config():
 
     from data import DataConfig
     assert {k: getattr(train, k) for k in asdict(DataConfig())} == asdict(DataConfig())
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) == 1 process accumulating the same 2 batches per step."""
+    common = [*TINY, "--dropout=0.0", "--max_iters=5", "--eval_interval=5", "--eval_sentences=5"]
+    run("train.py", *common, f"--out_dir={tmp_path / 'one'}", "--grad_accum=2")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *common, f"--out_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    one = {r["step"]: r["loss"] for r in train_records(tmp_path / "one")}
+    two = {r["step"]: r["loss"] for r in train_records(tmp_path / "two")}
+    assert list(two) == list(range(1, 6))                # only rank 0 wrote the log, once per step
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step

@@ -1,0 +1,110 @@
+"""
+Checkpoints: one self-contained dict per file, enough to translate, prune or resume with
+nothing else (STYLE.md). A checkpoint holds:
+    kind, model_config   which model class and its constructor arguments (per-layer heads after pruning)
+    model                the weights (state_dict)
+    tokenizers           source/target tokenizer state (merges or characters), no side files
+    data_config, train_config   how the data was prepared and every training knob
+    step, epoch, batch_in_epoch, minutes, best_bleu   where the run stands (the learning rate is
+                         a function of these, so they are the scheduler state)
+    optimizer, scaler, rng   optimizer moments, fp16 loss scale, random generator states
+    gated                attention types carrying L0 gates (prune.py's checkpoints while gating)
+Written atomically (temporary file, then rename); read with torch.load(weights_only=True), which
+accepts tensors and plain Python data and refuses anything that would run code.
+"""
+
+import contextlib
+import importlib
+import os
+
+import torch
+
+from configurator import ConfigError
+from tokenizer import tokenizer_from_state
+
+# the only place that knows which model classes exist: arch -> (module, model class, config class)
+MODELS = {"transformer": ("model_transformer", "Transformer", "TransformerConfig"),
+          "rnn": ("model_rnn", "Seq2SeqRNN", "RNNConfig")}
+
+
+def model_classes(kind: str):
+    if kind not in MODELS:
+        raise ConfigError(f"arch='{kind}' is not known: use {' or '.join(repr(k) for k in MODELS)}")
+    module_name, model_name, config_name = MODELS[kind]
+    module = importlib.import_module(module_name)
+    return getattr(module, model_name), getattr(module, config_name)
+
+
+def build_model(kind: str, model_config: dict, verbose: bool = True):
+    model_class, config_class = model_classes(kind)
+    return model_class(config_class(**model_config), verbose)
+
+
+def attach_gates(model, attn_types: list[str]) -> dict:
+    """Put a hard-concrete gate (one per head) on every attention module of the given types.
+
+    Returns {type: [gate per layer]}. Only models with attention_modules() (the Transformer) have heads.
+    """
+    from gates import HardConcreteGate
+    if not hasattr(model, "attention_modules"):
+        raise ConfigError(f"a {model.kind} model has no attention heads to gate: prune a Transformer checkpoint")
+    modules = model.attention_modules()
+    gates = {}
+    for kind in attn_types:
+        if kind not in modules:
+            raise ConfigError(f"gate_attn='{kind}' is not known: use enc, dec, cross (comma-separated)")
+        gates[kind] = []
+        for attn in modules[kind]:
+            attn.head_gate = HardConcreteGate(attn.n_head)
+            gates[kind].append(attn.head_gate)
+    return gates
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write to a temporary file, then rename: a crash mid-write never destroys the previous file."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint "
+                      "is untouched; free disk space or choose another --out_dir.") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint with weights_only=True: it can hold tensors and plain data, never code."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint '{path}' does not exist: train one with train.py or pass --ckpt=PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise ConfigError(f"checkpoint '{path}' cannot be loaded safely ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}). It is truncated, corrupt, or not a checkpoint "
+                          "of this project (only tensors and plain data are accepted, never code).") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt or "model" not in ckpt:
+        raise ConfigError(f"'{path}' is not a checkpoint of this project (no model kind or weights)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, verbose: bool = False):
+    """(model with its weights, source tokenizer, target tokenizer) from a checkpoint."""
+    model = build_model(ckpt["kind"], ckpt["model_config"], verbose)
+    if ckpt.get("gated"):
+        attach_gates(model, ckpt["gated"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ConfigError(f"the checkpoint's weights do not fit its model config: {detail}") from None
+    src_tok = tokenizer_from_state(ckpt["tokenizers"]["src"])
+    tgt_tok = src_tok if ckpt["tokenizers"].get("joint") else tokenizer_from_state(ckpt["tokenizers"]["tgt"])
+    if tgt_tok.vocab_size != ckpt["model_config"]["tgt_vocab"]:
+        raise ConfigError("the checkpoint's tokenizer does not match its model (vocabulary sizes differ)")
+    return model, src_tok, tgt_tok
+
+
+def tokenizer_state(src_tok, tgt_tok) -> dict:
+    joint = src_tok is tgt_tok
+    return {"src": src_tok.state_dict(), "tgt": None if joint else tgt_tok.state_dict(), "joint": joint}

@@ -1,0 +1,90 @@
+"""prune.py: physical pruning equals gating, zero-head layers, the CLI end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prune
+from checkpoint import attach_gates
+from model_transformer import Transformer, TransformerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V, PAD = 20, 0
+
+
+def tiny():
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig(src_vocab=V, tgt_vocab=V, pad_id=PAD, d_model=32, n_head=4,
+                                         n_enc_layer=2, n_dec_layer=2, d_ff=64, dropout=0.0), verbose=False)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    src, tgt = torch.randint(3, V, (3, 7), generator=g), torch.randint(3, V, (3, 6), generator=g)
+    src[2, 5:] = PAD
+    return src, tgt
+
+
+def set_gates(gates, log_alphas):
+    with torch.no_grad():
+        for kind, layers in log_alphas.items():
+            for g, values in zip(gates[kind], layers):
+                g.log_alpha.copy_(torch.tensor(values))
+
+
+@pytest.mark.parametrize("types", [["enc"], ["enc", "dec", "cross"]])
+def test_pruned_model_computes_what_the_gated_model_computes(types):
+    model = tiny()
+    gates = attach_gates(model, types)
+    # -9: closed (eval gate 0); 0.0: open at 0.5; 9: fully open. Layer 1 of enc loses every head.
+    pattern = {"enc": [[9.0, -9.0, 0.0, -9.0], [-9.0, -9.0, -9.0, -9.0]],
+               "dec": [[-9.0, 9.0, 9.0, 9.0], [0.5, -9.0, 9.0, 9.0]],
+               "cross": [[9.0, 9.0, -9.0, 0.0], [9.0, 9.0, 9.0, 9.0]]}
+    set_gates(gates, {k: pattern[k] for k in types})
+    model.eval()
+    src, tgt = batch()
+    gated_out = model(src, tgt)
+    pruned, keep = prune.prune_heads(model, prune.eval_gates(gates))
+    pruned.eval()
+    assert keep["enc"] == [[0, 2], []]
+    assert pruned.cfg.enc_self_heads == [2, 0]
+    assert pruned.num_params() < model.num_params()
+    assert torch.allclose(pruned(src, tgt), gated_out, atol=1e-5)
+    # and the incremental decoder of the pruned model agrees with its full forward
+    memory, cache = pruned.encode(src), None
+    full = pruned(src, tgt)
+    for t in range(tgt.shape[1]):
+        step, cache = pruned.decode_step(tgt[:, t], memory, cache)
+        assert torch.allclose(step, full[:, t], atol=1e-5)
+
+
+def test_lambda_parsing():
+    assert prune.parse_lambdas("0.05") == [0.05]
+    assert prune.parse_lambdas("0.01, 0.1") == [0.01, 0.1]
+    for bad in ("-1", "abc", "", "1e9"):
+        with pytest.raises(Exception, match="--lambda"):
+            prune.parse_lambdas(bad)
+
+
+def test_prune_cli_end_to_end_and_sample_loads_the_result(tmp_path):
+    def run(script, *args):
+        out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out
+    run("train.py", "--dataset=toy:reverse", "--tokenizer=char", "--cache_dir=", "--d_model=32", "--n_head=4",
+        "--n_enc_layer=2", "--n_dec_layer=1", "--d_ff=64", "--batch_tokens=1500", "--max_iters=30",
+        "--eval_interval=30", "--eval_sentences=20", f"--out_dir={tmp_path}", "--dtype=float32")
+    out = run("prune.py", f"--ckpt={tmp_path / 'best.pt'}", "--lambda=0.5,2", "--max_iters=20",
+              "--eval_interval=10", "--eval_sentences=20", "--speed_repeats=1", f"--out_dir={tmp_path / 'p'}",
+              "--gate_lr=0.5", "--dtype=float32")
+    assert "pruning report" in out.stdout and "trade-off plot" in out.stdout
+    report = json.load(open(tmp_path / "p" / "lambda_2" / "prune_report.json"))
+    assert report["gated_test"]["bleu"] == pytest.approx(report["pruned_test"]["bleu"], abs=1e-6)
+    for name in ("gates.gif", "gates_final.png", "heads_vs_step.png", "pruned.pt"):
+        assert os.path.exists(tmp_path / "p" / "lambda_2" / name), name
+    assert os.path.exists(tmp_path / "p" / "tradeoff.png")
+    sample = run("sample.py", f"--ckpt={tmp_path / 'p' / 'lambda_2' / 'pruned.pt'}", "--text=1 2 3")
+    assert len(sample.stdout.splitlines()) == 1
