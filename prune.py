@@ -230,7 +230,7 @@ def prune_once(lam: float, source: dict, data, original: dict, gate_types: list[
     ckpt_extra = {"kind": source["kind"], "model_config": source["model_config"], "gated": gate_types,
                   "tokenizers": source["tokenizers"], "data_config": source["data_config"], "train_config": cfg}
     st = train_loop(model, data, cfg, run_dir, ckpt_extra, extra_loss=l0_penalty, extra_log=gate_log,
-                    lr_scale={"log_alpha": gate_lr / learning_rate}, keep_best=False)
+                    lr_scale={"log_alpha": gate_lr / learning_rate}, keep_best=False, from_scratch=False)
     gate_log(st["step"])
 
     model.eval()

@@ -290,7 +290,7 @@ class Stop(Exception):
 
 def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: dict | None = None,
                extra_loss=None, extra_log=None, lr_scale: dict | None = None, keep_best: bool = True,
-               raw_model=None, rank: int = 0, world_size: int = 1) -> dict:
+               from_scratch: bool = True, raw_model=None, rank: int = 0, world_size: int = 1) -> dict:
     """Train `model` on `data` until a stop condition; returns the final state.
 
     ckpt_extra: what every checkpoint carries besides the training state (kind, model config,
@@ -299,7 +299,8 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
     extra_log(step): extra {name: value} for each log record and eval
     (lists and dicts go to log.jsonl only, not to the printed line). lr_scale: {parameter-name
     suffix: multiplier of the learning rate} (prune.py's gates learn faster than the weights).
-    keep_best: also write best.pt whenever validation BLEU improves.
+    keep_best: also write best.pt whenever validation BLEU improves. from_scratch: the weights
+    are untrained, so check the loss at step 0 against ln(V).
     """
     raw_model = raw_model if raw_model is not None else model
     master = rank == 0
@@ -389,7 +390,7 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
             handlers[sig] = signal.signal(sig, lambda s, f: stop_signal.append(signal.Signals(s).name))
 
     model.train()
-    if st["step"] == 0 and master:        # the first sanity check: an untrained model guesses uniformly
+    if st["step"] == 0 and master and from_scratch:   # the first sanity check: an untrained model guesses uniformly
         src, tgt_in, tgt_out = (t.to(device) for t in collate(train_split, batches[0], data.src_tok, data.tgt_tok))
         raw_model.eval()
         with torch.no_grad(), amp:
@@ -573,7 +574,7 @@ def main() -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
     st = train_loop(wrapped, data, cfg, cfg["out_dir"], ckpt_extra, state, raw_model=model,
-                    rank=rank, world_size=world_size)
+                    from_scratch=cfg["init_from"] == "scratch", rank=rank, world_size=world_size)
     if rank == 0:
         print(f"done: {st['step']} steps, {st['minutes']:.1f} min, best validation BLEU {st['best_bleu']:.2f}; "
               f"plots in {plot_log(cfg['out_dir'])}")
