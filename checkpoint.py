@@ -20,7 +20,8 @@ import os
 import torch
 
 from configurator import ConfigError
-from tokenizer import tokenizer_from_state
+from data import DataConfig, load_data
+from tokenizer import pair_from_state
 
 # the only place that knows which model classes exist: arch -> (module, model class, config class)
 MODELS = {"transformer": ("model_transformer", "Transformer", "TransformerConfig"),
@@ -98,13 +99,16 @@ def model_from_checkpoint(ckpt: dict, verbose: bool = False):
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise ConfigError(f"the checkpoint's weights do not fit its model config: {detail}") from None
-    src_tok = tokenizer_from_state(ckpt["tokenizers"]["src"])
-    tgt_tok = src_tok if ckpt["tokenizers"].get("joint") else tokenizer_from_state(ckpt["tokenizers"]["tgt"])
+    src_tok, tgt_tok = pair_from_state(ckpt["tokenizers"])
     if tgt_tok.vocab_size != ckpt["model_config"]["tgt_vocab"]:
         raise ConfigError("the checkpoint's tokenizer does not match its model (vocabulary sizes differ)")
     return model, src_tok, tgt_tok
 
 
-def tokenizer_state(src_tok, tgt_tok) -> dict:
-    joint = src_tok is tgt_tok
-    return {"src": src_tok.state_dict(), "tgt": None if joint else tgt_tok.state_dict(), "joint": joint}
+def data_of_checkpoint(ckpt: dict, dataset: str = "", verbose: bool = True):
+    """The tokenized splits of the data a checkpoint was trained on; `dataset` replaces its
+    location (a local folder when the original was a hub name or another machine's path)."""
+    cfg = DataConfig(**ckpt["data_config"])
+    if dataset:
+        cfg.dataset = dataset
+    return load_data(cfg, verbose=verbose)

@@ -154,10 +154,11 @@ def configure(namespace: dict, argv: list[str] | None = None, doc_files: tuple[s
     return changed
 
 
-def main_guard(fn):
-    """Run a script's main(), turning a ConfigError into one line and exit code 2."""
+def main_guard(fn, *errors: type) -> None:
+    """Run a script's main(), turning a ConfigError (or one of `errors`, e.g. data.DataError)
+    into one line on stderr and exit code 2: mistakes in the input, not bugs, get no traceback."""
     try:
-        return fn()
-    except ConfigError as e:
+        fn()
+    except (ConfigError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from tokenizer import Tokenizer, tokenizer_from_state, train_tokenizer
+from tokenizer import Tokenizer, pair_from_state, pair_state, train_tokenizer
 
-CACHE_VERSION = 2        # bump when the cached format or the cleaning rules change
+CACHE_VERSION = 3        # bump when the cached format or the cleaning rules change
 
 
 @dataclass
@@ -294,16 +294,14 @@ def load_data(cfg: DataConfig, verbose: bool = True) -> Data:
     if path and os.path.exists(path):
         t0 = time.time()
         state = torch.load(path, weights_only=True)
-        src_tok = tokenizer_from_state(state["src_tok"])
-        tgt_tok = src_tok if state["joint"] else tokenizer_from_state(state["tgt_tok"])  # joint stays one object
+        src_tok, tgt_tok = pair_from_state(state["tokenizers"])
         data = Data(src_tok, tgt_tok, {k: Split.from_state(v) for k, v in state["splits"].items()}, state["report"])
         log(f"data: loaded tokenized splits from cache {path} in {time.time() - t0:.1f}s")
         return data
     data = build_data(cfg, log)
     if path:
         os.makedirs(cfg.cache_dir, exist_ok=True)
-        state = {"src_tok": data.src_tok.state_dict(), "tgt_tok": data.tgt_tok.state_dict(),
-                 "joint": data.src_tok is data.tgt_tok,
+        state = {"tokenizers": pair_state(data.src_tok, data.tgt_tok),
                  "splits": {k: v.state_dict() for k, v in data.splits.items()}, "report": data.report}
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(state, tmp)
@@ -499,7 +497,4 @@ if __name__ == "__main__":
         report(cfg, data, seed)
         print(f"\n(report in {time.time() - t0:.1f}s)")
 
-    try:
-        main_guard(main)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    main_guard(main, DataError)

@@ -22,9 +22,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from checkpoint import attach_gates, build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (attach_gates, build_model, data_of_checkpoint, load_checkpoint, model_from_checkpoint,
+                        save_checkpoint)
 from configurator import ConfigError, configure, main_guard
-from data import DataConfig, DataError, load_data
+from data import DataError
 from decoding import score, translate
 from train import setup_device, train_loop
 
@@ -89,10 +90,9 @@ def prune_heads(model, gate_values: dict):
                dec_cross_heads=[len(k) for k in keep["cross"]])
     pruned = build_model(model.kind, cfg, verbose=False)
     state = {k: v for k, v in model.state_dict().items() if "head_gate" not in k}
-    new_modules = pruned.attention_modules()
     prefix = {id(m): name for name, m in model.named_modules()}
     for kind in modules:
-        for i, (old, new) in enumerate(zip(modules[kind], new_modules[kind])):
+        for i, old in enumerate(modules[kind]):
             Dh = old.head_dim
             heads = keep[kind][i]
             rows = torch.tensor([h * Dh + j for h in heads for j in range(Dh)], dtype=torch.long)
@@ -196,14 +196,13 @@ def prune_once(lam: float, source: dict, data, original: dict, gate_types: list[
     if os.path.exists(log_path):
         os.remove(log_path)          # a new pruning run, not a continuation
     model, _, _ = model_from_checkpoint(source)
-    model.to(dev)
     n_head = model.cfg.n_head
     print(f"\n== lambda {lam}: gating {', '.join(gate_types)} heads of {source.get('kind')} "
           f"({model.num_params() / 1e6:.2f}M parameters)")
     report = {"lambda": lam, "gate_attn": gate_types, "params_before": model.num_params(), **original}
     torch.manual_seed(seed)
     gates = attach_gates(model, gate_types)
-    model.to(dev)
+    model.to(dev)                    # with its new gates
     n_layers = sum(len(g) for g in gates.values())
 
     def l0_penalty():
@@ -302,10 +301,7 @@ def main() -> None:
     source = load_checkpoint(ckpt)
     if source["kind"] != "transformer":
         raise ConfigError(f"'{ckpt}' holds a {source['kind']} model: head pruning needs a Transformer checkpoint")
-    data_cfg = DataConfig(**source["data_config"])
-    if dataset:
-        data_cfg.dataset = dataset
-    data = load_data(data_cfg)
+    data = data_of_checkpoint(source, dataset)
     dev, amp, _, _ = setup_device(device, dtype)
     base = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(gate_types)}")
     original = evaluate_original(source, data, dev, amp)
@@ -323,7 +319,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main_guard(main)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    main_guard(main, DataError)

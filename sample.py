@@ -18,9 +18,9 @@ import time
 import torch
 
 from configurator import ConfigError, configure, main_guard
-from data import DataConfig, DataError, load_data
+from data import DataError
 from decoding import score, translate
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
 from train import setup_device
 
 # -----------------------------------------------------------------------------
@@ -57,10 +57,7 @@ def main() -> None:
 
     references = None
     if split:
-        cfg = DataConfig(**checkpoint["data_config"])
-        if dataset:
-            cfg.dataset = dataset
-        data = load_data(cfg, verbose=False)
+        data = data_of_checkpoint(checkpoint, dataset, verbose=False)
         if split not in data.splits:
             raise ConfigError(f"split='{split}' is not known: use one of {', '.join(data.splits)}")
         sources, references = data.splits[split].src_text, data.splits[split].tgt_text
@@ -97,8 +94,6 @@ def main() -> None:
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     try:
-        main_guard(main)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+        main_guard(main, DataError)
     except BrokenPipeError:           # `python sample.py ... | head` closed the pipe: not an error
         os._exit(0)

@@ -285,6 +285,18 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int) -> Tokenizer:
                      "(e.g. tiktoken:gpt2)")
 
 
+def pair_state(src_tok: Tokenizer, tgt_tok: Tokenizer) -> dict:
+    """The source/target tokenizers as plain data; a joint vocabulary is stored once."""
+    joint = src_tok is tgt_tok
+    return {"src": src_tok.state_dict(), "tgt": None if joint else tgt_tok.state_dict(), "joint": joint}
+
+
+def pair_from_state(state: dict) -> tuple[Tokenizer, Tokenizer]:
+    """Inverse of pair_state: a joint vocabulary comes back as one object used for both sides."""
+    src_tok = tokenizer_from_state(state["src"])
+    return src_tok, src_tok if state["joint"] else tokenizer_from_state(state["tgt"])
+
+
 def tokenizer_from_state(state: dict) -> Tokenizer:
     """Rebuild a tokenizer from `state_dict()` (as stored in a checkpoint)."""
     kind = state.get("kind")

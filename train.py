@@ -19,15 +19,14 @@ import sys
 import time
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from configurator import ConfigError, configure, main_guard
 from data import DATA_KEYS, DataConfig, DataError, collate, load_data, make_batches
-from checkpoint import (build_model, load_checkpoint, model_classes, model_from_checkpoint, save_checkpoint,
-                        tokenizer_state)
+from checkpoint import build_model, load_checkpoint, model_classes, model_from_checkpoint, save_checkpoint
 from decoding import score, translate
+from tokenizer import pair_state
 
 # -----------------------------------------------------------------------------
 # knobs: defaults here, overridden by config/<name>.py, then by --key=value
@@ -401,8 +400,8 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
         log.record("init", f"step 0: loss {loss0:.3f}, ln(V) = {ln_v:.3f} (ratio {loss0 / ln_v:.2f})",
                    step=0, loss=loss0, ln_v=ln_v)
         if abs(loss0 / ln_v - 1) > 0.10:
-            log.say(f"warning: the initial loss differs from ln(V) by more than 10%: check the weight "
-                    f"initialisation, the output layer and the loss masking")
+            log.say("warning: the initial loss differs from ln(V) by more than 10%: check the weight "
+                    "initialisation, the output layer and the loss masking")
         if overfit:
             log.say(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, "
                     "dropout 0 and label smoothing 0: the loss should fall near zero")
@@ -567,7 +566,7 @@ def main() -> None:
     if rank == 0:
         print(f"device {device}, dtype {dtype_name}, {world_size} process(es)")
     ckpt_extra = {"kind": kind, "model_config": model_config,
-                  "tokenizers": tokenizer_state(data.src_tok, data.tgt_tok),
+                  "tokenizers": pair_state(data.src_tok, data.tgt_tok),
                   "data_config": asdict(data_config_from(cfg)), "train_config": cfg}
     wrapped = model
     if world_size > 1:
@@ -585,7 +584,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main_guard(main)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    main_guard(main, DataError)

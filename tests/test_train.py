@@ -1,6 +1,5 @@
 """train.py and sample.py end to end on toy data: schedule, overfitting, exact resume, CLI."""
 import json
-import math
 import os
 import subprocess
 import sys
