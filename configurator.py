@@ -144,11 +144,13 @@ def configure(namespace: dict, argv: list[str] | None = None, doc_files: tuple[s
             changed.update({k: namespace[k] for k in applied})
             continue
         key, eq, text = arg[2:].partition("=")
-        if not eq:
-            raise ConfigError(f"'{arg}' has no value: write --{key}=VALUE")
         key = ALIASES.get(key, key)
         if key not in known:
             raise _unknown_key(key, known, f"in {arg}")
+        if not eq and isinstance(namespace[key], bool):
+            text = "true"                             # a bare --flag switches a boolean on
+        elif not eq:
+            raise ConfigError(f"'{arg}' has no value: write --{key}=VALUE")
         namespace[key] = parse_value(key, text, namespace[key])
         changed[key] = namespace[key]
     return changed

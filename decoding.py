@@ -1,13 +1,17 @@
 """
 Turning a trained model into translations, for every model that has the shared interface
-(`encode`, `decode_step`, and `forward` for the uncached reference):
+(`encode`, `decode_step`, and `decode` for the uncached reference):
 
     greedy(model, src, ...)          the most likely token at each step, with the model's cache
-    greedy_uncached(model, src, ...) the same, recomputing the whole prefix each step (slow;
-                                     the reference the cached version must equal)
+    greedy_uncached(model, src, ...) the same, running the decoder over the whole prefix each
+                                     step (slow; the reference the cached version must equal)
+    beam_search(model, src, ...)     the `beam` best prefixes at each step, GNMT length penalty
     translate(model, tokenizers, sentences)   raw text in, raw text out, in input order
 
-Used by train.py (validation BLEU) and sample.py. Leaves out: sampling with temperature.
+Memory and cache are whatever the model returns; decoding only needs every tensor in them to be
+batch-first, so `select_rows` can reorder them when beams are reselected (no model-type
+branches). Used by train.py (validation BLEU), sample.py and prune.py. Leaves out: sampling
+with temperature, ensembles.
 """
 
 import numpy as np
@@ -21,36 +25,129 @@ def max_target_len(src_len: int, a: float = 1.5, b: int = 10) -> int:
 
 
 @torch.no_grad()
-def greedy(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int) -> torch.Tensor:
-    """src (B, S) -> hypotheses (B, <= max_len) without <bos>; after <eos> only pad."""
+def greedy(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int) -> tuple:
+    """src (B, S) -> (hypotheses (B, <= max_len) without <bos>, after <eos> only pad;
+    scores (B,) the sum of the chosen tokens' log-probabilities, <eos> included)."""
     B = src.shape[0]
     memory = model.encode(src)
     y = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    scores = torch.zeros(B, device=src.device)
     cache, out = None, []
     for _ in range(max_len):
         logits, cache = model.decode_step(y, memory, cache)             # (B, V)
-        y = logits.argmax(dim=-1).masked_fill(done, pad_id)
+        logp = logits.float().log_softmax(dim=-1)
+        y = logp.argmax(dim=-1)
+        scores += logp.gather(1, y[:, None])[:, 0].masked_fill(done, 0.0)
+        y = y.masked_fill(done, pad_id)
         out.append(y)
         done |= y == eos_id
         if done.all():
             break
-    return torch.stack(out, dim=1)                                      # (B, T)
+    return torch.stack(out, dim=1), scores                              # (B, T), (B,)
 
 
 @torch.no_grad()
 def greedy_uncached(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int) -> torch.Tensor:
-    """Greedy decoding that runs the full teacher-forced forward on the whole prefix every step."""
+    """Greedy decoding without a cache: the encoder runs once, but every step runs the decoder
+    over the whole prefix again (O(T^2) work; how decoding is often first written)."""
     B = src.shape[0]
+    memory = model.encode(src)
     prefix = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
-        y = model(src, prefix)[:, -1].argmax(dim=-1).masked_fill(done, pad_id)   # (B,)
+        y = model.decode(prefix, memory)[:, -1].argmax(dim=-1).masked_fill(done, pad_id)   # (B,)
         prefix = torch.cat([prefix, y[:, None]], dim=1)
         done |= y == eos_id
         if done.all():
             break
     return prefix[:, 1:]
+
+
+def select_rows(tree, rows: torch.Tensor):
+    """Index every tensor in a nest of dicts/tuples/lists by its first (batch) dimension;
+    anything else (step counters, None) is kept as is. Reorders memory and cache in beam search."""
+    if isinstance(tree, torch.Tensor):
+        return tree.index_select(0, rows)
+    if isinstance(tree, dict):
+        return {key: select_rows(value, rows) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(select_rows(value, rows) for value in tree)
+    return tree
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT (Wu et al. 2016): a hypothesis is ranked by log P(y) / ((5 + |y|) / 6) ** alpha.
+    alpha = 0 ranks by raw log-probability (short outputs win); larger alpha favours longer ones."""
+    return ((5 + length) / 6) ** alpha
+
+
+@torch.no_grad()
+def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int, beam: int = 5,
+                alpha: float = 0.6, nbest: int = 1) -> list[list[tuple[list[int], float]]]:
+    """src (B, S) -> for each sentence its `nbest` best hypotheses as (token ids without <bos>
+    and <eos>, sum of token log-probabilities with <eos>), best first under the length penalty.
+
+    All sentences are decoded together as B * beam rows. Each step extends every live
+    hypothesis by every token and ranks the extensions per sentence; those among the best beam
+    that end in <eos> are filed as finished, and the best beam that do not end carry on (they
+    are among the best 2 * beam: at most beam extensions end in <eos>, one per live hypothesis).
+    With beam = 1 and alpha = 0 this is exactly greedy decoding. A sentence is done when no live hypothesis can still beat
+    its nbest-th finished one: a live score can only fall with more tokens, so its best possible
+    ranking score is its current score over the largest penalty still reachable. (Stopping when
+    the top beam ends is wrong once alpha > 0: a longer hypothesis may still overtake it.)
+    Finished sentences leave the batch, so a long sentence does not keep short ones computing.
+    """
+    assert 1 <= nbest <= beam, f"nbest={nbest} must be between 1 and beam={beam}"
+    B, K, dev = src.shape[0], beam, src.device
+    lp = lambda n: length_penalty(n, alpha)                                     # noqa: E731
+    memory = select_rows(model.encode(src), torch.arange(B, device=dev).repeat_interleave(K))
+    sentence = list(range(B))                       # the original index of each active sentence
+    finished: list[list[tuple[float, list[int], float]]] = [[] for _ in range(B)]
+    # the cumulative log-probability of each beam; only the first beam is live at the start
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0
+    tokens = torch.empty(B * K, 0, dtype=torch.long, device=dev)               # prefixes so far
+    y = torch.full((B * K,), bos_id, dtype=torch.long, device=dev)
+    cache = None
+    for t in range(1, max_len + 1):                 # t = length of the hypotheses after this step
+        logits, cache = model.decode_step(y, memory, cache)                     # (A*K, V)
+        A, V = len(sentence), logits.shape[-1]
+        logp = logits.float().log_softmax(dim=-1).view(A, K, V)
+        top, flat = (scores[:, :, None] + logp).view(A, K * V).topk(2 * K, dim=1)  # (A, 2K) best first
+        origin, token = flat // V, flat % V                                     # which beam, which token
+        ends = token == eos_id
+        for a, j in ends[:, :K].nonzero().tolist():  # <eos> among the K best: a finished hypothesis
+            if top[a, j] > float("-inf"):
+                prefix = tokens[a * K + origin[a, j]].tolist()
+                finished[sentence[a]].append((top[a, j].item() / lp(t), prefix, top[a, j].item()))
+        keep = ends.int().argsort(dim=1, stable=True)[:, :K]                    # the K best not ending
+        scores, token = top.gather(1, keep), token.gather(1, keep)
+        rows = (torch.arange(A, device=dev)[:, None] * K + origin.gather(1, keep)).view(-1)
+        tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
+        # which sentences are done: nothing live can beat their nbest-th finished hypothesis
+        best_reachable = (scores[:, 0] / max(lp(t + 1), lp(max_len))).tolist()
+        active = []
+        for a, b in enumerate(sentence):
+            ranked = sorted(finished[b], key=lambda h: -h[0])
+            done = len(ranked) >= nbest and ranked[nbest - 1][0] >= best_reachable[a]
+            if t == max_len and not done:           # out of steps: the live ones count as they are
+                finished[b].extend((s / lp(t), tokens[a * K + k].tolist(), s)
+                                   for k, s in enumerate(scores[a].tolist()) if s > float("-inf"))
+            elif not done:
+                active.append(a)
+        if not active:
+            break
+        if len(active) < A:                         # drop finished sentences from every tensor
+            keep_sent = torch.tensor(active, device=dev)
+            keep_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).view(-1)
+            memory = select_rows(memory, keep_rows)
+            rows, tokens = rows.view(A, K)[keep_sent].view(-1), tokens[keep_rows]
+            scores, token = scores[keep_sent], token[keep_sent]
+            sentence = [sentence[a] for a in active]
+        cache = select_rows(cache, rows)
+        y = token.view(-1)
+    return [[(ids, raw) for _, ids, raw in sorted(hyps, key=lambda h: -h[0])[:nbest]] for hyps in finished]
 
 
 def strip_special(ids: list[int], eos_id: int) -> list[int]:
@@ -59,14 +156,18 @@ def strip_special(ids: list[int], eos_id: int) -> list[int]:
 
 
 @torch.no_grad()
-def translate(model, src_tok, tgt_tok, sentences: list[str], batch_size: int = 64,
-              max_src_len: int = 256, device: str = "cpu", amp=None, warn=print) -> list[str]:
-    """Translate raw sentences; returns one string per input, in input order.
+def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1, alpha: float = 0.6,
+                    nbest: int = 1, batch_size: int = 64, max_src_len: int = 256, device: str = "cpu",
+                    amp=None, warn=print) -> list[list[tuple[str, float]]]:
+    """Translate raw sentences: for each input, in input order, its `nbest` translations with
+    their scores (sum of token log-probabilities). beam = 1 is greedy decoding.
 
     Sentences are sorted by length and decoded in batches (less padding, fewer wasted steps),
     then put back in order. Empty inputs give empty outputs; inputs longer than max_src_len
     tokens are truncated with a warning naming the line.
     """
+    if beam == 1 and nbest > 1:
+        raise ValueError(f"nbest={nbest} needs beam search: set beam to at least {nbest}")
     was_training = model.training
     model.eval()
     encoded = []
@@ -76,7 +177,7 @@ def translate(model, src_tok, tgt_tok, sentences: list[str], batch_size: int = 6
             warn(f"warning: input line {i + 1} has {len(ids)} tokens; truncated to {max_src_len}")
             ids = ids[:max_src_len]
         encoded.append(ids)
-    out = [""] * len(sentences)
+    out: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in sentences]   # empty in, empty out
     order = [i for i in np.argsort([len(e) for e in encoded], kind="stable") if sentences[i].strip()]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -86,11 +187,20 @@ def translate(model, src_tok, tgt_tok, sentences: list[str], batch_size: int = 6
             src[b, :len(encoded[i]) + 1] = torch.tensor(encoded[i] + [src_tok.eos_id])
         src = src.to(device)
         with amp if amp is not None else torch.autocast("cpu", enabled=False):
-            hyps = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, max_target_len(S))
+            if beam == 1:
+                hyps, scores = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, max_target_len(S))
+                found = [[(strip_special(h, tgt_tok.eos_id), s)] for h, s in zip(hyps.tolist(), scores.tolist())]
+            else:
+                found = beam_search(model, src, tgt_tok.bos_id, tgt_tok.eos_id, max_target_len(S), beam, alpha, nbest)
         for b, i in enumerate(idx):
-            out[i] = tgt_tok.decode(strip_special(hyps[b].tolist(), tgt_tok.eos_id))
+            out[i] = [(tgt_tok.decode(ids), s) for ids, s in found[b]]
     model.train(was_training)
     return out
+
+
+def translate(model, src_tok, tgt_tok, sentences: list[str], **kwargs) -> list[str]:
+    """The best translation of each sentence, in input order (keyword arguments: translate_nbest's)."""
+    return [hyps[0][0] for hyps in translate_nbest(model, src_tok, tgt_tok, sentences, **kwargs)]
 
 
 def score(hypotheses: list[str], references: list[str]) -> dict:

@@ -8,8 +8,8 @@ GRU encoder-decoder ("sequence to sequence"), the classic starting point of NMT:
 - attention='additive': Bahdanau et al. 2015: the previous decoder state scores every encoder
                         state, the context enters the GRU input; a step loop in training.
 
-Same interface as model_transformer.py: forward(src, tgt_in), encode(src), decode_step(y,
-memory, cache). The cache is the decoder hidden state (batch first, like every cache tensor).
+Same interface as model_transformer.py: forward(src, tgt_in), encode(src), decode(tgt_in,
+memory), decode_step(y, memory, cache), attention_maps(src, tgt_in). The cache is the decoder hidden state (batch first, like every cache tensor).
 Leaves out: LSTMs, input feeding for Luong attention, coverage, scheduled-sampling schedules.
 """
 
@@ -74,7 +74,7 @@ class Seq2SeqRNN(nn.Module):
         if cfg.tie_output:
             self.out_proj.weight = self.tgt_embed.weight
         self.record_weights = False
-        self.last_weights: torch.Tensor | None = None                      # (B, T, S) attention weights
+        self.recorded: list[torch.Tensor] = []                              # (B, t, S) attention weights per call
         if verbose:
             print(f"Seq2SeqRNN ({cfg.attention} attention): {sum(p.numel() for p in self.parameters()) / 1e6:.2f}M parameters")
 
@@ -108,7 +108,7 @@ class Seq2SeqRNN(nn.Module):
         scores = scores.masked_fill(~src_mask[:, None, :], float("-inf"))
         weights = scores.softmax(dim=-1)                                    # (B, T, S), padding gets 0
         if self.record_weights:
-            self.last_weights = weights.detach()
+            self.recorded.append(weights.detach())
         return weights @ out                                                # (B, T, Hx)
 
     def readout(self, states: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -130,12 +130,16 @@ class Seq2SeqRNN(nn.Module):
         context = self.attend(states, memory) if self.cfg.attention == "dot" else None
         return self.readout(states, context), h_n.transpose(0, 1)
 
+    def decode(self, tgt_in: torch.Tensor, memory: tuple) -> torch.Tensor:
+        """Teacher forcing from the start: tgt_in (B, T) -> logits (B, T, V)."""
+        return self.run_decoder(self.dropout(self.tgt_embed(tgt_in)), memory, memory[3])[0]
+
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """src (B, S), tgt_in (B, T) -> logits (B, T, V). With teacher_forcing < 1 (training only),
         each step feeds the model's own previous prediction with probability 1 - teacher_forcing."""
         memory = self.encode(src)
         if not self.training or self.cfg.teacher_forcing >= 1.0:
-            return self.run_decoder(self.dropout(self.tgt_embed(tgt_in)), memory, memory[3])[0]
+            return self.decode(tgt_in, memory)
         hidden, y, logits = memory[3], tgt_in[:, 0], []
         for t in range(tgt_in.shape[1]):
             step_logits, hidden = self.run_decoder(self.dropout(self.tgt_embed(y[:, None])), memory, hidden)
@@ -151,3 +155,14 @@ class Seq2SeqRNN(nn.Module):
         hidden = memory[3] if cache is None else cache["hidden"]
         logits, hidden = self.run_decoder(self.tgt_embed(y[:, None]), memory, hidden)
         return logits[:, 0], {"hidden": hidden}
+
+    @torch.no_grad()
+    def attention_maps(self, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The decoder's attention over the source while reading tgt_in: {'attention': (B, T, S)};
+        empty without attention."""
+        self.record_weights, self.recorded = True, []
+        try:
+            self(src, tgt_in)
+        finally:
+            self.record_weights = False
+        return {"attention": torch.cat(self.recorded, dim=1)} if self.recorded else {}

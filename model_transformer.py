@@ -7,11 +7,13 @@ residuals with pre-LN (default) or post-LN (the paper's) placement, tied embeddi
 Interface shared with model_rnn.py (train.py, decoding.py and prune.py rely on nothing else):
     logits = model(src, tgt_in)                          # (B, T, V) teacher-forced training
     memory = model.encode(src)                           # anything whose tensors are batch-first
+    logits = model.decode(tgt_in, memory)                # (B, T, V) for a given encoder memory
     logits, cache = model.decode_step(y, memory, cache)  # one target step, cache=None at start
+    maps = model.attention_maps(src, tgt_in)             # {panel title: (B, T, S)} for plots
 Each attention module has a `head_gate` slot: a module returning one multiplier per head,
 applied to the head outputs before out_proj (none = all ones). prune.py plugs L0 gates there;
 a module may hold any number of heads (zero included) after pruning.
-Leaves out: relative positions, beam search (decoding.py), mixture-of-experts, flash kernels.
+Leaves out: relative positions, mixture-of-experts, flash kernels. Beam search: decoding.py.
 """
 
 import math
@@ -235,6 +237,21 @@ class Transformer(nn.Module):
         return {"enc": [layer.self_attn for layer in self.encoder],
                 "dec": [layer.self_attn for layer in self.decoder],
                 "cross": [layer.cross_attn for layer in self.decoder]}
+
+    @torch.no_grad()
+    def attention_maps(self, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-attention weights while reading tgt_in, one (B, T, S) map per decoder layer and
+        head: {'layer 1 head 1': ..., ...}; a layer whose heads were all pruned has none."""
+        modules = self.attention_modules()["cross"]
+        for m in modules:
+            m.record_weights, m.last_weights = True, None
+        try:
+            self(src, tgt_in)
+        finally:
+            for m in modules:
+                m.record_weights = False
+        return {f"layer {i + 1} head {h + 1}": m.last_weights[:, h]
+                for i, m in enumerate(modules) for h in range(m.n_head)}
 
     def set_attention_impl(self, impl: str) -> None:
         if impl not in ("sdpa", "math"):

@@ -5,10 +5,13 @@ Translate with a trained (or pruned) checkpoint; everything comes from the check
     echo "A dog runs." | python sample.py --ckpt=out/multi30k/best.pt
     python sample.py --ckpt=out/multi30k/best.pt --input=sentences.en --ref=sentences.de
     python sample.py --ckpt=out/multi30k/best.pt --split=test      # BLEU/chrF on the data's test split
+    python sample.py --ckpt=out/multi30k/best.pt --split=test --beam=5 --alpha=0.6
+    python sample.py --ckpt=out/multi30k/best.pt --text="A dog runs." --plot_attention=attn.png
 
-One translation per input line on stdout, in input order; scores and messages on stderr.
-Decoding is greedy with the model's cache (decoding.py). Leaves out: beam search (coming with
-its own issue), sampling.
+One translation per input line on stdout, in input order (--scores: 'score<TAB>translation';
+--nbest=N: N lines 'line<TAB>score<TAB>translation' per input); BLEU/chrF and messages on stderr.
+Decoding is greedy or beam search with the model's cache (decoding.py); pruned checkpoints load
+like any other. Leaves out: sampling with temperature.
 """
 
 import os
@@ -19,7 +22,7 @@ import torch
 
 from configurator import ConfigError, configure, main_guard
 from data import DataError
-from decoding import score, translate
+from decoding import beam_search, greedy, max_target_len, score, strip_special, translate_nbest
 from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
 from train import setup_device
 
@@ -30,6 +33,11 @@ input = ""  # file with one source sentence per line
 ref = ""  # file with one reference translation per line: print BLEU and chrF
 split = ""  # 'validation' or 'test': translate that split of the checkpoint's dataset and score it
 dataset = ""  # with --split: a local folder to read instead of the checkpoint's dataset (no network)
+beam = 1  # beam size; 1 = greedy decoding
+alpha = 0.6  # beam search length penalty ((5 + len) / 6) ** alpha; 0 = rank by log-probability alone
+nbest = 1  # print this many translations per input (needs beam >= nbest)
+scores = False  # print each translation's score (sum of token log-probabilities)
+plot_attention = ""  # PNG path: cross-attention of the first input sentence, one panel per layer and head
 batch_size = 64  # sentences decoded together
 max_src_len = 256  # source tokens kept per sentence; longer inputs are truncated with a warning
 device = "auto"  # 'auto', 'cpu', 'cuda'
@@ -47,13 +55,66 @@ def read_lines(path: str, what: str) -> list[str]:
         raise ConfigError(f"{what} file '{path}' is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
 
 
+def write_attention_plot(model, src_tok, tgt_tok, text: str, path: str, device: str) -> str:
+    """Decode one sentence (greedy, or beam search with --beam) and draw the decoder's attention
+    over the source while it produced that output: one panel per layer and head (Transformer),
+    one panel (RNN with attention). Rows are the generated pieces, columns the source pieces."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    src_ids = src_tok.encode(text)[:max_src_len] + [src_tok.eos_id]
+    src = torch.tensor([src_ids], device=device)
+    if beam > 1:
+        ids = beam_search(model, src, tgt_tok.bos_id, tgt_tok.eos_id, max_target_len(len(src_ids)), beam, alpha)[0][0][0]
+    else:
+        ids = strip_special(greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id,
+                                   max_target_len(len(src_ids)))[0][0].tolist(), tgt_tok.eos_id)
+    out_ids = ids + [tgt_tok.eos_id]
+    maps = model.attention_maps(src, torch.tensor([[tgt_tok.bos_id] + ids], device=device))
+    if not maps:
+        raise ConfigError("--plot_attention: this model has no attention over the source (attention='none')")
+    cols = min(len(maps), 8)
+    rows = -(-len(maps) // cols)
+    S, T = len(src_ids), len(out_ids)
+    cell = 0.22 + 0.05 * max(0, 8 - cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4, cols * S * cell) + 1, rows * T * cell + 1.5),
+                             squeeze=False)
+    for ax, (title, weights) in zip(axes.flat, maps.items()):
+        ax.imshow(weights[0].float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(S), [src_tok.piece(i) for i in src_ids], rotation=90, fontsize=6)
+        ax.set_yticks(range(T), [tgt_tok.piece(i) for i in out_ids], fontsize=6)
+    for ax in list(axes.flat)[len(maps):]:
+        ax.axis("off")
+    fig.suptitle(f"{text}\n-> {tgt_tok.decode(ids)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return tgt_tok.decode(ids)
+
+
 def main() -> None:
     configure(globals(), doc_files=(__file__,))
+    if beam < 1 or not 1 <= nbest <= beam:
+        raise ConfigError(f"beam={beam}, nbest={nbest}: need beam >= 1 and 1 <= nbest <= beam")
     checkpoint = load_checkpoint(ckpt)
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)
     dev, amp, _, _ = setup_device(device, dtype)
     model.to(dev).eval()
     log = lambda msg: print(msg, file=sys.stderr)   # noqa: E731 - stdout carries only translations
+
+    def run(lines: list[str]) -> list[list[tuple[str, float]]]:
+        return translate_nbest(model, src_tok, tgt_tok, lines, beam=beam, alpha=alpha, nbest=nbest,
+                               batch_size=batch_size, max_src_len=max_src_len, device=dev, amp=amp, warn=log)
+
+    def write(results: list[list[tuple[str, float]]], first_line: int = 1) -> None:
+        for n, found in enumerate(results, start=first_line):
+            for text_out, logprob in found:
+                if nbest > 1:
+                    print(f"{n}\t{logprob:.4f}\t{text_out}")
+                else:
+                    print(f"{logprob:.4f}\t{text_out}" if scores else text_out)
 
     references = None
     if split:
@@ -68,9 +129,9 @@ def main() -> None:
     elif sys.stdin.isatty():            # interactive: translate each line as it is typed
         log(f"translating {checkpoint['data_config']['src_lang']} -> {checkpoint['data_config']['tgt_lang']}; "
             "one sentence per line, Ctrl-D to end")
-        for line in sys.stdin:
-            print(translate(model, src_tok, tgt_tok, [line.rstrip("\n")], max_src_len=max_src_len,
-                            device=dev, amp=amp, warn=log)[0], flush=True)
+        for n, line in enumerate(sys.stdin, start=1):
+            write(run([line.rstrip("\n")]), first_line=n)
+            sys.stdout.flush()
         return
     else:
         sources = sys.stdin.read().splitlines()
@@ -79,13 +140,19 @@ def main() -> None:
         if len(references) != len(sources):
             raise ConfigError(f"--ref has {len(references)} lines but there are {len(sources)} inputs")
 
+    if plot_attention:
+        if not sources or not sources[0].strip():
+            raise ConfigError("--plot_attention needs a sentence: give --text, --input, --split or stdin")
+        write_attention_plot(model, src_tok, tgt_tok, sources[0], plot_attention, dev)
+        log(f"attention of the first sentence written to {plot_attention}")
+
     t0 = time.time()
-    hyps = translate(model, src_tok, tgt_tok, sources, batch_size=batch_size, max_src_len=max_src_len,
-                     device=dev, amp=amp, warn=log)
+    results = run(sources)
     seconds = time.time() - t0
-    for h in hyps:
-        print(h)
-    log(f"{len(sources)} sentences in {seconds:.1f}s ({len(sources) / max(seconds, 1e-9):.1f} sentences/s, greedy)")
+    write(results)
+    method = f"beam {beam}, alpha {alpha}" if beam > 1 else "greedy"
+    log(f"{len(sources)} sentences in {seconds:.1f}s ({len(sources) / max(seconds, 1e-9):.1f} sentences/s, {method})")
+    hyps = [found[0][0] for found in results]
     if references is not None:
         s = score(hyps, references)
         log(f"{s['bleu_str']}\n  signature: {s['bleu_signature']}\n{s['chrf_str']}\n  signature: {s['chrf_signature']}")

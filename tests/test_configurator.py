@@ -16,6 +16,12 @@ def test_command_line_overrides_with_types():
     assert ns["compile"] is True and ns["dataset"] == "x/y"
 
 
+def test_bare_flag_switches_a_boolean_on():
+    ns = knobs()
+    configure(ns, ["--compile"])
+    assert ns["compile"] is True
+
+
 def test_lambda_alias():
     ns = knobs()
     configure(ns, ["--lambda=0.2"])

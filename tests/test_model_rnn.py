@@ -51,13 +51,15 @@ def test_decode_step_equals_teacher_forced_forward(attention):
         assert torch.allclose(step, full[:, t], atol=1e-5)
 
 
-def test_padding_gets_no_attention():
-    model = tiny("additive")
-    model.record_weights = True
+@pytest.mark.parametrize("attention", ["dot", "additive"])
+def test_padding_gets_no_attention(attention):
+    model = tiny(attention)
     src, tgt = batch()
-    model(src, tgt)
-    assert (model.last_weights[1, :, 4:] == 0).all()
-    assert torch.allclose(model.last_weights.sum(-1), torch.ones(3, 6))
+    weights = model.attention_maps(src, tgt)["attention"]             # (B, T, S), every target step
+    assert weights.shape == (3, 6, src.shape[1])
+    assert (weights[1, :, 4:] == 0).all()
+    assert torch.allclose(weights.sum(-1), torch.ones(3, 6))
+    assert tiny("none").attention_maps(src, tgt) == {}
 
 
 def test_teacher_forcing_below_one_feeds_predictions():

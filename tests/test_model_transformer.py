@@ -65,7 +65,7 @@ def test_cached_greedy_equals_uncached():
     model = tiny()
     src, _ = batch(B=5, S=9)
     src[1, 6:] = PAD
-    a = greedy(model, src, BOS, EOS, PAD, 12)
+    a, _ = greedy(model, src, BOS, EOS, PAD, 12)
     b = greedy_uncached(model, src, BOS, EOS, PAD, 12)
     assert torch.equal(a, b)
 

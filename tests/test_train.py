@@ -55,11 +55,32 @@ def test_overfit_one_batch_drives_loss_near_zero(tmp_path):
     assert losses[0] > 2.0 and losses[-1] < 0.05
 
 
-def test_tiny_transformer_solves_reverse_task(tmp_path):
+def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_greedy(tmp_path):
     # the shipped sanity-check config, as a person would run it
     run("train.py", "config/toy_reverse.py", f"--out_dir={tmp_path}", "--log_interval=100")
     final = train_records(tmp_path, "eval")[-1]
     assert final["bleu"] > 95, final
+
+    from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
+    from decoding import translate_nbest
+    checkpoint = load_checkpoint(str(tmp_path / "best.pt"))
+    model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)
+    sources = data_of_checkpoint(checkpoint, "", verbose=False).splits["test"].src_text[:200]
+    greedy = [found[0][1] for found in translate_nbest(model, src_tok, tgt_tok, sources)]
+    beam = [found[0][1] for found in translate_nbest(model, src_tok, tgt_tok, sources, beam=4, alpha=0.0)]
+    # beam search keeps the greedy path among its candidates unless it finds better ones
+    assert all(b >= g - 1e-4 for b, g in zip(beam, greedy))
+
+    ckpt, plot = str(tmp_path / "best.pt"), tmp_path / "attention.png"
+    nbest = run("sample.py", f"--ckpt={ckpt}", "--beam=3", "--nbest=2", "--plot_attention=" + str(plot),
+                stdin="4 5 6\n\n7 8 9 0 1\n")
+    lines = [line.split("\t") for line in nbest.stdout.splitlines()]
+    assert [n for n, _, _ in lines] == ["1", "1", "2", "2", "3", "3"]
+    assert lines[0][2] == "6 5 4" and lines[4][2] == "1 0 9 8 7" and float(lines[0][1]) >= float(lines[1][1])
+    assert plot.exists() and plot.stat().st_size > 10_000
+    scored = run("sample.py", f"--ckpt={ckpt}", "--split=test", "--beam=4", "--scores")
+    assert "BLEU" in scored.stderr and "beam 4" in scored.stderr
+    assert all(float(line.split("\t")[0]) <= 0 for line in scored.stdout.splitlines())
 
 
 def test_resume_continues_exactly(tmp_path):
