@@ -155,6 +155,22 @@ def strip_special(ids: list[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
+def length_sorted_batches(encoded: list[list[int]], pad_id: int, eos_id: int,
+                          batch_size: int) -> list[tuple[list[int], torch.Tensor]]:
+    """Source token lists -> (input indices, padded (B, S) batch with <eos> appended), sorted by
+    length so a batch holds sentences of similar length (less padding, fewer wasted steps).
+    Empty lists are left out."""
+    order = [i for i in np.argsort([len(e) for e in encoded], kind="stable") if encoded[i]]
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = [int(i) for i in order[start:start + batch_size]]
+        src = torch.full((len(idx), max(len(encoded[i]) for i in idx) + 1), pad_id, dtype=torch.long)
+        for b, i in enumerate(idx):
+            src[b, :len(encoded[i]) + 1] = torch.tensor(encoded[i] + [eos_id])
+        batches.append((idx, src))
+    return batches
+
+
 @torch.no_grad()
 def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1, alpha: float = 0.6,
                     nbest: int = 1, batch_size: int = 64, max_src_len: int = 256, device: str = "cpu",
@@ -162,9 +178,8 @@ def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1
     """Translate raw sentences: for each input, in input order, its `nbest` translations with
     their scores (sum of token log-probabilities). beam = 1 is greedy decoding.
 
-    Sentences are sorted by length and decoded in batches (less padding, fewer wasted steps),
-    then put back in order. Empty inputs give empty outputs; inputs longer than max_src_len
-    tokens are truncated with a warning naming the line.
+    Sentences are decoded in length-sorted batches, then put back in order. Empty inputs give
+    empty outputs; inputs longer than max_src_len tokens are truncated with a warning naming the line.
     """
     if beam == 1 and nbest > 1:
         raise ValueError(f"nbest={nbest} needs beam search: set beam to at least {nbest}")
@@ -172,26 +187,20 @@ def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1
     model.eval()
     encoded = []
     for i, text in enumerate(sentences):
-        ids = src_tok.encode(text)
+        ids = src_tok.encode(text) if text.strip() else []
         if len(ids) > max_src_len:
             warn(f"warning: input line {i + 1} has {len(ids)} tokens; truncated to {max_src_len}")
             ids = ids[:max_src_len]
         encoded.append(ids)
     out: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in sentences]   # empty in, empty out
-    order = [i for i in np.argsort([len(e) for e in encoded], kind="stable") if sentences[i].strip()]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        S = max(len(encoded[i]) for i in idx) + 1
-        src = torch.full((len(idx), S), src_tok.pad_id, dtype=torch.long)
-        for b, i in enumerate(idx):
-            src[b, :len(encoded[i]) + 1] = torch.tensor(encoded[i] + [src_tok.eos_id])
-        src = src.to(device)
+    for idx, src in length_sorted_batches(encoded, src_tok.pad_id, src_tok.eos_id, batch_size):
+        src, limit = src.to(device), max_target_len(src.shape[1])
         with amp if amp is not None else torch.autocast("cpu", enabled=False):
             if beam == 1:
-                hyps, scores = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, max_target_len(S))
+                hyps, scores = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, limit)
                 found = [[(strip_special(h, tgt_tok.eos_id), s)] for h, s in zip(hyps.tolist(), scores.tolist())]
             else:
-                found = beam_search(model, src, tgt_tok.bos_id, tgt_tok.eos_id, max_target_len(S), beam, alpha, nbest)
+                found = beam_search(model, src, tgt_tok.bos_id, tgt_tok.eos_id, limit, beam, alpha, nbest)
         for b, i in enumerate(idx):
             out[i] = [(tgt_tok.decode(ids), s) for ids, s in found[b]]
     model.train(was_training)

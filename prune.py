@@ -26,7 +26,7 @@ from checkpoint import (attach_gates, build_model, data_of_checkpoint, load_chec
                         save_checkpoint)
 from configurator import ConfigError, configure, main_guard
 from data import DataError
-from decoding import score, translate
+from decoding import length_sorted_batches, score, translate
 from train import setup_device, train_loop
 
 # -----------------------------------------------------------------------------
@@ -43,7 +43,7 @@ max_minutes = 8.0  # wall-clock budget per lambda
 log_interval = 50  # steps between log lines
 eval_interval = 200  # steps between validation BLEU evaluations
 eval_sentences = 500  # validation sentences decoded during gating (0 = all)
-speed_repeats = 3  # decoding-speed measurements (the median is reported)
+speed_repeats = 3  # speed measurements per model, original and pruned in turns (the median is reported)
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto', 'bfloat16', 'float16', 'float32'
 seed = 1337  # seeds the gate noise
@@ -108,16 +108,37 @@ def prune_heads(model, gate_values: dict):
 
 
 @torch.no_grad()
-def bleu_and_speed(model, data, split: str, dev: str, amp, repeats: int = 1) -> dict:
-    """Greedy BLEU/chrF on a whole split, and decoding speed (median sentences/s over repeats)."""
+def bleu_of(model, data, split: str, dev: str, amp) -> dict:
+    """Greedy BLEU/chrF on a whole split."""
     sp = data.splits[split]
-    times, hyps = [], None
+    s = score(translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=dev, amp=amp), sp.tgt_text)
+    return {"bleu": s["bleu"], "chrf": s["chrf"]}
+
+
+@torch.no_grad()
+def speed_of(models: dict, data, dev: str, amp, repeats: int) -> dict:
+    """Test-split sentences/s of each model, greedy decoding and the encoder alone, measured in
+    turns (model A, model B, A, B, ...) so that load changes of a shared machine hit all models
+    alike; medians over the repeats. Encoder heads are a small share of decoding work (the
+    decoder runs once per output token), so the encoder-only figure shows their cost directly."""
+    sp = data.splits["test"]
+    encoded = [data.src_tok.encode(t) for t in sp.src_text]
+    batches = [src.to(dev) for _, src in length_sorted_batches(encoded, data.src_tok.pad_id, data.src_tok.eos_id, 64)]
+    times = {name: {"decode": [], "encode": []} for name in models}
     for _ in range(max(1, repeats)):
-        t0 = time.time()
-        hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=dev, amp=amp)
-        times.append(time.time() - t0)
-    s = score(hyps, sp.tgt_text)
-    return {"bleu": s["bleu"], "chrf": s["chrf"], "sent_per_s": len(sp) / float(np.median(times))}
+        for name, model in models.items():
+            model.eval()
+            t0 = time.perf_counter()
+            translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=dev, amp=amp)
+            t1 = time.perf_counter()
+            with amp:
+                for src in batches:
+                    model.encode(src)
+            t2 = time.perf_counter()
+            times[name]["decode"].append(t1 - t0)
+            times[name]["encode"].append(t2 - t1)
+    return {name: {f"{kind}_sent_per_s": len(sp) / float(np.median(ts)) for kind, ts in t.items()}
+            for name, t in times.items()}
 
 
 def heads_table(keep: dict, n_head: int) -> str:
@@ -184,8 +205,7 @@ def plot_gates(out_dir: str, history: list, gate_types: list[str], n_head: int) 
 def evaluate_original(source: dict, data, dev: str, amp) -> dict:
     model, _, _ = model_from_checkpoint(source)
     model.to(dev).eval()
-    return {f"original_{split}": bleu_and_speed(model, data, split, dev, amp, speed_repeats if split == "test" else 1)
-            for split in ("validation", "test")}
+    return {f"original_{split}": bleu_of(model, data, split, dev, amp) for split in ("validation", "test")}
 
 
 def prune_once(lam: float, source: dict, data, original: dict, gate_types: list[str], run_dir: str,
@@ -235,11 +255,13 @@ def prune_once(lam: float, source: dict, data, original: dict, gate_types: list[
     model.eval()
     z = eval_gates(gates)
     for split in ("validation", "test"):
-        report[f"gated_{split}"] = bleu_and_speed(model, data, split, dev, amp)
+        report[f"gated_{split}"] = bleu_of(model, data, split, dev, amp)
     pruned, keep = prune_heads(model.cpu(), {k: [zi.cpu() for zi in v] for k, v in z.items()})
     pruned.to(dev).eval()
     for split in ("validation", "test"):
-        report[f"pruned_{split}"] = bleu_and_speed(pruned, data, split, dev, amp, speed_repeats if split == "test" else 1)
+        report[f"pruned_{split}"] = bleu_of(pruned, data, split, dev, amp)
+    original_model = model_from_checkpoint(source)[0].to(dev)
+    report["speed"] = speed_of({"original": original_model, "pruned": pruned}, data, dev, amp, speed_repeats)
     report.update(params_after=pruned.num_params(), steps=st["step"],
                   heads_kept={k: [len(h) for h in v] for k, v in keep.items()},
                   kept_heads_index={k: v for k, v in keep.items()},
@@ -261,10 +283,14 @@ def print_report(r: dict, keep: dict, n_head: int) -> None:
     print(f"\n== pruning report (lambda {r['lambda']}, {r['steps']} steps)")
     print(heads_table(keep, n_head))
     print(f"parameters: {r['params_before']:,} -> {r['params_after']:,}")
-    print(f"{'model':<10}{'val BLEU':>10}{'test BLEU':>11}{'test chrF':>11}{'test sent/s':>13}")
+    print(f"{'model':<10}{'val BLEU':>10}{'test BLEU':>11}{'test chrF':>11}{'decode sent/s':>15}{'encode sent/s':>15}")
     for name in ("original", "gated", "pruned"):
-        v, t = r[f"{name}_validation"], r[f"{name}_test"]
-        print(f"{name:<10}{v['bleu']:>10.2f}{t['bleu']:>11.2f}{t['chrf']:>11.2f}{t['sent_per_s']:>13.1f}")
+        v, t, sp = r[f"{name}_validation"], r[f"{name}_test"], r["speed"].get(name)
+        speed = f"{sp['decode_sent_per_s']:>15.1f}{sp['encode_sent_per_s']:>15.1f}" if sp else ""
+        print(f"{name:<10}{v['bleu']:>10.2f}{t['bleu']:>11.2f}{t['chrf']:>11.2f}{speed}")
+    o, p = r["speed"]["original"], r["speed"]["pruned"]
+    print(f"pruned vs original (interleaved, median of {speed_repeats}): decoding "
+          f"{p['decode_sent_per_s'] / o['decode_sent_per_s']:.2f}x, encoder {p['encode_sent_per_s'] / o['encode_sent_per_s']:.2f}x")
     print(f"saved {r['checkpoint']}; plots: {', '.join(r['plots'])}")
 
 
@@ -311,10 +337,11 @@ def main() -> None:
         reports.append(prune_once(lam, source, data, original, gate_types, run_dir, dev, amp))
     if len(lambdas) > 1:
         print("\n== sweep")
-        print(f"{'lambda':>8}{'heads kept':>12}{'test BLEU':>11}{'sent/s':>9}")
+        print(f"{'lambda':>8}{'heads kept':>12}{'test BLEU':>11}{'decoding speed-up':>19}")
         for r in reports:
-            print(f"{r['lambda']:>8g}{gated_heads_kept(r):>12}"
-                  f"{r['pruned_test']['bleu']:>11.2f}{r['pruned_test']['sent_per_s']:>9.1f}")
+            o, p = r["speed"]["original"], r["speed"]["pruned"]
+            print(f"{r['lambda']:>8g}{gated_heads_kept(r):>12}{r['pruned_test']['bleu']:>11.2f}"
+                  f"{p['decode_sent_per_s'] / o['decode_sent_per_s']:>18.2f}x")
         print(f"trade-off plot: {plot_sweep(base, reports)}")
 
 
