@@ -142,11 +142,13 @@ def speed_of(models: dict, data, dev: str, amp, repeats: int) -> dict:
 
 
 def heads_table(keep: dict, n_head: int) -> str:
-    lines = [f"{'type':<6}" + "".join(f"  layer {i}" for i in range(len(keep['enc']))) + "   kept"]
+    """Heads kept per attention type (rows) and layer (columns), e.g. 'enc  6/8  2/8  1/8  9/24'."""
+    n_cols = max(len(layers) for layers in keep.values())
+    lines = [f"{'type':<6}" + "".join(f"{f'layer {i}':>9}" for i in range(n_cols)) + f"{'kept':>9}"]
     for kind, layers in keep.items():
-        total = sum(len(k) for k in layers)
-        lines.append(f"{kind:<6}" + "".join(f"{len(k):>6}/{n_head}" for k in layers)
-                     + f"   {total}/{n_head * len(layers)}")
+        cells = [f"{len(k)}/{n_head}" for k in layers] + [""] * (n_cols - len(layers))
+        total = f"{sum(len(k) for k in layers)}/{n_head * len(layers)}"
+        lines.append(f"{kind:<6}" + "".join(f"{c:>9}" for c in cells) + f"{total:>9}")
     return "\n".join(lines)
 
 

@@ -73,7 +73,8 @@ def write_attention_plot(model, src_tok, tgt_tok, text: str, path: str, device: 
     out_ids = ids + [tgt_tok.eos_id]
     maps = model.attention_maps(src, torch.tensor([[tgt_tok.bos_id] + ids], device=device))
     if not maps:
-        raise ConfigError("--plot_attention: this model has no attention over the source (attention='none')")
+        raise ConfigError("--plot_attention: this model has no attention over the source to draw (a GRU with "
+                          "attention='none', or a Transformer whose cross-attention heads were all pruned)")
     cols = min(len(maps), 8)
     rows = -(-len(maps) // cols)
     S, T = len(src_ids), len(out_ids)

@@ -79,12 +79,14 @@ def test_prune_cli_end_to_end_and_sample_loads_the_result(tmp_path):
         "--eval_interval=30", "--eval_sentences=20", f"--out_dir={tmp_path}", "--dtype=float32")
     out = run("prune.py", f"--ckpt={tmp_path / 'best.pt'}", "--lambda=0.5,2", "--max_iters=20",
               "--eval_interval=10", "--eval_sentences=20", "--speed_repeats=1", f"--out_dir={tmp_path / 'p'}",
-              "--gate_lr=0.5", "--dtype=float32")
+              "--gate_lr=0.5", "--dtype=float32", "--gate_attn=enc,cross")
     assert "pruning report" in out.stdout and "trade-off plot" in out.stdout
     report = json.load(open(tmp_path / "p" / "lambda_2" / "prune_report.json"))
     assert report["gated_test"]["bleu"] == pytest.approx(report["pruned_test"]["bleu"], abs=1e-6)
     for name in ("gates.gif", "gates_final.png", "heads_vs_step.png", "pruned.pt"):
         assert os.path.exists(tmp_path / "p" / "lambda_2" / name), name
     assert os.path.exists(tmp_path / "p" / "tradeoff.png")
-    sample = run("sample.py", f"--ckpt={tmp_path / 'p' / 'lambda_2' / 'pruned.pt'}", "--text=1 2 3")
-    assert len(sample.stdout.splitlines()) == 1
+    assert report["heads_kept"]["cross"] != [4]                 # some cross-attention heads are gone
+    sample = run("sample.py", f"--ckpt={tmp_path / 'p' / 'lambda_2' / 'pruned.pt'}", "--text=1 2 3", "--beam=3",
+                 f"--plot_attention={tmp_path / 'attn.png'}")
+    assert len(sample.stdout.splitlines()) == 1 and os.path.exists(tmp_path / "attn.png")
