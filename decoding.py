@@ -173,10 +173,11 @@ def length_sorted_batches(encoded: list[list[int]], pad_id: int, eos_id: int,
 
 @torch.no_grad()
 def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1, alpha: float = 0.6,
-                    nbest: int = 1, batch_size: int = 64, max_src_len: int = 256, device: str = "cpu",
-                    amp=None, warn=print) -> list[list[tuple[str, float]]]:
+                    nbest: int = 1, batch_size: int = 64, max_src_len: int = 256, max_len_a: float = 1.5,
+                    max_len_b: int = 10, device: str = "cpu", amp=None, warn=print) -> list[list[tuple[str, float]]]:
     """Translate raw sentences: for each input, in input order, its `nbest` translations with
-    their scores (sum of token log-probabilities). beam = 1 is greedy decoding.
+    their scores (sum of token log-probabilities). beam = 1 is greedy decoding. Outputs stop at
+    max_len_a * source length + max_len_b tokens (source length with <eos>, of the longest in a batch).
 
     Sentences are decoded in length-sorted batches, then put back in order. Empty inputs give
     empty outputs; inputs longer than max_src_len tokens are truncated with a warning naming the line.
@@ -194,7 +195,7 @@ def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1
         encoded.append(ids)
     out: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in sentences]   # empty in, empty out
     for idx, src in length_sorted_batches(encoded, src_tok.pad_id, src_tok.eos_id, batch_size):
-        src, limit = src.to(device), max_target_len(src.shape[1])
+        src, limit = src.to(device), max_target_len(src.shape[1], max_len_a, max_len_b)
         with amp if amp is not None else torch.autocast("cpu", enabled=False):
             if beam == 1:
                 hyps, scores = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, limit)

@@ -40,6 +40,8 @@ scores = False  # print each translation's score (sum of token log-probabilities
 plot_attention = ""  # PNG path: cross-attention of the first input sentence, one panel per layer and head
 batch_size = 64  # sentences decoded together
 max_src_len = 256  # source tokens kept per sentence; longer inputs are truncated with a warning
+max_len_a = 1.5  # outputs stop after max_len_a * source tokens + max_len_b tokens
+max_len_b = 10  # (a model that never emits <eos> cannot run forever)
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto', 'bfloat16', 'float16', 'float32'
 # -----------------------------------------------------------------------------
@@ -64,12 +66,12 @@ def write_attention_plot(model, src_tok, tgt_tok, text: str, path: str, device: 
     import matplotlib.pyplot as plt
 
     src_ids = src_tok.encode(text)[:max_src_len] + [src_tok.eos_id]
-    src = torch.tensor([src_ids], device=device)
+    src, limit = torch.tensor([src_ids], device=device), max_target_len(len(src_ids), max_len_a, max_len_b)
     if beam > 1:
-        ids = beam_search(model, src, tgt_tok.bos_id, tgt_tok.eos_id, max_target_len(len(src_ids)), beam, alpha)[0][0][0]
+        ids = beam_search(model, src, tgt_tok.bos_id, tgt_tok.eos_id, limit, beam, alpha)[0][0][0]
     else:
         ids = strip_special(greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id,
-                                   max_target_len(len(src_ids)))[0][0].tolist(), tgt_tok.eos_id)
+                                   limit)[0][0].tolist(), tgt_tok.eos_id)
     out_ids = ids + [tgt_tok.eos_id]
     maps = model.attention_maps(src, torch.tensor([[tgt_tok.bos_id] + ids], device=device))
     if not maps:
@@ -107,7 +109,8 @@ def main() -> None:
 
     def run(lines: list[str]) -> list[list[tuple[str, float]]]:
         return translate_nbest(model, src_tok, tgt_tok, lines, beam=beam, alpha=alpha, nbest=nbest,
-                               batch_size=batch_size, max_src_len=max_src_len, device=dev, amp=amp, warn=log)
+                               batch_size=batch_size, max_src_len=max_src_len, max_len_a=max_len_a,
+                               max_len_b=max_len_b, device=dev, amp=amp, warn=log)
 
     def write(results: list[list[tuple[str, float]]], first_line: int = 1) -> None:
         for n, found in enumerate(results, start=first_line):

@@ -121,7 +121,7 @@ def test_resume_continues_exactly(tmp_path, arch):
 
 
 def test_train_then_sample_end_to_end(tmp_path):
-    out = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=20")
+    out = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=20", "--eval_beam=2")
     assert "ln(V)" in out.stdout and "BLEU" in out.stdout
     for name in ("ckpt.pt", "best.pt", "log.jsonl", "plots.png"):
         assert os.path.exists(tmp_path / name), name
