@@ -50,13 +50,14 @@ def greedy(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_
 @torch.no_grad()
 def greedy_uncached(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int) -> torch.Tensor:
     """Greedy decoding without a cache: the encoder runs once, but every step runs the decoder
-    over the whole prefix again (O(T^2) work; how decoding is often first written)."""
+    over the whole prefix again (O(T^2) work; how decoding is often first written). Only the
+    last position is projected to the vocabulary, as in those first versions."""
     B = src.shape[0]
     memory = model.encode(src)
     prefix = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
-        y = model.decode(prefix, memory)[:, -1].argmax(dim=-1).masked_fill(done, pad_id)   # (B,)
+        y = model.decode(prefix, memory, last_only=True)[:, -1].argmax(dim=-1).masked_fill(done, pad_id)  # (B,)
         prefix = torch.cat([prefix, y[:, None]], dim=1)
         done |= y == eos_id
         if done.all():

@@ -116,23 +116,30 @@ class Seq2SeqRNN(nn.Module):
         return self.out_proj(self.dropout(torch.tanh(self.dec_readout(h))))  # (B, T, V)
 
     # --- decoder ---------------------------------------------------------------------------
-    def run_decoder(self, emb: torch.Tensor, memory: tuple, hidden: torch.Tensor) -> tuple:
-        """emb (B, T, E) target embeddings, hidden (B, L, H) -> (logits (B, T, V), new hidden)."""
+    def run_decoder(self, emb: torch.Tensor, memory: tuple, hidden: torch.Tensor, last_only: bool = False) -> tuple:
+        """emb (B, T, E) target embeddings, hidden (B, L, H) -> (logits (B, T, V), new hidden);
+        last_only: logits of the last position only, (B, 1, V)."""
         h0 = hidden.transpose(0, 1).contiguous()                            # GRU wants (L, B, H)
         if self.cfg.attention == "additive":      # the context depends on the previous state: step by step
-            logits = []
+            states, contexts = [], []
             for t in range(emb.shape[1]):
-                context = self.attend(h0[-1][:, None], memory)              # (B, 1, Hx)
-                step_out, h0 = self.decoder(torch.cat([emb[:, t:t + 1], context], dim=-1), h0)
-                logits.append(self.readout(step_out, context))
-            return torch.cat(logits, dim=1), h0.transpose(0, 1)
-        states, h_n = self.decoder(emb, h0)                                 # all steps at once: (B, T, H)
-        context = self.attend(states, memory) if self.cfg.attention == "dot" else None
+                contexts.append(self.attend(h0[-1][:, None], memory))      # (B, 1, Hx)
+                step_out, h0 = self.decoder(torch.cat([emb[:, t:t + 1], contexts[-1]], dim=-1), h0)
+                states.append(step_out)
+            states, context, h_n = torch.cat(states, dim=1), torch.cat(contexts, dim=1), h0
+            if last_only:
+                states, context = states[:, -1:], context[:, -1:]
+        else:
+            states, h_n = self.decoder(emb, h0)                             # all steps at once: (B, T, H)
+            if last_only:
+                states = states[:, -1:]
+            context = self.attend(states, memory) if self.cfg.attention == "dot" else None
         return self.readout(states, context), h_n.transpose(0, 1)
 
-    def decode(self, tgt_in: torch.Tensor, memory: tuple) -> torch.Tensor:
-        """Teacher forcing from the start: tgt_in (B, T) -> logits (B, T, V)."""
-        return self.run_decoder(self.dropout(self.tgt_embed(tgt_in)), memory, memory[3])[0]
+    def decode(self, tgt_in: torch.Tensor, memory: tuple, last_only: bool = False) -> torch.Tensor:
+        """Teacher forcing from the start: tgt_in (B, T) -> logits (B, T, V), or (B, 1, V) for the
+        last position only (what uncached decoding needs)."""
+        return self.run_decoder(self.dropout(self.tgt_embed(tgt_in)), memory, memory[3], last_only)[0]
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """src (B, S), tgt_in (B, T) -> logits (B, T, V). With teacher_forcing < 1 (training only),

@@ -8,6 +8,7 @@ Interface shared with model_rnn.py (train.py, decoding.py and prune.py rely on n
     logits = model(src, tgt_in)                          # (B, T, V) teacher-forced training
     memory = model.encode(src)                           # anything whose tensors are batch-first
     logits = model.decode(tgt_in, memory)                # (B, T, V) for a given encoder memory
+                                                         # (last_only=True: (B, 1, V), the last position)
     logits, cache = model.decode_step(y, memory, cache)  # one target step, cache=None at start
     maps = model.attention_maps(src, tgt_in)             # {panel title: (B, T, S)} for plots
 Each attention module has a `head_gate` slot: a module returning one multiplier per head,
@@ -272,8 +273,10 @@ class Transformer(nn.Module):
             x = layer(x, src_mask)
         return self.enc_norm(x), src_mask
 
-    def decode(self, tgt_in: torch.Tensor, memory: tuple, cache: dict | None = None) -> torch.Tensor:
-        """tgt_in (B, T) -> logits (B, T, V); with a cache, tgt_in holds only the new positions."""
+    def decode(self, tgt_in: torch.Tensor, memory: tuple, cache: dict | None = None,
+               last_only: bool = False) -> torch.Tensor:
+        """tgt_in (B, T) -> logits (B, T, V); with a cache, tgt_in holds only the new positions;
+        last_only: logits of the last position only, (B, 1, V)."""
         enc_out, src_mask = memory
         start = cache.get("length", 0) if cache is not None else 0
         y = self.embed(self.tgt_embed, tgt_in, start)
@@ -281,6 +284,8 @@ class Transformer(nn.Module):
             y = layer(y, enc_out, src_mask, None if cache is None else cache.setdefault(i, {}))
         if cache is not None:
             cache["length"] = start + tgt_in.shape[1]
+        if last_only:
+            y = y[:, -1:]
         return self.out_proj(self.dec_norm(y))                            # (B, T, V)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
