@@ -65,7 +65,7 @@ def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_gr
     from decoding import translate_nbest
     checkpoint = load_checkpoint(str(tmp_path / "best.pt"))
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)
-    sources = data_of_checkpoint(checkpoint, "", verbose=False).splits["test"].src_text[:200]
+    sources = data_of_checkpoint(checkpoint, "", verbose=False).splits["test"].src_text[:100]
     greedy = [found[0][1] for found in translate_nbest(model, src_tok, tgt_tok, sources)]
     beam = [found[0][1] for found in translate_nbest(model, src_tok, tgt_tok, sources, beam=4, alpha=0.0)]
     # beam search keeps the greedy path among its candidates unless it finds better ones
@@ -96,6 +96,7 @@ def test_gru_overfits_one_batch(tmp_path):
     assert losses[0] > 2.0 and losses[-1] < 0.05
 
 
+@pytest.mark.slow      # ~13 s; test_gru_overfits_one_batch covers the GRU's wiring in the default run
 def test_tiny_gru_with_attention_solves_reverse_task(tmp_path):
     run("train.py", *TINY, *GRU, f"--out_dir={tmp_path}", "--hidden_size=96", "--bidirectional",
         "--max_iters=300", "--learning_rate=1e-2", "--warmup_frac=0.05", "--dropout=0", "--batch_tokens=3000",
@@ -104,7 +105,8 @@ def test_tiny_gru_with_attention_solves_reverse_task(tmp_path):
     assert final["bleu"] > 90, final
 
 
-@pytest.mark.parametrize("arch", [[], [*GRU, "--teacher_forcing=0.5"]], ids=["transformer", "gru"])
+@pytest.mark.parametrize("arch", [[], pytest.param([*GRU, "--teacher_forcing=0.5"], marks=pytest.mark.slow)],
+                         ids=["transformer", "gru"])
 def test_resume_continues_exactly(tmp_path, arch):
     # a constant learning rate, so that stopping the first half at step 6 leaves the schedule alone;
     # the GRU draws random numbers for teacher forcing, so its resume needs the saved RNG state
@@ -173,6 +175,7 @@ def test_data_knobs_of_train_match_data_config():
     assert {k: getattr(train, k) for k in asdict(DataConfig())} == asdict(DataConfig())
 
 
+@pytest.mark.slow      # ~12 s: three training processes
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) == 1 process accumulating the same 2 batches per step."""
     common = [*TINY, "--dropout=0.0", "--max_iters=5", "--eval_interval=5", "--eval_sentences=5"]
