@@ -7,7 +7,8 @@ nothing else (STYLE.md). A checkpoint holds:
     data_config, train_config   how the data was prepared and every training knob
     step, epoch, batch_in_epoch, minutes, best_bleu   where the run stands (the learning rate is
                          a function of these, so they are the scheduler state)
-    optimizer, scaler, rng   optimizer moments, fp16 loss scale, random generator states
+    optimizer, scaler    optimizer moments, fp16 loss scale (random draws are seeded per step:
+                         no generator state is needed to resume exactly)
     gated                attention types carrying L0 gates (prune.py's checkpoints while gating)
 Written atomically (temporary file, then rename); read with torch.load(weights_only=True), which
 accepts tensors and plain Python data and refuses anything that would run code.
@@ -62,16 +63,20 @@ def attach_gates(model, attn_types: list[str]) -> dict:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, then rename: a crash mid-write never destroys the previous file."""
+    """Write to a temporary file, flush it to the disk, then rename over `path`: a crash or a
+    full disk mid-write never destroys the previous file, and a file that exists is complete."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())         # the bytes are on disk before the rename makes them current
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OSError(f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint "
-                      "is untouched; free disk space or choose another --out_dir.") from None
+        raise ConfigError(f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint "
+                          "is untouched; free disk space or choose another --out_dir.") from None
 
 
 def load_checkpoint(path: str) -> dict:
@@ -100,8 +105,11 @@ def model_from_checkpoint(ckpt: dict, verbose: bool = False):
         detail = " ".join(str(e).split())[:300]
         raise ConfigError(f"the checkpoint's weights do not fit its model config: {detail}") from None
     src_tok, tgt_tok = pair_from_state(ckpt["tokenizers"])
-    if tgt_tok.vocab_size != ckpt["model_config"]["tgt_vocab"]:
-        raise ConfigError("the checkpoint's tokenizer does not match its model (vocabulary sizes differ)")
+    cfg = ckpt["model_config"]
+    if (src_tok.vocab_size, tgt_tok.vocab_size) != (cfg["src_vocab"], cfg["tgt_vocab"]):
+        raise ConfigError(f"the checkpoint's tokenizer does not match its model: vocabularies of "
+                          f"{src_tok.vocab_size}/{tgt_tok.vocab_size} tokens, embeddings for "
+                          f"{cfg['src_vocab']}/{cfg['tgt_vocab']} (source/target)")
     return model, src_tok, tgt_tok
 
 

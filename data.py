@@ -24,7 +24,7 @@ import torch
 
 from tokenizer import Tokenizer, pair_from_state, pair_state, train_tokenizer
 
-CACHE_VERSION = 3        # bump when the cached format or the cleaning rules change
+CACHE_VERSION = 4        # bump when the cached format or the cleaning rules change
 
 
 @dataclass
@@ -86,57 +86,87 @@ def _local_split_files(folder: str) -> dict[str, str]:
     return found
 
 
-def _rows_to_pairs(rows, cfg: DataConfig, where: str) -> tuple[list[tuple[str, str]], int]:
-    """Rows in the hub's translation schema or with flat language columns -> (pairs, bad rows)."""
-    columns = rows.column_names
-    if "translation" in columns:
-        records = rows["translation"]
-    elif cfg.src_lang in columns and cfg.tgt_lang in columns:
-        records = [{cfg.src_lang: s, cfg.tgt_lang: t} for s, t in zip(rows[cfg.src_lang], rows[cfg.tgt_lang])]
-    else:
-        raise DataError(f"{where}: no 'translation' column and no '{cfg.src_lang}'/'{cfg.tgt_lang}' "
-                        f"columns (columns: {', '.join(columns)}). Check --src_lang/--tgt_lang.")
+def _read_jsonl(path: str) -> list:
+    """One JSON value per line -> list of rows; a line that is not JSON or not UTF-8 is an error
+    naming the file and line (a broken file should be fixed, not half-read)."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {n}: not valid UTF-8 ({e.reason} at byte {e.start}). "
+                                "Re-encode the file as UTF-8 or remove the line.") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {n}: not JSON ({e.msg}, column {e.colno}). Each line of a "
+                                ".jsonl file must be one JSON object, e.g. "
+                                '{"translation": {"en": "...", "it": "..."}}') from None
+    return rows
+
+
+def _rows_to_pairs(rows: list, cfg: DataConfig, where: str) -> tuple[list[tuple[str, str]], int]:
+    """Rows in the hub's translation schema ({"translation": {lang: text}}) or with flat language
+    columns ({lang: text}) -> (pairs, bad rows). A row without both languages as strings (missing,
+    null, a number, not an object) is dropped and counted; if no row is usable the schema is wrong."""
     pairs, bad = [], 0
-    for r in records:
-        src, tgt = (r or {}).get(cfg.src_lang), (r or {}).get(cfg.tgt_lang)
+    for r in rows:
+        record = r.get("translation", r) if isinstance(r, dict) else None
+        src, tgt = (record.get(cfg.src_lang), record.get(cfg.tgt_lang)) if isinstance(record, dict) else (None, None)
         if isinstance(src, str) and isinstance(tgt, str):
             pairs.append((src, tgt))
         else:
             bad += 1
-    if not pairs and records:
-        langs = sorted(k for k, v in (records[0] or {}).items() if v is not None)
-        raise DataError(f"{where}: no row has both '{cfg.src_lang}' and '{cfg.tgt_lang}' "
-                        f"(the first row has: {', '.join(langs)}). Check --src_lang/--tgt_lang.")
+    if not pairs and rows:
+        first = rows[0]
+        shape = (f"keys {', '.join(map(str, first.get('translation', first)))}"
+                 if isinstance(first, dict) and isinstance(first.get("translation", first), dict)
+                 else f"a {type(first).__name__}")
+        raise DataError(f"{where}: no row has both '{cfg.src_lang}' and '{cfg.tgt_lang}' as text (the first row "
+                        f"has {shape}). Rows must look like "
+                        f'{{"translation": {{"{cfg.src_lang}": "...", "{cfg.tgt_lang}": "..."}}}} or have flat '
+                        f'"{cfg.src_lang}"/"{cfg.tgt_lang}" columns; check --src_lang/--tgt_lang.')
     return pairs, bad
+
+
+def _datasets():
+    import datasets  # imported only when needed: it is slow to import, and .jsonl folders do not use it
+    datasets.disable_progress_bars()
+    return datasets
 
 
 def load_raw_pairs(cfg: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
     """Return ({split: [(src, tgt), ...]} for the splits the source has, {split: bad rows})."""
     if cfg.dataset.startswith("toy:"):
         return toy_pairs(cfg.dataset[4:]), {}
-    import datasets  # imported here: it is slow to import and a warm cache never needs it
-    datasets.disable_progress_bars()
     if os.path.isdir(cfg.dataset):
         tables = {}
         for split, path in _local_split_files(cfg.dataset).items():
+            if path.endswith(".jsonl"):
+                tables[split] = _read_jsonl(path)
+                continue
             builder = "parquet" if path.endswith(".parquet") else "json"
+            datasets = _datasets()
             try:
-                tables[split] = datasets.load_dataset(builder, data_files=path, split="train")
+                tables[split] = datasets.load_dataset(builder, data_files=path, split="train").to_list()
             except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in many types
-                raise DataError(f"could not read '{path}': {type(e).__name__}: {e}. Each line of a "
-                                f".jsonl file must be one JSON object.") from None
+                raise DataError(f"could not read '{path}': {type(e).__name__}: {e}. A .json file must hold "
+                                f"JSON objects, a .parquet file a table.") from None
     elif cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.count("/") > 1:  # a path, not owner/name
         raise DataError(f"dataset folder '{cfg.dataset}' does not exist (working directory: {os.getcwd()})")
     else:
         try:
-            loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None)
+            loaded = _datasets().load_dataset(cfg.dataset, cfg.dataset_config or None)
         except Exception as e:  # noqa: BLE001 - ConnectionError, OfflineModeIsEnabled, hub 404s, ...
             raise _hub_error(cfg, e) from None
         tables = {}
         for split, names in SPLIT_NAMES.items():
             for name in names:
                 if name in loaded and split not in tables:
-                    tables[split] = loaded[name]
+                    tables[split] = loaded[name].to_list()
     pairs, bad = {}, {}
     for split, table in tables.items():
         pairs[split], bad[split] = _rows_to_pairs(table, cfg, f"{cfg.dataset} [{split}]")
@@ -195,6 +225,18 @@ def carve_splits(train: list[tuple[str, str]], n_val: int, n_test: int) -> dict[
 
 def drop_empty(pairs: list[tuple[str, str]]) -> tuple[list, int]:
     kept = [(s, t) for s, t in pairs if s.strip() and t.strip()]
+    return kept, len(pairs) - len(kept)
+
+
+CHARS_PER_TOKEN_MAX = 32   # no tokenizer here makes tokens longer on average: text beyond max_len * 32 characters cannot fit
+
+
+def drop_huge(pairs: list[tuple[str, str]], max_len: int) -> tuple[list, int]:
+    """Training pairs with a side of more than max_len * 32 characters go before the tokenizer is
+    learned: they can never fit max_len tokens, and one multi-megabyte line (a concatenated
+    document, binary junk) would otherwise dominate the tokenizer's statistics."""
+    limit = max_len * CHARS_PER_TOKEN_MAX
+    kept = [(s, t) for s, t in pairs if len(s) <= limit and len(t) <= limit]
     return kept, len(pairs) - len(kept)
 
 
@@ -334,6 +376,7 @@ def build_data(cfg: DataConfig, log=print) -> Data:
 
     for split in raw:
         raw[split], report[split]["empty"] = drop_empty(raw[split])
+    raw["train"], huge = drop_huge(raw["train"], cfg.max_len)
 
     t0 = time.time()
     train_src = [s for s, _ in raw["train"]]
@@ -353,6 +396,7 @@ def build_data(cfg: DataConfig, log=print) -> Data:
         counts = {"too_long": 0, "truncated": 0, "bad_ratio": 0}
         if split == "train":   # validation/test are never filtered: their scores must stay comparable
             keep, counts = filter_lengths(src_ids, tgt_ids, cfg.max_len, cfg.too_long, cfg.max_len_ratio)
+            counts["too_long"] += huge
             src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
             src_text, tgt_text = [src_text[i] for i in keep], [tgt_text[i] for i in keep]
         report[split].update(counts, kept=len(src_ids))

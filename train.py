@@ -37,6 +37,7 @@ log_interval = 50  # steps between log lines
 eval_interval = 500  # steps between validation runs (loss, BLEU) and checkpoints
 eval_sentences = 500  # validation sentences decoded for BLEU (0 = all)
 eval_beam = 1  # beam size for validation BLEU: 1 = greedy (fast); beam search is slower and scores higher
+plot = True  # draw plots.png (loss, learning rate, gradient norm, BLEU) from log.jsonl at the end
 seed = 1337  # seeds the weights, dropout and batch order
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"  # 'auto' (bf16 where fast, fp16 on older GPUs), 'bfloat16', 'float16', 'float32'
@@ -85,6 +86,7 @@ grad_clip = 1.0  # clip the total gradient norm to this (0 = off)
 label_smoothing = 0.1  # epsilon of label smoothing (Szegedy et al. 2016)
 grad_accum = 1  # batches per optimizer step
 max_bad_steps = 10  # stop after this many non-finite losses/gradients in a row
+spike_factor = 2.0  # warn when a step's loss exceeds this multiple of its running mean (0 = off)
 # stopping: whichever is reached first; the learning-rate schedule spans the limits that are set
 max_iters = 0  # optimizer steps (0 = no limit)
 max_epochs = 0.0  # passes over the training data (0 = no limit)
@@ -226,11 +228,25 @@ def evaluate(model, data, batch_tokens: int, device: str, amp, split: str = "val
 # logging
 
 class RunLog:
-    """Prints one fixed-format line per record and appends the same record to log.jsonl."""
+    """Prints one fixed-format line per record and appends the same record to log.jsonl.
 
-    def __init__(self, out_dir: str, enabled: bool, bar=None):
+    resume_step: the step of the checkpoint a run resumes from. A run that was killed logged
+    steps after its last checkpoint (and maybe half a line); they will be run again, so their
+    records are dropped first and every step appears once in the log."""
+
+    def __init__(self, out_dir: str, enabled: bool, bar=None, resume_step: int | None = None):
         self.path = os.path.join(out_dir, "log.jsonl")
         self.enabled, self.bar = enabled, bar
+        if enabled and resume_step is not None and os.path.exists(self.path):
+            kept = []
+            with open(self.path) as f:
+                for line in f:
+                    with contextlib.suppress(json.JSONDecodeError):   # a line cut short by a kill
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
 
     def say(self, text: str) -> None:
         if self.enabled:
@@ -285,6 +301,26 @@ def printable(extra: dict, sep: str) -> str:
     return "".join(f"{sep}{k} {v}" for k, v in extra.items() if not isinstance(v, (list, dict)))
 
 
+class SpikeWatch:
+    """Flags a loss spike: a step whose loss exceeds `factor` x the running mean of the losses
+    before it (exponential, ~100 steps), plus 0.1 so the near-zero losses of overfit mode do not
+    count. The first 50 steps only build the mean. One spike is noise; spikes that repeat, or a
+    loss that stays up after one, call for a lower learning rate, more warm-up or clipping."""
+
+    def __init__(self, factor: float, warmup: int = 50, decay: float = 0.99):
+        self.factor, self.warmup, self.decay = factor, warmup, decay
+        self.mean, self.seen = 0.0, 0
+
+    def __call__(self, loss: float) -> float | None:
+        """Feed one step's loss; returns the running mean it jumped above, or None."""
+        spike = self.factor > 0 and self.seen >= self.warmup and loss > self.factor * self.mean + 0.1
+        if not spike:              # a spike does not drag the mean up with it
+            self.seen += 1
+            weight = min(self.decay, 1 - 1 / self.seen)      # a plain average until ~100 steps
+            self.mean = weight * self.mean + (1 - weight) * loss
+        return self.mean if spike else None
+
+
 class Stop(Exception):
     """Raised inside the loop to end the run cleanly (signal, repeated non-finite loss)."""
 
@@ -323,9 +359,6 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         st.update({k: state[k] for k in st if k in state})
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.startswith("cuda") and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
 
     train_split = data.splits["train"]
 
@@ -354,15 +387,13 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
             return
         save_checkpoint(path, {**ckpt_extra, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict() if scaler is not None else None,
-                               "rng": {"torch": torch.get_rng_state(),
-                                       "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None},
                                **{k: st[k] for k in st}})
 
     bar = None
     if master and sys.stderr.isatty():       # a progress bar in percent of the run (steps, epochs or minutes)
         from tqdm import tqdm
         bar = tqdm(total=100, unit="%", dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
-    log = RunLog(out_dir, master, bar)
+    log = RunLog(out_dir, master, bar, resume_step=st["step"] if state is not None else None)
 
     def run_eval() -> None:
         if master:
@@ -410,6 +441,7 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
                     "dropout 0 and label smoothing 0: the loss should fall near zero")
 
     t_start = time.time() - st["minutes"] * 60
+    spikes = SpikeWatch(cfg.get("spike_factor", 0.0))
     t_last, interval = time.time(), {"loss": 0.0, "tokens": 0, "pad": 0, "cells": 0, "steps": 0}
     try:
         while True:
@@ -425,6 +457,10 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
 
+            # the random draws of a step (dropout, teacher forcing, gate noise) come from a seed
+            # made of (seed, process, step): a resumed run draws what the uninterrupted run drew,
+            # with no generator state to save, and each process of a distributed run draws its own
+            torch.manual_seed(hash((cfg["seed"], rank, st["step"])) % 2**63)
             micro = [next_batch() for _ in range(cfg["grad_accum"])]
             n_tok = torch.tensor(float(sum(int((b[2] != pad_id).sum()) for b in micro)))
             if world_size > 1:          # normalise by the tokens of the global batch, as one process would
@@ -459,14 +495,19 @@ def train_loop(model, data, cfg: dict, out_dir: str, ckpt_extra: dict, state: di
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.update()
-                log.say(f"step {st['step']}: non-finite loss or gradient, update skipped "
+                log.say(f"step {st['step'] + 1}: non-finite loss or gradient, update skipped "
                         f"({st['bad_steps']} in a row)")
                 if st["bad_steps"] >= cfg["max_bad_steps"]:
-                    raise Stop(f"{st['bad_steps']} non-finite steps in a row at step {st['step']} (lr {lr:.2e}, "
+                    raise Stop(f"{st['bad_steps']} non-finite steps in a row at step {st['step'] + 1} (lr {lr:.2e}, "
                                f"gradient norm {norms['total']}). Try a lower learning_rate, grad_clip=1, "
                                "or dtype=float32.")
                 continue
             st["bad_steps"] = 0
+            running = spikes(loss_sum)
+            if running is not None and master:
+                log.say(f"warning: loss spike at step {st['step']}: {loss_sum:.3f}, running mean {running:.3f} "
+                        f"(lr {lr:.2e}, gradient norm {norms['total']:.2f}). If it repeats or the loss stays "
+                        "up: lower learning_rate, longer warmup_frac, grad_clip=1.")
             if cfg["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
             if scaler is not None:
@@ -538,7 +579,7 @@ def main() -> None:
         state = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
         # the run goes on with its own configuration; stop conditions, intervals and the device
         # may be changed by naming them (e.g. --max_minutes=60 to extend a run)
-        may_change = ("max_iters", "max_epochs", "max_minutes", "eval_interval", "log_interval", "device")
+        may_change = ("max_iters", "max_epochs", "max_minutes", "eval_interval", "log_interval", "device", "plot")
         cfg = {**state["train_config"], **{k: v for k, v in given.items() if k in may_change},
                "init_from": "resume"}
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
@@ -549,7 +590,11 @@ def main() -> None:
     if cfg["overfit_batches"]:
         cfg["dropout"] = 0.0
     if rank == 0:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
+        try:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create out_dir '{cfg['out_dir']}': {e.strerror or e}. "
+                              "Choose another --out_dir.") from None
 
     data = load_data(data_config_from(cfg), verbose=rank == 0)
 
@@ -578,8 +623,8 @@ def main() -> None:
     st = train_loop(wrapped, data, cfg, cfg["out_dir"], ckpt_extra, state, raw_model=model,
                     from_scratch=cfg["init_from"] == "scratch", rank=rank, world_size=world_size)
     if rank == 0:
-        print(f"done: {st['step']} steps, {st['minutes']:.1f} min, best validation BLEU {st['best_bleu']:.2f}; "
-              f"plots in {plot_log(cfg['out_dir'])}")
+        plots = f"; plots in {plot_log(cfg['out_dir'])}" if cfg.get("plot", True) else ""
+        print(f"done: {st['step']} steps, {st['minutes']:.1f} min, best validation BLEU {st['best_bleu']:.2f}{plots}")
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if "stopped" in st and "non-finite" in st["stopped"]:

@@ -88,14 +88,19 @@ def test_local_folder_train_only_is_carved_and_cleaned(tmp_path):
     rows += [{"translation": {"en": "  ", "xx": "X"}},                   # empty source
              {"translation": {"en": "the cat", "xx": ""}},               # empty target
              {"translation": {"en": "the " * 60, "xx": "THE " * 60}},    # over max_len
+             {"translation": {"en": "x" * 100_000, "xx": "X"}},          # a huge line: never reaches the tokenizer
              {"translation": {"en": "the cat", "xx": "THE " * 20}},      # extreme length ratio
-             {"translation": {"en": "only one side"}}]                   # missing target language
+             {"translation": {"en": "only one side"}},                   # missing target language
+             {"translation": {"en": None, "xx": "X"}},                   # null
+             {"translation": {"en": "the cat", "xx": 7}},                # not a string
+             {"translation": None}, ["a", "list"]]                       # not an object
     write_jsonl(os.path.join(folder, "train.jsonl"), rows)
     data = D.load_data(cfg_for(folder, tmp_path, max_len=50, val_size=50, test_size=60), verbose=False)
     r = data.report
-    assert r["train"]["bad_rows"] == 1
+    assert r["train"]["bad_rows"] == 5
     assert r["train"]["empty"] + r["validation"]["empty"] + r["test"]["empty"] == 2
-    assert r["train"]["too_long"] == 1 and r["train"]["bad_ratio"] == 1
+    assert r["train"]["too_long"] == 2 and r["train"]["bad_ratio"] == 1
+    assert "x" * 64 not in data.src_tok.decode(list(range(data.src_tok.vocab_size)))   # no merges learned from it
     assert r["train"]["kept"] == len(data.splits["train"])
     assert r["validation"]["carved_from_train"]
     n_sources = {k: len(set(v.src_text)) for k, v in data.splits.items()}
@@ -133,7 +138,10 @@ def test_parquet_folder(tmp_path):
     ("no_train", "has no train.jsonl"),
     ("missing_dir", "does not exist"),
     ("wrong_lang", "no row has both 'en' and 'de'"),
-    ("not_json", "could not read"),
+    ("not_json", r"train.jsonl, line 2: not JSON"),
+    ("bad_utf8", r"train.jsonl, line 2: not valid UTF-8"),
+    ("wrong_schema", r"no row has both 'en' and 'xx' as text \(the first row has keys text, label\)"),
+    ("not_objects", r"no row has both .* \(the first row has a list\)"),
 ])
 def test_bad_local_datasets_give_clear_errors(tmp_path, setup, pattern):
     folder = tmp_path / "d"
@@ -147,7 +155,13 @@ def test_bad_local_datasets_give_clear_errors(tmp_path, setup, pattern):
         write_jsonl(folder / "train.jsonl", [{"translation": {"en": "a", "xx": "b"}}])
         kw["tgt_lang"] = "de"
     elif setup == "not_json":
-        (folder / "train.jsonl").write_text("this is not json\n")
+        (folder / "train.jsonl").write_text('{"en": "a", "xx": "b"}\nthis is not json\n')
+    elif setup == "bad_utf8":
+        (folder / "train.jsonl").write_bytes(b'{"en": "a", "xx": "b"}\n{"en": "caf\xe9", "xx": "b"}\n')
+    elif setup == "wrong_schema":
+        write_jsonl(folder / "train.jsonl", [{"text": "a", "label": 1}])
+    elif setup == "not_objects":
+        (folder / "train.jsonl").write_text('["a", "b"]\n')
     with pytest.raises(D.DataError, match=pattern):
         D.load_raw_pairs(cfg_for(str(folder), tmp_path, **kw))
 

@@ -76,7 +76,7 @@ def test_prune_cli_end_to_end_and_sample_loads_the_result(tmp_path):
         return out
     run("train.py", "--dataset=toy:reverse", "--tokenizer=char", "--cache_dir=", "--d_model=32", "--n_head=4",
         "--n_enc_layer=2", "--n_dec_layer=1", "--d_ff=64", "--batch_tokens=1500", "--max_iters=30",
-        "--eval_interval=30", "--eval_sentences=20", f"--out_dir={tmp_path}", "--dtype=float32")
+        "--eval_interval=30", "--eval_sentences=20", f"--out_dir={tmp_path}", "--dtype=float32", "--plot=False")
     out = run("prune.py", f"--ckpt={tmp_path / 'best.pt'}", "--lambda=0.5,2", "--max_iters=20",
               "--eval_interval=10", "--eval_sentences=20", "--speed_repeats=1", f"--out_dir={tmp_path / 'p'}",
               "--gate_lr=0.5", "--dtype=float32", "--gate_attn=enc,cross")

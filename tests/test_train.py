@@ -5,14 +5,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=toy:reverse", "--tokenizer=char", "--cache_dir=", "--d_model=32", "--n_head=2",
         "--n_enc_layer=2", "--n_dec_layer=2", "--d_ff=64", "--batch_tokens=1500", "--eval_sentences=50",
-        "--log_interval=1", "--dtype=float32"]
+        "--log_interval=1", "--dtype=float32", "--plot=False"]
 
 
 def run(script, *args, check=True, stdin=None):
@@ -56,8 +55,9 @@ def test_overfit_one_batch_drives_loss_near_zero(tmp_path):
 
 
 def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_greedy(tmp_path):
-    # the shipped sanity-check config, as a person would run it
-    run("train.py", "config/toy_reverse.py", f"--out_dir={tmp_path}", "--log_interval=100")
+    # the shipped sanity-check config, shortened from 600 to 400 steps (validation BLEU 98 instead of 99.9)
+    run("train.py", "config/toy_reverse.py", f"--out_dir={tmp_path}", "--log_interval=100", "--max_iters=400",
+        "--eval_interval=400", "--plot=False")
     final = train_records(tmp_path, "eval")[-1]
     assert final["bleu"] > 95, final
 
@@ -79,7 +79,8 @@ def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_gr
     assert lines[0][2] == "6 5 4" and lines[4][2] == "1 0 9 8 7" and float(lines[0][1]) >= float(lines[1][1])
     assert plot.exists() and plot.stat().st_size > 10_000
     scored = run("sample.py", f"--ckpt={ckpt}", "--split=test", "--beam=4", "--scores")
-    assert "BLEU" in scored.stderr and "beam 4" in scored.stderr
+    assert "BLEU" in scored.stderr and "nrefs:1" in scored.stderr and "beam 4" in scored.stderr
+    assert len(scored.stdout.splitlines()) == 500
     assert all(float(line.split("\t")[0]) <= 0 for line in scored.stdout.splitlines())
 
 
@@ -105,8 +106,9 @@ def test_tiny_gru_with_attention_solves_reverse_task(tmp_path):
     assert final["bleu"] > 90, final
 
 
-@pytest.mark.parametrize("arch", [[], pytest.param([*GRU, "--teacher_forcing=0.5"], marks=pytest.mark.slow)],
-                         ids=["transformer", "gru"])
+# slow: test_faults.py's SIGKILL test resumes a Transformer three times in the default run
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [[], [*GRU, "--teacher_forcing=0.5"]], ids=["transformer", "gru"])
 def test_resume_continues_exactly(tmp_path, arch):
     # a constant learning rate, so that stopping the first half at step 6 leaves the schedule alone;
     # the GRU draws random numbers for teacher forcing, so its resume needs the saved RNG state
@@ -123,49 +125,25 @@ def test_resume_continues_exactly(tmp_path, arch):
 
 
 def test_train_then_sample_end_to_end(tmp_path):
-    out = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=20", "--eval_beam=2")
+    out = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=20", "--eval_beam=2",
+              "--plot=True")
     assert "ln(V)" in out.stdout and "BLEU" in out.stdout
     for name in ("ckpt.pt", "best.pt", "log.jsonl", "plots.png"):
         assert os.path.exists(tmp_path / name), name
-    ckpt = str(tmp_path / "best.pt")
-    one = run("sample.py", f"--ckpt={ckpt}", "--text=1 2 3")
-    assert len(one.stdout.splitlines()) == 1
-    piped = run("sample.py", f"--ckpt={ckpt}", stdin="4 5 6\n\n7 8 9 0 1\n")
+    # (sample.py --text is run in test_prune.py, --split in the reverse-task test above)
+    piped = run("sample.py", f"--ckpt={tmp_path / 'best.pt'}", stdin="4 5 6\n\n7 8 9 0 1\n")
     lines = piped.stdout.split("\n")[:-1]
     assert len(lines) == 3 and lines[1] == ""                  # empty input line -> empty output line
-    scored = run("sample.py", f"--ckpt={ckpt}", "--split=test")
-    assert "BLEU" in scored.stderr and "nrefs:1" in scored.stderr and len(scored.stdout.splitlines()) == 500
 
 
-def test_checkpoint_round_trip_is_weights_only(tmp_path):
-    run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2")
-    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    model, src_tok, tgt_tok = train.model_from_checkpoint(ckpt)
-    assert ckpt["step"] == 2 and ckpt["kind"] == "transformer" and "optimizer" in ckpt
-    src = torch.tensor([src_tok.encode("1 2 3") + [src_tok.eos_id]])
-    tgt = torch.tensor([[tgt_tok.bos_id] + tgt_tok.encode("3 2")])
-    again, _, _ = train.model_from_checkpoint(train.load_checkpoint(str(tmp_path / "ckpt.pt")))
-    model.eval(), again.eval()
-    assert torch.equal(model(src, tgt), again(src, tgt))
-
-
+# misspelled knobs ("Did you mean") are checked in-process in test_configurator.py
 @pytest.mark.parametrize("args, message", [
     ([], "no stop condition"),
-    (["--max_iters=1", "--n_layers=2"], "Did you mean"),
     (["--max_iters=1", "--arch=lstm"], "arch='lstm'"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, args, message):
     out = run("train.py", *TINY, f"--out_dir={tmp_path}", *args, check=False)
     assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
-
-
-def test_sample_rejects_missing_and_corrupt_checkpoints(tmp_path):
-    out = run("sample.py", f"--ckpt={tmp_path / 'none.pt'}", "--text=x", check=False)
-    assert out.returncode != 0 and "does not exist" in out.stderr and "Traceback" not in out.stderr
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint at all")
-    out = run("sample.py", f"--ckpt={bad}", "--text=x", check=False)
-    assert out.returncode != 0 and "cannot be loaded safely" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_data_knobs_of_train_match_data_config():
@@ -175,17 +153,41 @@ def test_data_knobs_of_train_match_data_config():
     assert {k: getattr(train, k) for k in asdict(DataConfig())} == asdict(DataConfig())
 
 
-@pytest.mark.slow      # ~12 s: three training processes
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    """torchrun with 2 CPU processes (gloo) == 1 process accumulating the same 2 batches per step."""
-    common = [*TINY, "--dropout=0.0", "--max_iters=5", "--eval_interval=5", "--eval_sentences=5"]
-    run("train.py", *common, f"--out_dir={tmp_path / 'one'}", "--grad_accum=2")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *common, f"--out_dir={tmp_path / 'two'}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+@pytest.mark.slow      # ~20 s: five training processes
+def test_two_processes_match_one_process_with_the_same_global_batch_and_resume(tmp_path):
+    """torchrun with 2 CPU processes (gloo) == 1 process accumulating the same 2 batches per step;
+    a 2-process run stopped at step 3 and resumed with torchrun continues exactly."""
+    common = [*TINY, "--dropout=0.1", "--max_iters=5", "--eval_interval=5", "--eval_sentences=5",
+              "--warmup_frac=0", "--learning_rate=2e-3", "--min_lr=2e-3"]
+
+    def torchrun(*args):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+    run("train.py", *common, "--dropout=0.0", f"--out_dir={tmp_path / 'one'}", "--grad_accum=2")
+    torchrun(*common, "--dropout=0.0", f"--out_dir={tmp_path / 'two'}")
     one = {r["step"]: r["loss"] for r in train_records(tmp_path / "one")}
     two = {r["step"]: r["loss"] for r in train_records(tmp_path / "two")}
     assert list(two) == list(range(1, 6))                # only rank 0 wrote the log, once per step
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    torchrun(*common, f"--out_dir={tmp_path / 'straight'}")
+    torchrun(*common, f"--out_dir={tmp_path / 'resumed'}", "--max_iters=3")
+    assert not os.path.exists(tmp_path / "resumed" / "ckpt.pt.tmp")
+    torchrun(f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume", "--max_iters=5")
+    straight = {r["step"]: r["loss"] for r in train_records(tmp_path / "straight")}
+    assert {r["step"]: r["loss"] for r in train_records(tmp_path / "resumed")} == straight
+
+
+def test_loss_spike_is_flagged_once_the_mean_is_built():
+    import numpy as np
+    from train import SpikeWatch
+    rng = np.random.default_rng(0)
+    watch = SpikeWatch(2.0, warmup=50)
+    assert watch(50.0) is None                          # no verdict while the mean is being built
+    for loss in 2.0 + 0.2 * rng.standard_normal(200):
+        assert watch(float(loss)) is None               # ordinary noise
+    mean = watch(7.0)
+    assert mean is not None and 2.0 < mean < 2.6        # the early 50 has been averaged away
+    assert watch(2.1) is None and watch(7.0) is not None   # the spike did not raise the mean
+    assert SpikeWatch(0.0, warmup=0)(100.0) is None     # factor 0 = off

@@ -1,0 +1,80 @@
+"""Run train.py with a fault injected, for tests/test_faults.py:
+
+    python tests/faulty_train.py MODE N train.py-arguments...
+
+MODE says where the N-th call (counted from 1 in this process) goes wrong:
+    kill_step   SIGKILL inside the training loss computation (call k is step k)
+    kill_eval   SIGKILL at the start of the N-th evaluation
+    kill_save   the N-th checkpoint write: half the bytes reach the temporary file, then SIGKILL
+    nan_loss    training loss calls N, N+1, ... return NaN (every step from then on is non-finite)
+    nan_once    only training loss call N returns NaN
+    disk_full   the N-th checkpoint write fails with ENOSPC (no space left on device)
+"""
+import errno
+import io
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.chdir(ROOT)
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+
+mode, n = sys.argv[1], int(sys.argv[2])
+sys.argv = ["train.py", *sys.argv[3:]]
+calls = 0
+
+
+def nth_call() -> bool:
+    global calls
+    calls += 1
+    return calls == n if mode != "nan_loss" else calls >= n
+
+
+def die():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if mode in ("kill_step", "nan_loss", "nan_once"):
+    real_loss = train.sequence_loss
+
+    def sequence_loss(*args, **kwargs):
+        if not torch.is_grad_enabled():           # the initial-loss check and validation: not counted
+            return real_loss(*args, **kwargs)
+        hit = nth_call()
+        if hit and mode == "kill_step":
+            die()
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if hit else loss
+    train.sequence_loss = sequence_loss
+elif mode == "kill_eval":
+    real_evaluate = train.evaluate
+
+    def evaluate(*args, **kwargs):
+        if nth_call():
+            die()
+        return real_evaluate(*args, **kwargs)
+    train.evaluate = evaluate
+elif mode in ("kill_save", "disk_full"):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if not nth_call():
+            return real_save(obj, f, *args, **kwargs)
+        if mode == "disk_full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        f.flush()
+        die()
+    torch.save = save
+else:
+    raise SystemExit(f"unknown mode {mode}")
+
+train.main_guard(train.main, train.DataError)
