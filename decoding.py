@@ -27,33 +27,24 @@ def max_target_len(src_len: int, a: float = 1.5, b: int = 10) -> int:
 @torch.no_grad()
 def greedy(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int) -> tuple:
     """src (B, S) -> (hypotheses (B, <= max_len) without <bos>, after <eos> only pad;
-    scores (B,) the sum of the chosen tokens' log-probabilities, <eos> included).
-
-    Sentences that have ended leave the batch (their rows of memory and cache are dropped), so
-    the steps after the short sentences are done only compute the long ones."""
-    B, dev = src.shape[0], src.device
+    scores (B,) the sum of the chosen tokens' log-probabilities, <eos> included)."""
+    B = src.shape[0]
     memory = model.encode(src)
-    out = torch.full((B, max_len), pad_id, dtype=torch.long, device=dev)
-    scores = torch.zeros(B, device=dev)
-    live = torch.arange(B, device=dev)             # the original row of each row still decoding
-    y = torch.full((B,), bos_id, dtype=torch.long, device=dev)
-    cache, steps = None, 0
-    for t in range(max_len):
-        logits, cache = model.decode_step(y, memory, cache)             # (rows live, V)
-        logits = logits.float()
-        y = logits.argmax(dim=-1)
-        # log P(y) = logit(y) - logsumexp(logits): the chosen token's log-softmax, without the rest
-        scores[live] += logits.gather(1, y[:, None])[:, 0] - logits.logsumexp(dim=-1)
-        out[live, t] = y
-        steps = t + 1
-        going = y != eos_id
-        if not going.all():
-            if not going.any():
-                break
-            rows = going.nonzero()[:, 0]
-            live, y = live[rows], y[rows]
-            memory, cache = select_rows(memory, rows), select_rows(cache, rows)
-    return out[:, :steps], scores                                        # (B, T), (B,)
+    y = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
+    done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    scores = torch.zeros(B, device=src.device)
+    cache, out = None, []
+    for _ in range(max_len):
+        logits, cache = model.decode_step(y, memory, cache)             # (B, V)
+        logp = logits.float().log_softmax(dim=-1)
+        y = logp.argmax(dim=-1)
+        scores += logp.gather(1, y[:, None])[:, 0].masked_fill(done, 0.0)
+        y = y.masked_fill(done, pad_id)
+        out.append(y)
+        done |= y == eos_id
+        if done.all():
+            break
+    return torch.stack(out, dim=1), scores                              # (B, T), (B,)
 
 
 @torch.no_grad()
