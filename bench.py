@@ -4,6 +4,7 @@ Benchmarks that print ratios against a baseline measured in the same run, on the
 
     python bench.py --bench=decode --ckpt=out/multi30k/best.pt --dataset=../shared/data/multi30k_en_de
     python bench.py --bench=train --dataset=../shared/data/multi30k_en_de   # needs requirements-bench.txt
+    python bench.py --bench=quality --dataset=../shared/data/multi30k_en_de --minutes=10   # the same
 
 decode: on a checkpoint's test split, in batches of `batch_size` sentences sorted by length,
     greedy without a cache (the decoder re-reads the whole prefix every step) vs greedy with the
@@ -12,12 +13,18 @@ decode: on a checkpoint's test split, in batches of `batch_size` sentences sorte
 train: training-step throughput (target tokens/s: forward, backward, clipping, AdamW step) on
     the same fixed Multi30k batches for this project's Transformer, torch.nn.Transformer and
     Hugging Face MarianMT built at the same sizes (no weights downloaded), and this project's
-    GRU with attention; fp32 and bf16 autocast.
+    GRU with attention; fp32 and bf16 autocast. Also model FLOP utilisation (matmul FLOPs counted by
+    torch over a 2048x2048 matmul measured in the same run) and peak memory of each.
+quality: this project's Transformer and MarianMT trained for `minutes` each on the same batches,
+    schedule and optimizer, then test BLEU and decoding speed (our greedy and beam search vs
+    MarianMT's generate with the same settings).
 Results are printed as a table and written to `out_json`.
 """
 
 import json
 import math
+import multiprocessing
+import os
 import platform
 import statistics
 import time
@@ -36,7 +43,8 @@ from model_transformer import sinusoidal_positions
 from train import setup_device
 
 # -----------------------------------------------------------------------------
-bench = "decode"  # which benchmark: 'decode' or 'train'
+bench = "decode"  # which benchmark: 'decode', 'train' or 'quality'
+minutes = 10.0  # quality: training budget per model
 ckpt = "out/multi30k/best.pt"  # decode: checkpoint to decode with
 config = "config/transformer_multi30k.py"  # train: the Transformer's model, data and batch settings
 rnn_config = "config/rnn_attn_en_de.py"  # train: the GRU's model settings
@@ -163,7 +171,8 @@ class Marian(nn.Module):
             vocab_size=cfg["tgt_vocab"], d_model=cfg["d_model"], encoder_layers=cfg["n_enc_layer"],
             decoder_layers=cfg["n_dec_layer"], encoder_attention_heads=cfg["n_head"],
             decoder_attention_heads=cfg["n_head"], encoder_ffn_dim=cfg["d_ff"], decoder_ffn_dim=cfg["d_ff"],
-            dropout=cfg["dropout"], attention_dropout=cfg["dropout"], activation_function="relu",
+            dropout=cfg["dropout"], attention_dropout=cfg["dropout"], activation_dropout=cfg["dropout"],
+            activation_function="relu",
             pad_token_id=self.pad_id, eos_token_id=eos_id, decoder_start_token_id=bos_id,
             max_position_embeddings=1024, share_encoder_decoder_embeddings=True, scale_embedding=True))
 
@@ -179,6 +188,82 @@ def load_config(path: str) -> dict:
     return cfg
 
 
+def build(name: str, model_cfg: dict, rnn_model_cfg: dict, bos_id: int, eos_id: int) -> nn.Module:
+    if name == OURS:
+        return build_model("transformer", model_cfg, verbose=False)
+    if name == "torch.nn.Transformer":
+        return TorchTransformer(model_cfg)
+    if name == "MarianMT (transformers)":
+        return Marian(model_cfg, bos_id, eos_id)
+    return build_model("rnn", rnn_model_cfg, verbose=False)
+
+
+OURS = "this project, Transformer"
+MODELS = [OURS, "torch.nn.Transformer", "MarianMT (transformers)", "this project, GRU + attention"]
+
+
+def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg["weight_decay"],
+                             betas=(cfg["beta1"], cfg["beta2"]), fused=True)
+
+
+def train_step(model, optimizer, amp, batch, pad_id: int, cfg: dict, update: bool = True) -> None:
+    """One training step as train.py takes it: forward, label-smoothed loss summed over real
+    tokens, backward, clipping, AdamW (update=False: forward + backward only, for FLOP counting)."""
+    src, tgt_in, tgt_out = batch
+    with amp:
+        logits = model(src, tgt_in)
+    loss = train.sequence_loss(logits, tgt_out, pad_id, cfg["label_smoothing"]) / (tgt_out != pad_id).sum()
+    loss.backward()
+    if update:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def matmul_peak(dev: str, dtype_name: str, n: int = 2048) -> float:
+    """FLOP/s of an n x n matrix product in this dtype, measured now (median of 5): the
+    denominator of model FLOP utilisation."""
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+    a @ b
+    return 2 * n ** 3 / statistics.median([timed(lambda: a @ b)[0] for _ in range(5)])
+
+
+def step_flops(model, optimizer, amp, batches, pad_id: int, cfg: dict) -> int:
+    """Matrix-product FLOPs of forward + backward over `batches`, counted by torch's FlopCounterMode
+    (matmuls and attention; element-wise work and the optimizer are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for b in batches:
+            train_step(model, optimizer, amp, b, pad_id, cfg, update=False)
+    return counter.get_total_flops()
+
+
+def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
+    """Bytes of memory a model's training steps take at their peak (weights, gradients, optimizer
+    moments, activations). CUDA: the allocator's peak. CPU: the growth of the peak resident set
+    size of a fresh process, so that one model's freed memory does not hide the next one's."""
+    model_cfg, rnn_model_cfg, bos_id, eos_id, batches, pad_id, cfg, dev = args
+    _, amp, _, _ = setup_device(dev, dtype_name)
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    model = build(name, model_cfg, rnn_model_cfg, bos_id, eos_id).to(dev).train()
+    optimizer = make_optimizer(model, cfg)
+    for b in batches:
+        train_step(model, optimizer, amp, tuple(t.to(dev) for t in b), pad_id, cfg)
+    if dev.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() - before
+    # VmHWM: this process's peak resident set (ru_maxrss would also count the parent's, kept across exec)
+    peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return peak_kib * 1024 - before
+
+
 def bench_train() -> dict:
     cfg, rnn_cfg = load_config(config), load_config(rnn_config)
     data = load_data(train.data_config_from(cfg), verbose=False)
@@ -189,64 +274,142 @@ def bench_train() -> dict:
     batches = [collate(sp, i, data.src_tok, tok) for i in idx]
     n_tokens = sum(int((b[2] != tok.pad_id).sum()) for b in batches[warmup_steps:])
     model_cfg = train.model_config_from(cfg, data.src_tok, tok)
-    builders = {
-        "this project, Transformer": lambda: build_model("transformer", model_cfg, verbose=False),
-        "torch.nn.Transformer": lambda: TorchTransformer(model_cfg),
-        "MarianMT (transformers)": lambda: Marian(model_cfg, tok.bos_id, tok.eos_id),
-        "this project, GRU + attention": lambda: build_model("rnn", train.model_config_from(rnn_cfg, data.src_tok, tok),
-                                                             verbose=False),
-    }
+    rnn_model_cfg = train.model_config_from(rnn_cfg, data.src_tok, tok)
     results = {}
     for dtype_name in [d.strip() for d in dtypes.split(",") if d.strip()]:
         dev, amp, _, _ = setup_device(device, dtype_name)
+        moved = [tuple(t.to(dev) for t in b) for b in batches]
         runs = {}
-        for name, build in builders.items():
+        for name in MODELS:
             torch.manual_seed(0)
-            model = build().to(dev).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg["weight_decay"],
-                                          betas=(cfg["beta1"], cfg["beta2"]), fused=True)
-            runs[name] = (model, optimizer)
-
-        def step(model, optimizer, src, tgt_in, tgt_out):
-            with amp:
-                logits = model(src, tgt_in)
-            loss = train.sequence_loss(logits, tgt_out, tok.pad_id, cfg["label_smoothing"])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            model = build(name, model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id).to(dev).train()
+            runs[name] = (model, make_optimizer(model, cfg))
         seconds = {name: [] for name in runs}
         for r in range(repeats):
             for name, (model, optimizer) in runs.items():        # interleaved, as in bench_decode
-                moved = [tuple(t.to(dev) for t in b) for b in batches]
                 for b in moved[:warmup_steps]:
-                    step(model, optimizer, *b)
-                s, _ = timed(lambda: [step(model, optimizer, *b) for b in moved[warmup_steps:]])
+                    train_step(model, optimizer, amp, b, tok.pad_id, cfg)
+                s, _ = timed(lambda: [train_step(model, optimizer, amp, b, tok.pad_id, cfg)
+                                      for b in moved[warmup_steps:]])
                 seconds[name].append(s)
                 print(f"{dtype_name} repeat {r + 1}/{repeats}: {name:>30}: {n_tokens / s:8,.0f} target tokens/s")
-        results[dtype_name] = {name: {"tokens_per_s": n_tokens / statistics.median(ts), "all_seconds": ts,
-                                      "parameters": sum(p.numel() for p in runs[name][0].parameters())}
-                               for name, ts in seconds.items()}
-    ours = "this project, Transformer"
+        peak = matmul_peak(dev, dtype_name)
+        mp = multiprocessing.get_context("spawn")
+        rows = {}
+        for name, (model, optimizer) in runs.items():
+            flops = step_flops(model, optimizer, amp, moved[warmup_steps:], tok.pad_id, cfg)
+            median = statistics.median(seconds[name])
+            args = (model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id, batches[:2], tok.pad_id, cfg, dev)
+            if dev.startswith("cuda"):
+                memory = peak_memory(name, dtype_name, args)
+            else:
+                with mp.Pool(1) as pool:
+                    memory = pool.apply(peak_memory, (name, dtype_name, args))
+            rows[name] = {"tokens_per_s": n_tokens / median, "all_seconds": seconds[name],
+                          "parameters": sum(p.numel() for p in model.parameters()),
+                          "flops": flops, "flop_per_s": flops / median, "mfu": flops / median / peak,
+                          "peak_memory_bytes": memory}
+        results[dtype_name] = {"matmul_peak_flop_per_s": peak, "models": rows}
     print(f"\ntraining steps on {steps} fixed batches of {cfg['batch_tokens']} tokens ({n_tokens:,} target tokens), "
-          f"{torch.get_num_threads()} threads, median of {repeats}")
-    print("| dtype | model | parameters | target tokens/s | this project's Transformer is |\n|---|---|---|---|---|")
-    for dtype_name, rows in results.items():
+          f"{torch.get_num_threads()} threads, median of {repeats}; MFU = counted matmul FLOP/s over a "
+          f"2048x2048 matmul's FLOP/s in the same dtype, measured in this run")
+    print("| dtype | model | parameters | target tokens/s | this project's Transformer is | GFLOP/s | MFU "
+          "| peak memory |\n|---|---|---|---|---|---|---|---|")
+    for dtype_name, res in results.items():
+        rows = res["models"]
         for name, row in rows.items():
-            ratio = rows[ours]["tokens_per_s"] / row["tokens_per_s"]
+            ratio = rows[OURS]["tokens_per_s"] / row["tokens_per_s"]
             print(f"| {dtype_name} | {name} | {row['parameters']:,} | {row['tokens_per_s']:,.0f} | "
-                  f"{ratio:.2f}x as fast |")
+                  f"{ratio:.2f}x as fast | {row['flop_per_s'] / 1e9:.0f} | {row['mfu']:.1%} | "
+                  f"{row['peak_memory_bytes'] / 2**20:,.0f} MiB |")
+        print(f"| {dtype_name} | (matmul peak, 2048x2048) | | | | {res['matmul_peak_flop_per_s'] / 1e9:.0f} | 100% | |")
     return {"bench": "train", "config": config, "rnn_config": rnn_config, "steps": steps, "target_tokens": n_tokens,
             "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(), "results": results}
+
+
+def marian_generate(model: Marian, src: torch.Tensor, limit: int, beams: int, eos_id: int) -> list[list[int]]:
+    """Hugging Face generate() with greedy (beams=1) or beam search; ids without the start token."""
+    out = model.model.generate(input_ids=src, attention_mask=src != model.pad_id, num_beams=beams,
+                               do_sample=False, max_new_tokens=limit, length_penalty=alpha if beams > 1 else 1.0,
+                               early_stopping=True)
+    return [strip_special(row[1:], eos_id) for row in out.tolist()]
+
+
+def bench_quality() -> dict:
+    """Train this project's Transformer and MarianMT at the same sizes for `minutes` each, on the
+    same batches with the same schedule and optimizer, then decode the test split with both."""
+    cfg = load_config(config)
+    data = load_data(train.data_config_from(cfg), verbose=False)
+    dev, amp, _, dtype_name = setup_device(device, dtype)
+    tok, sp = data.tgt_tok, data.splits["train"]
+    model_cfg = train.model_config_from(cfg, data.src_tok, tok)
+    models, curves = {}, {}
+    for name in (OURS, "MarianMT (transformers)"):
+        torch.manual_seed(cfg["seed"])
+        model = build(name, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).train()
+        optimizer = make_optimizer(model, cfg)
+        t0, step, epoch = time.time(), 0, 0
+        while (time.time() - t0) / 60 < minutes:
+            for idx in make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"], epoch=epoch,
+                                    pool_size=cfg["length_pool"]):
+                elapsed = (time.time() - t0) / 60
+                if elapsed >= minutes:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = train.lr_at(elapsed / minutes, cfg)
+                train_step(model, optimizer, amp, tuple(t.to(dev) for t in collate(sp, idx, data.src_tok, tok)),
+                           tok.pad_id, cfg)
+                step += 1
+                if step % 100 == 0:
+                    print(f"{name}: step {step}, {elapsed:.1f} min")
+            epoch += 1
+        models[name] = model.eval()
+        curves[name] = {"steps": step, "epochs_started": epoch + 1}
+    test = data.splits[split]
+    encoded = [data.src_tok.encode(t) for t in test.src_text]
+    batches = [(i, b.to(dev)) for i, b in length_sorted_batches(encoded, data.src_tok.pad_id, data.src_tok.eos_id,
+                                                                  batch_size)]
+    refs = [test.tgt_text[i] for idx, _ in batches for i in idx]
+    ours, marian = models[OURS], models["MarianMT (transformers)"]
+    methods = {
+        "this project, greedy (cached)": lambda src, n: [strip_special(h, tok.eos_id) for h in greedy(
+            ours, src, tok.bos_id, tok.eos_id, tok.pad_id, n)[0].tolist()],
+        f"this project, beam {beam}": lambda src, n: [f[0][0] for f in beam_search(
+            ours, src, tok.bos_id, tok.eos_id, n, beam, alpha)],
+        "MarianMT generate, greedy": lambda src, n: marian_generate(marian, src, n, 1, tok.eos_id),
+        f"MarianMT generate, beam {beam}": lambda src, n: marian_generate(marian, src, n, beam, tok.eos_id),
+    }
+
+    def run(method):
+        with torch.no_grad(), amp:
+            return [h for _, src in batches for h in methods[method](src, max_target_len(src.shape[1]))]
+    seconds, outputs = {m: [] for m in methods}, {}
+    for r in range(repeats):
+        for m in methods:
+            sec, outputs[m] = timed(lambda: run(m))
+            seconds[m].append(sec)
+            print(f"repeat {r + 1}/{repeats}: {m:>32}: {sec:7.2f} s")
+    rows = {m: {"seconds": statistics.median(ts), "sentences_per_s": len(refs) / statistics.median(ts),
+                "bleu": score([tok.decode(h) for h in outputs[m]], refs)["bleu"], "all_seconds": ts}
+            for m, ts in seconds.items()}
+    print(f"\n{minutes:g} minutes of training each ({config}, {dtype_name}, {torch.get_num_threads()} threads): "
+          + ", ".join(f"{n}: {c['steps']} steps" for n, c in curves.items()))
+    print(f"decoding {len(refs)} {split} sentences, batch {batch_size}, median of {repeats}")
+    print("| model, decoding | test BLEU | sentences/s | vs MarianMT generate, greedy |\n|---|---|---|---|")
+    base = rows["MarianMT generate, greedy"]["sentences_per_s"]
+    for m, row in rows.items():
+        print(f"| {m} | {row['bleu']:.2f} | {row['sentences_per_s']:.1f} | {row['sentences_per_s'] / base:.2f}x |")
+    return {"bench": "quality", "config": config, "minutes": minutes, "dtype": dtype_name, "device": dev,
+            "threads": torch.get_num_threads(), "repeats": repeats, "training": curves, "decoding": rows,
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
 
 
 def main() -> None:
     configure(globals(), doc_files=(__file__,))
     if threads > 0:
         torch.set_num_threads(threads)
-    benches = {"decode": bench_decode, "train": bench_train}
+    benches = {"decode": bench_decode, "train": bench_train, "quality": bench_quality}
     if bench not in benches:
         raise ConfigError(f"bench='{bench}' is not known: use one of {', '.join(benches)}")
     result = benches[bench]()

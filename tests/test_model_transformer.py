@@ -97,3 +97,21 @@ def test_tied_and_shared_embeddings():
     assert model.out_proj.weight is model.tgt_embed.weight is model.src_embed.weight
     untied = tiny(tie_output=False)
     assert untied.num_params() > model.num_params()
+
+
+def test_cheap_dropout_keeps_the_semantics_of_dropout():
+    from model_transformer import dropout
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002              # each element dropped with p = 0.1
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))  # survivors scaled by 1 / (1 - p)
+    assert abs(y.mean().item() - 1.0) < 0.003                          # so the expectation is unchanged
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())                             # the gradient goes through the same mask
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1, training=True), y)              # seeded: reproducible
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+    rows = dropout(torch.ones(7, 3), 0.5, training=True)               # sizes not divisible by 4
+    assert rows.shape == (7, 3) and set(rows.unique().tolist()) <= {0.0, 2.0}
