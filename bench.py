@@ -4,6 +4,7 @@ Benchmarks that print ratios against a baseline measured in the same run, on the
 
     python bench.py --bench=decode --ckpt=out/multi30k/best.pt --dataset=../shared/data/multi30k_en_de
     python bench.py --bench=train --dataset=../shared/data/multi30k_en_de   # needs requirements-bench.txt
+    python bench.py --bench=generate --dataset=../shared/data/multi30k_en_de              # the same
     python bench.py --bench=quality --dataset=../shared/data/multi30k_en_de --minutes=10   # the same
 
 decode: on a checkpoint's test split, in batches of `batch_size` sentences sorted by length,
@@ -15,6 +16,8 @@ train: training-step throughput (target tokens/s: forward, backward, clipping, A
     Hugging Face MarianMT built at the same sizes (no weights downloaded), and this project's
     GRU with attention; fp32 and bf16 autocast. Also model FLOP utilisation (matmul FLOPs counted by
     torch over a 2048x2048 matmul measured in the same run) and peak memory of each.
+generate: decoding speed of this project's cached greedy vs MarianMT's generate(), untrained,
+    every sentence forced to the same length so both do the same steps.
 quality: this project's Transformer and MarianMT trained for `minutes` each on the same batches,
     schedule and optimizer, then test BLEU and decoding speed (our greedy and beam search vs
     MarianMT's generate with the same settings).
@@ -43,7 +46,7 @@ from model_transformer import sinusoidal_positions
 from train import setup_device
 
 # -----------------------------------------------------------------------------
-bench = "decode"  # which benchmark: 'decode', 'train' or 'quality'
+bench = "decode"  # which benchmark: 'decode', 'train', 'generate' or 'quality'
 minutes = 10.0  # quality: training budget per model
 ckpt = "out/multi30k/best.pt"  # decode: checkpoint to decode with
 config = "config/transformer_multi30k.py"  # train: the Transformer's model, data and batch settings
@@ -336,6 +339,57 @@ def marian_generate(model: Marian, src: torch.Tensor, limit: int, beams: int, eo
     return [strip_special(row[1:], eos_id) for row in out.tolist()]
 
 
+def bench_generate() -> dict:
+    """Decoder speed alone: this project's cached greedy decoding vs MarianMT's generate() (its own
+    key/value cache), both untrained at the same sizes and forced to write exactly the length
+    limit of each batch (<eos> never ends a sentence), so both do the same number of steps
+    whatever their weights would say."""
+    cfg = load_config(config)
+    data = load_data(train.data_config_from(cfg), verbose=False)
+    dev, amp, _, dtype_name = setup_device(device, dtype)
+    tok = data.tgt_tok
+    model_cfg = train.model_config_from(cfg, data.src_tok, tok)
+    torch.manual_seed(0)
+    ours = build(OURS, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
+    marian = build("MarianMT (transformers)", model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
+    encoded = [data.src_tok.encode(t) for t in data.splits[split].src_text]
+    batches = [b.to(dev) for _, b in length_sorted_batches(encoded, data.src_tok.pad_id, data.src_tok.eos_id,
+                                                             batch_size)]
+    n_sent = sum(len(b) for b in batches)
+    methods = {
+        "this project, greedy (cached)": lambda src, n: greedy(ours, src, tok.bos_id, -1, tok.pad_id, n)[0],
+        "MarianMT generate, greedy": lambda src, n: marian.model.generate(
+            input_ids=src, attention_mask=src != marian.pad_id, num_beams=1, do_sample=False,
+            min_new_tokens=n, max_new_tokens=n)[:, 1:],
+    }
+
+    def run(method):
+        with torch.no_grad(), amp:
+            return sum(methods[method](src, max_target_len(src.shape[1])).numel() for src in batches)
+    seconds, tokens = {m: [] for m in methods}, {}
+    run(OURS_GREEDY)                                       # warm-up
+    for r in range(repeats):
+        for m in methods:
+            sec, tokens[m] = timed(lambda: run(m))
+            seconds[m].append(sec)
+            print(f"repeat {r + 1}/{repeats}: {m:>30}: {sec:7.2f} s, {tokens[m]:,} tokens")
+    rows = {m: {"seconds": statistics.median(ts), "sentences_per_s": n_sent / statistics.median(ts),
+                "tokens": tokens[m], "all_seconds": ts} for m, ts in seconds.items()}
+    base = rows["MarianMT generate, greedy"]["seconds"]
+    print(f"\n{n_sent} {split} sentences, batch {batch_size}, every sentence decoded to its batch's length "
+          f"limit, {dtype_name} on {dev}, {torch.get_num_threads()} threads, median of {repeats}")
+    print("| decoder | seconds | sentences/s | tokens | speed vs MarianMT generate |\n|---|---|---|---|---|")
+    for m, row in rows.items():
+        print(f"| {m} | {row['seconds']:.2f} | {row['sentences_per_s']:.1f} | {row['tokens']:,} | "
+              f"{base / row['seconds']:.2f}x |")
+    return {"bench": "generate", "config": config, "dtype": dtype_name, "device": dev, "split": split,
+            "batch_size": batch_size, "threads": torch.get_num_threads(), "repeats": repeats, "methods": rows,
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+
+
+OURS_GREEDY = "this project, greedy (cached)"
+
+
 def bench_quality() -> dict:
     """Train this project's Transformer and MarianMT at the same sizes for `minutes` each, on the
     same batches with the same schedule and optimizer, then decode the test split with both."""
@@ -409,7 +463,7 @@ def main() -> None:
     configure(globals(), doc_files=(__file__,))
     if threads > 0:
         torch.set_num_threads(threads)
-    benches = {"decode": bench_decode, "train": bench_train, "quality": bench_quality}
+    benches = {"decode": bench_decode, "train": bench_train, "generate": bench_generate, "quality": bench_quality}
     if bench not in benches:
         raise ConfigError(f"bench='{bench}' is not known: use one of {', '.join(benches)}")
     result = benches[bench]()

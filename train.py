@@ -11,7 +11,6 @@ prune.py reuses `train_loop` with an extra penalty. Leaves out: model averaging,
 """
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -26,6 +25,7 @@ from configurator import ConfigError, configure, main_guard
 from data import DATA_KEYS, DataConfig, DataError, collate, load_data, make_batches
 from checkpoint import build_model, load_checkpoint, model_classes, model_from_checkpoint, save_checkpoint
 from decoding import score, translate
+from runlog import RunLog, SpikeWatch, plot_log, printable
 from tokenizer import pair_state
 
 # -----------------------------------------------------------------------------
@@ -225,101 +225,7 @@ def evaluate(model, data, batch_tokens: int, device: str, amp, split: str = "val
 
 
 # -----------------------------------------------------------------------------
-# logging
-
-class RunLog:
-    """Prints one fixed-format line per record and appends the same record to log.jsonl.
-
-    resume_step: the step of the checkpoint a run resumes from. A run that was killed logged
-    steps after its last checkpoint (and maybe half a line); they will be run again, so their
-    records are dropped first and every step appears once in the log."""
-
-    def __init__(self, out_dir: str, enabled: bool, bar=None, resume_step: int | None = None):
-        self.path = os.path.join(out_dir, "log.jsonl")
-        self.enabled, self.bar = enabled, bar
-        if enabled and resume_step is not None and os.path.exists(self.path):
-            kept = []
-            with open(self.path) as f:
-                for line in f:
-                    with contextlib.suppress(json.JSONDecodeError):   # a line cut short by a kill
-                        if json.loads(line).get("step", 0) <= resume_step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
-
-    def say(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
-
-    def record(self, kind: str, line: str, **values) -> None:
-        self.say(line)
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"kind": kind, **values}) + "\n")
-
-
-def plot_log(out_dir: str) -> str:
-    """Draw loss, learning rate, gradient norm and validation BLEU from log.jsonl into plots.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    train = [r for r in records if r["kind"] == "train"]
-    val = [r for r in records if r["kind"] == "eval"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    ax = axes[0, 0]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (smoothed labels)")
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set_title("loss")
-    ax.legend()
-    axes[0, 1].plot([r["step"] for r in train], [r["lr"] for r in train])
-    axes[0, 1].set_title("learning rate")
-    ax = axes[1, 0]
-    for key in ("gnorm", "gnorm_enc", "gnorm_dec"):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax.set_yscale("log")
-    ax.set_title("gradient norm (before clipping)")
-    ax.legend()
-    axes[1, 1].plot([r["step"] for r in val], [r["bleu"] for r in val], "o-")
-    axes[1, 1].set_title("validation BLEU (greedy)")
-    for ax in axes.flat:
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "plots.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-# -----------------------------------------------------------------------------
 # the training loop
-
-def printable(extra: dict, sep: str) -> str:
-    """The scalar entries of an extra-log dict as text (lists/dicts are for log.jsonl only)."""
-    return "".join(f"{sep}{k} {v}" for k, v in extra.items() if not isinstance(v, (list, dict)))
-
-
-class SpikeWatch:
-    """Flags a loss spike: a step whose loss exceeds `factor` x the running mean of the losses
-    before it (exponential, ~100 steps), plus 0.1 so the near-zero losses of overfit mode do not
-    count. The first 50 steps only build the mean. One spike is noise; spikes that repeat, or a
-    loss that stays up after one, call for a lower learning rate, more warm-up or clipping."""
-
-    def __init__(self, factor: float, warmup: int = 50, decay: float = 0.99):
-        self.factor, self.warmup, self.decay = factor, warmup, decay
-        self.mean, self.seen = 0.0, 0
-
-    def __call__(self, loss: float) -> float | None:
-        """Feed one step's loss; returns the running mean it jumped above, or None."""
-        spike = self.factor > 0 and self.seen >= self.warmup and loss > self.factor * self.mean + 0.1
-        if not spike:              # a spike does not drag the mean up with it
-            self.seen += 1
-            weight = min(self.decay, 1 - 1 / self.seen)      # a plain average until ~100 steps
-            self.mean = weight * self.mean + (1 - weight) * loss
-        return self.mean if spike else None
-
 
 class Stop(Exception):
     """Raised inside the loop to end the run cleanly (signal, repeated non-finite loss)."""

@@ -270,6 +270,7 @@ def test_collate_shapes_and_special_tokens(tmp_path):
 
 # --- the real corpora (skipped when ../shared/data is absent) ------------------------------
 
+@pytest.mark.slow      # ~4 s: learns a 6k BPE on Multi30k
 @needs_multi30k
 def test_multi30k_padding_under_five_percent(tmp_path):
     cfg = D.DataConfig(dataset=MULTI30K, dataset_config="", src_lang="en", tgt_lang="de", vocab_size=8000,

@@ -84,6 +84,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(straight, tmp_path):
     assert losses(tmp_path) == losses(straight)
 
 
+@pytest.mark.slow      # ~5 s; test_save_checkpoint_never_leaves_a_partial_file checks the same in-process
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     out = faulty("disk_full", 2, "--max_iters=8", "--eval_interval=4", f"--out_dir={tmp_path}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
