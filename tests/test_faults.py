@@ -15,7 +15,8 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset=toy:reverse", "--tokenizer=char", "--cache_dir=", "--d_model=32", "--n_head=2",
+CACHE = f"--cache_dir={os.environ['NMT_TEST_CACHE']}"   # tests/conftest.py: toy data tokenized once per run
+TINY = ["--dataset=toy:reverse", "--tokenizer=char", CACHE, "--d_model=32", "--n_head=2",
         "--n_enc_layer=2", "--n_dec_layer=2", "--d_ff=64", "--batch_tokens=1500", "--eval_sentences=5",
         "--log_interval=1", "--dtype=float32", "--plot=False", "--dropout=0.1",
         # constant learning rate: a run stopped early and resumed follows the same schedule

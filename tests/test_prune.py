@@ -12,6 +12,7 @@ from checkpoint import attach_gates
 from model_transformer import Transformer, TransformerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = f"--cache_dir={os.environ['NMT_TEST_CACHE']}"   # tests/conftest.py: toy data tokenized once per run
 V, PAD = 20, 0
 
 
@@ -79,7 +80,7 @@ def run(script, *args):
 def toy_model(tmp_path_factory):
     """A tiny Transformer trained for 30 steps on toy:reverse (4 heads per attention module)."""
     out_dir = tmp_path_factory.mktemp("toy")
-    run("train.py", "--dataset=toy:reverse", "--tokenizer=char", "--cache_dir=", "--d_model=32", "--n_head=4",
+    run("train.py", "--dataset=toy:reverse", "--tokenizer=char", CACHE, "--d_model=32", "--n_head=4",
         "--n_enc_layer=2", "--n_dec_layer=1", "--d_ff=64", "--batch_tokens=1500", "--max_iters=30",
         "--eval_interval=30", "--eval_sentences=20", f"--out_dir={out_dir}", "--dtype=float32", "--plot=False")
     return out_dir / "best.pt"

@@ -9,7 +9,8 @@ import pytest
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset=toy:reverse", "--tokenizer=char", "--cache_dir=", "--d_model=32", "--n_head=2",
+CACHE = f"--cache_dir={os.environ['NMT_TEST_CACHE']}"   # tests/conftest.py: toy data tokenized once per run
+TINY = ["--dataset=toy:reverse", "--tokenizer=char", CACHE, "--d_model=32", "--n_head=2",
         "--n_enc_layer=2", "--n_dec_layer=2", "--d_ff=64", "--batch_tokens=1500", "--eval_sentences=50",
         "--log_interval=1", "--dtype=float32", "--plot=False"]
 
