@@ -77,15 +77,33 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
+def in_turns(methods, run) -> tuple[dict, dict]:
+    """Time run(method) for every method, `repeats` times, in turns (A, B, C, A, B, C, ...) so
+    that load changes of a shared machine hit all methods alike. Returns ({method: [seconds]},
+    {method: the output of its last run})."""
+    seconds, outputs = {m: [] for m in methods}, {}
+    for r in range(repeats):
+        for m in methods:
+            sec, outputs[m] = timed(lambda: run(m))
+            seconds[m].append(sec)
+            print(f"repeat {r + 1}/{repeats}: {m:>32}: {sec:7.2f} s")
+    return seconds, outputs
+
+
+def sorted_batches(src_tok, sentences: list[str], dev: str) -> list[tuple[list[int], torch.Tensor]]:
+    """The sentences as length-sorted batches of `batch_size` on the device: (input indices, (B, S) ids)."""
+    encoded = [src_tok.encode(t) for t in sentences]
+    return [(idx, src.to(dev)) for idx, src in length_sorted_batches(encoded, src_tok.pad_id, src_tok.eos_id,
+                                                                      batch_size)]
+
+
 def bench_decode() -> dict:
     checkpoint = load_checkpoint(ckpt)
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)
     dev, amp, _, dtype_name = setup_device(device, dtype)
     model.to(dev).eval()
     sp = data_of_checkpoint(checkpoint, dataset, verbose=False).splits[split]
-    encoded = [src_tok.encode(t) for t in sp.src_text]
-    batches = [(idx, src.to(dev)) for idx, src in length_sorted_batches(encoded, src_tok.pad_id, src_tok.eos_id,
-                                                                         batch_size)]
+    batches = sorted_batches(src_tok, sp.src_text, dev)
     refs = [sp.tgt_text[i] for idx, _ in batches for i in idx]          # in decoding order
     n = len(refs)
     bos, eos, pad = tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id
@@ -106,13 +124,7 @@ def bench_decode() -> dict:
 
     methods = ["greedy, no cache", "greedy, cached", f"beam {beam}"]
     run("greedy, cached")                                   # warm-up (allocator, kernels)
-    seconds = {m: [] for m in methods}
-    outputs = {}
-    for r in range(repeats):
-        for m in methods:                                   # interleaved: drift hits all methods alike
-            s, outputs[m] = timed(lambda: run(m))
-            seconds[m].append(s)
-            print(f"repeat {r + 1}/{repeats}: {m:>18}: {s:7.2f} s")
+    seconds, outputs = in_turns(methods, run)
     rows = {}
     for m in methods:
         med = statistics.median(seconds[m])
@@ -196,13 +208,13 @@ def build(name: str, model_cfg: dict, rnn_model_cfg: dict, bos_id: int, eos_id: 
         return build_model("transformer", model_cfg, verbose=False)
     if name == "torch.nn.Transformer":
         return TorchTransformer(model_cfg)
-    if name == "MarianMT (transformers)":
+    if name == MARIAN:
         return Marian(model_cfg, bos_id, eos_id)
     return build_model("rnn", rnn_model_cfg, verbose=False)
 
 
-OURS = "this project, Transformer"
-MODELS = [OURS, "torch.nn.Transformer", "MarianMT (transformers)", "this project, GRU + attention"]
+OURS, MARIAN = "this project, Transformer", "MarianMT (transformers)"
+MODELS = [OURS, "torch.nn.Transformer", MARIAN, "this project, GRU + attention"]
 
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -351,10 +363,8 @@ def bench_generate() -> dict:
     model_cfg = train.model_config_from(cfg, data.src_tok, tok)
     torch.manual_seed(0)
     ours = build(OURS, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
-    marian = build("MarianMT (transformers)", model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
-    encoded = [data.src_tok.encode(t) for t in data.splits[split].src_text]
-    batches = [b.to(dev) for _, b in length_sorted_batches(encoded, data.src_tok.pad_id, data.src_tok.eos_id,
-                                                             batch_size)]
+    marian = build(MARIAN, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
+    batches = [src for _, src in sorted_batches(data.src_tok, data.splits[split].src_text, dev)]
     n_sent = sum(len(b) for b in batches)
     methods = {
         "this project, greedy (cached)": lambda src, n: greedy(ours, src, tok.bos_id, -1, tok.pad_id, n)[0],
@@ -366,13 +376,8 @@ def bench_generate() -> dict:
     def run(method):
         with torch.no_grad(), amp:
             return sum(methods[method](src, max_target_len(src.shape[1])).numel() for src in batches)
-    seconds, tokens = {m: [] for m in methods}, {}
-    run(OURS_GREEDY)                                       # warm-up
-    for r in range(repeats):
-        for m in methods:
-            sec, tokens[m] = timed(lambda: run(m))
-            seconds[m].append(sec)
-            print(f"repeat {r + 1}/{repeats}: {m:>30}: {sec:7.2f} s, {tokens[m]:,} tokens")
+    run(next(iter(methods)))                               # warm-up
+    seconds, tokens = in_turns(methods, run)
     rows = {m: {"seconds": statistics.median(ts), "sentences_per_s": n_sent / statistics.median(ts),
                 "tokens": tokens[m], "all_seconds": ts} for m, ts in seconds.items()}
     base = rows["MarianMT generate, greedy"]["seconds"]
@@ -387,8 +392,6 @@ def bench_generate() -> dict:
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
 
 
-OURS_GREEDY = "this project, greedy (cached)"
-
 
 def bench_quality() -> dict:
     """Train this project's Transformer and MarianMT at the same sizes for `minutes` each, on the
@@ -399,7 +402,7 @@ def bench_quality() -> dict:
     tok, sp = data.tgt_tok, data.splits["train"]
     model_cfg = train.model_config_from(cfg, data.src_tok, tok)
     models, curves = {}, {}
-    for name in (OURS, "MarianMT (transformers)"):
+    for name in (OURS, MARIAN):
         torch.manual_seed(cfg["seed"])
         model = build(name, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).train()
         optimizer = make_optimizer(model, cfg)
@@ -421,11 +424,9 @@ def bench_quality() -> dict:
         models[name] = model.eval()
         curves[name] = {"steps": step, "epochs_started": epoch + 1}
     test = data.splits[split]
-    encoded = [data.src_tok.encode(t) for t in test.src_text]
-    batches = [(i, b.to(dev)) for i, b in length_sorted_batches(encoded, data.src_tok.pad_id, data.src_tok.eos_id,
-                                                                  batch_size)]
+    batches = sorted_batches(data.src_tok, test.src_text, dev)
     refs = [test.tgt_text[i] for idx, _ in batches for i in idx]
-    ours, marian = models[OURS], models["MarianMT (transformers)"]
+    ours, marian = models[OURS], models[MARIAN]
     methods = {
         "this project, greedy (cached)": lambda src, n: [strip_special(h, tok.eos_id) for h in greedy(
             ours, src, tok.bos_id, tok.eos_id, tok.pad_id, n)[0].tolist()],
@@ -438,12 +439,7 @@ def bench_quality() -> dict:
     def run(method):
         with torch.no_grad(), amp:
             return [h for _, src in batches for h in methods[method](src, max_target_len(src.shape[1]))]
-    seconds, outputs = {m: [] for m in methods}, {}
-    for r in range(repeats):
-        for m in methods:
-            sec, outputs[m] = timed(lambda: run(m))
-            seconds[m].append(sec)
-            print(f"repeat {r + 1}/{repeats}: {m:>32}: {sec:7.2f} s")
+    seconds, outputs = in_turns(methods, run)
     rows = {m: {"seconds": statistics.median(ts), "sentences_per_s": len(refs) / statistics.median(ts),
                 "bleu": score([tok.decode(h) for h in outputs[m]], refs)["bleu"], "all_seconds": ts}
             for m, ts in seconds.items()}
