@@ -1,7 +1,6 @@
 """What happens to a run when things go wrong: kills, signals, a full disk, non-finite losses,
 checkpoints that are corrupt, crafted or mismatched. README's "When things go wrong" table
 points here."""
-import json
 import os
 import pickle
 import signal
@@ -13,21 +12,11 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError
+from helpers import ROOT, TINY, run, train_records
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = f"--cache_dir={os.environ['NMT_TEST_CACHE']}"   # tests/conftest.py: toy data tokenized once per run
-TINY = ["--dataset=toy:reverse", "--tokenizer=char", CACHE, "--d_model=32", "--n_head=2",
-        "--n_enc_layer=2", "--n_dec_layer=2", "--d_ff=64", "--batch_tokens=1500", "--eval_sentences=5",
-        "--log_interval=1", "--dtype=float32", "--plot=False", "--dropout=0.1",
+TINY = [*TINY, "--eval_sentences=5", "--dropout=0.1",
         # constant learning rate: a run stopped early and resumed follows the same schedule
         "--warmup_frac=0", "--learning_rate=2e-3", "--min_lr=2e-3"]
-
-
-def run(*args, check=True):
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return out
 
 
 def faulty(mode, n, *args):
@@ -35,8 +24,7 @@ def faulty(mode, n, *args):
 
 
 def losses(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        records = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    records = train_records(out_dir)
     steps = [r["step"] for r in records]
     assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
     return {r["step"]: r["loss"] for r in records}

@@ -1,18 +1,15 @@
 """prune.py: physical pruning equals gating, zero-head layers, the CLI end to end."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import prune
 from checkpoint import attach_gates
+from helpers import TINY, run
 from model_transformer import Transformer, TransformerConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = f"--cache_dir={os.environ['NMT_TEST_CACHE']}"   # tests/conftest.py: toy data tokenized once per run
 V, PAD = 20, 0
 
 
@@ -70,19 +67,12 @@ def test_lambda_parsing():
             prune.parse_lambdas(bad)
 
 
-def run(script, *args):
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out
-
-
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
     """A tiny Transformer trained for 30 steps on toy:reverse (4 heads per attention module)."""
     out_dir = tmp_path_factory.mktemp("toy")
-    run("train.py", "--dataset=toy:reverse", "--tokenizer=char", CACHE, "--d_model=32", "--n_head=4",
-        "--n_enc_layer=2", "--n_dec_layer=1", "--d_ff=64", "--batch_tokens=1500", "--max_iters=30",
-        "--eval_interval=30", "--eval_sentences=20", f"--out_dir={out_dir}", "--dtype=float32", "--plot=False")
+    run("train.py", *TINY, "--n_head=4", "--n_dec_layer=1", "--max_iters=30", "--eval_interval=30",
+        "--eval_sentences=20", f"--out_dir={out_dir}")
     return out_dir / "best.pt"
 
 
@@ -114,8 +104,8 @@ def test_prune_sweep_draws_the_tradeoff_and_refuses_to_plot_absent_heads(toy_mod
     for lam in ("0.5", "2"):
         kept = json.load(open(tmp_path / "p" / f"lambda_{lam}" / "prune_report.json"))["heads_kept"]["cross"]
         png = tmp_path / f"attn_{lam}.png"
-        plot = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'p' / f'lambda_{lam}' / 'pruned.pt'}",
-                               "--text=1 2 3", f"--plot_attention={png}"], capture_output=True, text=True, cwd=ROOT)
+        plot = run("sample.py", f"--ckpt={tmp_path / 'p' / f'lambda_{lam}' / 'pruned.pt'}", "--text=1 2 3",
+                   f"--plot_attention={png}", check=False)
         if sum(kept):                                            # heads left to draw: one panel each
             assert plot.returncode == 0 and png.exists(), plot.stderr
         else:                                                    # all gone: a clear refusal, not a crash

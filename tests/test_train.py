@@ -1,5 +1,4 @@
 """train.py and sample.py end to end on toy data: schedule, overfitting, exact resume, CLI."""
-import json
 import os
 import subprocess
 import sys
@@ -7,26 +6,7 @@ import sys
 import pytest
 
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = f"--cache_dir={os.environ['NMT_TEST_CACHE']}"   # tests/conftest.py: toy data tokenized once per run
-TINY = ["--dataset=toy:reverse", "--tokenizer=char", CACHE, "--d_model=32", "--n_head=2",
-        "--n_enc_layer=2", "--n_dec_layer=2", "--d_ff=64", "--batch_tokens=1500", "--eval_sentences=50",
-        "--log_interval=1", "--dtype=float32", "--plot=False"]
-
-
-def run(script, *args, check=True, stdin=None):
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT,
-                         timeout=300, input=stdin)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{out.stdout}\n{out.stderr}")
-    return out
-
-
-def train_records(out_dir, kind="train"):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
-
+from helpers import ROOT, TINY, run, train_records
 
 def test_one_cycle_schedule():
     cfg = dict(learning_rate=1e-3, min_lr=1e-5, warmup_frac=0.3, decay="cosine")
