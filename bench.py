@@ -36,12 +36,12 @@ import torch
 import torch.nn as nn
 
 import train
+from batching import collate, make_batches
 from checkpoint import build_model, data_of_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, configure, main_guard
-from data import DataError
 from decoding import (beam_search, greedy, greedy_uncached, length_sorted_batches, max_target_len, score,
                       strip_special)
-from data import collate, load_data, make_batches
+from data import DataError, load_data
 from model_transformer import sinusoidal_positions
 from train import setup_device
 

@@ -1,13 +1,12 @@
 """
-Parallel text in, batches of token ids out.
+Parallel text in, tokenized splits out.
 
     load pairs (hub or local folder) -> carve validation/test if missing -> clean (counts
-    printed) -> learn a tokenizer on train -> tokenize + cache on disk -> token-budget batches
+    printed) -> learn a tokenizer on train -> tokenize + cache on disk
+    (then batching.py cuts the splits into token-budget batches)
 
 Run `python data.py config/transformer_multi30k.py --dataset=../shared/data/multi30k_en_de`
-for a report of what the pipeline did. The batching follows fairseq/tensor2tensor "bucketing":
-sentences of similar length share a batch, each batch is padded only to its own longest
-sentence, and a batch holds a budget of tokens rather than a fixed number of sentences.
+for a report of what the pipeline did, batches and padding included.
 Leaves out: streaming corpora larger than memory, back-translation, data augmentation.
 """
 
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from batching import make_batches, padding_fraction
 from tokenizer import Tokenizer, pair_from_state, pair_state, train_tokenizer
 
 CACHE_VERSION = 4        # bump when the cached format or the cleaning rules change
@@ -410,83 +410,6 @@ def build_data(cfg: DataConfig, log=print) -> Data:
         raise DataError(f"no training pairs left after cleaning {cfg.dataset}: check src_lang/tgt_lang, "
                         f"max_len={cfg.max_len} and max_len_ratio={cfg.max_len_ratio}")
     return Data(src_tok, tgt_tok, splits, report)
-
-
-# -----------------------------------------------------------------------------
-# batching by a token budget
-
-def batch_cost(n: int, max_src: int, max_tgt: int) -> int:
-    """Tokens a batch occupies once padded: n sentences x (longest source + longest target)."""
-    return n * (max_src + max_tgt)
-
-
-def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int, *, shuffle: bool = True,
-                 seed: int = 0, epoch: int = 0, pool_size: int = 65536,
-                 rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
-    """Group sentence indices into batches of at most `batch_tokens` padded tokens.
-
-    Lengths are of the ids as stored; the source gains <eos> and the target <bos>/<eos> at
-    collation, so each counts one extra token here. With shuffle: a permutation seeded by
-    (seed, epoch), then sorted by length inside pools of `pool_size` sentences (similar
-    lengths -> little padding; sentences of equal lengths keep their shuffled order, so the
-    batches differ every epoch), then the batch order is shuffled. Measured padding on Multi30k
-    (BPE 8k): pools of 8k sentences 7.5%, 32k or more 2.9% at 4k tokens per batch.
-    Without shuffle: one fixed length-sorted order, the same every epoch.
-    A sentence longer than the whole budget gets a batch of its own.
-    Distributed: rank r takes batches r, r + world_size, ..., and every rank gets the same count.
-    """
-    src_lens, tgt_lens = np.asarray(src_lens) + 1, np.asarray(tgt_lens) + 1
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(src_lens)) if shuffle else np.arange(len(src_lens))
-    pools = [order[i:i + pool_size] for i in range(0, len(order), pool_size)] if shuffle else [order]
-    batches = []
-    for pool in pools:
-        # sort by target length, then by source length in a snake order: ascending for even
-        # target lengths, descending for odd ones, so a batch that straddles two target lengths
-        # does not jump from the longest source back to the shortest (stable: ties keep the shuffle)
-        snake = np.where(tgt_lens[pool] % 2 == 0, src_lens[pool], -src_lens[pool])
-        pool = pool[np.lexsort((snake, tgt_lens[pool]))]
-        start, max_s, max_t = 0, 0, 0
-        for j, i in enumerate(pool):
-            s, t = max(max_s, src_lens[i]), max(max_t, tgt_lens[i])
-            if j > start and batch_cost(j - start + 1, s, t) > batch_tokens:
-                batches.append(pool[start:j])
-                start, s, t = j, src_lens[i], tgt_lens[i]
-            max_s, max_t = s, t
-        batches.append(pool[start:])
-    if shuffle:
-        rng.shuffle(batches)
-    per_rank = len(batches) // world_size if world_size > 1 else len(batches)
-    return batches[rank::world_size][:per_rank]
-
-
-def padding_fraction(split: Split, batches: list[np.ndarray]) -> float:
-    """Share of the padded batch tensors (source + target) that is padding."""
-    real = padded = 0
-    for idx in batches:
-        s, t = split.src_lens[idx] + 1, split.tgt_lens[idx] + 1
-        real += int(s.sum() + t.sum())
-        padded += batch_cost(len(idx), int(s.max()), int(t.max()))
-    return 1 - real / max(padded, 1)
-
-
-def collate(split: Split, idx: np.ndarray, src_tok: Tokenizer, tgt_tok: Tokenizer):
-    """Sentence indices -> (src (B, S), tgt_in (B, T), tgt_out (B, T)) int64 tensors.
-
-    src = ids + <eos>; tgt_in = <bos> + ids; tgt_out = ids + <eos> (tgt_in shifted left by one).
-    Each is right-padded with the pad id to the longest sentence of this batch only.
-    """
-    B = len(idx)
-    S, T = int(split.src_lens[idx].max()) + 1, int(split.tgt_lens[idx].max()) + 1
-    src = np.full((B, S), src_tok.pad_id, dtype=np.int64)
-    tgt_in = np.full((B, T), tgt_tok.pad_id, dtype=np.int64)
-    tgt_out = np.full((B, T), tgt_tok.pad_id, dtype=np.int64)
-    for b, i in enumerate(idx):
-        s, t = split.src(i), split.tgt(i)
-        src[b, :len(s)], src[b, len(s)] = s, src_tok.eos_id
-        tgt_in[b, 0], tgt_in[b, 1:len(t) + 1] = tgt_tok.bos_id, t
-        tgt_out[b, :len(t)], tgt_out[b, len(t)] = t, tgt_tok.eos_id
-    return torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from configurator import ConfigError, configure, main_guard
-from data import DATA_KEYS, DataConfig, DataError, collate, load_data, make_batches
+from batching import collate, make_batches
+from data import DATA_KEYS, DataConfig, DataError, load_data
 from checkpoint import build_model, load_checkpoint, model_classes, model_from_checkpoint, save_checkpoint
 from decoding import score, translate
 from runlog import RunLog, SpikeWatch, plot_log, printable
