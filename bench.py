@@ -14,13 +14,17 @@ decode: on a checkpoint's test split, in batches of `batch_size` sentences sorte
 train: training-step throughput (target tokens/s: forward, backward, clipping, AdamW step) on
     the same fixed Multi30k batches for this project's Transformer, torch.nn.Transformer and
     Hugging Face MarianMT built at the same sizes (no weights downloaded), and this project's
-    GRU with attention; fp32 and bf16 autocast. Also model FLOP utilisation (matmul FLOPs counted by
-    torch over a 2048x2048 matmul measured in the same run) and peak memory of each.
+    GRU with attention; fp32 and bf16 autocast. The baselines use F.cross_entropy with label
+    smoothing (the loss their users write), this project's models loss.py; one more row runs our
+    Transformer with F.cross_entropy to show the model's share apart. Also model FLOP
+    utilisation (matmul FLOPs counted by torch over a 2048x2048 matmul measured in the same run)
+    and peak memory of each.
 generate: decoding speed of this project's cached greedy vs MarianMT's generate(), untrained,
     every sentence forced to the same length so both do the same steps.
 quality: this project's Transformer and MarianMT trained for `minutes` each on the same batches,
-    schedule and optimizer, then test BLEU and decoding speed (our greedy and beam search vs
-    MarianMT's generate with the same settings).
+    schedule shape and optimizer (MarianMT at its own peak learning rate, `marian_lr`), then
+    test BLEU and decoding speed (our greedy and beam search vs MarianMT's generate with the
+    same settings).
 Results are printed as a table and written to `out_json`.
 """
 
@@ -34,6 +38,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import train
 from batching import collate, make_batches
@@ -48,6 +53,7 @@ from train import setup_device
 # -----------------------------------------------------------------------------
 bench = "decode"  # which benchmark: 'decode', 'train', 'generate' or 'quality'
 minutes = 10.0  # quality: training budget per model
+marian_lr = 5e-4  # quality: MarianMT's peak learning rate (0 = the config's); its post-LN layers did not learn at 1.5e-3
 ckpt = "out/multi30k/best.pt"  # decode: checkpoint to decode with
 config = "config/transformer_multi30k.py"  # train: the Transformer's model, data and batch settings
 rnn_config = "config/rnn_attn_en_de.py"  # train: the GRU's model settings
@@ -77,16 +83,30 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
-def in_turns(methods, run) -> tuple[dict, dict]:
-    """Time run(method) for every method, `repeats` times, in turns (A, B, C, A, B, C, ...) so
-    that load changes of a shared machine hit all methods alike. Returns ({method: [seconds]},
-    {method: the output of its last run})."""
-    seconds, outputs = {m: [] for m in methods}, {}
+def rotated(items: list, k: int) -> list:
+    """items started at position k (mod len): each batch changes which method runs first, so that
+    no method always follows the same one (what one leaves in caches and the allocator differs)."""
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def in_turns(methods, run, batches) -> tuple[dict, dict]:
+    """Time run(method, batch) -> list for every method on every batch, `repeats` times, in
+    turns batch by batch (A, B, C on batch 1, then B, C, A on batch 2, ...) so that the load
+    changes of a shared machine, which last seconds, hit all methods alike. Returns ({method:
+    [seconds of each repeat]}, {method: its outputs of the last repeat, batch after batch})."""
+    run(next(iter(methods)), batches[0])                   # warm-up (allocator, kernel selection)
+    seconds = {m: [] for m in methods}
     for r in range(repeats):
+        total, outputs = dict.fromkeys(methods, 0.0), {m: [] for m in methods}
+        for i, batch in enumerate(batches):
+            for m in rotated(list(methods), i + r):
+                sec, out = timed(lambda: run(m, batch))
+                total[m] += sec
+                outputs[m] += out
         for m in methods:
-            sec, outputs[m] = timed(lambda: run(m))
-            seconds[m].append(sec)
-            print(f"repeat {r + 1}/{repeats}: {m:>32}: {sec:7.2f} s")
+            seconds[m].append(total[m])
+            print(f"repeat {r + 1}/{repeats}: {m:>32}: {total[m]:7.2f} s")
     return seconds, outputs
 
 
@@ -108,23 +128,19 @@ def bench_decode() -> dict:
     n = len(refs)
     bos, eos, pad = tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id
 
-    def run(method: str) -> list[list[int]]:
-        hyps = []
+    def run(method: str, src: torch.Tensor) -> list[list[int]]:
+        limit = max_target_len(src.shape[1])
         with torch.no_grad(), amp:
-            for _, src in batches:
-                limit = max_target_len(src.shape[1])
-                if method == "greedy, no cache":
-                    out = greedy_uncached(model, src, bos, eos, pad, limit).tolist()
-                elif method == "greedy, cached":
-                    out = greedy(model, src, bos, eos, pad, limit)[0].tolist()
-                else:
-                    out = [found[0][0] for found in beam_search(model, src, bos, eos, limit, beam, alpha)]
-                hyps += [strip_special(h, eos) for h in out]
-        return hyps
+            if method == "greedy, no cache":
+                out = greedy_uncached(model, src, bos, eos, pad, limit).tolist()
+            elif method == "greedy, cached":
+                out = greedy(model, src, bos, eos, pad, limit)[0].tolist()
+            else:
+                out = [found[0][0] for found in beam_search(model, src, bos, eos, limit, beam, alpha)]
+        return [strip_special(h, eos) for h in out]
 
     methods = ["greedy, no cache", "greedy, cached", f"beam {beam}"]
-    run("greedy, cached")                                   # warm-up (allocator, kernels)
-    seconds, outputs = in_turns(methods, run)
+    seconds, outputs = in_turns(methods, run, [src for _, src in batches])
     rows = {}
     for m in methods:
         med = statistics.median(seconds[m])
@@ -204,7 +220,7 @@ def load_config(path: str) -> dict:
 
 
 def build(name: str, model_cfg: dict, rnn_model_cfg: dict, bos_id: int, eos_id: int) -> nn.Module:
-    if name == OURS:
+    if name in (OURS, OURS_TORCH_LOSS):
         return build_model("transformer", model_cfg, verbose=False)
     if name == "torch.nn.Transformer":
         return TorchTransformer(model_cfg)
@@ -214,7 +230,20 @@ def build(name: str, model_cfg: dict, rnn_model_cfg: dict, bos_id: int, eos_id: 
 
 
 OURS, MARIAN = "this project, Transformer", "MarianMT (transformers)"
-MODELS = [OURS, "torch.nn.Transformer", MARIAN, "this project, GRU + attention"]
+OURS_TORCH_LOSS = "this project, Transformer, F.cross_entropy"   # ours with the baselines' loss
+MODELS = [OURS, OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN, "this project, GRU + attention"]
+
+
+def torch_loss(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int, smoothing: float) -> torch.Tensor:
+    """The loss a user of torch.nn.Transformer or MarianMT writes: F.cross_entropy with label
+    smoothing, summed over real tokens (this project's is loss.py, written out for speed)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad_id,
+                           label_smoothing=smoothing, reduction="sum")
+
+
+def loss_of(name: str):
+    """The baselines train with F.cross_entropy, this project's models with loss.sequence_loss."""
+    return torch_loss if name in (OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN) else train.sequence_loss
 
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -222,13 +251,13 @@ def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
                              betas=(cfg["beta1"], cfg["beta2"]), fused=True)
 
 
-def train_step(model, optimizer, amp, batch, pad_id: int, cfg: dict, update: bool = True) -> None:
+def train_step(model, optimizer, amp, batch, pad_id: int, cfg: dict, loss_fn, update: bool = True) -> None:
     """One training step as train.py takes it: forward, label-smoothed loss summed over real
     tokens, backward, clipping, AdamW (update=False: forward + backward only, for FLOP counting)."""
     src, tgt_in, tgt_out = batch
     with amp:
         logits = model(src, tgt_in)
-    loss = train.sequence_loss(logits, tgt_out, pad_id, cfg["label_smoothing"]) / (tgt_out != pad_id).sum()
+    loss = loss_fn(logits, tgt_out, pad_id, cfg["label_smoothing"]) / (tgt_out != pad_id).sum()
     loss.backward()
     if update:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -252,7 +281,7 @@ def step_flops(model, optimizer, amp, batches, pad_id: int, cfg: dict) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
         for b in batches:
-            train_step(model, optimizer, amp, b, pad_id, cfg, update=False)
+            train_step(model, optimizer, amp, b, pad_id, cfg, train.sequence_loss, update=False)  # no matmul in a loss
     return counter.get_total_flops()
 
 
@@ -271,7 +300,7 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
     model = build(name, model_cfg, rnn_model_cfg, bos_id, eos_id).to(dev).train()
     optimizer = make_optimizer(model, cfg)
     for b in batches:
-        train_step(model, optimizer, amp, tuple(t.to(dev) for t in b), pad_id, cfg)
+        train_step(model, optimizer, amp, tuple(t.to(dev) for t in b), pad_id, cfg, loss_of(name))
     if dev.startswith("cuda"):
         return torch.cuda.max_memory_allocated() - before
     # VmHWM: this process's peak resident set (ru_maxrss would also count the parent's, kept across exec)
@@ -301,13 +330,17 @@ def bench_train() -> dict:
             runs[name] = (model, make_optimizer(model, cfg))
         seconds = {name: [] for name in runs}
         for r in range(repeats):
-            for name, (model, optimizer) in runs.items():        # interleaved, as in bench_decode
-                for b in moved[:warmup_steps]:
-                    train_step(model, optimizer, amp, b, tok.pad_id, cfg)
-                s, _ = timed(lambda: [train_step(model, optimizer, amp, b, tok.pad_id, cfg)
-                                      for b in moved[warmup_steps:]])
+            # interleaved step by step (A, B, C on batch 1, then B, C, A on batch 2, ...), so that the
+            # load changes of a shared machine, which last seconds, hit every model alike
+            total = dict.fromkeys(runs, 0.0)
+            for i, b in enumerate(moved):
+                for name in rotated(list(runs), i + r):
+                    model, optimizer = runs[name]
+                    s, _ = timed(lambda: train_step(model, optimizer, amp, b, tok.pad_id, cfg, loss_of(name)))
+                    total[name] += s if i >= warmup_steps else 0.0
+            for name, s in total.items():
                 seconds[name].append(s)
-                print(f"{dtype_name} repeat {r + 1}/{repeats}: {name:>30}: {n_tokens / s:8,.0f} target tokens/s")
+                print(f"{dtype_name} repeat {r + 1}/{repeats}: {name:>42}: {n_tokens / s:8,.0f} target tokens/s")
         peak = matmul_peak(dev, dtype_name)
         mp = multiprocessing.get_context("spawn")
         rows = {}
@@ -373,13 +406,12 @@ def bench_generate() -> dict:
             min_new_tokens=n, max_new_tokens=n)[:, 1:],
     }
 
-    def run(method):
+    def run(method, src):
         with torch.no_grad(), amp:
-            return sum(methods[method](src, max_target_len(src.shape[1])).numel() for src in batches)
-    run(next(iter(methods)))                               # warm-up
-    seconds, tokens = in_turns(methods, run)
+            return [methods[method](src, max_target_len(src.shape[1])).numel()]
+    seconds, tokens = in_turns(methods, run, batches)
     rows = {m: {"seconds": statistics.median(ts), "sentences_per_s": n_sent / statistics.median(ts),
-                "tokens": tokens[m], "all_seconds": ts} for m, ts in seconds.items()}
+                "tokens": sum(tokens[m]), "all_seconds": ts} for m, ts in seconds.items()}
     base = rows["MarianMT generate, greedy"]["seconds"]
     print(f"\n{n_sent} {split} sentences, batch {batch_size}, every sentence decoded to its batch's length "
           f"limit, {dtype_name} on {dev}, {torch.get_num_threads()} threads, median of {repeats}")
@@ -392,10 +424,9 @@ def bench_generate() -> dict:
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
 
 
-
 def bench_quality() -> dict:
     """Train this project's Transformer and MarianMT at the same sizes for `minutes` each, on the
-    same batches with the same schedule and optimizer, then decode the test split with both."""
+    same batches with the same schedule shape and optimizer, then decode the test split with both."""
     cfg = load_config(config)
     data = load_data(train.data_config_from(cfg), verbose=False)
     dev, amp, _, dtype_name = setup_device(device, dtype)
@@ -406,6 +437,7 @@ def bench_quality() -> dict:
         torch.manual_seed(cfg["seed"])
         model = build(name, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).train()
         optimizer = make_optimizer(model, cfg)
+        schedule = dict(cfg, learning_rate=marian_lr) if name == MARIAN and marian_lr > 0 else cfg
         t0, step, epoch = time.time(), 0, 0
         while (time.time() - t0) / 60 < minutes:
             for idx in make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"], epoch=epoch,
@@ -414,15 +446,15 @@ def bench_quality() -> dict:
                 if elapsed >= minutes:
                     break
                 for group in optimizer.param_groups:
-                    group["lr"] = train.lr_at(elapsed / minutes, cfg)
+                    group["lr"] = train.lr_at(elapsed / minutes, schedule)
                 train_step(model, optimizer, amp, tuple(t.to(dev) for t in collate(sp, idx, data.src_tok, tok)),
-                           tok.pad_id, cfg)
+                           tok.pad_id, cfg, loss_of(name))
                 step += 1
                 if step % 100 == 0:
                     print(f"{name}: step {step}, {elapsed:.1f} min")
             epoch += 1
         models[name] = model.eval()
-        curves[name] = {"steps": step, "epochs_started": epoch + 1}
+        curves[name] = {"steps": step, "epochs_started": epoch + 1, "peak_lr": schedule["learning_rate"]}
     test = data.splits[split]
     batches = sorted_batches(data.src_tok, test.src_text, dev)
     refs = [test.tgt_text[i] for idx, _ in batches for i in idx]
@@ -436,15 +468,15 @@ def bench_quality() -> dict:
         f"MarianMT generate, beam {beam}": lambda src, n: marian_generate(marian, src, n, beam, tok.eos_id),
     }
 
-    def run(method):
+    def run(method, src):
         with torch.no_grad(), amp:
-            return [h for _, src in batches for h in methods[method](src, max_target_len(src.shape[1]))]
-    seconds, outputs = in_turns(methods, run)
+            return methods[method](src, max_target_len(src.shape[1]))
+    seconds, outputs = in_turns(methods, run, [src for _, src in batches])
     rows = {m: {"seconds": statistics.median(ts), "sentences_per_s": len(refs) / statistics.median(ts),
                 "bleu": score([tok.decode(h) for h in outputs[m]], refs)["bleu"], "all_seconds": ts}
             for m, ts in seconds.items()}
     print(f"\n{minutes:g} minutes of training each ({config}, {dtype_name}, {torch.get_num_threads()} threads): "
-          + ", ".join(f"{n}: {c['steps']} steps" for n, c in curves.items()))
+          + ", ".join(f"{n}: {c['steps']} steps at peak lr {c['peak_lr']:g}" for n, c in curves.items()))
     print(f"decoding {len(refs)} {split} sentences, batch {batch_size}, median of {repeats}")
     print("| model, decoding | test BLEU | sentences/s | vs MarianMT generate, greedy |\n|---|---|---|---|")
     base = rows["MarianMT generate, greedy"]["sentences_per_s"]

@@ -19,13 +19,13 @@ import time
 from dataclasses import asdict, fields
 
 import torch
-import torch.nn.functional as F
 
 from configurator import ConfigError, configure, main_guard
 from batching import collate, make_batches
 from data import DATA_KEYS, DataConfig, DataError, load_data
 from checkpoint import build_model, load_checkpoint, model_classes, model_from_checkpoint, save_checkpoint
 from decoding import score, translate
+from loss import sequence_loss
 from runlog import RunLog, SpikeWatch, plot_log, printable
 from tokenizer import pair_state
 
@@ -175,15 +175,6 @@ def run_progress(step: int, epoch_float: float, minutes: float, cfg: dict) -> fl
              epoch_float / cfg["max_epochs"] if cfg["max_epochs"] else 0.0,
              minutes / cfg["max_minutes"] if cfg["max_minutes"] else 0.0]
     return min(1.0, max(parts))
-
-
-def sequence_loss(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int, smoothing: float) -> torch.Tensor:
-    """Summed token cross-entropy over non-pad targets; the caller divides by the token count.
-
-    Label smoothing (Szegedy et al. 2016) trains against q = (1 - eps) * onehot + eps / V.
-    """
-    return F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad_id,
-                           label_smoothing=smoothing, reduction="sum")
 
 
 def grad_norms(model) -> dict:
