@@ -90,23 +90,28 @@ def rotated(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
-def in_turns(methods, run, batches) -> tuple[dict, dict]:
+def in_turns(methods, run, batches, untimed: int = 0) -> tuple[dict, dict]:
     """Time run(method, batch) -> list for every method on every batch, `repeats` times, in
     turns batch by batch (A, B, C on batch 1, then B, C, A on batch 2, ...) so that the load
-    changes of a shared machine, which last seconds, hit all methods alike. Returns ({method:
-    [seconds of each repeat]}, {method: its outputs of the last repeat, batch after batch})."""
-    run(next(iter(methods)), batches[0])                   # warm-up (allocator, kernel selection)
+    changes of a shared machine, which last seconds, hit all methods alike. The first `untimed`
+    batches of every repeat are run the same way but not counted (training's warm-up steps);
+    with none, one run of the first method on the first batch warms up (allocator, kernel
+    selection). Returns ({method: [seconds of each repeat]}, {method: its outputs of the last
+    repeat, batch after batch})."""
+    if not untimed:
+        run(next(iter(methods)), batches[0])
     seconds = {m: [] for m in methods}
     for r in range(repeats):
         total, outputs = dict.fromkeys(methods, 0.0), {m: [] for m in methods}
         for i, batch in enumerate(batches):
             for m in rotated(list(methods), i + r):
                 sec, out = timed(lambda: run(m, batch))
-                total[m] += sec
-                outputs[m] += out
+                if i >= untimed:
+                    total[m] += sec
+                    outputs[m] += out
         for m in methods:
             seconds[m].append(total[m])
-            print(f"repeat {r + 1}/{repeats}: {m:>32}: {total[m]:7.2f} s")
+            print(f"repeat {r + 1}/{repeats}: {m:>42}: {total[m]:7.2f} s")
     return seconds, outputs
 
 
@@ -328,19 +333,13 @@ def bench_train() -> dict:
             torch.manual_seed(0)
             model = build(name, model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id).to(dev).train()
             runs[name] = (model, make_optimizer(model, cfg))
-        seconds = {name: [] for name in runs}
-        for r in range(repeats):
-            # interleaved step by step (A, B, C on batch 1, then B, C, A on batch 2, ...), so that the
-            # load changes of a shared machine, which last seconds, hit every model alike
-            total = dict.fromkeys(runs, 0.0)
-            for i, b in enumerate(moved):
-                for name in rotated(list(runs), i + r):
-                    model, optimizer = runs[name]
-                    s, _ = timed(lambda: train_step(model, optimizer, amp, b, tok.pad_id, cfg, loss_of(name)))
-                    total[name] += s if i >= warmup_steps else 0.0
-            for name, s in total.items():
-                seconds[name].append(s)
-                print(f"{dtype_name} repeat {r + 1}/{repeats}: {name:>42}: {n_tokens / s:8,.0f} target tokens/s")
+
+        def run(name: str, batch: tuple) -> list:
+            model, optimizer = runs[name]
+            train_step(model, optimizer, amp, batch, tok.pad_id, cfg, loss_of(name))
+            return []
+        print(f"{dtype_name}: {steps} timed steps of every model")
+        seconds, _ = in_turns(runs, run, moved, untimed=warmup_steps)    # in turns step by step
         peak = matmul_peak(dev, dtype_name)
         mp = multiprocessing.get_context("spawn")
         rows = {}
