@@ -6,6 +6,7 @@ tokenized splits once; these functions cut them into batches every epoch (train.
 
     make_batches(src_lens, tgt_lens, batch_tokens, seed=, epoch=)  -> [sentence indices per batch]
     collate(split, idx, src_tok, tgt_tok)                           -> (src, tgt_in, tgt_out) tensors
+    TrainBatches(data, cfg).next(run)                               -> the next training batch, epoch after epoch
 Leaves out: dynamic batch sizes that change during training, sharding across machines by file.
 """
 
@@ -85,3 +86,39 @@ def collate(split, idx: np.ndarray, src_tok, tgt_tok):
         tgt_in[b, 0], tgt_in[b, 1:len(t) + 1] = tgt_tok.bos_id, t
         tgt_out[b, :len(t)], tgt_out[b, len(t)] = t, tgt_tok.eos_id
     return torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out)
+
+
+class TrainBatches:
+    """The training split cut into token-budget batches, epoch after epoch. `next(run)` returns
+    the batch at (run.epoch, run.batch_in_epoch) and moves `run` on by one batch, so a resumed
+    run continues with exactly the batch the interrupted one would have taken next."""
+
+    def __init__(self, data, cfg: dict, rank: int = 0, world_size: int = 1):
+        self.data, self.cfg, self.rank, self.world_size = data, cfg, rank, world_size
+        self.epoch, self.batches = -1, []
+
+    def of_epoch(self, epoch: int) -> list:
+        """This process's batches of one epoch (arrays of sentence indices), made once per epoch."""
+        if epoch != self.epoch:
+            sp, cfg = self.data.splits["train"], self.cfg
+            if cfg["overfit_batches"]:       # the first N batches, unshuffled, every epoch alike
+                self.batches = make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"],
+                                            shuffle=False)[:cfg["overfit_batches"]]
+            else:                            # a new order every epoch; process r takes every world_size-th batch
+                self.batches = make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"],
+                                            epoch=epoch, pool_size=cfg["length_pool"], rank=self.rank,
+                                            world_size=self.world_size)
+            self.epoch = epoch
+        return self.batches
+
+    def next(self, run) -> tuple:
+        """(src, tgt_in, tgt_out) CPU tensors of the next batch; advances run.epoch / run.batch_in_epoch."""
+        if run.batch_in_epoch >= len(self.of_epoch(run.epoch)):
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+        idx = self.of_epoch(run.epoch)[run.batch_in_epoch]
+        run.batch_in_epoch += 1
+        return collate(self.data.splits["train"], idx, self.data.src_tok, self.data.tgt_tok)
+
+    def epochs_done(self, run) -> float:
+        """Passes over the training data so far, as a fraction (2.5 = half way through the third)."""
+        return run.epoch + run.batch_in_epoch / len(self.of_epoch(run.epoch))

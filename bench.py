@@ -41,12 +41,12 @@ import torch.nn as nn
 import train
 from baselines import Marian, TorchTransformer, torch_loss
 from batching import collate, make_batches
-from checkpoint import build_model, data_of_checkpoint, load_checkpoint, model_from_checkpoint
+from checkpoint import build_model, data_of_checkpoint, load_checkpoint, model_config_from, model_from_checkpoint
 from configurator import ConfigError, configure, main_guard
 from decoding import (beam_search, greedy, greedy_uncached, length_sorted_batches, max_target_len, score,
                       strip_special)
 from data import DataError, load_data
-from train import setup_device
+from runtime import Runtime, setup
 
 # -----------------------------------------------------------------------------
 bench = "decode"  # which benchmark: 'decode', 'train', 'generate' or 'quality'
@@ -123,7 +123,8 @@ def sorted_batches(src_tok, sentences: list[str], dev: str) -> list[tuple[list[i
 def bench_decode() -> dict:
     checkpoint = load_checkpoint(ckpt)
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)
-    dev, amp, _, dtype_name = setup_device(device, dtype)
+    rt = setup(device, dtype)
+    dev, amp, dtype_name = rt.device, rt.amp, rt.dtype
     model.to(dev).eval()
     sp = data_of_checkpoint(checkpoint, dataset, verbose=False).splits[split]
     batches = sorted_batches(src_tok, sp.src_text, dev)
@@ -194,26 +195,12 @@ MODELS = [OURS, OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN, "this project, 
 
 def loss_of(name: str):
     """The baselines train with F.cross_entropy, this project's models with loss.sequence_loss."""
-    return torch_loss if name in (OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN) else train.sequence_loss
+    return torch_loss if name in (OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN) else None
 
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg["weight_decay"],
                              betas=(cfg["beta1"], cfg["beta2"]), fused=True)
-
-
-def train_step(model, optimizer, amp, batch, pad_id: int, cfg: dict, loss_fn, update: bool = True) -> None:
-    """One training step as train.py takes it: forward, label-smoothed loss summed over real
-    tokens, backward, clipping, AdamW (update=False: forward + backward only, for FLOP counting)."""
-    src, tgt_in, tgt_out = batch
-    with amp:
-        logits = model(src, tgt_in)
-    loss = loss_fn(logits, tgt_out, pad_id, cfg["label_smoothing"]) / (tgt_out != pad_id).sum()
-    loss.backward()
-    if update:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def matmul_peak(dev: str, dtype_name: str, n: int = 2048) -> float:
@@ -225,14 +212,14 @@ def matmul_peak(dev: str, dtype_name: str, n: int = 2048) -> float:
     return 2 * n ** 3 / statistics.median([timed(lambda: a @ b)[0] for _ in range(5)])
 
 
-def step_flops(model, optimizer, amp, batches, pad_id: int, cfg: dict) -> int:
-    """Matrix-product FLOPs of forward + backward over `batches`, counted by torch's FlopCounterMode
-    (matmuls and attention; element-wise work and the optimizer are not counted)."""
+def step_flops(model, optimizer, rt: Runtime, batches, pad_id: int, cfg: dict) -> int:
+    """Matrix-product FLOPs of training steps over `batches`, counted by torch's FlopCounterMode
+    (matmuls and attention, forward and backward; element-wise work and the optimizer are not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         for b in batches:
-            train_step(model, optimizer, amp, b, pad_id, cfg, train.sequence_loss, update=False)  # no matmul in a loss
+            train.train_step(model, optimizer, None, [b], pad_id, cfg, rt)    # (no matrix product in a loss)
     return counter.get_total_flops()
 
 
@@ -241,7 +228,7 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
     moments, activations). CUDA: the allocator's peak. CPU: the growth of the peak resident set
     size of a fresh process, so that one model's freed memory does not hide the next one's."""
     model_cfg, rnn_model_cfg, bos_id, eos_id, batches, pad_id, cfg, dev = args
-    _, amp, _, _ = setup_device(dev, dtype_name)
+    rt = setup(dev, dtype_name)
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -251,7 +238,7 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
     model = build(name, model_cfg, rnn_model_cfg, bos_id, eos_id).to(dev).train()
     optimizer = make_optimizer(model, cfg)
     for b in batches:
-        train_step(model, optimizer, amp, tuple(t.to(dev) for t in b), pad_id, cfg, loss_of(name))
+        train.train_step(model, optimizer, None, [b], pad_id, cfg, rt, loss_fn=loss_of(name))
     if dev.startswith("cuda"):
         return torch.cuda.max_memory_allocated() - before
     # VmHWM: this process's peak resident set (ru_maxrss would also count the parent's, kept across exec)
@@ -268,12 +255,12 @@ def bench_train() -> dict:
     idx = make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"])[:warmup_steps + steps]
     batches = [collate(sp, i, data.src_tok, tok) for i in idx]
     n_tokens = sum(int((b[2] != tok.pad_id).sum()) for b in batches[warmup_steps:])
-    model_cfg = train.model_config_from(cfg, data.src_tok, tok)
-    rnn_model_cfg = train.model_config_from(rnn_cfg, data.src_tok, tok)
+    model_cfg = model_config_from(cfg, data.src_tok, tok)
+    rnn_model_cfg = model_config_from(rnn_cfg, data.src_tok, tok)
     results = {}
     for dtype_name in [d.strip() for d in dtypes.split(",") if d.strip()]:
-        dev, amp, _, _ = setup_device(device, dtype_name)
-        moved = [tuple(t.to(dev) for t in b) for b in batches]
+        rt = setup(device, dtype_name)
+        dev = rt.device
         runs = {}
         for name in MODELS:
             torch.manual_seed(0)
@@ -282,15 +269,15 @@ def bench_train() -> dict:
 
         def run(name: str, batch: tuple) -> list:
             model, optimizer = runs[name]
-            train_step(model, optimizer, amp, batch, tok.pad_id, cfg, loss_of(name))
+            train.train_step(model, optimizer, None, [batch], tok.pad_id, cfg, rt, loss_fn=loss_of(name))
             return []
         print(f"{dtype_name}: {steps} timed steps of every model")
-        seconds, _ = in_turns(runs, run, moved, untimed=warmup_steps)    # in turns step by step
+        seconds, _ = in_turns(runs, run, batches, untimed=warmup_steps)  # in turns step by step
         peak = matmul_peak(dev, dtype_name)
         mp = multiprocessing.get_context("spawn")
         rows = {}
         for name, (model, optimizer) in runs.items():
-            flops = step_flops(model, optimizer, amp, moved[warmup_steps:], tok.pad_id, cfg)
+            flops = step_flops(model, optimizer, rt, batches[warmup_steps:], tok.pad_id, cfg)
             median = statistics.median(seconds[name])
             args = (model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id, batches[:2], tok.pad_id, cfg, dev)
             if dev.startswith("cuda"):
@@ -336,9 +323,10 @@ def bench_generate() -> dict:
     whatever their weights would say."""
     cfg = load_config(config)
     data = load_data(train.data_config_from(cfg), verbose=False)
-    dev, amp, _, dtype_name = setup_device(device, dtype)
+    rt = setup(device, dtype)
+    dev, amp, dtype_name = rt.device, rt.amp, rt.dtype
     tok = data.tgt_tok
-    model_cfg = train.model_config_from(cfg, data.src_tok, tok)
+    model_cfg = model_config_from(cfg, data.src_tok, tok)
     torch.manual_seed(0)
     ours = build(OURS, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
     marian = build(MARIAN, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
@@ -374,9 +362,10 @@ def bench_quality() -> dict:
     same batches with the same schedule shape and optimizer, then decode the test split with both."""
     cfg = load_config(config)
     data = load_data(train.data_config_from(cfg), verbose=False)
-    dev, amp, _, dtype_name = setup_device(device, dtype)
+    rt = setup(device, dtype)
+    dev, amp, dtype_name = rt.device, rt.amp, rt.dtype
     tok, sp = data.tgt_tok, data.splits["train"]
-    model_cfg = train.model_config_from(cfg, data.src_tok, tok)
+    model_cfg = model_config_from(cfg, data.src_tok, tok)
     models, curves = {}, {}
     for name in (OURS, MARIAN):
         torch.manual_seed(cfg["seed"])
@@ -392,8 +381,8 @@ def bench_quality() -> dict:
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = train.lr_at(elapsed / minutes, schedule)
-                train_step(model, optimizer, amp, tuple(t.to(dev) for t in collate(sp, idx, data.src_tok, tok)),
-                           tok.pad_id, cfg, loss_of(name))
+                train.train_step(model, optimizer, None, [collate(sp, idx, data.src_tok, tok)], tok.pad_id, cfg,
+                                 rt, loss_fn=loss_of(name))
                 step += 1
                 if step % 100 == 0:
                     print(f"{name}: step {step}, {elapsed:.1f} min")

@@ -17,12 +17,13 @@ accepts tensors and plain Python data and refuses anything that would run code.
 import contextlib
 import importlib
 import os
+from dataclasses import asdict, fields
 
 import torch
 
 from configurator import ConfigError
-from data import DataConfig, load_data
-from tokenizer import pair_from_state
+from data import DATA_KEYS, DataConfig, load_data
+from tokenizer import pair_from_state, pair_state
 
 # the only place that knows which model classes exist: arch -> (module, model class, config class)
 MODELS = {"transformer": ("model_transformer", "Transformer", "TransformerConfig"),
@@ -40,6 +41,21 @@ def model_classes(kind: str):
 def build_model(kind: str, model_config: dict, verbose: bool = True):
     model_class, config_class = model_classes(kind)
     return model_class(config_class(**model_config), verbose)
+
+
+def model_config_from(cfg: dict, src_tok, tgt_tok) -> dict:
+    """Model constructor arguments: the knobs whose names the model's config class has, plus the vocabularies."""
+    _, config_class = model_classes(cfg["arch"])
+    if cfg["tie_embeddings"] not in ("all", "output", "none"):
+        raise ConfigError(f"tie_embeddings='{cfg['tie_embeddings']}' is not known: use 'all', 'output' or 'none'")
+    if cfg["tie_embeddings"] == "all" and src_tok is not tgt_tok:
+        raise ConfigError("tie_embeddings='all' needs joint_vocab=True (one vocabulary for both sides); "
+                          "use --tie_embeddings=output with separate vocabularies")
+    names = {f.name for f in fields(config_class)}
+    return {**{k: v for k, v in cfg.items() if k in names},
+            # pad_id is the source's: it builds the source mask (the target side needs only the causal mask)
+            "src_vocab": src_tok.vocab_size, "tgt_vocab": tgt_tok.vocab_size, "pad_id": src_tok.pad_id,
+            "tie_output": cfg["tie_embeddings"] != "none", "share_src_tgt": cfg["tie_embeddings"] == "all"}
 
 
 def attach_gates(model, attn_types: list[str]) -> dict:
@@ -60,6 +76,22 @@ def attach_gates(model, attn_types: list[str]) -> dict:
             attn.head_gate = HardConcreteGate(attn.n_head)
             gates[kind].append(attn.head_gate)
     return gates
+
+
+def gated_types(model) -> list[str]:
+    """The attention types whose heads carry L0 gates (while prune.py trains them)."""
+    modules = model.attention_modules() if hasattr(model, "attention_modules") else {}
+    return [kind for kind, layers in modules.items() if any(m.head_gate is not None for m in layers)]
+
+
+def checkpoint_of(model, src_tok, tgt_tok, train_config: dict, **training_state) -> dict:
+    """The checkpoint dict of a model (see the top of this file): its kind, config and weights,
+    the tokenizers, the data and training configs, and whatever training state is given
+    (optimizer, scaler, where the run stands)."""
+    gated = gated_types(model)
+    return {"kind": model.kind, "model_config": asdict(model.cfg), "model": model.state_dict(),
+            "tokenizers": pair_state(src_tok, tgt_tok), "data_config": {k: train_config[k] for k in DATA_KEYS},
+            "train_config": train_config, **({"gated": gated} if gated else {}), **training_state}
 
 
 def save_checkpoint(path: str, state: dict) -> None:

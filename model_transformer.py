@@ -40,7 +40,8 @@ class TransformerConfig:
     pre_norm: bool = True             # LayerNorm before each sub-layer (stable); False = the paper's post-LN
     tie_output: bool = True           # target embedding doubles as the output projection
     share_src_tgt: bool = False       # source and target share one embedding (needs a joint vocabulary)
-    attn_impl: str = "sdpa"           # 'sdpa' (F.scaled_dot_product_attention) or 'math' (explicit softmax)
+    attn_impl: str = "auto"           # 'sdpa' (F.scaled_dot_product_attention), 'math' (explicit softmax), 'auto'
+                                      # (math on a CPU, where SDPA's fused backward was slower here; sdpa elsewhere)
     # heads kept per layer after pruning; empty = n_head everywhere
     enc_self_heads: list[int] = field(default_factory=list)
     dec_self_heads: list[int] = field(default_factory=list)
@@ -96,8 +97,10 @@ class MultiHeadAttention(nn.Module):
             self.k_proj = nn.Linear(d_model, n_head * head_dim)
             self.v_proj = nn.Linear(d_model, n_head * head_dim)
             self.out_proj = nn.Linear(n_head * head_dim, d_model)
+        for p in self.parameters():       # empty after pruning: nothing to learn (DDP would wait for their gradients)
+            p.requires_grad_(p.numel() > 0)
         self.head_gate: nn.Module | None = None   # returns (H,) multipliers; prune.py sets it
-        self.impl = "sdpa"
+        self.impl = "auto"
         self.last_weights: torch.Tensor | None = None  # (B, H, T, S) when record_weights is on
         self.record_weights = False
 
@@ -145,7 +148,8 @@ class MultiHeadAttention(nn.Module):
             cache["k"], cache["v"] = k, v
             causal = False            # the cache only holds the past: nothing to hide
         p_drop = self.dropout if self.training else 0.0
-        if self.impl == "sdpa" and not self.record_weights:
+        impl = self.impl if self.impl != "auto" else ("math" if x.device.type == "cpu" else "sdpa")
+        if impl == "sdpa" and not self.record_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=causal)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)   # (B, H, T, S)
@@ -177,11 +181,15 @@ class FeedForward(nn.Module):
 
 
 class Residual(nn.Module):
-    """x + dropout(f(norm(x))) with pre-LN, or norm(x + dropout(f(x))) with post-LN."""
+    """x + dropout(f(norm(x))) with pre-LN, or norm(x + dropout(f(x))) with post-LN.
 
-    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
+    f_ignores_input: f is an attention whose heads were all pruned (it returns its output bias),
+    so with pre-LN the norm gets no gradient; it is frozen (DDP would wait for its gradients)."""
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool, f_ignores_input: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
+        self.norm.requires_grad_(not (pre_norm and f_ignores_input))
         self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
@@ -197,7 +205,7 @@ class EncoderLayer(nn.Module):
         Dh = cfg.d_model // cfg.n_head
         self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.dropout)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.res_attn = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
+        self.res_attn = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_self == 0)
         self.res_ff = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
@@ -212,8 +220,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, n_cross, Dh, cfg.dropout)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.res_self = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
-        self.res_cross = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
+        self.res_self = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_self == 0)
+        self.res_cross = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_cross == 0)
         self.res_ff = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
 
     def forward(self, y: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
@@ -293,8 +301,8 @@ class Transformer(nn.Module):
                 for i, m in enumerate(modules) for h in range(m.n_head)}
 
     def set_attention_impl(self, impl: str) -> None:
-        if impl not in ("sdpa", "math"):
-            raise ValueError(f"attn_impl='{impl}' is not known: use 'sdpa' or 'math'")
+        if impl not in ("auto", "sdpa", "math"):
+            raise ValueError(f"attn_impl='{impl}' is not known: use 'auto', 'sdpa' or 'math'")
         for modules in self.attention_modules().values():
             for m in modules:
                 m.impl = impl

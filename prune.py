@@ -22,12 +22,13 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from checkpoint import (attach_gates, build_model, data_of_checkpoint, load_checkpoint, model_from_checkpoint,
-                        save_checkpoint)
+from checkpoint import (attach_gates, build_model, checkpoint_of, data_of_checkpoint, load_checkpoint,
+                        model_from_checkpoint, save_checkpoint)
 from configurator import ConfigError, configure, main_guard
 from data import DataError
 from decoding import length_sorted_batches, score, translate
-from train import setup_device, train_loop
+from runtime import Runtime, setup
+from train import train_loop
 
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # the trained Transformer checkpoint to prune
@@ -48,6 +49,7 @@ device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto', 'bfloat16', 'float16', 'float32'
 seed = 1337  # seeds the gate noise
 # -----------------------------------------------------------------------------
+KNOBS = [k for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (bool, int, float, str)]
 
 
 def parse_lambdas(text: str) -> list[float]:
@@ -108,30 +110,31 @@ def prune_heads(model, gate_values: dict):
 
 
 @torch.no_grad()
-def bleu_of(model, data, split: str, dev: str, amp) -> dict:
+def bleu_of(model, data, split: str, rt: Runtime) -> dict:
     """Greedy BLEU/chrF on a whole split."""
     sp = data.splits[split]
-    s = score(translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=dev, amp=amp), sp.tgt_text)
+    s = score(translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=rt.device, amp=rt.amp), sp.tgt_text)
     return {"bleu": s["bleu"], "chrf": s["chrf"]}
 
 
 @torch.no_grad()
-def speed_of(models: dict, data, dev: str, amp, repeats: int) -> dict:
+def speed_of(models: dict, data, rt: Runtime, repeats: int) -> dict:
     """Test-split sentences/s of each model, greedy decoding and the encoder alone, measured in
     turns (model A, model B, A, B, ...) so that load changes of a shared machine hit all models
     alike; medians over the repeats. Encoder heads are a small share of decoding work (the
     decoder runs once per output token), so the encoder-only figure shows their cost directly."""
     sp = data.splits["test"]
     encoded = [data.src_tok.encode(t) for t in sp.src_text]
-    batches = [src.to(dev) for _, src in length_sorted_batches(encoded, data.src_tok.pad_id, data.src_tok.eos_id, 64)]
+    batches = [src.to(rt.device)
+               for _, src in length_sorted_batches(encoded, data.src_tok.pad_id, data.src_tok.eos_id, 64)]
     times = {name: {"decode": [], "encode": []} for name in models}
     for _ in range(max(1, repeats)):
         for name, model in models.items():
             model.eval()
             t0 = time.perf_counter()
-            translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=dev, amp=amp)
+            translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=rt.device, amp=rt.amp)
             t1 = time.perf_counter()
-            with amp:
+            with rt.amp:
                 for src in batches:
                     model.encode(src)
             t2 = time.perf_counter()
@@ -204,84 +207,86 @@ def plot_gates(out_dir: str, history: list, gate_types: list[str], n_head: int) 
     return paths
 
 
-def evaluate_original(source: dict, data, dev: str, amp) -> dict:
+def evaluate_original(source: dict, data, rt: Runtime) -> dict:
     model, _, _ = model_from_checkpoint(source)
-    model.to(dev).eval()
-    return {f"original_{split}": bleu_of(model, data, split, dev, amp) for split in ("validation", "test")}
+    model.to(rt.device).eval()
+    return {f"original_{split}": bleu_of(model, data, split, rt) for split in ("validation", "test")}
 
 
-def prune_once(lam: float, source: dict, data, original: dict, gate_types: list[str], run_dir: str,
-               dev: str, amp) -> dict:
-    """Gate, train, physically prune and report for one lambda."""
+class L0Penalty:
+    """lambda x L0, the term train_loop adds to every step's loss, for gates {type: [gate per layer]}.
+    L0 = the expected number of open heads, summed over the heads of a layer and averaged over the
+    gated layers (Voita et al.), so lambda is the cost of one head in one layer. It also tells
+    the loop what to log (heads open, L0, P(open) per head, kept in `history` for the plots) and
+    lets the gate logits learn `gate_lr_scale` times faster than the weights."""
+
+    def __init__(self, gates: dict, lam: float, gate_lr_scale: float):
+        self.gates, self.lam = gates, lam
+        self.n_layers = sum(len(layers) for layers in gates.values())
+        self.lr_scale = {"log_alpha": gate_lr_scale}
+        self.history: list[dict] = []
+
+    def __call__(self) -> torch.Tensor:
+        return self.lam * sum(g.l0() for layers in self.gates.values() for g in layers) / self.n_layers
+
+    def log(self, step: int) -> dict:
+        z = eval_gates(self.gates)
+        p_open = {k: [g.prob_open().detach().cpu().tolist() for g in v] for k, v in self.gates.items()}
+        open_now = {k: int(sum((zi > 0).sum() for zi in v)) for k, v in z.items()}
+        if not self.history or self.history[-1]["step"] != step:
+            self.history.append({"step": step, "p_open": p_open, "heads_open": open_now})
+        n_head = len(p_open[next(iter(p_open))][0])
+        return {"heads_open": " ".join(f"{k} {v}/{n_head * len(self.gates[k])}" for k, v in open_now.items()),
+                "l0": round(sum(sum(p) for v in p_open.values() for p in v) / self.n_layers, 3), "p_open": p_open}
+
+
+def prune_once(lam: float, source: dict, data, original: dict, opts: dict, run_dir: str, rt: Runtime) -> dict:
+    """Gate, train, physically prune and report for one lambda. opts: prune.py's knobs."""
     os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, "log.jsonl")
-    if os.path.exists(log_path):
-        os.remove(log_path)          # a new pruning run, not a continuation
-    model, _, _ = model_from_checkpoint(source)
-    n_head = model.cfg.n_head
+    model, src_tok, tgt_tok = model_from_checkpoint(source)
+    n_head, gate_types = model.cfg.n_head, opts["gate_types"]
     print(f"\n== lambda {lam}: gating {', '.join(gate_types)} heads of {source.get('kind')} "
           f"({model.num_params() / 1e6:.2f}M parameters)")
     report = {"lambda": lam, "gate_attn": gate_types, "params_before": model.num_params(), **original}
-    torch.manual_seed(seed)
-    gates = attach_gates(model, gate_types)
-    model.to(dev)                    # with its new gates
-    n_layers = sum(len(g) for g in gates.values())
-
-    def l0_penalty():
-        # Voita et al.: sum over the heads of a layer, average over the gated layers
-        return lam * sum(g.l0() for layer_gates in gates.values() for g in layer_gates) / n_layers
-
-    history = []
-
-    def gate_log(step: int) -> dict:
-        z = eval_gates(gates)
-        p_open = {k: [g.prob_open().detach().cpu().tolist() for g in v] for k, v in gates.items()}
-        open_now = {k: int(sum((zi > 0).sum() for zi in v)) for k, v in z.items()}
-        l0 = sum(sum(p) for v in p_open.values() for p in v) / n_layers
-        if not history or history[-1]["step"] != step:
-            history.append({"step": step, "p_open": p_open, "heads_open": open_now})
-        return {"heads_open": " ".join(f"{k} {v}/{n_head * len(gates[k])}" for k, v in open_now.items()),
-                "l0": round(l0, 3), "p_open": p_open}
-
-    cfg = {**source["train_config"], "learning_rate": learning_rate, "warmup_frac": warmup_frac,
-           "max_iters": max_iters, "max_epochs": 0.0, "max_minutes": max_minutes if not max_iters else 0.0,
-           "log_interval": log_interval, "eval_interval": eval_interval, "eval_sentences": eval_sentences,
-           "device": device, "dtype": dtype, "overfit_batches": 0, "out_dir": run_dir}
-    gate_log(0)
-    ckpt_extra = {"kind": source["kind"], "model_config": source["model_config"], "gated": gate_types,
-                  "tokenizers": source["tokenizers"], "data_config": source["data_config"], "train_config": cfg}
-    st = train_loop(model, data, cfg, run_dir, ckpt_extra, extra_loss=l0_penalty, extra_log=gate_log,
-                    lr_scale={"log_alpha": gate_lr / learning_rate}, keep_best=False, from_scratch=False)
-    gate_log(st["step"])
+    torch.manual_seed(opts["seed"])
+    penalty = L0Penalty(attach_gates(model, gate_types), lam, opts["gate_lr"] / opts["learning_rate"])
+    model.to(rt.device)                    # with its new gates
+    # the original run's settings (data, batches, dropout, smoothing), with pruning's own schedule and limits
+    cfg = {**source["train_config"], "init_from": opts["ckpt"], "out_dir": run_dir, "overfit_batches": 0,
+           "max_epochs": 0.0, "max_iters": opts["max_iters"],
+           "max_minutes": 0.0 if opts["max_iters"] else opts["max_minutes"],
+           **{k: opts[k] for k in ("learning_rate", "warmup_frac", "log_interval", "eval_interval", "eval_sentences",
+                                   "device", "dtype")}}
+    penalty.log(0)
+    run = train_loop(model, data, cfg, rt, penalty=penalty)
+    penalty.log(run.step)
 
     model.eval()
-    z = eval_gates(gates)
+    z = eval_gates(penalty.gates)
     for split in ("validation", "test"):
-        report[f"gated_{split}"] = bleu_of(model, data, split, dev, amp)
+        report[f"gated_{split}"] = bleu_of(model, data, split, rt)
     pruned, keep = prune_heads(model.cpu(), {k: [zi.cpu() for zi in v] for k, v in z.items()})
-    pruned.to(dev).eval()
+    pruned.to(rt.device).eval()
     for split in ("validation", "test"):
-        report[f"pruned_{split}"] = bleu_of(pruned, data, split, dev, amp)
-    original_model = model_from_checkpoint(source)[0].to(dev)
-    report["speed"] = speed_of({"original": original_model, "pruned": pruned}, data, dev, amp, speed_repeats)
-    report.update(params_after=pruned.num_params(), steps=st["step"],
+        report[f"pruned_{split}"] = bleu_of(pruned, data, split, rt)
+    original_model = model_from_checkpoint(source)[0].to(rt.device)
+    report["speed"] = speed_of({"original": original_model, "pruned": pruned}, data, rt, opts["speed_repeats"])
+    report.update(params_after=pruned.num_params(), steps=run.step,
                   heads_kept={k: [len(h) for h in v] for k, v in keep.items()},
                   kept_heads_index={k: v for k, v in keep.items()},
                   gate_values={k: [zi.tolist() for zi in v] for k, v in z.items()})
     path = os.path.join(run_dir, "pruned.pt")
-    save_checkpoint(path, {"kind": pruned.kind, "model_config": asdict(pruned.cfg), "model": pruned.state_dict(),
-                           "tokenizers": source["tokenizers"], "data_config": source["data_config"],
-                           "train_config": source["train_config"], "step": 0, "best_bleu": -1.0,
-                           "pruned_from": {"ckpt": ckpt, "lambda": lam, "gate_attn": gate_types}})
+    save_checkpoint(path, checkpoint_of(pruned, src_tok, tgt_tok, source["train_config"], step=0, best_bleu=-1.0,
+                                        pruned_from={"ckpt": opts["ckpt"], "lambda": lam, "gate_attn": gate_types}))
     report["checkpoint"] = path
-    report["plots"] = plot_gates(run_dir, history, gate_types, n_head)
+    report["plots"] = plot_gates(run_dir, penalty.history, gate_types, n_head)
     with open(os.path.join(run_dir, "prune_report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print_report(report, keep, n_head)
+    print_report(report, keep, n_head, opts["speed_repeats"])
     return report
 
 
-def print_report(r: dict, keep: dict, n_head: int) -> None:
+def print_report(r: dict, keep: dict, n_head: int, speed_repeats: int) -> None:
     print(f"\n== pruning report (lambda {r['lambda']}, {r['steps']} steps)")
     print(heads_table(keep, n_head))
     print(f"parameters: {r['params_before']:,} -> {r['params_after']:,}")
@@ -292,7 +297,8 @@ def print_report(r: dict, keep: dict, n_head: int) -> None:
         print(f"{name:<10}{v['bleu']:>10.2f}{t['bleu']:>11.2f}{t['chrf']:>11.2f}{speed}")
     o, p = r["speed"]["original"], r["speed"]["pruned"]
     print(f"pruned vs original (interleaved, median of {speed_repeats}): decoding "
-          f"{p['decode_sent_per_s'] / o['decode_sent_per_s']:.2f}x, encoder {p['encode_sent_per_s'] / o['encode_sent_per_s']:.2f}x")
+          f"{p['decode_sent_per_s'] / o['decode_sent_per_s']:.2f}x, "
+          f"encoder {p['encode_sent_per_s'] / o['encode_sent_per_s']:.2f}x")
     print(f"saved {r['checkpoint']}; plots: {', '.join(r['plots'])}")
 
 
@@ -324,19 +330,20 @@ def plot_sweep(out_dir: str, reports: list) -> str:
 
 def main() -> None:
     configure(globals(), doc_files=(__file__,))
+    opts = {k: v for k, v in globals().items() if k in KNOBS}
     lambdas = parse_lambdas(l0_lambda)
-    gate_types = [t.strip() for t in gate_attn.split(",") if t.strip()]
+    opts["gate_types"] = [t.strip() for t in gate_attn.split(",") if t.strip()]
     source = load_checkpoint(ckpt)
     if source["kind"] != "transformer":
         raise ConfigError(f"'{ckpt}' holds a {source['kind']} model: head pruning needs a Transformer checkpoint")
+    rt = setup(device, dtype)
     data = data_of_checkpoint(source, dataset)
-    dev, amp, _, _ = setup_device(device, dtype)
-    base = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(gate_types)}")
-    original = evaluate_original(source, data, dev, amp)
+    base = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
+    original = evaluate_original(source, data, rt)
     reports = []
     for lam in lambdas:
         run_dir = base if len(lambdas) == 1 else os.path.join(base, f"lambda_{lam:g}")
-        reports.append(prune_once(lam, source, data, original, gate_types, run_dir, dev, amp))
+        reports.append(prune_once(lam, source, data, original, opts, run_dir, rt))
     if len(lambdas) > 1:
         print("\n== sweep")
         print(f"{'lambda':>8}{'heads kept':>12}{'test BLEU':>11}{'decoding speed-up':>19}")

@@ -9,6 +9,9 @@ before it was saved is logged once, by the run that redid it.
 import contextlib
 import json
 import os
+import sys
+import time
+from dataclasses import dataclass, field
 
 
 class RunLog:
@@ -16,12 +19,15 @@ class RunLog:
 
     resume_step: the step of the checkpoint a run resumes from. A run that was killed logged
     steps after its last checkpoint (and maybe half a line); they will be run again, so their
-    records are dropped first and every step appears once in the log."""
+    records are dropped first and every step appears once in the log. None: a new run, which
+    starts a new log (an old run's log.jsonl in the same folder is replaced)."""
 
     def __init__(self, out_dir: str, enabled: bool, bar=None, resume_step: int | None = None):
         self.path = os.path.join(out_dir, "log.jsonl")
         self.enabled, self.bar = enabled, bar
-        if enabled and resume_step is not None and os.path.exists(self.path):
+        if enabled and resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        elif enabled and resume_step is not None and os.path.exists(self.path):
             kept = []
             with open(self.path) as f:
                 for line in f:
@@ -100,3 +106,46 @@ class SpikeWatch:
             weight = min(self.decay, 1 - 1 / self.seen)      # a plain average until ~100 steps
             self.mean = weight * self.mean + (1 - weight) * loss
         return self.mean if spike else None
+
+
+@dataclass
+class Interval:
+    """Sums over the steps since the last log line."""
+    steps: int = 0
+    loss: float = 0.0
+    tokens: int = 0
+    padding: int = 0
+    cells: int = 0
+    overflows: int = 0
+    started: float = field(default_factory=time.time)
+
+    def add(self, out: dict, batches: list, src_pad: int, tgt_pad: int) -> None:
+        """Count one step: its report from train_step and its (CPU) batches (src, tgt_in, tgt_out)."""
+        self.steps += 1
+        self.loss += out["loss"]
+        self.tokens += out["tokens"]
+        self.overflows += out["update"] == "overflow"
+        for src, tgt_in, _ in batches:
+            self.padding += int((src == src_pad).sum() + (tgt_in == tgt_pad).sum())
+            self.cells += src.numel() + tgt_in.numel()
+
+
+def log_step(log: RunLog, run, epochs: float, lr: float, out: dict, iv: Interval, extra: dict) -> None:
+    """One log line (and log.jsonl record): the interval's mean loss, the last step's gradient
+    norms, tokens/s and padding over the interval, fp16 overflows if there were any."""
+    rec = dict(step=run.step, epoch=round(epochs, 3), loss=iv.loss / iv.steps, lr=lr, gnorm=out["gnorm"],
+               gnorm_enc=out["gnorm_enc"], gnorm_dec=out["gnorm_dec"],
+               tok_per_s=iv.tokens / max(time.time() - iv.started, 1e-9), pad=iv.padding / max(iv.cells, 1),
+               minutes=run.minutes, **({"overflows": iv.overflows} if iv.overflows else {}), **extra)
+    log.record("train", f"step {run.step:>6} | epoch {epochs:6.2f} | loss {rec['loss']:.4f} | lr {lr:.2e} | "
+               f"gnorm {out['gnorm']:.2f} (enc {out['gnorm_enc']:.2f} dec {out['gnorm_dec']:.2f}) | "
+               f"{rec['tok_per_s']:,.0f} tok/s | pad {rec['pad']:.1%} | {run.minutes:.1f} min"
+               + printable({k: rec[k] for k in ("overflows",) if k in rec} | extra, " | "), **rec)
+
+
+def progress_bar():
+    """A progress bar in percent of the run (of steps, epochs or minutes), on a terminal only."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=100, unit="%", dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")

@@ -24,7 +24,7 @@ from configurator import ConfigError, configure, main_guard
 from data import DataError
 from decoding import beam_search, greedy, max_target_len, score, strip_special, translate_nbest
 from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
-from train import setup_device
+from runtime import setup
 
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # checkpoint written by train.py or prune.py
@@ -103,7 +103,8 @@ def main() -> None:
         raise ConfigError(f"beam={beam}, nbest={nbest}: need beam >= 1 and 1 <= nbest <= beam")
     checkpoint = load_checkpoint(ckpt)
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)
-    dev, amp, _, _ = setup_device(device, dtype)
+    rt = setup(device, dtype)
+    dev, amp = rt.device, rt.amp
     model.to(dev).eval()
     log = lambda msg: print(msg, file=sys.stderr)   # noqa: E731 - stdout carries only translations
 

@@ -1,9 +1,14 @@
 """Shared by every test module: one throw-away cache folder for tokenized toy data, so the
-suite's many small training runs tokenize toy:reverse once instead of once per process."""
+suite's many small training runs tokenize toy:reverse once instead of once per process; and one
+thread per process (this one and the scripts it starts). The tests run tiny models, which gain
+nothing from a second thread, and threads that outnumber the cores stall each other: on a
+2-core machine with other jobs running, the default suite took 15 minutes with torch's 2 threads
+per process and 100 s with one."""
 import atexit
 import os
 import shutil
 import tempfile
 
+os.environ["OMP_NUM_THREADS"] = "1"      # read by torch when it is imported, here and in subprocesses
 os.environ["NMT_TEST_CACHE"] = tempfile.mkdtemp(prefix="nmt-tests-")
 atexit.register(shutil.rmtree, os.environ["NMT_TEST_CACHE"], ignore_errors=True)

@@ -9,12 +9,15 @@ MODE says where the N-th call (counted from 1 in this process) goes wrong:
     nan_loss    training loss calls N, N+1, ... return NaN (every step from then on is non-finite)
     nan_once    only training loss call N returns NaN
     disk_full   the N-th checkpoint write fails with ENOSPC (no space left on device)
+    skew_clock  every process but process 0 sees its clock N seconds ahead (for torchrun runs)
+Each process prints the step it stopped at when train.py returns.
 """
 import errno
 import io
 import os
 import signal
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -74,7 +77,17 @@ elif mode in ("kill_save", "disk_full"):
         f.flush()
         die()
     torch.save = save
+elif mode == "skew_clock":
+    if os.environ.get("RANK", "0") != "0":
+        real_time = time.time
+        time.time = lambda: real_time() + n
 else:
     raise SystemExit(f"unknown mode {mode}")
 
-train.main_guard(train.main, train.DataError)
+
+def main():
+    run = train.main()
+    print(f"process {os.environ.get('RANK', 0)} stopped at step {run.step}", flush=True)
+
+
+train.main_guard(main, train.DataError)

@@ -51,6 +51,16 @@ def test_sdpa_and_math_paths_agree():
     assert torch.allclose(tiny(attn_impl="sdpa")(src, tgt), tiny(attn_impl="math")(src, tgt), atol=1e-5)
 
 
+def test_attention_auto_is_the_explicit_softmax_on_a_cpu(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    src, tgt = batch()
+    auto = tiny(attn_impl="auto")(src, tgt)
+    assert not calls                                  # 'auto' on a CPU: math (SDPA's backward was slower here)
+    assert torch.allclose(auto, tiny(attn_impl="sdpa")(src, tgt), atol=1e-5) and calls
+
+
 def test_decode_step_with_cache_equals_full_forward():
     model = tiny()
     src, tgt = batch()

@@ -110,3 +110,27 @@ def test_prune_sweep_draws_the_tradeoff_and_refuses_to_plot_absent_heads(toy_mod
             assert plot.returncode == 0 and png.exists(), plot.stderr
         else:                                                    # all gone: a clear refusal, not a crash
             assert plot.returncode == 2 and "cross-attention heads were all pruned" in plot.stderr
+
+
+def test_ddp_trains_a_model_whose_attention_layers_were_pruned_away(tmp_path):
+    """A layer with no heads left keeps empty weights (and, with pre-LN, a norm whose output
+    nothing reads): DDP fails at its second step when a trainable parameter gets no gradient."""
+    import torch.distributed as dist
+
+    import train
+    from runtime import Runtime
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(src_vocab=V, tgt_vocab=V, pad_id=PAD, d_model=32, n_head=4, n_enc_layer=2,
+                                          n_dec_layer=2, d_ff=64, dropout=0.0, enc_self_heads=[2, 0],
+                                          dec_self_heads=[0, 4], dec_cross_heads=[4, 0]), verbose=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        rt = Runtime("cpu", "float32", rank=0, world_size=1)
+        optimizer = train.make_optimizer(model, train.DEFAULTS)
+        src, tgt = batch()
+        for _ in range(3):
+            out = train.train_step(wrapped, optimizer, None, [(src, tgt, tgt)], PAD, train.DEFAULTS, rt)
+            assert out["update"] == "done"
+    finally:
+        dist.destroy_process_group()
