@@ -5,16 +5,19 @@ nothing else (STYLE.md). A checkpoint holds:
     model                the weights (state_dict)
     tokenizers           source/target tokenizer state (merges or characters), no side files
     data_config, train_config   how the data was prepared and every training knob
-    step, epoch, batch_in_epoch, minutes, best_bleu   where the run stands (the learning rate is
-                         a function of these, so they are the scheduler state)
+    step, epoch, ...     where the run stands (train.RunState; the learning rate is a function
+                         of it, so it is the scheduler state)
     optimizer, scaler    optimizer moments, fp16 loss scale (random draws are seeded per step:
                          no generator state is needed to resume exactly)
     gated                attention types carrying L0 gates (prune.py's checkpoints while gating)
 Written atomically (temporary file, then rename); read with torch.load(weights_only=True), which
-accepts tensors and plain Python data and refuses anything that would run code.
+accepts tensors and plain Python data and refuses anything that would run code. Averaging the
+weights of several checkpoints of one run (`python checkpoint.py --average=... --out=avg.pt`)
+makes one more.
 """
 
 import contextlib
+import glob
 import importlib
 import os
 from dataclasses import asdict, fields
@@ -152,3 +155,58 @@ def data_of_checkpoint(ckpt: dict, dataset: str = "", verbose: bool = True):
     if dataset:
         cfg.dataset = dataset
     return load_data(cfg, verbose=verbose)
+
+
+def keep_snapshot(out_dir: str, checkpoint: dict, step: int, keep: int) -> None:
+    """Write a weights-only checkpoint to out_dir/snapshots/step_<step>.pt and delete all but the
+    last `keep` snapshots, and any of later steps (left by a run that was killed and is now
+    resumed from an earlier checkpoint: it writes them again). train.py averages them at the end."""
+    os.makedirs(os.path.join(out_dir, "snapshots"), exist_ok=True)
+    save_checkpoint(os.path.join(out_dir, "snapshots", f"step_{step:07d}.pt"), checkpoint)
+    up_to_now = [path for s, path in snapshots(out_dir) if s <= step]
+    later = [path for s, path in snapshots(out_dir) if s > step]
+    for path in up_to_now[:-keep] + later:
+        os.remove(path)
+
+
+def snapshots(out_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of a run's snapshots, oldest first."""
+    folder = os.path.join(out_dir, "snapshots")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("step_")) if os.path.isdir(folder) else []
+    return [(int(n[5:-3]), os.path.join(folder, n)) for n in names]
+
+
+def average_checkpoints(paths: list[str]) -> dict:
+    """The first checkpoint, with its weights replaced by the mean of every checkpoint's weights
+    (and no optimizer state). The checkpoints of the last epochs of a run sit around one minimum,
+    each pushed off it by the noise of its last updates; their mean sits closer (Vaswani et al.
+    2017 average the last 5-20; Izmailov et al. 2018 explain why). They must share one model config."""
+    if not paths:
+        raise ConfigError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    total = {k: v.double() for k, v in first["model"].items() if v.is_floating_point()}
+    for path in paths[1:]:
+        other = load_checkpoint(path)
+        if other["model_config"] != first["model_config"] or other["kind"] != first["kind"]:
+            raise ConfigError(f"'{path}' holds another model than '{paths[0]}': only checkpoints of one run average")
+        for k in total:
+            total[k] += other["model"][k].double()
+    weights = {k: (total[k] / len(paths)).to(v.dtype) if k in total else v for k, v in first["model"].items()}
+    keep = ("kind", "model_config", "tokenizers", "data_config", "train_config", "gated", "step")
+    return {**{k: first[k] for k in keep if k in first}, "model": weights, "averaged": list(paths)}
+
+
+if __name__ == "__main__":
+    # python checkpoint.py --average="out/multi30k/snapshots/*.pt" --out=out/multi30k/avg.pt
+    from configurator import configure, main_guard
+
+    def main():
+        knobs = {"average": "", "out": ""}   # checkpoints to average (comma-separated paths or globs); the result
+        configure(knobs, doc_files=(__file__,))
+        paths = sorted(p for pattern in knobs["average"].split(",") if pattern for p in glob.glob(pattern.strip()))
+        if not paths or not knobs["out"]:
+            raise ConfigError("give --average=PATHS (comma-separated paths or globs) and --out=FILE")
+        save_checkpoint(knobs["out"], average_checkpoints(paths))
+        print(f"averaged {len(paths)} checkpoints into {knobs['out']}:\n  " + "\n  ".join(paths))
+
+    main_guard(main)

@@ -15,8 +15,9 @@ with temperature, ensembles.
 """
 
 import numpy as np
-import sacrebleu
 import torch
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.significance import PairedTest
 
 
 def max_target_len(src_len: int, a: float = 1.5, b: int = 10) -> int:
@@ -215,8 +216,32 @@ def translate(model, src_tok, tgt_tok, sentences: list[str], **kwargs) -> list[s
 
 
 def score(hypotheses: list[str], references: list[str]) -> dict:
-    """Corpus sacreBLEU (13a tokenisation, cased) and chrF, with their signatures."""
-    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
-    b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])
-    return {"bleu": b.score, "chrf": c.score, "bleu_str": str(b), "chrf_str": str(c),
-            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+    """Corpus sacreBLEU with its 13a tokenisation on detokenized text: cased (this project's
+    headline) and lower-cased (`bleu_lc`, close to how published Multi30k results are scored:
+    lower-cased, Moses-tokenized references), and chrF; each with its signature."""
+    metrics = {"bleu": BLEU(), "bleu_lc": BLEU(lowercase=True), "chrf": CHRF()}
+    out = {}
+    for name, metric in metrics.items():
+        result = metric.corpus_score(hypotheses, [references])
+        out.update({name: result.score, f"{name}_str": str(result), f"{name}_signature": str(metric.get_signature())})
+    return out
+
+
+def paired_bootstrap(baseline: list[str], system: list[str], references: list[str], samples: int = 1000) -> dict:
+    """Is `system`'s BLEU different from `baseline`'s on these sentences, or could the difference
+    be luck? Paired bootstrap resampling (Koehn 2004) as sacreBLEU implements it: draw `samples`
+    test sets of the same size from the sentences, with replacement (the same draws for both
+    systems), and score both on each. The absolute differences over the draws, shifted to mean 0,
+    stand for chance; the p-value is the share of them above the real absolute difference,
+    (count + 1) / (samples + 1), a two-sided test: below 0.05 the difference is significant at
+    the usual level. Returns both cased BLEU scores (the system's with its 95% interval), the
+    difference, the p-value and sacreBLEU's signature (with its seed, 12345 by default)."""
+    metric = BLEU(references=[references])
+    if list(baseline) == list(system):      # sacreBLEU would say p = 1 / (samples + 1): no difference is no evidence
+        s = metric.corpus_score(system, None).score
+        return {"baseline": s, "system": s, "system_ci": 0.0, "difference": 0.0, "p_value": 1.0, "signature": ""}
+    signature, results = PairedTest([("baseline", baseline), ("system", system)], {"BLEU": metric}, references=None,
+                                    test_type="bs", n_samples=samples)()
+    base, sys_ = results["BLEU"]
+    return {"baseline": base.score, "system": sys_.score, "system_ci": float(sys_.ci),
+            "difference": sys_.score - base.score, "p_value": float(sys_.p_value), "signature": str(signature["BLEU"])}

@@ -130,6 +130,14 @@ class Runtime:
         minutes, stops = self.all_sum(shared).tolist()
         return minutes, stops > 0
 
+    def from_master(self, values: list[float]) -> list[float]:
+        """Process 0's values on every process (one broadcast; the others wait for process 0)."""
+        if self.world_size == 1:
+            return values
+        shared = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.broadcast(shared, src=0)
+        return shared.tolist()
+
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

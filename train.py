@@ -2,14 +2,15 @@
 Train a translation model: `python train.py config/transformer_multi30k.py [--key=value ...]`.
 
 One loop for every model (arch = 'transformer' | 'rnn' is read only to construct it): token-
-budget batches (batching.py), AdamW with a one-cycle learning rate (linear warm-up, cosine,
-linear or exponential decay), label smoothing (loss.py), gradient clipping and accumulation,
+budget batches (batching.py), AdamW or Lion (optimizers.py) with a one-cycle learning rate
+(linear warm-up, cosine, linear or exponential decay), label smoothing (loss.py), gradient clipping and accumulation,
 bf16 or fp16 autocast (runtime.py), validation loss + BLEU/chrF, self-contained checkpoints that
 resume exactly, DDP under torchrun. Read it top to bottom: where a run stands (RunState), one
 optimizer step (train_step), the loop that sequences steps, logs, evaluations and checkpoints
 (train_loop), then main(). It also shows what goes wrong early: the loss at step 0 next to
-ln(V), gradient norms per side, an overfit-one-batch mode, toy copy/reverse tasks.
-prune.py reuses train_loop with a penalty. Leaves out: model averaging, early stopping.
+ln(V), gradient norms per side, an overfit-one-batch mode, toy copy/reverse tasks. Optional:
+early stopping on validation BLEU, averaging the weights of the last snapshots (avg.pt).
+prune.py reuses train_loop with a penalty. Leaves out: exponential moving averages, curricula.
 """
 
 import contextlib
@@ -22,12 +23,13 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from batching import TrainBatches, collate, make_batches
-from checkpoint import (build_model, checkpoint_of, load_checkpoint, model_config_from, model_from_checkpoint,
-                        save_checkpoint)
+from checkpoint import (average_checkpoints, build_model, checkpoint_of, keep_snapshot, load_checkpoint,
+                        model_config_from, model_from_checkpoint, save_checkpoint, snapshots)
 from configurator import ConfigError, configure, main_guard
 from data import DATA_KEYS, DataConfig, DataError, load_data
 from decoding import score, translate
 from loss import sequence_loss
+from optimizers import make_optimizer
 from runlog import Interval, RunLog, SpikeWatch, log_step, plot_log, printable, progress_bar
 from runtime import Runtime, StopSignals, setup
 
@@ -78,13 +80,14 @@ bidirectional = False  # RNN encoder reads the source in both directions
 attention = "none"  # RNN attention: 'none' (bottleneck), 'dot' (Luong), 'additive' (Bahdanau)
 teacher_forcing = 1.0  # RNN: probability of feeding the true previous token in training
 # optimisation
+optimizer = "adamw"  # 'adamw' or 'lion' (Chen et al. 2023: wants a 3-10x lower learning_rate, higher weight_decay)
 learning_rate = 1e-3  # peak learning rate of the one-cycle schedule
 min_lr = 1e-5  # learning rate at the end of the decay
 warmup_frac = 0.3  # share of the run spent warming up linearly from 0 to learning_rate
 decay = "cosine"  # decay after the warm-up: 'cosine', 'linear' or 'exp' (geometric, to min_lr)
-weight_decay = 0.01  # AdamW decoupled weight decay
-beta1 = 0.9  # AdamW beta1
-beta2 = 0.98  # AdamW beta2
+weight_decay = 0.01  # decoupled weight decay (not on biases, norms, gates)
+beta1 = 0.9  # AdamW: first-moment decay; Lion: how much momentum the update's sign reads
+beta2 = 0.98  # AdamW: second-moment decay; Lion: momentum decay (the paper uses 0.99)
 grad_clip = 1.0  # clip the total gradient norm to this (0 = off)
 label_smoothing = 0.1  # epsilon of label smoothing (Szegedy et al. 2016)
 grad_accum = 1  # batches per optimizer step
@@ -94,6 +97,10 @@ spike_factor = 2.0  # warn when a step's loss exceeds this multiple of its runni
 max_iters = 0  # optimizer steps (0 = no limit)
 max_epochs = 0.0  # passes over the training data (0 = no limit)
 max_minutes = 0.0  # wall-clock training budget (0 = no limit)
+patience = 0  # early stopping: stop after this many evaluations in a row without a better validation BLEU (0 = off)
+# checkpoint averaging
+average_last = 0  # > 1: at the end, also write avg.pt, the mean weights of the last N snapshots, and validate it
+average_every = 0  # steps between the snapshots kept for averaging, in out_dir/snapshots (0 = eval_interval)
 # debugging
 overfit_batches = 0  # > 0: train on the first N batches only, unshuffled, no dropout or smoothing
 # -----------------------------------------------------------------------------
@@ -123,6 +130,7 @@ class RunState:
     batch_in_epoch: int = 0     # batches of that epoch already taken
     minutes: float = 0.0        # training time so far (process 0's clock)
     best_bleu: float = -1.0     # best validation BLEU so far
+    evals_without_gain: int = 0  # evaluations since the best one (early stopping: the run stops at patience)
     bad_steps: int = 0          # non-finite steps in a row (the run stops at max_bad_steps)
 
     @classmethod
@@ -132,20 +140,6 @@ class RunState:
 
 # -----------------------------------------------------------------------------
 # the pieces of a step
-
-def make_optimizer(model, cfg: dict, lr_scale: dict | None = None) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) on the trainable parameters. No weight decay on 1-d
-    parameters (biases, LayerNorm gains, gate logits). lr_scale {name suffix: multiplier}: groups
-    that learn at a multiple of the schedule's rate (prune.py's gate logits)."""
-    groups = {}                               # (weight decay?, lr multiplier) -> parameters
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            scale = next((m for suffix, m in (lr_scale or {}).items() if name.endswith(suffix)), 1.0)
-            groups.setdefault((p.dim() >= 2, scale), []).append(p)
-    return torch.optim.AdamW([{"params": ps, "weight_decay": cfg["weight_decay"] if decays else 0.0,
-                               "lr_scale": scale} for (decays, scale), ps in groups.items()],
-                             lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=True)
-
 
 def lr_at(progress: float, cfg: dict) -> float:
     """One-cycle schedule (Smith 2018): warm up linearly, then anneal to min_lr.
@@ -166,6 +160,20 @@ def lr_at(progress: float, cfg: dict) -> float:
     if cfg["decay"] == "cosine":
         return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * x))
     raise ConfigError(f"decay='{cfg['decay']}' is not known: use 'cosine', 'linear' or 'exp'")
+
+
+def stop_reason(run: RunState, epochs: float, cfg: dict) -> str:
+    """Why the run stops now ('' = it goes on): a limit that is set, or early stopping."""
+    if cfg["max_iters"] and run.step >= cfg["max_iters"]:
+        return f"max_iters={cfg['max_iters']} steps done"
+    if cfg["max_epochs"] and epochs >= cfg["max_epochs"]:
+        return f"max_epochs={cfg['max_epochs']:g} epochs done"
+    if cfg["max_minutes"] and run.minutes >= cfg["max_minutes"]:
+        return f"max_minutes={cfg['max_minutes']:g} minutes done"
+    if cfg["patience"] and run.evals_without_gain >= cfg["patience"]:
+        return (f"early stopping: no better validation BLEU in {run.evals_without_gain} evaluations "
+                f"(best {run.best_bleu:.2f})")
+    return ""
 
 
 def run_progress(step: int, epochs: float, minutes: float, cfg: dict) -> float:
@@ -272,7 +280,8 @@ def evaluate(model, data, batch_tokens: int, rt: Runtime, split: str = "validati
     scores = score(hyps, sp.tgt_text[:n])
     model.train(was_training)
     loss = loss_sum / max(n_tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": scores["bleu"], "chrf": scores["chrf"],
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": scores["bleu"], "bleu_lc": scores["bleu_lc"],
+            "chrf": scores["chrf"],
             "sentences": n, "examples": [{"src": sp.src_text[i], "ref": sp.tgt_text[i], "hyp": hyps[i]}
                                          for i in range(min(n_examples, n))]}
 
@@ -300,25 +309,40 @@ def check_initial_loss(model, batch: tuple, pad_id: int, vocab_size: int, rt: Ru
 
 
 def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, penalty, save) -> None:
-    """Process 0 evaluates on the validation split, logs it with a few translations, updates
-    run.best_bleu and writes ckpt.pt, and best.pt when BLEU improved (not for a penalised run:
-    pruning's best-BLEU model would be its least pruned one); the others wait for it."""
+    """Process 0 evaluates on the validation split, logs it with a few translations, writes
+    ckpt.pt, and best.pt when BLEU improved (not for a penalised run: pruning's best-BLEU model
+    would be its least pruned one); run.best_bleu and run.evals_without_gain then hold on every process."""
     if rt.master:
         ev = evaluate(model, data, cfg["batch_tokens"], rt, n_sentences=cfg["eval_sentences"], beam=cfg["eval_beam"])
         extra = penalty.log(run.step) if penalty is not None else {}
         log.record("eval", f"eval step {run.step}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, "
-                   f"BLEU {ev['bleu']:.2f}, chrF {ev['chrf']:.2f} ({ev['sentences']} sentences)"
-                   + printable(extra, ", "), step=run.step, val_loss=ev["loss"], ppl=ev["ppl"],
-                   bleu=ev["bleu"], chrf=ev["chrf"], examples=ev["examples"], **extra)
+                   f"BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} "
+                   f"({ev['sentences']} sentences)"
+                   + printable(extra, ", "), step=run.step, val_loss=ev["loss"], ppl=ev["ppl"], bleu=ev["bleu"],
+                   bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], examples=ev["examples"], **extra)
         for ex in ev["examples"]:
             log.say(f"  src: {ex['src']}\n  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
         improved = ev["bleu"] > run.best_bleu
         run.best_bleu = max(run.best_bleu, ev["bleu"])
+        run.evals_without_gain = 0 if improved else run.evals_without_gain + 1
         save("ckpt.pt")
         if improved and penalty is None:
             save("best.pt")
-    if rt.world_size > 1:
-        torch.distributed.barrier()
+    run.best_bleu, evals = rt.from_master([run.best_bleu, run.evals_without_gain])
+    run.evals_without_gain = int(evals)
+
+
+def write_average(data, cfg: dict, rt: Runtime, log: RunLog) -> None:
+    """avg.pt: the mean weights of the last average_last snapshots, validated like the run itself."""
+    steps, paths = zip(*snapshots(cfg["out_dir"])[-cfg["average_last"]:])
+    averaged = average_checkpoints(list(paths))
+    save_checkpoint(os.path.join(cfg["out_dir"], "avg.pt"), averaged)
+    model = model_from_checkpoint(averaged)[0].to(rt.device)
+    ev = evaluate(model, data, cfg["batch_tokens"], rt, n_sentences=cfg["eval_sentences"], beam=cfg["eval_beam"])
+    log.record("average", f"avg.pt, the mean of {len(paths)} snapshots (steps {steps[0]}-{steps[-1]}): val loss "
+               f"{ev['loss']:.3f}, BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f}",
+               step=steps[-1], snapshots=len(paths), val_loss=ev["loss"], bleu=ev["bleu"], bleu_lc=ev["bleu_lc"],
+               chrf=ev["chrf"])
 
 
 class Diverged(Exception):
@@ -358,21 +382,28 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
                 raw, data.src_tok, data.tgt_tok, cfg, optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict() if scaler is not None else None, **asdict(run)))
 
+    def snapshot() -> None:                         # process 0 keeps these weights for averaging
+        if rt.master and cfg["average_last"] > 1:
+            keep_snapshot(cfg["out_dir"], checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, step=run.step),
+                          run.step, cfg["average_last"])
+
     model.train()
     if run.step == 0 and cfg["init_from"] == "scratch" and rt.master:
         check_initial_loss(raw, batches.next(RunState()), pad_id, data.tgt_tok.vocab_size, rt, log)
     if cfg["overfit_batches"] and run.step == 0:
         log.say(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, "
                 "dropout 0 and label smoothing 0: the loss should fall near zero")
-    spikes, interval, signalled = SpikeWatch(cfg["spike_factor"]), Interval(), False
+    spikes, interval = SpikeWatch(cfg["spike_factor"]), Interval()
     t_start = time.time() - 60 * run.minutes
     with StopSignals() as signals:
         while True:
             run.minutes, signalled = rt.agree((time.time() - t_start) / 60, bool(signals.received))
             epochs = batches.epochs_done(run)
-            if signalled or ((cfg["max_iters"] and run.step >= cfg["max_iters"])
-                             or (cfg["max_epochs"] and epochs >= cfg["max_epochs"])
-                             or (cfg["max_minutes"] and run.minutes >= cfg["max_minutes"])):
+            if signalled:                           # by this process or another
+                stop = f"received {signals.received or 'a signal (on another process)'}"
+            else:
+                stop = stop_reason(run, epochs, cfg)
+            if stop:
                 break
             lr = lr_at(run_progress(run.step, epochs, run.minutes, cfg), cfg)
             for group in optimizer.param_groups:
@@ -406,14 +437,20 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
                 interval = Interval()
             if run.step % cfg["eval_interval"] == 0:
                 validate(raw, data, cfg, rt, run, log, penalty, save)
+            if run.step % (cfg["average_every"] or cfg["eval_interval"]) == 0:
+                snapshot()
     if bar is not None:
         bar.close()
+    log.say(f"stopping: {stop}")
     if signalled:
-        log.say(f"stopping: received {signals.received or 'a stop signal (on another process)'}")
         save("ckpt.pt")
         log.say(f"saved {os.path.join(cfg['out_dir'], 'ckpt.pt')}; continue with --init_from=resume")
-    elif run.step % cfg["eval_interval"] != 0:
+        return run
+    if run.step % cfg["eval_interval"] != 0:
         validate(raw, data, cfg, rt, run, log, penalty, save)      # the final evaluation and checkpoint
+    snapshot()                                                     # the final weights are the last one
+    if cfg["average_last"] > 1 and rt.master:
+        write_average(data, cfg, rt, log)
     return run
 
 

@@ -154,3 +154,17 @@ def test_long_input_is_truncated_with_a_warning_naming_the_line():
     model, tok, warnings = tiny("transformer", V=13), CharTok(), []
     translate_nbest(model, tok, tok, ["12", "1" * 30], max_src_len=10, warn=warnings.append)
     assert len(warnings) == 1 and "line 2" in warnings[0] and "30 tokens" in warnings[0]
+
+
+def test_lower_cased_bleu_and_the_paired_bootstrap_test():
+    from decoding import paired_bootstrap, score
+    refs = [f"Sentence number {i} is about a Dog and {i % 7} cats" for i in range(200)]
+    lowered = score([r.lower() for r in refs], refs)
+    assert lowered["bleu_lc"] == pytest.approx(100) and lowered["bleu"] < 60
+    assert "case:lc" in lowered["bleu_lc_signature"] and "case:mixed" in lowered["bleu_signature"]
+    half_wrong = [r if i % 2 else "nothing of the kind" for i, r in enumerate(refs)]
+    test = paired_bootstrap(half_wrong, refs, refs)
+    assert test["difference"] > 30 and test["p_value"] < 0.01 and "bs:1000" in test["signature"]
+    one_word = refs[:-1] + [refs[-1].replace("Dog", "cow")]     # one word of 2,400: chance could do that
+    assert paired_bootstrap(refs, one_word, refs)["p_value"] > 0.05
+    assert paired_bootstrap(refs, refs, refs)["p_value"] == 1.0  # identical outputs: no evidence of a difference

@@ -118,6 +118,7 @@ def test_ddp_trains_a_model_whose_attention_layers_were_pruned_away(tmp_path):
     import torch.distributed as dist
 
     import train
+    from optimizers import make_optimizer
     from runtime import Runtime
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(src_vocab=V, tgt_vocab=V, pad_id=PAD, d_model=32, n_head=4, n_enc_layer=2,
@@ -127,7 +128,7 @@ def test_ddp_trains_a_model_whose_attention_layers_were_pruned_away(tmp_path):
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
         rt = Runtime("cpu", "float32", rank=0, world_size=1)
-        optimizer = train.make_optimizer(model, train.DEFAULTS)
+        optimizer = make_optimizer(model, train.DEFAULTS)
         src, tgt = batch()
         for _ in range(3):
             out = train.train_step(wrapped, optimizer, None, [(src, tgt, tgt)], PAD, train.DEFAULTS, rt)

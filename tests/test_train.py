@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-import loss
 import train
+from loss import sequence_loss
+from optimizers import make_optimizer
 from helpers import ROOT, TINY, run, train_records
 
 def test_one_cycle_schedule():
@@ -54,7 +55,8 @@ def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_gr
     from decoding import translate_nbest
     checkpoint = load_checkpoint(str(tmp_path / "best.pt"))
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)
-    sources = data_of_checkpoint(checkpoint, "", verbose=False).splits["test"].src_text[:100]
+    test_split = data_of_checkpoint(checkpoint, "", verbose=False).splits["test"]
+    sources = test_split.src_text[:100]
     greedy = [found[0][1] for found in translate_nbest(model, src_tok, tgt_tok, sources)]
     beam = [found[0][1] for found in translate_nbest(model, src_tok, tgt_tok, sources, beam=4, alpha=0.0)]
     # beam search keeps the greedy path among its candidates unless it finds better ones
@@ -69,8 +71,11 @@ def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_gr
     assert [text for _, _, text in lines] == [text for found in expected for text, _ in found]
     assert lines[2][2] == "" and float(lines[0][1]) >= float(lines[1][1])
     assert plot.exists() and plot.stat().st_size > 10_000
-    scored = run("sample.py", f"--ckpt={ckpt}", "--split=test", "--scores")      # (beam search: the call above)
+    baseline = tmp_path / "baseline.txt"                      # a "system" that writes the references: BLEU 100
+    baseline.write_text("\n".join(test_split.tgt_text) + "\n")
+    scored = run("sample.py", f"--ckpt={ckpt}", "--split=test", "--scores", f"--compare={baseline}")
     assert "BLEU" in scored.stderr and "nrefs:1" in scored.stderr and "greedy" in scored.stderr
+    assert "case:lc" in scored.stderr and "vs 100.00" in scored.stderr and "p = " in scored.stderr
     assert len(scored.stdout.splitlines()) == 500
     assert all(float(line.split("\t")[0]) <= 0 for line in scored.stdout.splitlines())
 
@@ -231,7 +236,7 @@ def tiny_step(dtype):
                                           n_dec_layer=1, d_ff=32, dropout=0.0), verbose=False)
     src, tgt_in, tgt_out = (torch.randint(3, 12, (4, 5)) for _ in range(3))
     tgt_out[0, 3:] = 0                                                   # some padding
-    return model, train.make_optimizer(model, train.DEFAULTS), Runtime("cpu", dtype), [(src, tgt_in, tgt_out)]
+    return model, make_optimizer(model, train.DEFAULTS), Runtime("cpu", dtype), [(src, tgt_in, tgt_out)]
 
 
 def test_fp16_overflow_is_routine_and_a_non_finite_loss_is_a_bad_step():
@@ -244,7 +249,7 @@ def test_fp16_overflow_is_routine_and_a_non_finite_loss_is_a_bad_step():
     assert out["update"] == "overflow" and math.isfinite(out["loss"]) and not math.isfinite(out["gnorm"])
     assert scaler.get_scale() == 2.0 ** 15                             # halved from 2^16 ...
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # ... and nothing updated
-    nan_loss = lambda *args: loss.sequence_loss(*args) * float("nan")   # noqa: E731
+    nan_loss = lambda *args: sequence_loss(*args) * float("nan")   # noqa: E731
     out = train.train_step(model, optimizer, scaler, batches, 0, train.DEFAULTS, rt, loss_fn=nan_loss)
     assert out["update"] == "skipped"
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -279,3 +284,23 @@ def test_initial_loss_check_warns_for_overconfident_first_guesses(tmp_path, caps
         model.tgt_embed.weight.mul_(10)                                   # tied: logits 10x too large
     train.check_initial_loss(model, batches[0], 0, 12, rt, log)
     assert "more than 1 nat away from ln(V)" in capsys.readouterr().out
+
+
+def test_early_stopping_and_the_average_of_the_last_snapshots(tmp_path):
+    # a learning rate of ~0: validation BLEU cannot improve after the first evaluation
+    out = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=2", "--eval_sentences=10",
+              "--learning_rate=1e-12", "--min_lr=1e-12", "--patience=2", "--average_last=2", "--average_every=3")
+    assert "early stopping: no better validation BLEU in 2 evaluations" in out.stdout
+    evals = train_records(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [2, 4, 6] and all("bleu_lc" in r for r in evals)
+    from checkpoint import average_checkpoints, load_checkpoint, snapshots
+    kept = snapshots(str(tmp_path))
+    assert [s for s, _ in kept] == [3, 6]                       # every 3 steps, the last 2 kept; 6 = the end
+    avg, (a, b) = load_checkpoint(str(tmp_path / "avg.pt")), (load_checkpoint(p) for _, p in kept)
+    for k, v in avg["model"].items():
+        assert torch.allclose(v, (a["model"][k] + b["model"][k]) / 2), k
+    assert avg["model"].keys() == average_checkpoints([p for _, p in kept])["model"].keys()
+    assert train_records(tmp_path, "average")[0]["snapshots"] == 2
+    cli = run("checkpoint.py", f"--average={tmp_path}/snapshots/*.pt", f"--out={tmp_path / 'cli.pt'}")
+    assert "averaged 2 checkpoints" in cli.stdout
+    assert all(torch.equal(v, load_checkpoint(str(tmp_path / "cli.pt"))["model"][k]) for k, v in avg["model"].items())
