@@ -1,0 +1,188 @@
+"""
+What attention heads do. The head roles of Voita et al. 2019 ("Analyzing Multi-Head
+Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned"): confidence,
+positional, rare-token, measured on a split read with teacher forcing.
+Leaves out: Voita et al.'s syntactic heads (they need a parser).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from batching import collate, make_batches
+
+KINDS = ("enc", "dec", "cross")   # encoder self, decoder self, cross-attention: Transformer.attention_modules()
+MEASURES = ("confidence", "positional", "rare_token")   # the panels of the figure; also positional_prev/_next
+
+
+# -----------------------------------------------------------------------------
+# recording attention
+
+def split_batches(split, src_tok, tgt_tok, batch_tokens: int, shuffle: bool = False, seed: int = 0,
+                  max_batches: int = 0):
+    """(src, tgt_in, tgt_out) batches of a data.Split: length-sorted (shuffle=False) as in
+    train.py's evaluate, or in a seeded random order; max_batches > 0 stops early."""
+    batches = make_batches(split.src_lens, split.tgt_lens, batch_tokens, shuffle=shuffle, seed=seed)
+    for idx in batches[:max_batches] if max_batches > 0 else batches:
+        yield collate(split, idx, src_tok, tgt_tok)
+
+
+def head_counts(model) -> dict[str, list[int]]:
+    """{kind: [heads per layer]} of every attention type of a Transformer."""
+    return {kind: [m.n_head for m in layers] for kind, layers in model.attention_modules().items()}
+
+
+@torch.no_grad()
+def record_attention(model, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Teacher-forced pass over src (B, S), tgt_in (B, T) -> {'enc': [(B, H, S, S) per layer],
+    'dec': [(B, H, T, T)], 'cross': [(B, H, T, S)]}: the attention weights of every head, queries
+    by keys; padded keys get 0, each real query's row sums to 1. A module pruned to 0 heads
+    gives a (B, 0, ., .) tensor."""
+    modules = model.attention_modules()
+    for layers in modules.values():
+        for m in layers:
+            m.record_weights, m.last_weights = True, None
+    try:
+        model(src, tgt_in)
+    finally:
+        for layers in modules.values():
+            for m in layers:
+                m.record_weights = False
+    B, S, T = src.shape[0], src.shape[1], tgt_in.shape[1]
+    shape = {"enc": (S, S), "dec": (T, T), "cross": (T, S)}
+    return {kind: [m.last_weights if m.n_head else src.new_zeros((B, 0, *shape[kind]), dtype=torch.float)
+                   for m in layers] for kind, layers in modules.items()}
+
+
+# -----------------------------------------------------------------------------
+# the head roles, on plain tensors. Each returns per-head sums and counts so that a split can be
+# added up batch by batch: the measure is sum / count over the whole split.
+# Notation: a[b, h, t, s] the weight of query t on key s; "real" = not padding.
+
+def confidence_sums(weights: torch.Tensor, query_real: torch.Tensor,
+                    key_eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """confidence_h = mean over real queries (b, t) of max_{s: key s is not <eos>} a[b, h, t, s].
+
+    weights (B, H, T, S); query_real (B, T) bool; key_eos (B, S) bool, True at <eos> keys.
+    Returns ((H,) sum of the maxima, (H,) number of queries). Voita et al. leave <eos> out; we
+    read that as <eos> the key, not the query: a head with nothing to do parks its attention on
+    <eos> (as BERT's heads do on [SEP], Clark et al. 2019), and counting that weight would call
+    an idle head confident. Example: one query, weights [0.7 on <eos>, 0.2, 0.1] -> 0.2.
+    Uniform attention over S keys without <eos> gives 1/S, a one-hot head 1."""
+    top = weights.masked_fill(key_eos[:, None, None, :], 0.0).amax(dim=-1)   # (B, H, T)
+    q = query_real[:, None, :].to(top.dtype)                                  # (B, 1, T)
+    return (top * q).sum(dim=(0, 2)), q.sum().expand(weights.shape[1])
+
+
+def positional_sums(weights: torch.Tensor, real: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Self-attention only (queries and keys are the same positions). For offset d in (-1, +1):
+
+        share_h(d) = #{real queries t with a real key t + d, argmax_s a[b, h, t, s] = t + d}
+                     / #{real queries t with a real key t + d}
+
+    so the first token does not count against "previous" nor the last against "next": a head
+    that always looks at the previous token scores exactly 1. Ties go to the first key.
+    weights (B, H, T, T); real (B, T) bool. Returns {'prev': (hits, count), 'next': (hits, count)},
+    each (H,). The argmax runs over every real key, <eos> included. Voita et al. call a head
+    positional when either share is at least 0.9."""
+    H, T = weights.shape[1], weights.shape[2]
+    best = weights.argmax(dim=-1)                                  # (B, H, T) key with the largest weight
+    t = torch.arange(T, device=weights.device)
+    out = {}
+    for name, d in (("prev", -1), ("next", 1)):
+        has = real & torch.roll(real, -d, dims=1)                  # (B, T): key t + d exists and is real ...
+        has &= (t + d >= 0) & (t + d < T)                          # ... and roll did not wrap around
+        hit = (best == t + d) & has[:, None, :]                    # (B, H, T)
+        out[name] = (hit.sum(dim=(0, 2)), has.sum().expand(H))
+    return out
+
+
+def rare_token_sums(weights: torch.Tensor, query_real: torch.Tensor, key_freq: torch.Tensor,
+                    key_candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rare_h = share of sentences whose most-attended key is a rarest token of the sentence.
+
+    The most-attended key of sentence b is argmax_s sum_{real t} a[b, h, t, s] (the key that
+    receives the most attention over all the sentence's queries). The rarest tokens are the
+    candidate keys with the smallest training-set frequency; a hit is a most-attended key whose
+    frequency equals that minimum (so a repeated rare word counts at either place). <eos>, <bos>
+    and padding are no candidates: a head parked on <eos> is a miss, not a rare-token head.
+    weights (B, H, T, S); query_real (B, T) bool; key_freq (B, S) training counts of the key
+    tokens; key_candidate (B, S) bool. Returns ((H,) hits, (H,) sentences with a candidate)."""
+    received = (weights * query_real[:, None, :, None]).sum(dim=2)      # (B, H, S) attention each key gets
+    best = received.argmax(dim=-1)                                       # (B, H)
+    freq = key_freq.double().masked_fill(~key_candidate, math.inf)       # (B, S)
+    rarest = freq.min(dim=-1).values                                     # (B,)
+    has = torch.isfinite(rarest)                                         # (B,) some candidate key exists
+    hit = (freq.gather(1, best) == rarest[:, None]) & has[:, None]       # (B, H)
+    return hit.sum(dim=0), has.sum().expand(weights.shape[1])
+
+
+def token_counts(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """(V,) how often each token id occurs in a split's flat id array (its training frequency)."""
+    return torch.from_numpy(np.bincount(ids, minlength=vocab_size)).long()
+
+
+# which tokens the queries and the keys of each attention type are
+SIDES = {"enc": ("src", "src"), "dec": ("tgt", "tgt"), "cross": ("tgt", "src")}
+
+
+@torch.no_grad()
+def head_roles(model, data, split: str = "validation",
+               batch_tokens: int = 4000) -> dict[str, dict[str, list[list[float]]]]:
+    """The role measures of every head over a whole split (token frequencies from data's
+    'train' split): {measure: {kind: [[value per head] per layer]}}, measures 'confidence',
+    'positional' (the larger of 'positional_prev' and 'positional_next'), 'rare_token'.
+
+    Keys are source tokens for 'enc' and 'cross', target tokens (<bos> + words) for 'dec'.
+    Positional is NaN for 'cross' (query and key positions belong to different sentences, so
+    "the previous position" means nothing) and 'positional_next' is NaN for 'dec' (causal: it
+    can only look back). Decoder self-attention's first query sees only <bos>, so every head
+    has weight 1 there: its confidence leans up a little for short sentences."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    tok = {"src": data.src_tok, "tgt": data.tgt_tok}
+    train = data.splits["train"]
+    freq = {"src": token_counts(train.src_flat, tok["src"].vocab_size).to(device),
+            "tgt": token_counts(train.tgt_flat, tok["tgt"].vocab_size).to(device)}
+    sums = {}                                   # (measure, kind, layer) -> [hits (H,), count (H,)]
+
+    def add(key, hits_count):
+        old = sums.get(key, (0.0, 0.0))
+        sums[key] = tuple(o + x.double().cpu() for o, x in zip(old, hits_count))
+
+    for src, tgt_in, _ in split_batches(data.splits[split], tok["src"], tok["tgt"], batch_tokens):
+        ids = {"src": src.to(device), "tgt": tgt_in.to(device)}                       # (B, S), (B, T)
+        real = {s: ids[s] != tok[s].pad_id for s in ids}
+        eos = {s: ids[s] == tok[s].eos_id for s in ids}
+        candidate = {s: real[s] & (ids[s] != tok[s].bos_id) & ~eos[s] for s in ids}
+        for kind, layers in record_attention(model, ids["src"], ids["tgt"]).items():
+            q, k = SIDES[kind]
+            for i, w in enumerate(layers):
+                w = w.float()
+                add(("confidence", kind, i), confidence_sums(w, real[q], eos[k]))
+                add(("rare_token", kind, i), rare_token_sums(w, real[q], freq[k][ids[k]], candidate[k]))
+                if kind != "cross":
+                    for name, hits_count in positional_sums(w, real[q]).items():
+                        add((f"positional_{name}", kind, i), hits_count)
+    model.train(was_training)
+
+    n_heads = head_counts(model)
+
+    def value(measure, kind, i):
+        if (measure, kind, i) not in sums or (measure, kind) == ("positional_next", "dec"):
+            return [math.nan] * n_heads[kind][i]
+        hits, count = sums[(measure, kind, i)]
+        return [h / c if c > 0 else math.nan for h, c in zip(hits.tolist(), count.tolist())]
+
+    out = {m: {kind: [value(m, kind, i) for i in range(len(n_heads[kind]))] for kind in n_heads}
+           for m in ("confidence", "positional_prev", "positional_next", "rare_token")}
+    out["positional"] = {kind: [[nan_max(p, n) for p, n in zip(prev, nxt)]
+                                for prev, nxt in zip(out["positional_prev"][kind], out["positional_next"][kind])]
+                         for kind in n_heads}
+    return out
+
+
+def nan_max(a: float, b: float) -> float:
+    """max(a, b) where NaN means "not defined": the other value, or NaN if neither is."""
+    return a if math.isnan(b) else b if math.isnan(a) else max(a, b)
