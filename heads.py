@@ -1,16 +1,21 @@
 """
-What attention heads do. The head roles of Voita et al. 2019 ("Analyzing Multi-Head
-Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned"): confidence,
-positional, rare-token, measured on a split read with teacher forcing.
-Leaves out: Voita et al.'s syntactic heads (they need a parser).
+What attention heads do, and which to keep. The head roles of Voita et al. 2019 ("Analyzing
+Multi-Head Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned"):
+confidence, positional, rare-token, measured on a split read with teacher forcing. The head
+importance score of Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") and keeping
+exactly K heads by it or at random: prune.py's baselines for its L0 gates.
+Leaves out: Voita et al.'s syntactic heads (they need a parser) and Michel et al.'s iterative
+pruning (the scores are computed once, on the unpruned model).
 """
 
 import math
 
 import numpy as np
 import torch
+from torch import nn
 
 from batching import collate, make_batches
+from loss import sequence_loss
 
 KINDS = ("enc", "dec", "cross")   # encoder self, decoder self, cross-attention: Transformer.attention_modules()
 MEASURES = ("confidence", "positional", "rare_token")   # the panels of the figure; also positional_prev/_next
@@ -186,3 +191,110 @@ def head_roles(model, data, split: str = "validation",
 def nan_max(a: float, b: float) -> float:
     """max(a, b) where NaN means "not defined": the other value, or NaN if neither is."""
     return a if math.isnan(b) else b if math.isnan(a) else max(a, b)
+
+
+# -----------------------------------------------------------------------------
+# head importance (Michel et al. 2019)
+
+class HeadMask(nn.Module):
+    """xi: one multiplier per head, all ones, in MultiHeadAttention's head_gate slot. At xi = 1 the
+    model computes what it computed without it; its gradient says how much the loss leans on each head."""
+
+    def __init__(self, n_head: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.xi = nn.Parameter(torch.ones(n_head, dtype=dtype, device=device))
+
+    def forward(self) -> torch.Tensor:
+        return self.xi                                               # (H,)
+
+
+def head_importance(model, batches, pad_id: int, smoothing: float = 0.0, kinds: tuple | list = KINDS,
+                    normalize: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Michel et al.'s importance of every head of the given attention types: {kind: [(H,) per layer]}.
+
+        I_h = sum over batches x of | dL(x) / d xi_h |  at xi = 1     (Michel et al.'s E_x |dL(x)/d xi_h|,
+                                                                        per batch as in their code)
+        normalised per layer:  I_h / sqrt(sum_{h' in its layer} I_h'^2)   (their l2 normalisation by layer)
+
+    L(x) is the training loss of batch x (loss.sequence_loss with the given label smoothing,
+    divided by the batch's real target tokens); batches yields (src, tgt_in, tgt_out), moved to
+    the model's device here. Dropout
+    is off (the score describes the trained model, not a noisy copy of it). Only the masks get
+    gradients (torch.autograd.grad): the model's .grad stays untouched, and the masks are removed
+    afterwards, leaving the model as it was. A module whose head_gate slot is taken (an L0
+    gate) is refused: the score would mix the gate into what it measures."""
+    modules = {kind: model.attention_modules()[kind] for kind in kinds}
+    taken = [f"{kind} layer {i}" for kind, layers in modules.items() for i, m in enumerate(layers)
+             if m.head_gate is not None]
+    if taken:
+        raise ValueError(f"head_importance: {', '.join(taken)} already carry a head_gate: compute importance "
+                         "on the model before attaching gates")
+    masks = {kind: [HeadMask(m.n_head, m.out_proj.weight.dtype, m.out_proj.weight.device) for m in layers]
+             for kind, layers in modules.items()}
+    live = [mask.xi for layers in masks.values() for mask in layers if mask.xi.numel()]   # 0-head modules skip xi
+    scores = {kind: [torch.zeros_like(mask.xi) for mask in layers] for kind, layers in masks.items()}
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    try:
+        for kind, layers in modules.items():
+            for m, mask in zip(layers, masks[kind]):
+                m.head_gate = mask
+        for batch in batches:
+            src, tgt_in, tgt_out = (t.to(device) for t in batch)
+            n_tokens = int((tgt_out != pad_id).sum())
+            loss = sequence_loss(model(src, tgt_in), tgt_out, pad_id, smoothing) / max(n_tokens, 1)
+            grads = iter(torch.autograd.grad(loss, live))
+            for kind, layers in masks.items():
+                for i, mask in enumerate(layers):
+                    if mask.xi.numel():
+                        scores[kind][i] += next(grads).detach().abs()
+    finally:
+        for layers in modules.values():
+            for m in layers:
+                m.head_gate = None
+        model.train(was_training)
+    if normalize:
+        scores = {kind: [s / s.norm().clamp_min(1e-20) for s in layers] for kind, layers in scores.items()}
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# keeping exactly K heads. A keep-set is prune.prune_heads's format: {kind: [[kept head indices]
+# per layer]} for every attention type, types that are not pruned keeping all their heads.
+
+def _keep_set(n_heads: dict, kinds: tuple | list, chosen: set) -> dict[str, list[list[int]]]:
+    """The chosen (kind, layer, head) triples as a keep-set; kinds not in `kinds` keep every head."""
+    return {kind: [[h for h in range(n) if kind not in kinds or (kind, i, h) in chosen]
+                   for i, n in enumerate(layers)] for kind, layers in n_heads.items()}
+
+
+def _check_k(k: int, n_total: int, kinds: tuple | list) -> None:
+    if not 0 <= k <= n_total:
+        raise ValueError(f"keep k={k} heads: the {'+'.join(kinds)} attention has {n_total} heads, "
+                         f"so k must be between 0 and {n_total}")
+
+
+def top_k_heads(n_heads: dict, importance: dict, k: int) -> dict[str, list[list[int]]]:
+    """Keep the k heads of highest (layer-normalised) importance among the types importance
+    covers; ties go to the earlier type (enc, dec, cross order), layer, head, so equal scores give
+    the same keep-set on every run. n_heads: head_counts(model)."""
+    ranked = sorted(((-float(score), KINDS.index(kind), i, h) for kind, layers in importance.items()
+                     for i, scores in enumerate(layers) for h, score in enumerate(scores)))
+    _check_k(k, len(ranked), list(importance))
+    return _keep_set(n_heads, list(importance), {(KINDS[j], i, h) for _, j, i, h in ranked[:k]})
+
+
+def random_heads(n_heads: dict, kinds: tuple | list, k: int, seed: int) -> dict[str, list[list[int]]]:
+    """Keep k heads of the given types drawn uniformly at random (every k-subset equally likely:
+    the first k of a random permutation), reproducibly under a seed."""
+    candidates = [(kind, i, h) for kind in kinds for i, n in enumerate(n_heads[kind]) for h in range(n)]
+    _check_k(k, len(candidates), kinds)
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+    return _keep_set(n_heads, kinds, {candidates[j] for j in order[:k].tolist()})
+
+
+def gate_values(n_heads: dict, keep: dict) -> dict[str, list[torch.Tensor]]:
+    """Keep-set -> the 0/1 gate values prune.prune_heads takes: {kind: [(H,) 1 = kept per layer]}, so
+    that  prune_heads(model, gate_values(head_counts(model), keep))  removes every other head."""
+    return {kind: [torch.tensor([float(h in kept) for h in range(n)])
+                   for n, kept in zip(n_heads[kind], keep[kind])] for kind in keep}

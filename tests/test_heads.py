@@ -1,4 +1,5 @@
-"""heads.py: the role measures on hand-built attention maps, and the whole-split measures on a tiny model."""
+"""heads.py: importance against finite differences, exactly K heads kept, the role measures on
+hand-built attention maps, and the whole-split measures on a tiny model."""
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import heads
 from data import Data, Split
+from loss import sequence_loss
 from model_transformer import Transformer, TransformerConfig
 from tokenizer import CharTokenizer
 
@@ -122,3 +124,122 @@ def test_head_roles_do_not_depend_on_how_the_split_is_batched():
     assert all(math.isnan(v) for layer in small["positional"]["cross"] for v in layer)
     assert all(math.isnan(v) for layer in small["positional_next"]["dec"] for v in layer)
     assert small["positional"]["dec"] == small["positional_prev"]["dec"]
+
+
+# -----------------------------------------------------------------------------
+# importance
+
+class FixedMask(torch.nn.Module):
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def forward(self):
+        return self.values
+
+
+def test_importance_equals_finite_differences_summed_per_batch():
+    model = tiny(dtype=torch.float64)
+    data = toy_data()
+    bs = batches(data)[:3]
+    assert len(bs) == 3
+    before = model(*bs[0][:2])
+    got = heads.head_importance(model, bs, PAD, smoothing=0.1, normalize=False)
+
+    @torch.no_grad()
+    def loss(src, tgt_in, tgt_out):
+        n = (tgt_out != PAD).sum()
+        return float(sequence_loss(model(src, tgt_in), tgt_out, PAD, 0.1) / n)
+
+    eps, mixed_signs = 1e-5, 0
+    for kind, layers in model.attention_modules().items():
+        for i, m in enumerate(layers):
+            for h in range(m.n_head):
+                fd = signed = 0.0
+                for b in bs:                               # central difference per batch, |.| summed
+                    xi = torch.ones(m.n_head, dtype=torch.float64)
+                    xi[h] = 1 + eps
+                    m.head_gate = FixedMask(xi.clone())
+                    up = loss(*b)
+                    xi[h] = 1 - eps
+                    m.head_gate = FixedMask(xi.clone())
+                    slope = (up - loss(*b)) / (2 * eps)
+                    fd, signed = fd + abs(slope), signed + slope
+                m.head_gate = None
+                assert got[kind][i][h].item() == pytest.approx(fd, rel=1e-6, abs=1e-9), (kind, i, h)
+                mixed_signs += abs(signed) < 0.9 * fd
+    assert mixed_signs > 0     # the batches disagree for some head: |sum| instead of sum |.| would fail
+    # the masks are gone and the model computes what it computed before
+    assert all(m.head_gate is None for layers in model.attention_modules().values() for m in layers)
+    assert torch.equal(model(*bs[0][:2]), before) and not model.training
+    assert all(p.grad is None for p in model.parameters())
+    # per-layer l2 normalisation
+    norm = heads.head_importance(model, bs, PAD, smoothing=0.1)
+    for kind in got:
+        for raw, scaled in zip(got[kind], norm[kind]):
+            assert scaled.norm().item() == pytest.approx(1.0)
+            assert torch.allclose(scaled * raw.norm(), raw)
+
+
+def test_importance_of_a_pruned_model_and_a_gated_one():
+    model = tiny(n_head=2, enc_self_heads=[0, 2])          # encoder layer 0 lost every head
+    bs = batches(toy_data())[:1]
+    got = heads.head_importance(model, bs, PAD, kinds=["enc"])
+    assert got["enc"][0].shape == (0,) and got["enc"][1].shape == (2,)
+    model.attention_modules()["enc"][1].head_gate = FixedMask(torch.ones(2))
+    with pytest.raises(ValueError, match="enc layer 1"):
+        heads.head_importance(model, bs, PAD)
+
+
+# -----------------------------------------------------------------------------
+# keeping K heads
+
+N_HEADS = {"enc": [4, 4], "dec": [4, 4], "cross": [4, 4]}
+
+
+def n_kept(keep, kinds):
+    return sum(len(k) for kind in kinds for k in keep[kind])
+
+
+def test_top_k_keeps_the_k_most_important_and_ties_deterministically():
+    importance = {"enc": [torch.tensor([0.9, 0.1, 0.5, 0.5]), torch.tensor([0.3, 0.8, 0.5, 0.2])],
+                  "cross": [torch.tensor([0.7, 0.0, 0.0, 0.0]), torch.tensor([0.5, 0.1, 0.1, 0.6])]}
+    keep = heads.top_k_heads(N_HEADS, importance, 4)
+    assert keep == {"enc": [[0], [1]], "dec": [[0, 1, 2, 3], [0, 1, 2, 3]], "cross": [[0], [3]]}
+    # 0.5 appears four times: enc 0 heads 2, 3, enc 1 head 2, cross 1 head 0, taken in that order
+    assert heads.top_k_heads(N_HEADS, importance, 5)["enc"] == [[0, 2], [1]]
+    keep = heads.top_k_heads(N_HEADS, importance, 7)
+    assert keep["enc"] == [[0, 2, 3], [1, 2]] and keep["cross"] == [[0], [3]]
+    assert heads.top_k_heads(N_HEADS, importance, 8)["cross"] == [[0], [0, 3]]
+    for k in range(17):
+        assert n_kept(heads.top_k_heads(N_HEADS, importance, k), ["enc", "cross"]) == k
+    with pytest.raises(ValueError, match="between 0 and 16"):
+        heads.top_k_heads(N_HEADS, importance, 17)
+
+
+def test_random_heads_keeps_k_uniformly_and_reproducibly():
+    kinds = ["enc", "dec"]
+    for k in (0, 3, 16):
+        keep = heads.random_heads(N_HEADS, kinds, k, seed=0)
+        assert n_kept(keep, kinds) == k and keep["cross"] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert heads.random_heads(N_HEADS, kinds, 5, seed=1) == heads.random_heads(N_HEADS, kinds, 5, seed=1)
+    assert heads.random_heads(N_HEADS, kinds, 5, seed=1) != heads.random_heads(N_HEADS, kinds, 5, seed=2)
+    # every head is kept in about k / N of the draws (4 of 16 here)
+    counts = torch.zeros(2, 2, 4)
+    for seed in range(400):
+        keep = heads.random_heads(N_HEADS, kinds, 4, seed)
+        for j, kind in enumerate(kinds):
+            for i, kept in enumerate(keep[kind]):
+                counts[j, i, kept] += 1
+    assert ((counts / 400 - 0.25).abs() < 0.1).all()
+
+
+def test_gate_values_make_prune_heads_keep_exactly_the_keep_set():
+    import prune
+    model = tiny(n_head=4)
+    n_heads = heads.head_counts(model)
+    keep = heads.random_heads(n_heads, ["enc", "cross"], 5, seed=3)
+    pruned, kept = prune.prune_heads(model, heads.gate_values(n_heads, keep))
+    assert kept == keep
+    assert sum(pruned.cfg.enc_self_heads) + sum(pruned.cfg.dec_cross_heads) == 5
+    assert pruned.cfg.dec_self_heads == [4, 4]
