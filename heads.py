@@ -48,16 +48,16 @@ def record_attention(model, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str
     for layers in modules.values():
         for m in layers:
             m.record_weights, m.last_weights = True, None
+    B, S, T = src.shape[0], src.shape[1], tgt_in.shape[1]
+    shape = {"enc": (S, S), "dec": (T, T), "cross": (T, S)}
     try:
         model(src, tgt_in)
+        return {kind: [m.last_weights if m.n_head else src.new_zeros((B, 0, *shape[kind]), dtype=torch.float)
+                       for m in layers] for kind, layers in modules.items()}
     finally:
         for layers in modules.values():
             for m in layers:
-                m.record_weights = False
-    B, S, T = src.shape[0], src.shape[1], tgt_in.shape[1]
-    shape = {"enc": (S, S), "dec": (T, T), "cross": (T, S)}
-    return {kind: [m.last_weights if m.n_head else src.new_zeros((B, 0, *shape[kind]), dtype=torch.float)
-                   for m in layers] for kind, layers in modules.items()}
+                m.record_weights, m.last_weights = False, None    # the modules keep no batch in memory
 
 
 # -----------------------------------------------------------------------------
@@ -218,10 +218,9 @@ def head_importance(model, batches, pad_id: int, smoothing: float = 0.0, kinds: 
 
     L(x) is the training loss of batch x (loss.sequence_loss with the given label smoothing,
     divided by the batch's real target tokens); batches yields (src, tgt_in, tgt_out), moved to
-    the model's device here. Dropout
-    is off (the score describes the trained model, not a noisy copy of it). Only the masks get
-    gradients (torch.autograd.grad): the model's .grad stays untouched, and the masks are removed
-    afterwards, leaving the model as it was. A module whose head_gate slot is taken (an L0
+    the model's device here. Dropout is off (the score describes the trained model, not a noisy
+    copy of it). Only the masks get gradients (torch.autograd.grad): the model's .grad stays
+    untouched, and the masks are removed afterwards, leaving the model as it was. A module whose head_gate slot is taken (an L0
     gate) is refused: the score would mix the gate into what it measures."""
     modules = {kind: model.attention_modules()[kind] for kind in kinds}
     taken = [f"{kind} layer {i}" for kind, layers in modules.items() for i, m in enumerate(layers)
