@@ -3,12 +3,13 @@ What attention heads do, and which to keep. The head roles of Voita et al. 2019 
 Multi-Head Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned"):
 confidence, positional, rare-token, measured on a split read with teacher forcing. The head
 importance score of Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") and keeping
-exactly K heads by it or at random: prune.py's baselines for its L0 gates.
+exactly K heads by it or at random: prune.py's baselines for its L0 gates. A figure of it all.
 Leaves out: Voita et al.'s syntactic heads (they need a parser) and Michel et al.'s iterative
 pruning (the scores are computed once, on the unpruned model).
 """
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -297,3 +298,79 @@ def gate_values(n_heads: dict, keep: dict) -> dict[str, list[torch.Tensor]]:
     that  prune_heads(model, gate_values(head_counts(model), keep))  removes every other head."""
     return {kind: [torch.tensor([float(h in kept) for h in range(n)])
                    for n, kept in zip(n_heads[kind], keep[kind])] for kind in keep}
+
+
+def kept_vs_removed(roles: dict, keep: dict, kinds: tuple | list) -> dict[str, dict[str, float]]:
+    """Mean of each role measure over the kept and over the removed heads of the given types:
+    {measure: {'kept': mean, 'removed': mean}} (NaN entries, as cross-attention's positional, skipped)."""
+    out = {}
+    for measure in MEASURES:
+        groups = {"kept": [], "removed": []}
+        for kind in kinds:
+            for i, values in enumerate(roles[measure][kind]):
+                for h, v in enumerate(values):
+                    if not math.isnan(v):
+                        groups["kept" if h in keep[kind][i] else "removed"].append(v)
+        out[measure] = {g: float(np.mean(v)) if v else math.nan for g, v in groups.items()}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the figure
+
+def plot_heads(path: str, roles: dict, importance: dict | None = None, kept: dict | None = None) -> str:
+    """Layers x heads heatmaps, one panel per role measure (and one for the importance, if given),
+    with a marker on each head a pruning method kept (kept: {method name: keep-set}). Returns path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [kind for kind in KINDS if kind in roles["confidence"]]
+    rows = [(kind, i) for kind in kinds for i in range(len(roles["confidence"][kind]))]
+    n_cols = max([len(v) for kind in kinds for v in roles["confidence"][kind]] + [1])
+
+    def grid(values: dict) -> np.ndarray:                     # (layers of every type, heads), NaN = none
+        g = np.full((len(rows), n_cols), np.nan)
+        for r, (kind, i) in enumerate(rows):
+            if kind in values:
+                v = [float(x) for x in values[kind][i]]
+                g[r, :len(v)] = v
+        return g
+
+    panels = {m.replace("_", "-"): grid(roles[m]) for m in MEASURES}
+    if importance is not None:
+        panels["importance (layer-normalised)"] = grid(importance)
+    kept = kept or {}
+    n_heads = {kind: [len(v) for v in roles["confidence"][kind]] for kind in kinds}
+    pruned_kinds = {kind for keep in kept.values() for kind in kinds          # unpruned types get no markers
+                    if any(len(k) < n for k, n in zip(keep[kind], n_heads[kind]))}
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    colors = ["red", "white", "orange", "magenta", "cyan", "lime", "black", "pink"]
+    size = (len(panels) * (0.8 + 0.55 * n_cols) + 1.5, 1.4 + 0.4 * len(rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False, sharey=True)
+    for ax, (title, g) in zip(axes[0], panels.items()):
+        im = ax.imshow(np.ma.masked_invalid(g), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for r, c in zip(*np.nonzero(np.isfinite(g))):
+            ax.text(c, r - 0.2, f"{g[r, c]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if g[r, c] < 0.5 else "black")
+        for j, (name, keep) in enumerate(kept.items()):       # one marker per method, side by side in the cell
+            x_off = -0.35 + 0.7 * (j + 0.5) / len(kept)
+            pts = [(h + x_off, r + 0.25) for r, (kind, i) in enumerate(rows) if kind in pruned_kinds
+                   for h in keep[kind][i]]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=16, marker=markers[j % len(markers)],
+                       color=colors[j % len(colors)], edgecolors="black", linewidths=0.5, label=f"kept by {name}")
+        for r in range(1, len(rows)):                         # a line between attention types
+            if rows[r][0] != rows[r - 1][0]:
+                ax.axhline(r - 0.5, color="white", lw=2)
+        ax.set_xticks(range(n_cols))
+        ax.set_xlabel("head")
+        ax.set_title(title, fontsize=10)
+    axes[0][0].set_yticks(range(len(rows)), [f"{kind} layer {i}" for kind, i in rows])
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
+    if kept:
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", fontsize=7,
+                   ncol=min(len(kept), 4), bbox_to_anchor=(0.45, 0.0))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

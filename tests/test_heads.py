@@ -1,6 +1,7 @@
 """heads.py: importance against finite differences, exactly K heads kept, the role measures on
 hand-built attention maps, and the whole-split measures on a tiny model."""
 import math
+import os
 
 import pytest
 import torch
@@ -254,3 +255,22 @@ def test_gate_values_make_prune_heads_keep_exactly_the_keep_set():
     assert kept == keep
     assert sum(pruned.cfg.enc_self_heads) + sum(pruned.cfg.dec_cross_heads) == 5
     assert pruned.cfg.dec_self_heads == [4, 4]
+
+
+# -----------------------------------------------------------------------------
+# what the kept heads do, and the figure
+
+def test_kept_vs_removed_and_the_figure(tmp_path):
+    roles = {m: {"enc": [[0.9, 0.1], [0.5, 0.3]], "dec": [[1.0, 1.0], [1.0, 1.0]],
+                 "cross": [[math.nan, math.nan], [math.nan, math.nan]] if m == "positional" else [[0.2, 0.4], [0, 0]]}
+             for m in ("confidence", "positional", "rare_token")}
+    n_heads = {"enc": [2, 2], "dec": [2, 2], "cross": [2, 2]}
+    keep = {"enc": [[0], [0, 1]], "dec": [[0, 1], [0, 1]], "cross": [[1], []]}
+    means = heads.kept_vs_removed(roles, keep, ["enc", "cross"])
+    assert means["confidence"]["kept"] == pytest.approx((0.9 + 0.5 + 0.3 + 0.4) / 4)
+    assert means["confidence"]["removed"] == pytest.approx((0.1 + 0.2 + 0 + 0) / 4)
+    assert means["positional"]["kept"] == pytest.approx((0.9 + 0.5 + 0.3) / 3)   # cross-attention: NaN, left out
+    importance = {"enc": [torch.tensor([0.6, 0.8]), torch.tensor([1.0, 0.0])]}
+    kept = {"L0": keep, "random seed 0": heads.random_heads(n_heads, ["enc", "cross"], 3, seed=0)}
+    path = heads.plot_heads(str(tmp_path / "figs" / "heads.png"), roles, importance, kept)
+    assert path == str(tmp_path / "figs" / "heads.png") and os.path.getsize(path) > 10_000
