@@ -17,17 +17,6 @@ TOK = CharTokenizer(list("abcdefghijkl"))
 V = TOK.vocab_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and when the cores are busy with other work
-    every parallel op waits for a descheduled thread: the finite-difference test took 31 s with
-    two threads and 0.12 s with one on a 2-core machine running other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(n_head=2, dtype=torch.float32, **kw):
     torch.manual_seed(0)
     cfg = {"src_vocab": V, "tgt_vocab": V, "pad_id": PAD, "d_model": 32, "n_head": n_head, "n_enc_layer": 2,
