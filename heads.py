@@ -3,7 +3,8 @@ What attention heads do, and which to keep. The head roles of Voita et al. 2019 
 Multi-Head Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned"):
 confidence, positional, rare-token, measured on a split read with teacher forcing. The head
 importance score of Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") and keeping
-exactly K heads by it or at random: prune.py's baselines for its L0 gates. A figure of it all.
+exactly K heads by it or at random: prune.py's baselines for its L0 gates. The figures of
+pruning: the measures with the heads each method kept, the gates over a run, BLEU vs heads kept.
 Leaves out: Voita et al.'s syntactic heads (they need a parser) and Michel et al.'s iterative
 pruning (the scores are computed once, on the unpruned model).
 """
@@ -372,5 +373,90 @@ def plot_heads(path: str, roles: dict, importance: dict | None = None, kept: dic
                    ncol=min(len(kept), 4), bbox_to_anchor=(0.45, 0.0))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_gates(out_dir: str, history: list, gate_types: list[str], n_head: int) -> list[str]:
+    """prune.py's L0 gates over a run (history: their log records): a heatmap of P(gate open) per
+    layer x head at the end, its evolution (PNG frames + GIF), heads kept vs step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    def grid(p_open):              # rows = layers of every gated type, columns = heads
+        return np.array([row for kind in gate_types for row in p_open[kind]])
+
+    labels = [f"{kind} {i}" for kind in gate_types for i in range(len(history[0]["p_open"][kind]))]
+    frames_dir = os.path.join(out_dir, "gate_frames")
+    os.makedirs(frames_dir, exist_ok=True)
+    paths = []
+
+    def draw(ax, rec):
+        ax.clear()
+        im = ax.imshow(grid(rec["p_open"]), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xticks(range(n_head))
+        ax.set_xlabel("head")
+        ax.set_title(f"P(gate open), step {rec['step']}")
+        return im
+
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * n_head, 1 + 0.45 * len(labels)))
+    fig.colorbar(draw(ax, history[-1]), ax=ax)
+    fig.tight_layout()
+    for i, rec in enumerate(history):
+        draw(ax, rec)
+        path = os.path.join(frames_dir, f"gates_{i:04d}.png")
+        fig.savefig(path, dpi=80)
+    draw(ax, history[-1])
+    paths.append(os.path.join(out_dir, "gates_final.png"))
+    fig.savefig(paths[-1], dpi=90)
+    anim = FuncAnimation(fig, lambda i: draw(ax, history[i]), frames=len(history))
+    paths.append(os.path.join(out_dir, "gates.gif"))
+    anim.save(paths[-1], writer=PillowWriter(fps=4))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in gate_types:
+        ax.plot([r["step"] for r in history], [r["heads_open"][kind] for r in history], label=kind)
+    ax.set_xlabel("step")
+    ax.set_ylabel("heads open (eval gate > 0)")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "heads_vs_step.png"))
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def plot_tradeoff(out_dir: str, reports: list[dict], original_bleu: float) -> str:
+    """Test BLEU against the number of heads kept, one series per method (prune.py's run reports):
+    the trade-off curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, style in (("l0", "o-"), ("importance", "s--"), ("random", "^:")):
+        runs = sorted((r for r in reports if r["method"] == method), key=lambda r: r["heads"])
+        if not runs:
+            continue
+        counts = sorted({r["heads"] for r in runs})
+        means = [np.mean([r["pruned_test"]["bleu"] for r in runs if r["heads"] == k]) for k in counts]
+        line, = ax.plot(counts, means, style, label=method + (" (mean of seeds)" if method == "random" else ""))
+        if method == "random":
+            ax.scatter([r["heads"] for r in runs], [r["pruned_test"]["bleu"] for r in runs], s=10,
+                       color=line.get_color())
+        for r in runs:
+            if "lambda" in r:
+                ax.annotate(f"λ={r['lambda']:g}", (r["heads"], r["pruned_test"]["bleu"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+    ax.axhline(original_bleu, color="gray", ls="--", label="original model")
+    ax.set_xlabel(f"{'+'.join(reports[0]['gate_attn'])} heads kept")
+    ax.set_ylabel("test BLEU (greedy)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "tradeoff.png")
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

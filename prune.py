@@ -1,17 +1,23 @@
 """
-Prune attention heads with L0 gates (Voita et al. 2019, following Louizos et al. 2018):
+Prune attention heads, and check the choice against the simple alternatives:
 
-    python prune.py --lambda=0.05                          # the checkpoint of config/transformer_en_it.py
-    python prune.py --ckpt=out/multi30k/best.pt --lambda=0.01,0.05,0.1   # a sweep: trade-off curve
+    python prune.py --lambda=0.05                                      # L0 gates on config/transformer_en_it.py's model
+    python prune.py --ckpt=out/multi30k/best.pt --lambda=0.05,0.07,0.1 # a sweep: the trade-off curve
+    python prune.py --ckpt=out/multi30k/best.pt --heads=6              # ask for 6 heads instead of a lambda
+    python prune.py --ckpt=out/multi30k/best.pt --heads=10,6,3 --method=l0,importance,random --seeds=1,2,3
 
-1. attach a hard-concrete gate (gates.py) to every head of the chosen attention types;
-2. fine-tune model + gates on  cross-entropy + lambda * L0,  with train.py's own loop;
-   L0 = the expected number of open heads, summed over heads and averaged over gated layers
-   (Voita et al.'s normalisation), so lambda means "cost of one head in one layer";
-3. remove closed heads physically (slice q/k/v rows and out_proj columns; a layer with no head
-   left keeps only its output bias) and save a normal checkpoint that sample.py/train.py load;
-4. report heads kept, parameters, BLEU (original / gated / pruned) and decoding speed, with plots.
-Leaves out: pruning feed-forward units or whole layers.
+method l0 (Voita et al. 2019, with the hard-concrete gates of Louizos et al. 2018, gates.py):
+a gate on every head of the chosen attention types; model + gates fine-tuned on cross-entropy +
+lambda * L0 with train.py's own loop, L0 = the expected number of open heads, summed over the
+heads of a layer and averaged over the gated layers (so lambda is the cost of one head in one
+layer); then the closed heads are removed physically (rows of q/k/v_proj, columns of out_proj).
+With --heads=K, Lagrange multipliers replace lambda and steer the expected count to K (Wang et
+al. 2020), and the K most open heads are kept. Baselines at the same K and the same fine-tuning
+budget, after removal: importance (Michel et al. 2019, heads.py) and random (one run per seed).
+Every run ends as a normal checkpoint (pruned.pt) that sample.py and train.py load. Reported:
+heads kept, parameters, greedy BLEU (validation, test), decoding speed (l0), what each head of
+the original model does (heads.py: heads.png), and between methods paired-bootstrap p-values.
+Leaves out: pruning feed-forward units or whole layers, iterative pruning.
 """
 
 import json
@@ -22,32 +28,38 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+import heads as head_analysis
 from checkpoint import (attach_gates, build_model, checkpoint_of, data_of_checkpoint, load_checkpoint,
                         model_from_checkpoint, save_checkpoint)
 from configurator import ConfigError, configure, main_guard
 from data import DataError
-from decoding import length_sorted_batches, score, translate
+from decoding import length_sorted_batches, paired_bootstrap, score, translate
 from runtime import Runtime, setup
 from train import train_loop
 
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # the trained Transformer checkpoint to prune
 out_dir = ""  # run folder ('' = <checkpoint folder>/prune_<gate_attn>)
-l0_lambda = "0.05"  # penalty weight, --lambda=...; a comma-separated list runs a sweep
-gate_attn = "enc"  # attention types to gate, comma-separated: enc, dec, cross
+method = "l0"  # 'l0' (gates), 'importance' (Michel et al.), 'random'; comma-separated: compared at the same head counts
+l0_lambda = "0.05"  # l0: penalty weight, --lambda=...; a comma-separated list runs a sweep
+heads = ""  # keep exactly K heads of the pruned types (comma-separated Ks); '' = as many as the l0 runs keep
+seeds = "1,2,3"  # random: one run per seed
+gate_attn = "enc"  # attention types to prune, comma-separated: enc, dec, cross
 dataset = ""  # a local folder to read instead of the checkpoint's dataset (no network)
-learning_rate = 2e-4  # peak learning rate of the model weights while gating
+learning_rate = 2e-4  # peak learning rate of the model weights while gating or fine-tuning
 gate_lr = 0.05  # learning rate of the gate logits (they must travel far: ~5 units in log-odds)
 warmup_frac = 0.05  # share of the run spent warming up
-max_iters = 0  # optimizer steps per lambda (0 = use max_minutes)
-max_minutes = 8.0  # wall-clock budget per lambda
+max_iters = 0  # optimizer steps per run (0 = use max_minutes)
+max_minutes = 8.0  # wall-clock budget per run
 log_interval = 50  # steps between log lines
 eval_interval = 200  # steps between validation BLEU evaluations
-eval_sentences = 500  # validation sentences decoded during gating (0 = all)
-speed_repeats = 3  # speed measurements per model, original and pruned in turns (the median is reported)
+eval_sentences = 500  # validation sentences decoded while training (0 = all)
+importance_batches = 100  # importance: training batches the score is summed over
+roles = True  # measure what each head of the original model does (validation split) and draw heads.png
+speed_repeats = 3  # l0: decoding speed, original and pruned in turns, median of this many (0 = not measured)
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto', 'bfloat16', 'float16', 'float32'
-seed = 1337  # seeds the gate noise
+seed = 1337  # seeds the gate noise and the training batches of the importance score
 # -----------------------------------------------------------------------------
 KNOBS = [k for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (bool, int, float, str)]
 
@@ -59,6 +71,16 @@ def parse_lambdas(text: str) -> list[float]:
         raise ConfigError(f"--lambda={text}: give a number or a comma-separated list like 0.01,0.05") from None
     if not values or any(not (0 <= v < 100) for v in values):
         raise ConfigError(f"--lambda={text}: each value must be >= 0 and < 100 (Voita et al. use 0.01-0.1)")
+    return values
+
+
+def parse_ints(text: str, knob: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--{knob}={text}: give whole numbers, comma-separated, like 10,6,3") from None
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(f"--{knob}={text}: give at least one number, none negative")
     return values
 
 
@@ -109,12 +131,154 @@ def prune_heads(model, gate_values: dict):
     return pruned, keep
 
 
+class L0Penalty:
+    """The term train_loop adds to every step's loss, for gates {type: [gate per layer]}.
+
+    With a lambda:   lambda * L0,   L0 = the expected number of open heads (sum of P(gate open))
+                                    over the heads of a layer, averaged over the gated layers.
+    With a target of K heads (the Lagrangian relaxation of "keep K heads", Wang et al. 2020):
+        lambda_1 (s - t) + lambda_2 (s - t)^2,   s = expected share of gated heads open, t = K / gated heads,
+    where the multipliers lambda_1, lambda_2 rise by gradient ascent (their own Adam with
+    maximize=True, stepped at each call with the previous step's gradient): while more than K
+    heads are expected open the penalty grows until gates close, and below K lambda_1 turns
+    negative and lets heads reopen. The penalty also tells the loop what to log (kept in
+    `history` for the plots) and lets the gate logits learn gate_lr_scale times faster."""
+
+    def __init__(self, gates: dict, lam: float, gate_lr_scale: float, target: int | None = None,
+                 multiplier_lr: float = 0.05):
+        self.gates, self.lam, self.target = gates, lam, target
+        self.n_layers = sum(len(layers) for layers in gates.values())
+        self.n_heads = sum(g.log_alpha.numel() for layers in gates.values() for g in layers)
+        self.lr_scale = {"log_alpha": gate_lr_scale}
+        self.history: list[dict] = []
+        if target is not None:
+            device = next(iter(gates.values()))[0].log_alpha.device
+            self.multipliers = torch.zeros(2, device=device, requires_grad=True)      # lambda_1, lambda_2
+            self.ascent = torch.optim.Adam([self.multipliers], lr=multiplier_lr, maximize=True)
+
+    def __call__(self) -> torch.Tensor:
+        expected_open = sum(g.l0() for layers in self.gates.values() for g in layers)
+        if self.target is None:
+            return self.lam * expected_open / self.n_layers
+        if self.multipliers.grad is not None:            # the ascent step of the previous step
+            self.multipliers.grad.nan_to_num_(0.0, 0.0, 0.0)    # (an fp16 overflow step leaves infs)
+            self.ascent.step()
+            self.ascent.zero_grad()
+        gap = (expected_open - self.target) / self.n_heads
+        return self.multipliers[0] * gap + self.multipliers[1] * gap ** 2
+
+    def log(self, step: int) -> dict:
+        z = eval_gates(self.gates)
+        p_open = {k: [g.prob_open().detach().cpu().tolist() for g in v] for k, v in self.gates.items()}
+        open_now = {k: int(sum((zi > 0).sum() for zi in v)) for k, v in z.items()}
+        if not self.history or self.history[-1]["step"] != step:
+            self.history.append({"step": step, "p_open": p_open, "heads_open": open_now})
+        n_head = len(p_open[next(iter(p_open))][0])
+        extra = {"heads_open": " ".join(f"{k} {v}/{n_head * len(self.gates[k])}" for k, v in open_now.items()),
+                 "l0": round(sum(sum(p) for v in p_open.values() for p in v) / self.n_layers, 3), "p_open": p_open}
+        if self.target is not None:
+            extra["multipliers"] = [round(m, 4) for m in self.multipliers.tolist()]
+        return extra
+
+
+def finetune(model, source: dict, data, opts: dict, run_dir: str, rt: Runtime, penalty=None) -> int:
+    """Train a gated or a pruned model with train.py's loop for one run's budget: the original
+    run's data, batches, dropout and smoothing, with pruning's learning rate and limits (no early
+    stopping, no averaging). Returns the steps taken."""
+    cfg = {**source["train_config"], "init_from": opts["ckpt"], "out_dir": run_dir, "overfit_batches": 0,
+           "max_epochs": 0.0, "max_iters": opts["max_iters"], "patience": 0, "average_last": 0,
+           "max_minutes": 0.0 if opts["max_iters"] else opts["max_minutes"],
+           **{k: opts[k] for k in ("learning_rate", "warmup_frac", "log_interval", "eval_interval", "eval_sentences",
+                                   "device", "dtype")}}
+    return train_loop(model, data, cfg, rt, penalty=penalty).step
+
+
 @torch.no_grad()
-def bleu_of(model, data, split: str, rt: Runtime) -> dict:
-    """Greedy BLEU/chrF on a whole split."""
+def translate_split(model, data, split: str, rt: Runtime) -> dict:
+    """Greedy translations of a whole split and their scores: bleu, bleu_lc, chrf, hyps."""
     sp = data.splits[split]
-    s = score(translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=rt.device, amp=rt.amp), sp.tgt_text)
-    return {"bleu": s["bleu"], "chrf": s["chrf"]}
+    hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text, device=rt.device, amp=rt.amp)
+    s = score(hyps, sp.tgt_text)
+    return {"bleu": s["bleu"], "bleu_lc": s["bleu_lc"], "chrf": s["chrf"], "hyps": hyps}
+
+
+def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float = 0.0,
+           target: int | None = None) -> tuple:
+    """Gate, train, prune: (pruned model, keep-set, report). With a target, the K most open gates
+    (largest log_alpha) are kept at full weight; with a lambda, every head whose deterministic
+    gate is above 0 is kept with its gate value folded into out_proj (the same function as the gated model)."""
+    model, _, _ = model_from_checkpoint(source)
+    torch.manual_seed(opts["seed"])
+    gates = attach_gates(model, opts["gate_types"])
+    model.to(rt.device)                                  # with its new gates
+    penalty = L0Penalty(gates, lam, opts["gate_lr"] / opts["learning_rate"], target, multiplier_lr=opts["gate_lr"])
+    what = f"lambda {lam:g}" if target is None else f"a target of {target} heads"
+    print(f"\n== l0, {what}: gating {', '.join(opts['gate_types'])} heads ({model.num_params() / 1e6:.2f}M parameters)")
+    penalty.log(0)
+    steps = finetune(model, source, data, opts, run_dir, rt, penalty)
+    penalty.log(steps)
+    model.eval()
+    report = {"method": "l0", "steps": steps, "gated_validation": translate_split(model, data, "validation", rt),
+              "gated_test": translate_split(model, data, "test", rt), **({"lambda": lam} if target is None else {})}
+    z = {k: [zi.cpu() for zi in v] for k, v in eval_gates(gates).items()}
+    report["gate_values"] = {k: [zi.tolist() for zi in v] for k, v in z.items()}
+    if target is not None:
+        log_alpha = {kind: [g.log_alpha.detach().cpu() for g in layers] for kind, layers in gates.items()}
+        keep = head_analysis.top_k_heads(head_analysis.head_counts(model), log_alpha, target)
+        z = head_analysis.gate_values(head_analysis.head_counts(model), keep)
+    pruned, keep = prune_heads(model.cpu(), z)
+    report["plots"] = head_analysis.plot_gates(run_dir, penalty.history, opts["gate_types"], model.cfg.n_head)
+    return pruned, keep, report
+
+
+def run_baseline(keep: dict, method: str, source: dict, data, opts: dict, run_dir: str, rt: Runtime) -> tuple:
+    """Remove all heads but those of `keep` from the original model, then fine-tune it for the
+    same budget as an l0 run: (pruned model, keep-set, report)."""
+    model, _, _ = model_from_checkpoint(source)
+    pruned, keep = prune_heads(model, head_analysis.gate_values(head_analysis.head_counts(model), keep))
+    print(f"\n== {method}: {heads_kept(keep, opts['gate_types'])} {'+'.join(opts['gate_types'])} heads kept, "
+          f"then fine-tuned")
+    steps = finetune(pruned.to(rt.device), source, data, opts, run_dir, rt)
+    return pruned, keep, {"method": method, "steps": steps}
+
+
+def heads_kept(keep: dict, kinds: list[str]) -> int:
+    return sum(len(k) for kind in kinds for k in keep[kind])
+
+
+def finish(pruned, keep: dict, report: dict, original: dict, source: dict, data, opts: dict, run_dir: str,
+           rt: Runtime) -> dict:
+    """Score the pruned model, measure its speed (l0), save it as pruned.pt with its report."""
+    pruned.to(rt.device).eval()
+    report.update(heads=heads_kept(keep, opts["gate_types"]), gate_attn=opts["gate_types"],
+                  original_validation=original["validation"], original_test=original["test"],
+                  params_before=original["params"], params_after=pruned.num_params(),
+                  heads_kept={k: [len(h) for h in v] for k, v in keep.items()}, kept_heads_index=keep,
+                  pruned_validation=translate_split(pruned, data, "validation", rt),
+                  pruned_test=translate_split(pruned, data, "test", rt))
+    if report["method"] == "l0" and opts["speed_repeats"] > 0:
+        unpruned = model_from_checkpoint(source)[0].to(rt.device)
+        report["speed"] = speed_of({"original": unpruned, "pruned": pruned}, data, rt, opts["speed_repeats"])
+    path = os.path.join(run_dir, "pruned.pt")
+    src_tok, tgt_tok = data.src_tok, data.tgt_tok
+    pruned_from = {"ckpt": opts["ckpt"], "method": report["method"], "heads": report["heads"]}
+    save_checkpoint(path, checkpoint_of(pruned.cpu(), src_tok, tgt_tok, source["train_config"], step=0,
+                                        best_bleu=-1.0, pruned_from=pruned_from))
+    pruned.to(rt.device)
+    report["checkpoint"] = path
+    with open(os.path.join(run_dir, "test_translations.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(report["pruned_test"]["hyps"]) + "\n")
+    with open(os.path.join(run_dir, "prune_report.json"), "w") as f:
+        json.dump(without_hyps(report), f, indent=1)
+    print_report(report, keep, pruned.cfg.n_head)
+    return report
+
+
+def without_hyps(tree):
+    """A report without its translations (they go to test_translations.txt), for the JSON files."""
+    if isinstance(tree, dict):
+        return {k: without_hyps(v) for k, v in tree.items() if k != "hyps"}
+    return [without_hyps(v) for v in tree] if isinstance(tree, list) else tree
 
 
 @torch.no_grad()
@@ -155,203 +319,131 @@ def heads_table(keep: dict, n_head: int) -> str:
     return "\n".join(lines)
 
 
-def plot_gates(out_dir: str, history: list, gate_types: list[str], n_head: int) -> list[str]:
-    """Heatmap of P(gate open) per layer x head at the end, its evolution (PNG frames + GIF), heads kept vs step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
-
-    def grid(p_open):              # rows = layers of every gated type, columns = heads
-        return np.array([row for kind in gate_types for row in p_open[kind]])
-
-    labels = [f"{kind} {i}" for kind in gate_types for i in range(len(history[0]["p_open"][kind]))]
-    frames_dir = os.path.join(out_dir, "gate_frames")
-    os.makedirs(frames_dir, exist_ok=True)
-    paths = []
-
-    def draw(ax, rec):
-        ax.clear()
-        im = ax.imshow(grid(rec["p_open"]), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_xticks(range(n_head))
-        ax.set_xlabel("head")
-        ax.set_title(f"P(gate open), step {rec['step']}")
-        return im
-
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * n_head, 1 + 0.45 * len(labels)))
-    fig.colorbar(draw(ax, history[-1]), ax=ax)
-    fig.tight_layout()
-    for i, rec in enumerate(history):
-        draw(ax, rec)
-        path = os.path.join(frames_dir, f"gates_{i:04d}.png")
-        fig.savefig(path, dpi=80)
-    draw(ax, history[-1])
-    paths.append(os.path.join(out_dir, "gates_final.png"))
-    fig.savefig(paths[-1], dpi=90)
-    anim = FuncAnimation(fig, lambda i: draw(ax, history[i]), frames=len(history))
-    paths.append(os.path.join(out_dir, "gates.gif"))
-    anim.save(paths[-1], writer=PillowWriter(fps=4))
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind in gate_types:
-        ax.plot([r["step"] for r in history], [r["heads_open"][kind] for r in history], label=kind)
-    ax.set_xlabel("step")
-    ax.set_ylabel("heads open (eval gate > 0)")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "heads_vs_step.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
-    return paths
+def describe(r: dict) -> str:
+    if r["method"] == "l0":
+        return f"l0, lambda {r['lambda']:g}" if "lambda" in r else f"l0, {r['heads']} heads asked"
+    return r["method"] if "seed" not in r else f"random, seed {r['seed']}"
 
 
-def evaluate_original(source: dict, data, rt: Runtime) -> dict:
-    model, _, _ = model_from_checkpoint(source)
-    model.to(rt.device).eval()
-    return {f"original_{split}": bleu_of(model, data, split, rt) for split in ("validation", "test")}
-
-
-class L0Penalty:
-    """lambda x L0, the term train_loop adds to every step's loss, for gates {type: [gate per layer]}.
-    L0 = the expected number of open heads, summed over the heads of a layer and averaged over the
-    gated layers (Voita et al.), so lambda is the cost of one head in one layer. It also tells
-    the loop what to log (heads open, L0, P(open) per head, kept in `history` for the plots) and
-    lets the gate logits learn `gate_lr_scale` times faster than the weights."""
-
-    def __init__(self, gates: dict, lam: float, gate_lr_scale: float):
-        self.gates, self.lam = gates, lam
-        self.n_layers = sum(len(layers) for layers in gates.values())
-        self.lr_scale = {"log_alpha": gate_lr_scale}
-        self.history: list[dict] = []
-
-    def __call__(self) -> torch.Tensor:
-        return self.lam * sum(g.l0() for layers in self.gates.values() for g in layers) / self.n_layers
-
-    def log(self, step: int) -> dict:
-        z = eval_gates(self.gates)
-        p_open = {k: [g.prob_open().detach().cpu().tolist() for g in v] for k, v in self.gates.items()}
-        open_now = {k: int(sum((zi > 0).sum() for zi in v)) for k, v in z.items()}
-        if not self.history or self.history[-1]["step"] != step:
-            self.history.append({"step": step, "p_open": p_open, "heads_open": open_now})
-        n_head = len(p_open[next(iter(p_open))][0])
-        return {"heads_open": " ".join(f"{k} {v}/{n_head * len(self.gates[k])}" for k, v in open_now.items()),
-                "l0": round(sum(sum(p) for v in p_open.values() for p in v) / self.n_layers, 3), "p_open": p_open}
-
-
-def prune_once(lam: float, source: dict, data, original: dict, opts: dict, run_dir: str, rt: Runtime) -> dict:
-    """Gate, train, physically prune and report for one lambda. opts: prune.py's knobs."""
-    os.makedirs(run_dir, exist_ok=True)
-    model, src_tok, tgt_tok = model_from_checkpoint(source)
-    n_head, gate_types = model.cfg.n_head, opts["gate_types"]
-    print(f"\n== lambda {lam}: gating {', '.join(gate_types)} heads of {source.get('kind')} "
-          f"({model.num_params() / 1e6:.2f}M parameters)")
-    report = {"lambda": lam, "gate_attn": gate_types, "params_before": model.num_params(), **original}
-    torch.manual_seed(opts["seed"])
-    penalty = L0Penalty(attach_gates(model, gate_types), lam, opts["gate_lr"] / opts["learning_rate"])
-    model.to(rt.device)                    # with its new gates
-    # the original run's settings (data, batches, dropout, smoothing), with pruning's own schedule and limits
-    cfg = {**source["train_config"], "init_from": opts["ckpt"], "out_dir": run_dir, "overfit_batches": 0,
-           "max_epochs": 0.0, "max_iters": opts["max_iters"],
-           "max_minutes": 0.0 if opts["max_iters"] else opts["max_minutes"],
-           **{k: opts[k] for k in ("learning_rate", "warmup_frac", "log_interval", "eval_interval", "eval_sentences",
-                                   "device", "dtype")}}
-    penalty.log(0)
-    run = train_loop(model, data, cfg, rt, penalty=penalty)
-    penalty.log(run.step)
-
-    model.eval()
-    z = eval_gates(penalty.gates)
-    for split in ("validation", "test"):
-        report[f"gated_{split}"] = bleu_of(model, data, split, rt)
-    pruned, keep = prune_heads(model.cpu(), {k: [zi.cpu() for zi in v] for k, v in z.items()})
-    pruned.to(rt.device).eval()
-    for split in ("validation", "test"):
-        report[f"pruned_{split}"] = bleu_of(pruned, data, split, rt)
-    original_model = model_from_checkpoint(source)[0].to(rt.device)
-    report["speed"] = speed_of({"original": original_model, "pruned": pruned}, data, rt, opts["speed_repeats"])
-    report.update(params_after=pruned.num_params(), steps=run.step,
-                  heads_kept={k: [len(h) for h in v] for k, v in keep.items()},
-                  kept_heads_index={k: v for k, v in keep.items()},
-                  gate_values={k: [zi.tolist() for zi in v] for k, v in z.items()})
-    path = os.path.join(run_dir, "pruned.pt")
-    save_checkpoint(path, checkpoint_of(pruned, src_tok, tgt_tok, source["train_config"], step=0, best_bleu=-1.0,
-                                        pruned_from={"ckpt": opts["ckpt"], "lambda": lam, "gate_attn": gate_types}))
-    report["checkpoint"] = path
-    report["plots"] = plot_gates(run_dir, penalty.history, gate_types, n_head)
-    with open(os.path.join(run_dir, "prune_report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    print_report(report, keep, n_head, opts["speed_repeats"])
-    return report
-
-
-def print_report(r: dict, keep: dict, n_head: int, speed_repeats: int) -> None:
-    print(f"\n== pruning report (lambda {r['lambda']}, {r['steps']} steps)")
+def print_report(r: dict, keep: dict, n_head: int) -> None:
+    print(f"\n== pruning report ({describe(r)}, {r['steps']} steps)")
     print(heads_table(keep, n_head))
     print(f"parameters: {r['params_before']:,} -> {r['params_after']:,}")
     print(f"{'model':<10}{'val BLEU':>10}{'test BLEU':>11}{'test chrF':>11}{'decode sent/s':>15}{'encode sent/s':>15}")
     for name in ("original", "gated", "pruned"):
-        v, t, sp = r[f"{name}_validation"], r[f"{name}_test"], r["speed"].get(name)
-        speed = f"{sp['decode_sent_per_s']:>15.1f}{sp['encode_sent_per_s']:>15.1f}" if sp else ""
-        print(f"{name:<10}{v['bleu']:>10.2f}{t['bleu']:>11.2f}{t['chrf']:>11.2f}{speed}")
-    o, p = r["speed"]["original"], r["speed"]["pruned"]
-    print(f"pruned vs original (interleaved, median of {speed_repeats}): decoding "
-          f"{p['decode_sent_per_s'] / o['decode_sent_per_s']:.2f}x, "
-          f"encoder {p['encode_sent_per_s'] / o['encode_sent_per_s']:.2f}x")
-    print(f"saved {r['checkpoint']}; plots: {', '.join(r['plots'])}")
+        if f"{name}_test" in r:
+            v, t, sp = r[f"{name}_validation"], r[f"{name}_test"], r.get("speed", {}).get(name)
+            speed = f"{sp['decode_sent_per_s']:>15.1f}{sp['encode_sent_per_s']:>15.1f}" if sp else ""
+            print(f"{name:<10}{v['bleu']:>10.2f}{t['bleu']:>11.2f}{t['chrf']:>11.2f}{speed}")
+    if "speed" in r:
+        o, p = r["speed"]["original"], r["speed"]["pruned"]
+        print(f"pruned vs original (interleaved): decoding {p['decode_sent_per_s'] / o['decode_sent_per_s']:.2f}x, "
+              f"encoder {p['encode_sent_per_s'] / o['encode_sent_per_s']:.2f}x")
+    print(f"saved {r['checkpoint']}" + (f"; plots: {', '.join(r['plots'])}" if "plots" in r else ""))
 
 
-def gated_heads_kept(r: dict) -> int:
-    return sum(sum(r["heads_kept"][kind]) for kind in r["gate_attn"])
-
-
-def plot_sweep(out_dir: str, reports: list) -> str:
-    """BLEU against the number of gated heads kept, one point per lambda: the trade-off curve."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    kept = [gated_heads_kept(r) for r in reports]
-    bleu = [r["pruned_test"]["bleu"] for r in reports]
-    ax.plot(kept, bleu, "o-", label="pruned model")
-    for k, b, r in zip(kept, bleu, reports):
-        ax.annotate(f"λ={r['lambda']:g}", (k, b), textcoords="offset points", xytext=(4, 4))
-    ax.axhline(reports[0]["original_test"]["bleu"], color="gray", ls="--", label="original model")
-    ax.set_xlabel(f"{'+'.join(reports[0]['gate_attn'])} heads kept")
-    ax.set_ylabel("test BLEU (greedy)")
-    ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "tradeoff.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+def compare(reports: list[dict], original: dict, data) -> list[dict]:
+    """Each run's test BLEU against the original and against the l0 run that kept as many heads,
+    with paired-bootstrap p-values (decoding.paired_bootstrap); printed as a table."""
+    refs = data.splits["test"].tgt_text
+    l0_at = {r["heads"]: r for r in reports if r["method"] == "l0"}
+    rows = []
+    print("\n== the runs compared on the test split (greedy, cased sacreBLEU; p: paired bootstrap, 1000 resamples)")
+    print(f"{'heads':>6}  {'run':<22}{'val BLEU':>9}{'test BLEU':>10}{'vs original (p)':>19}{'vs l0 (p)':>18}")
+    for r in sorted(reports, key=lambda r: (-r["heads"], r["method"] != "l0")):
+        hyps = r["pruned_test"]["hyps"]
+        row = {"run": describe(r), "heads": r["heads"], "val_bleu": r["pruned_validation"]["bleu"],
+               "test_bleu": r["pruned_test"]["bleu"],
+               "vs_original": paired_bootstrap(original["test"]["hyps"], hyps, refs)}
+        if r["heads"] in l0_at and l0_at[r["heads"]] is not r:
+            row["vs_l0"] = paired_bootstrap(l0_at[r["heads"]]["pruned_test"]["hyps"], hyps, refs)
+        cells = [f"{row[k]['difference']:+.2f} ({row[k]['p_value']:.3f})" if k in row else ""
+                 for k in ("vs_original", "vs_l0")]
+        print(f"{r['heads']:>6}  {row['run']:<22}{row['val_bleu']:>9.2f}{row['test_bleu']:>10.2f}"
+              f"{cells[0]:>19}{cells[1]:>18}")
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     configure(globals(), doc_files=(__file__,))
     opts = {k: v for k, v in globals().items() if k in KNOBS}
-    lambdas = parse_lambdas(l0_lambda)
     opts["gate_types"] = [t.strip() for t in gate_attn.split(",") if t.strip()]
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    if not methods or any(m not in ("l0", "importance", "random") for m in methods):
+        raise ConfigError(f"--method={method}: use l0, importance and/or random, comma-separated")
+    targets = parse_ints(heads, "heads") if heads else []
+    lambdas = [] if targets else parse_lambdas(l0_lambda)
+    seed_list = parse_ints(seeds, "seeds")
+    if not targets and "l0" not in methods:
+        raise ConfigError("--method=importance/random needs --heads=K (or --method=l0,... to take the l0 runs' counts)")
     source = load_checkpoint(ckpt)
     if source["kind"] != "transformer":
         raise ConfigError(f"'{ckpt}' holds a {source['kind']} model: head pruning needs a Transformer checkpoint")
     rt = setup(device, dtype)
     data = data_of_checkpoint(source, dataset)
     base = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
-    original = evaluate_original(source, data, rt)
+    model, _, _ = model_from_checkpoint(source)
+    model.to(rt.device).eval()
+    n_heads = head_analysis.head_counts(model)
+    for kind in opts["gate_types"]:
+        if kind not in n_heads:
+            raise ConfigError(f"gate_attn='{kind}' is not known: use enc, dec, cross (comma-separated)")
+    total = sum(sum(n_heads[kind]) for kind in opts["gate_types"])
+    if any(k > total for k in targets):
+        raise ConfigError(f"--heads={heads}: the {'+'.join(opts['gate_types'])} attention has {total} heads")
+    original = {"params": model.num_params(), "validation": translate_split(model, data, "validation", rt),
+                "test": translate_split(model, data, "test", rt)}
+    summary, importance = {"original": without_hyps(original)}, None
+    if roles:
+        summary["roles"] = head_analysis.head_roles(model, data, "validation", source["train_config"]["batch_tokens"])
+    if "importance" in methods or roles:
+        batches = head_analysis.split_batches(data.splits["train"], data.src_tok, data.tgt_tok,
+                                              source["train_config"]["batch_tokens"], shuffle=True, seed=seed,
+                                              max_batches=importance_batches)
+        importance = head_analysis.head_importance(model, batches, data.tgt_tok.pad_id,
+                                                   source["train_config"]["label_smoothing"], opts["gate_types"])
+        summary["importance"] = {k: [v.tolist() for v in layers] for k, layers in importance.items()}
+    del model
+
+    runs_l0 = [(lam, None) for lam in lambdas] + [(0.0, k) for k in targets] if "l0" in methods else []
+    per_count = ("importance" in methods) + len(seed_list) * ("random" in methods)      # baseline runs per K
+    single = len(runs_l0) + (len(targets) or len(runs_l0)) * per_count <= 1
     reports = []
-    for lam in lambdas:
-        run_dir = base if len(lambdas) == 1 else os.path.join(base, f"lambda_{lam:g}")
-        reports.append(prune_once(lam, source, data, original, opts, run_dir, rt))
-    if len(lambdas) > 1:
-        print("\n== sweep")
-        print(f"{'lambda':>8}{'heads kept':>12}{'test BLEU':>11}{'decoding speed-up':>19}")
-        for r in reports:
-            o, p = r["speed"]["original"], r["speed"]["pruned"]
-            print(f"{r['lambda']:>8g}{gated_heads_kept(r):>12}{r['pruned_test']['bleu']:>11.2f}"
-                  f"{p['decode_sent_per_s'] / o['decode_sent_per_s']:>18.2f}x")
-        print(f"trade-off plot: {plot_sweep(base, reports)}")
+    for lam, k in runs_l0:
+        run_dir = base if single else os.path.join(base, f"lambda_{lam:g}" if k is None else f"l0_{k}_heads")
+        os.makedirs(run_dir, exist_ok=True)
+        pruned, keep, report = run_l0(source, data, opts, run_dir, rt, lam, k)
+        reports.append(finish(pruned, keep, report, original, source, data, opts, run_dir, rt))
+    for k in targets or sorted({r["heads"] for r in reports}, reverse=True):
+        chosen = []
+        if "importance" in methods:
+            chosen.append(("importance", None, head_analysis.top_k_heads(n_heads, importance, k)))
+        if "random" in methods:
+            chosen += [("random", s, head_analysis.random_heads(n_heads, opts["gate_types"], k, s)) for s in seed_list]
+        for name, s, keep in chosen:
+            run_dir = base if single else os.path.join(base, f"{name}_{k}_heads" + (f"_seed_{s}" if s else ""))
+            os.makedirs(run_dir, exist_ok=True)
+            pruned, keep, report = run_baseline(keep, name, source, data, opts, run_dir, rt)
+            report.update({"seed": s} if s is not None else {})
+            reports.append(finish(pruned, keep, report, original, source, data, opts, run_dir, rt))
+    os.makedirs(base, exist_ok=True)
+    if len(reports) > 1:
+        summary["comparison"] = compare(reports, original, data)
+        print(f"trade-off plot: {head_analysis.plot_tradeoff(base, reports, original['test']['bleu'])}")
+    if roles:
+        summary["kept_vs_removed"] = {}
+        for k in sorted({r["heads"] for r in reports}, reverse=True):
+            kept = {describe(r): r["kept_heads_index"] for r in reports if r["heads"] == k}
+            path = head_analysis.plot_heads(os.path.join(base, f"heads_{k}.png"), summary["roles"],
+                                            importance, kept)
+            print(f"what the heads do, and which {k} each method kept: {path}")
+            for name, keep in kept.items():
+                summary["kept_vs_removed"][f"{name} ({k} heads)"] = head_analysis.kept_vs_removed(
+                    summary["roles"], keep, opts["gate_types"])
+    summary["runs"] = [without_hyps(r) for r in reports]
+    with open(os.path.join(base, "prune_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":

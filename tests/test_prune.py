@@ -81,17 +81,56 @@ PRUNE = ["--max_iters=20", "--eval_interval=10", "--eval_sentences=20", "--speed
 
 
 def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
-    out = run("prune.py", f"--ckpt={toy_model}", "--lambda=2", *PRUNE, f"--out_dir={tmp_path / 'p'}")
-    assert "pruning report" in out.stdout
-    report = json.load(open(tmp_path / "p" / "prune_report.json"))
+    # l0 with a lambda, then the importance baseline at the head count l0 kept, compared
+    out = run("prune.py", f"--ckpt={toy_model}", "--lambda=2", "--method=l0,importance", *PRUNE,
+              f"--out_dir={tmp_path / 'p'}")
+    assert "pruning report" in out.stdout and "the runs compared on the test split" in out.stdout
+    report = json.load(open(tmp_path / "p" / "lambda_2" / "prune_report.json"))
     assert report["gated_test"]["bleu"] == pytest.approx(report["pruned_test"]["bleu"], abs=1e-6)
-    for name in ("gates.gif", "gates_final.png", "heads_vs_step.png", "pruned.pt"):
-        assert os.path.exists(tmp_path / "p" / name), name
-    assert sum(report["heads_kept"]["enc"]) < 8                 # some encoder heads are gone
+    for name in ("gates.gif", "gates_final.png", "heads_vs_step.png", "pruned.pt", "test_translations.txt"):
+        assert os.path.exists(tmp_path / "p" / "lambda_2" / name), name
+    k = sum(report["heads_kept"]["enc"])
+    assert k < 8                                                 # some encoder heads are gone
+    baseline = json.load(open(tmp_path / "p" / f"importance_{k}_heads" / "prune_report.json"))
+    assert sum(baseline["heads_kept"]["enc"]) == k and baseline["steps"] == report["steps"]   # the same budget
+    summary = json.load(open(tmp_path / "p" / "prune_summary.json"))
+    assert [r["run"] for r in summary["comparison"]] == ["l0, lambda 2", "importance"]
+    assert 0 < summary["comparison"][1]["vs_l0"]["p_value"] <= 1
+    assert set(summary["roles"]) >= {"confidence", "positional", "rare_token"}
+    assert os.path.exists(tmp_path / "p" / f"heads_{k}.png") and os.path.exists(tmp_path / "p" / "tradeoff.png")
     png = tmp_path / "attn.png"                                  # the decoder's cross-attention is intact
-    sample = run("sample.py", f"--ckpt={tmp_path / 'p' / 'pruned.pt'}", "--text=1 2 3", "--beam=3",
+    sample = run("sample.py", f"--ckpt={tmp_path / 'p' / 'lambda_2' / 'pruned.pt'}", "--text=1 2 3", "--beam=3",
                  f"--plot_attention={png}")
     assert len(sample.stdout.splitlines()) == 1 and png.exists()
+
+
+@pytest.mark.slow      # ~12 s: four runs
+def test_asking_for_k_heads_keeps_exactly_k_with_every_method(toy_model, tmp_path):
+    run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--method=l0,importance,random", "--seeds=1,2", *PRUNE,
+        f"--out_dir={tmp_path / 'p'}")
+    runs = json.load(open(tmp_path / "p" / "prune_summary.json"))["runs"]
+    assert [(r["method"], r.get("seed")) for r in runs] == [("l0", None), ("importance", None), ("random", 1),
+                                                             ("random", 2)]
+    assert all(sum(r["heads_kept"]["enc"]) == 3 for r in runs)
+    assert runs[2]["kept_heads_index"]["enc"] != runs[3]["kept_heads_index"]["enc"]   # two draws
+
+
+def test_a_target_head_count_steers_the_expected_number_of_open_gates():
+    """The Lagrangian penalty alone (no translation loss) moves 8 gates from ~all open to ~3 open."""
+    from gates import HardConcreteGate
+    torch.manual_seed(0)
+    gates = {"enc": [HardConcreteGate(4), HardConcreteGate(4)]}
+    penalty = prune.L0Penalty(gates, 0.0, 1.0, target=3, multiplier_lr=0.05)
+    opt = torch.optim.Adam([g.log_alpha for g in gates["enc"]], lr=0.05)
+    pushed = 0.0
+    for _ in range(600):
+        opt.zero_grad()
+        penalty().backward()
+        opt.step()
+        pushed = max(pushed, penalty.multipliers[0].item())
+    expected_open = sum(g.l0().item() for g in gates["enc"])
+    assert abs(expected_open - 3) < 0.5, expected_open
+    assert pushed > 0.1                                         # lambda_1 rose to push gates closed
 
 
 @pytest.mark.slow      # ~12 s: two lambdas, decoder heads gated too
