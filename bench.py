@@ -11,14 +11,14 @@ decode: on a checkpoint's test split, in batches of `batch_size` sentences sorte
     greedy without a cache (the decoder re-reads the whole prefix every step) vs greedy with the
     key/value cache (must give identical output), and beam search vs greedy (sentences/s and
     test BLEU).
-train: training-step throughput (target tokens/s: forward, backward, clipping, AdamW step) on
-    the same fixed Multi30k batches for this project's Transformer, torch.nn.Transformer and
-    Hugging Face MarianMT built at the same sizes (no weights downloaded), and this project's
-    GRU with attention; fp32 and bf16 autocast. The baselines use F.cross_entropy with label
-    smoothing (the loss their users write), this project's models loss.py; one more row runs our
-    Transformer with F.cross_entropy to show the model's share apart. Also model FLOP
-    utilisation (matmul FLOPs counted by torch over a 2048x2048 matmul measured in the same run)
-    and peak memory of each.
+train: training-step throughput (target tokens/s) of train.py's own train_step (forward, loss,
+    backward, gradient norms, clipping, AdamW step) on the same fixed Multi30k batches for this
+    project's Transformer, torch.nn.Transformer and Hugging Face MarianMT built at the same sizes
+    (no weights downloaded), and this project's GRU with attention; fp32 and bf16 autocast. The
+    baselines use F.cross_entropy with label smoothing (the loss their users write), this
+    project's models loss.py; one more row runs our Transformer with F.cross_entropy to show the
+    model's share apart. Also model FLOP utilisation (matmul FLOPs counted by torch over a
+    2048x2048 matmul measured in the same run) and peak memory of each.
 generate: decoding speed of this project's cached greedy vs MarianMT's generate(), untrained,
     every sentence forced to the same length so both do the same steps.
 quality: this project's Transformer and MarianMT trained for `minutes` each on the same batches,
