@@ -20,6 +20,7 @@ import contextlib
 import glob
 import importlib
 import os
+import re
 from dataclasses import asdict, fields
 
 import torch
@@ -172,8 +173,9 @@ def keep_snapshot(out_dir: str, checkpoint: dict, step: int, keep: int) -> None:
 def snapshots(out_dir: str) -> list[tuple[int, str]]:
     """(step, path) of a run's snapshots, oldest first."""
     folder = os.path.join(out_dir, "snapshots")
-    names = sorted(n for n in os.listdir(folder) if n.startswith("step_")) if os.path.isdir(folder) else []
-    return [(int(n[5:-3]), os.path.join(folder, n)) for n in names]
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [(int(n[5:-3]), os.path.join(folder, n)) for n in names
+            if re.fullmatch(r"step_\d+\.pt", n)]                # not a .tmp left by a killed write
 
 
 def average_checkpoints(paths: list[str]) -> dict:
@@ -183,17 +185,18 @@ def average_checkpoints(paths: list[str]) -> dict:
     2017 average the last 5-20; Izmailov et al. 2018 explain why). They must share one model config."""
     if not paths:
         raise ConfigError("no checkpoints to average")
-    first = load_checkpoint(paths[0])
+    first = last = load_checkpoint(paths[0])
     total = {k: v.double() for k, v in first["model"].items() if v.is_floating_point()}
     for path in paths[1:]:
-        other = load_checkpoint(path)
-        if other["model_config"] != first["model_config"] or other["kind"] != first["kind"]:
+        last = load_checkpoint(path)
+        if last["model_config"] != first["model_config"] or last["kind"] != first["kind"]:
             raise ConfigError(f"'{path}' holds another model than '{paths[0]}': only checkpoints of one run average")
         for k in total:
-            total[k] += other["model"][k].double()
+            total[k] += last["model"][k].double()
     weights = {k: (total[k] / len(paths)).to(v.dtype) if k in total else v for k, v in first["model"].items()}
-    keep = ("kind", "model_config", "tokenizers", "data_config", "train_config", "gated", "step")
-    return {**{k: first[k] for k in keep if k in first}, "model": weights, "averaged": list(paths)}
+    keep = ("kind", "model_config", "tokenizers", "data_config", "train_config", "gated")
+    return {**{k: first[k] for k in keep if k in first}, "model": weights, "step": last.get("step", 0),
+            "averaged": list(paths)}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Turning a trained model into translations, for every model that has the shared i
                                      step (slow; the reference the cached version must equal)
     beam_search(model, src, ...)     the `beam` best prefixes at each step, GNMT length penalty
     translate(model, tokenizers, sentences)   raw text in, raw text out, in input order
+    evaluate(model, data, ...)       loss and BLEU/chrF on a split (train.py's validation)
+    score, paired_bootstrap          sacreBLEU, cased and lower-cased; is a difference significant?
 
 Memory and cache are whatever the model returns; decoding only needs every tensor in them to be
 batch-first, so `select_rows` can reorder them when beams are reselected (no model-type
@@ -14,10 +16,15 @@ branches). Used by train.py (validation BLEU), sample.py and prune.py. Leaves ou
 with temperature, ensembles.
 """
 
+import math
+
 import numpy as np
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
+
+from batching import collate, make_batches
+from loss import sequence_loss
 
 
 def max_target_len(src_len: int, a: float = 1.5, b: int = 10) -> int:
@@ -213,6 +220,33 @@ def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1
 def translate(model, src_tok, tgt_tok, sentences: list[str], **kwargs) -> list[str]:
     """The best translation of each sentence, in input order (keyword arguments: translate_nbest's)."""
     return [hyps[0][0] for hyps in translate_nbest(model, src_tok, tgt_tok, sentences, **kwargs)]
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, split: str = "validation",
+             n_sentences: int = 0, n_examples: int = 3, beam: int = 1) -> dict:
+    """On a split of data.Data: the loss (no smoothing) and perplexity over all of it, teacher-
+    forced in token-budget batches; BLEU (cased, lower-cased) and chrF of the translations of its
+    first n_sentences (0 = all), greedy or beam search (alpha 0.6); the first n_examples."""
+    was_training = model.training
+    model.eval()
+    sp = data.splits[split]
+    loss_sum, n_tokens = 0.0, 0
+    for idx in make_batches(sp.src_lens, sp.tgt_lens, batch_tokens, shuffle=False):
+        src, tgt_in, tgt_out = (t.to(device) for t in collate(sp, idx, data.src_tok, data.tgt_tok))
+        with amp if amp is not None else torch.autocast("cpu", enabled=False):
+            logits = model(src, tgt_in)
+        loss_sum += sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0).item()
+        n_tokens += int((tgt_out != data.tgt_tok.pad_id).sum())
+    n = len(sp) if n_sentences <= 0 else min(n_sentences, len(sp))
+    hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text[:n], beam=beam, device=device, amp=amp)
+    scores = score(hyps, sp.tgt_text[:n])
+    model.train(was_training)
+    loss = loss_sum / max(n_tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": scores["bleu"], "bleu_lc": scores["bleu_lc"],
+            "chrf": scores["chrf"],
+            "sentences": n, "examples": [{"src": sp.src_text[i], "ref": sp.tgt_text[i], "hyp": hyps[i]}
+                                         for i in range(min(n_examples, n))]}
 
 
 def score(hypotheses: list[str], references: list[str]) -> dict:

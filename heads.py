@@ -40,28 +40,6 @@ def head_counts(model) -> dict[str, list[int]]:
     return {kind: [m.n_head for m in layers] for kind, layers in model.attention_modules().items()}
 
 
-@torch.no_grad()
-def record_attention(model, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """Teacher-forced pass over src (B, S), tgt_in (B, T) -> {'enc': [(B, H, S, S) per layer],
-    'dec': [(B, H, T, T)], 'cross': [(B, H, T, S)]}: the attention weights of every head, queries
-    by keys; padded keys get 0, each real query's row sums to 1. A module pruned to 0 heads
-    gives a (B, 0, ., .) tensor."""
-    modules = model.attention_modules()
-    for layers in modules.values():
-        for m in layers:
-            m.record_weights, m.last_weights = True, None
-    B, S, T = src.shape[0], src.shape[1], tgt_in.shape[1]
-    shape = {"enc": (S, S), "dec": (T, T), "cross": (T, S)}
-    try:
-        model(src, tgt_in)
-        return {kind: [m.last_weights if m.n_head else src.new_zeros((B, 0, *shape[kind]), dtype=torch.float)
-                       for m in layers] for kind, layers in modules.items()}
-    finally:
-        for layers in modules.values():
-            for m in layers:
-                m.record_weights, m.last_weights = False, None    # the modules keep no batch in memory
-
-
 # -----------------------------------------------------------------------------
 # the head roles, on plain tensors. Each returns per-head sums and counts so that a split can be
 # added up batch by batch: the measure is sum / count over the whole split.
@@ -163,7 +141,7 @@ def head_roles(model, data, split: str = "validation",
         real = {s: ids[s] != tok[s].pad_id for s in ids}
         eos = {s: ids[s] == tok[s].eos_id for s in ids}
         candidate = {s: real[s] & (ids[s] != tok[s].bos_id) & ~eos[s] for s in ids}
-        for kind, layers in record_attention(model, ids["src"], ids["tgt"]).items():
+        for kind, layers in model.attention_weights(ids["src"], ids["tgt"]).items():
             q, k = SIDES[kind]
             for i, w in enumerate(layers):
                 w = w.float()
@@ -222,8 +200,9 @@ def head_importance(model, batches, pad_id: int, smoothing: float = 0.0, kinds: 
     divided by the batch's real target tokens); batches yields (src, tgt_in, tgt_out), moved to
     the model's device here. Dropout is off (the score describes the trained model, not a noisy
     copy of it). Only the masks get gradients (torch.autograd.grad): the model's .grad stays
-    untouched, and the masks are removed afterwards, leaving the model as it was. A module whose head_gate slot is taken (an L0
-    gate) is refused: the score would mix the gate into what it measures."""
+    untouched, and the masks are removed afterwards, leaving the model as it was. A module whose
+    head_gate slot is taken (an L0 gate) is refused: the score would mix the gate into what it
+    measures."""
     modules = {kind: model.attention_modules()[kind] for kind in kinds}
     taken = [f"{kind} layer {i}" for kind, layers in modules.items() for i, m in enumerate(layers)
              if m.head_gate is not None]
@@ -276,9 +255,10 @@ def _check_k(k: int, n_total: int, kinds: tuple | list) -> None:
 
 
 def top_k_heads(n_heads: dict, importance: dict, k: int) -> dict[str, list[list[int]]]:
-    """Keep the k heads of highest (layer-normalised) importance among the types importance
-    covers; ties go to the earlier type (enc, dec, cross order), layer, head, so equal scores give
-    the same keep-set on every run. n_heads: head_counts(model)."""
+    """Keep the k heads of highest score among the types `importance` covers: any per-head score
+    {kind: [(H,) per layer]}, here the layer-normalised importance or (prune.py) the L0 gates'
+    log_alpha. Ties go to the earlier type (enc, dec, cross order), layer, head, so equal scores
+    give the same keep-set on every run. n_heads: head_counts(model)."""
     ranked = sorted(((-float(score), KINDS.index(kind), i, h) for kind, layers in importance.items()
                      for i, scores in enumerate(layers) for h, score in enumerate(scores)))
     _check_k(k, len(ranked), list(importance))

@@ -11,6 +11,7 @@ Interface shared with model_rnn.py (train.py, decoding.py and prune.py rely on n
                                                          # (last_only=True: (B, 1, V), the last position)
     logits, cache = model.decode_step(y, memory, cache)  # one target step, cache=None at start
     maps = model.attention_maps(src, tgt_in)             # {panel title: (B, T, S)} for plots
+    weights = model.attention_weights(src, tgt_in)       # (Transformer only) every head of every type
 Each attention module has a `head_gate` slot: a module returning one multiplier per head,
 applied to the head outputs before out_proj (none = all ones). prune.py plugs L0 gates there;
 a module may hold any number of heads (zero included) after pruning.
@@ -40,8 +41,9 @@ class TransformerConfig:
     pre_norm: bool = True             # LayerNorm before each sub-layer (stable); False = the paper's post-LN
     tie_output: bool = True           # target embedding doubles as the output projection
     share_src_tgt: bool = False       # source and target share one embedding (needs a joint vocabulary)
-    attn_impl: str = "auto"           # 'sdpa' (F.scaled_dot_product_attention), 'math' (explicit softmax), 'auto'
-                                      # (math on a CPU, where SDPA's fused backward was slower here; sdpa elsewhere)
+    attn_impl: str = "auto"           # 'sdpa' (F.scaled_dot_product_attention), 'math' (explicit softmax), 'auto':
+                                      # math on a CPU (SDPA's fused backward was slower at these shapes on
+                                      # this project's CPU, README "Performance"), sdpa elsewhere
     # heads kept per layer after pruning; empty = n_head everywhere
     enc_self_heads: list[int] = field(default_factory=list)
     dec_self_heads: list[int] = field(default_factory=list)
@@ -286,19 +288,30 @@ class Transformer(nn.Module):
                 "cross": [layer.cross_attn for layer in self.decoder]}
 
     @torch.no_grad()
+    def attention_weights(self, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Every head's attention while reading tgt_in with teacher forcing: {'enc': [(B, H, S, S)
+        per layer], 'dec': [(B, H, T, T)], 'cross': [(B, H, T, S)]}, queries by keys; padded keys get
+        0. A module whose heads were all pruned gives a (B, 0, ., .) tensor."""
+        modules = self.attention_modules()
+        for layers in modules.values():
+            for m in layers:
+                m.record_weights, m.last_weights = True, None
+        B, S, T = src.shape[0], src.shape[1], tgt_in.shape[1]
+        shape = {"enc": (S, S), "dec": (T, T), "cross": (T, S)}
+        try:
+            self(src, tgt_in)
+            return {kind: [m.last_weights if m.n_head else src.new_zeros((B, 0, *shape[kind]), dtype=torch.float)
+                           for m in layers] for kind, layers in modules.items()}
+        finally:
+            for layers in modules.values():
+                for m in layers:
+                    m.record_weights, m.last_weights = False, None    # no batch is kept in memory
+
     def attention_maps(self, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-attention weights while reading tgt_in, one (B, T, S) map per decoder layer and
         head: {'layer 1 head 1': ..., ...}; a layer whose heads were all pruned has none."""
-        modules = self.attention_modules()["cross"]
-        for m in modules:
-            m.record_weights, m.last_weights = True, None
-        try:
-            self(src, tgt_in)
-        finally:
-            for m in modules:
-                m.record_weights = False
-        return {f"layer {i + 1} head {h + 1}": m.last_weights[:, h]
-                for i, m in enumerate(modules) for h in range(m.n_head)}
+        return {f"layer {i + 1} head {h + 1}": w[:, h]
+                for i, w in enumerate(self.attention_weights(src, tgt_in)["cross"]) for h in range(w.shape[1])}
 
     def set_attention_impl(self, impl: str) -> None:
         if impl not in ("auto", "sdpa", "math"):

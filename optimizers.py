@@ -32,7 +32,9 @@ class Lion(torch.optim.Optimizer):
             for w in group["params"]:
                 if w.grad is None:
                     continue
-                m = self.state[w].setdefault("momentum", torch.zeros_like(w))
+                if "momentum" not in self.state[w]:
+                    self.state[w]["momentum"] = torch.zeros_like(w)
+                m = self.state[w]["momentum"]
                 w.mul_(1 - lr * group["weight_decay"])
                 w.add_(torch.lerp(w.grad, m, beta1).sign_(), alpha=-lr)      # lerp(g, m, b1) = b1 m + (1 - b1) g
                 m.lerp_(w.grad, 1 - beta2)                                   # m + (1 - b2)(g - m)

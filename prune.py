@@ -1,7 +1,7 @@
 """
 Prune attention heads, and check the choice against the simple alternatives:
 
-    python prune.py --lambda=0.05                                      # L0 gates on config/transformer_en_it.py's model
+    python prune.py --lambda=0.05                                      # L0 gates, transformer_en_it's model
     python prune.py --ckpt=out/multi30k/best.pt --lambda=0.05,0.07,0.1 # a sweep: the trade-off curve
     python prune.py --ckpt=out/multi30k/best.pt --heads=6              # ask for 6 heads instead of a lambda
     python prune.py --ckpt=out/multi30k/best.pt --heads=10,6,3 --method=l0,importance,random --seeds=1,2,3
@@ -9,14 +9,15 @@ Prune attention heads, and check the choice against the simple alternatives:
 method l0 (Voita et al. 2019, with the hard-concrete gates of Louizos et al. 2018, gates.py):
 a gate on every head of the chosen attention types; model + gates fine-tuned on cross-entropy +
 lambda * L0 with train.py's own loop, L0 = the expected number of open heads, summed over the
-heads of a layer and averaged over the gated layers (so lambda is the cost of one head in one
-layer); then the closed heads are removed physically (rows of q/k/v_proj, columns of out_proj).
-With --heads=K, Lagrange multipliers replace lambda and steer the expected count to K (Wang et
-al. 2020), and the K most open heads are kept. Baselines at the same K and the same fine-tuning
-budget, after removal: importance (Michel et al. 2019, heads.py) and random (one run per seed).
-Every run ends as a normal checkpoint (pruned.pt) that sample.py and train.py load. Reported:
-heads kept, parameters, greedy BLEU (validation, test), decoding speed (l0), what each head of
-the original model does (heads.py: heads.png), and between methods paired-bootstrap p-values.
+heads of a layer and averaged over the gated layers (so closing one head saves lambda divided
+by the number of gated layers); then the closed heads are removed physically (rows of
+q/k/v_proj, columns of out_proj). With --heads=K, Lagrange multipliers replace lambda and steer
+the expected count to K (Wang et al. 2020), and the K most open heads are kept. The baselines,
+at the same K and with the same fine-tuning budget after removal: importance (Michel et al.
+2019, heads.py) and random (one run per seed). Every run ends as a normal checkpoint
+(pruned.pt) that sample.py and train.py load. Reported: heads kept, parameters, greedy BLEU
+(validation, test), decoding speed (l0), what each head of the original model does (heads.py:
+heads_K.png), and between the runs paired-bootstrap p-values.
 Leaves out: pruning feed-forward units or whole layers, iterative pruning.
 """
 
@@ -31,7 +32,7 @@ import torch
 import heads as head_analysis
 from checkpoint import (attach_gates, build_model, checkpoint_of, data_of_checkpoint, load_checkpoint,
                         model_from_checkpoint, save_checkpoint)
-from configurator import ConfigError, configure, main_guard
+from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataError
 from decoding import length_sorted_batches, paired_bootstrap, score, translate
 from runtime import Runtime, setup
@@ -59,28 +60,19 @@ roles = True  # measure what each head of the original model does (validation sp
 speed_repeats = 3  # l0: decoding speed, original and pruned in turns, median of this many (0 = not measured)
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto', 'bfloat16', 'float16', 'float32'
-seed = 1337  # seeds the gate noise and the training batches of the importance score
+seed = 1337  # seeds each run's fine-tuning (gate noise, dropout, batch order) and the importance score's batches
 # -----------------------------------------------------------------------------
-KNOBS = [k for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (bool, int, float, str)]
+KNOBS = knob_names(globals())
 
 
-def parse_lambdas(text: str) -> list[float]:
+def parse_numbers(text: str, knob: str, kind=float, low: float = 0, high: float = float("inf")) -> list:
+    """'0.05,0.1' -> [0.05, 0.1]: a comma-separated knob, each value of `kind` in [low, high)."""
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--lambda={text}: give a number or a comma-separated list like 0.01,0.05") from None
-    if not values or any(not (0 <= v < 100) for v in values):
-        raise ConfigError(f"--lambda={text}: each value must be >= 0 and < 100 (Voita et al. use 0.01-0.1)")
-    return values
-
-
-def parse_ints(text: str, knob: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--{knob}={text}: give whole numbers, comma-separated, like 10,6,3") from None
-    if not values or any(v < 0 for v in values):
-        raise ConfigError(f"--{knob}={text}: give at least one number, none negative")
+        raise ConfigError(f"--{knob}={text}: give {kind.__name__} values, comma-separated, like 1,2") from None
+    if not values or any(not low <= v < high for v in values):
+        raise ConfigError(f"--{knob}={text}: give at least one value, each >= {low:g} and < {high:g}")
     return values
 
 
@@ -118,10 +110,10 @@ def prune_heads(model, gate_values: dict):
     for kind in modules:
         for i, old in enumerate(modules[kind]):
             Dh = old.head_dim
-            heads = keep[kind][i]
-            rows = torch.tensor([h * Dh + j for h in heads for j in range(Dh)], dtype=torch.long)
+            kept = keep[kind][i]
+            rows = torch.tensor([h * Dh + j for h in kept for j in range(Dh)], dtype=torch.long)
             z = gate_values[kind][i] if kind in gate_values else torch.ones(old.n_head)
-            scale = z[heads].repeat_interleave(Dh) if heads else torch.ones(0)
+            scale = z[kept].repeat_interleave(Dh) if kept else torch.ones(0)
             name = prefix[id(old)]
             for proj in ("q_proj", "k_proj", "v_proj"):
                 state[f"{name}.{proj}.weight"] = getattr(old, proj).weight.detach()[rows]
@@ -138,11 +130,13 @@ class L0Penalty:
                                     over the heads of a layer, averaged over the gated layers.
     With a target of K heads (the Lagrangian relaxation of "keep K heads", Wang et al. 2020):
         lambda_1 (s - t) + lambda_2 (s - t)^2,   s = expected share of gated heads open, t = K / gated heads,
-    where the multipliers lambda_1, lambda_2 rise by gradient ascent (their own Adam with
-    maximize=True, stepped at each call with the previous step's gradient): while more than K
-    heads are expected open the penalty grows until gates close, and below K lambda_1 turns
-    negative and lets heads reopen. The penalty also tells the loop what to log (kept in
-    `history` for the plots) and lets the gate logits learn gate_lr_scale times faster."""
+    where the multipliers rise by gradient ascent on this term, with their own Adam at the gate
+    logits' learning rate (they have to keep pace with the gates they push): d/d lambda_1 =
+    s - t, d/d lambda_2 = (s - t)^2, written out rather than left to backward (so loss scaling
+    does not touch them). While more than K heads are expected open the penalty grows until
+    gates close; below K, lambda_1 falls and lets heads reopen. The penalty also tells the loop
+    what to log (kept in `history` for the plots) and lets the gate logits learn gate_lr_scale
+    times faster than the weights."""
 
     def __init__(self, gates: dict, lam: float, gate_lr_scale: float, target: int | None = None,
                  multiplier_lr: float = 0.05):
@@ -153,18 +147,16 @@ class L0Penalty:
         self.history: list[dict] = []
         if target is not None:
             device = next(iter(gates.values()))[0].log_alpha.device
-            self.multipliers = torch.zeros(2, device=device, requires_grad=True)      # lambda_1, lambda_2
+            self.multipliers = torch.zeros(2, device=device)                  # lambda_1, lambda_2
             self.ascent = torch.optim.Adam([self.multipliers], lr=multiplier_lr, maximize=True)
 
     def __call__(self) -> torch.Tensor:
         expected_open = sum(g.l0() for layers in self.gates.values() for g in layers)
         if self.target is None:
             return self.lam * expected_open / self.n_layers
-        if self.multipliers.grad is not None:            # the ascent step of the previous step
-            self.multipliers.grad.nan_to_num_(0.0, 0.0, 0.0)    # (an fp16 overflow step leaves infs)
-            self.ascent.step()
-            self.ascent.zero_grad()
-        gap = (expected_open - self.target) / self.n_heads
+        gap = (expected_open - self.target) / self.n_heads                     # s - t
+        self.multipliers.grad = torch.stack([gap, gap ** 2]).detach()
+        self.ascent.step()
         return self.multipliers[0] * gap + self.multipliers[1] * gap ** 2
 
     def log(self, step: int) -> dict:
@@ -183,10 +175,12 @@ class L0Penalty:
 
 def finetune(model, source: dict, data, opts: dict, run_dir: str, rt: Runtime, penalty=None) -> int:
     """Train a gated or a pruned model with train.py's loop for one run's budget: the original
-    run's data, batches, dropout and smoothing, with pruning's learning rate and limits (no early
-    stopping, no averaging). Returns the steps taken."""
+    run's data, batches, dropout and smoothing, with pruning's seed, learning rate and limits,
+    AdamW (pruning's learning rates are sized for it), no early stopping, no averaging. Returns
+    the steps taken."""
     cfg = {**source["train_config"], "init_from": opts["ckpt"], "out_dir": run_dir, "overfit_batches": 0,
-           "max_epochs": 0.0, "max_iters": opts["max_iters"], "patience": 0, "average_last": 0,
+           "optimizer": "adamw", "seed": opts["seed"], "max_epochs": 0.0, "max_iters": opts["max_iters"],
+           "patience": 0, "average_last": 0,
            "max_minutes": 0.0 if opts["max_iters"] else opts["max_minutes"],
            **{k: opts[k] for k in ("learning_rate", "warmup_frac", "log_interval", "eval_interval", "eval_sentences",
                                    "device", "dtype")}}
@@ -204,11 +198,12 @@ def translate_split(model, data, split: str, rt: Runtime) -> dict:
 
 def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float = 0.0,
            target: int | None = None) -> tuple:
-    """Gate, train, prune: (pruned model, keep-set, report). With a target, the K most open gates
-    (largest log_alpha) are kept at full weight; with a lambda, every head whose deterministic
-    gate is above 0 is kept with its gate value folded into out_proj (the same function as the gated model)."""
+    """Gate, train, prune: (pruned model, keep-set, report). Every kept head keeps its gate value
+    folded into out_proj, so the pruned model computes what the gated one does. With a lambda, the
+    heads whose deterministic gate is above 0 are kept; with a target, the K most open gates
+    (largest log_alpha), and should one of them have closed (fewer than K ended open), it is
+    kept at full weight."""
     model, _, _ = model_from_checkpoint(source)
-    torch.manual_seed(opts["seed"])
     gates = attach_gates(model, opts["gate_types"])
     model.to(rt.device)                                  # with its new gates
     penalty = L0Penalty(gates, lam, opts["gate_lr"] / opts["learning_rate"], target, multiplier_lr=opts["gate_lr"])
@@ -224,8 +219,9 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
     report["gate_values"] = {k: [zi.tolist() for zi in v] for k, v in z.items()}
     if target is not None:
         log_alpha = {kind: [g.log_alpha.detach().cpu() for g in layers] for kind, layers in gates.items()}
-        keep = head_analysis.top_k_heads(head_analysis.head_counts(model), log_alpha, target)
-        z = head_analysis.gate_values(head_analysis.head_counts(model), keep)
+        n_heads = head_analysis.head_counts(model)
+        chosen = head_analysis.gate_values(n_heads, head_analysis.top_k_heads(n_heads, log_alpha, target))
+        z = {k: [torch.where(c > 0, torch.where(zi > 0, zi, 1.0), 0.0) for c, zi in zip(chosen[k], z[k])] for k in z}
     pruned, keep = prune_heads(model.cpu(), z)
     report["plots"] = head_analysis.plot_gates(run_dir, penalty.history, opts["gate_types"], model.cfg.n_head)
     return pruned, keep, report
@@ -366,15 +362,17 @@ def compare(reports: list[dict], original: dict, data) -> list[dict]:
 
 
 def main() -> None:
-    configure(globals(), doc_files=(__file__,))
+    given = configure(globals(), doc_files=(__file__,))
     opts = {k: v for k, v in globals().items() if k in KNOBS}
     opts["gate_types"] = [t.strip() for t in gate_attn.split(",") if t.strip()]
     methods = [m.strip() for m in method.split(",") if m.strip()]
     if not methods or any(m not in ("l0", "importance", "random") for m in methods):
         raise ConfigError(f"--method={method}: use l0, importance and/or random, comma-separated")
-    targets = parse_ints(heads, "heads") if heads else []
-    lambdas = [] if targets else parse_lambdas(l0_lambda)
-    seed_list = parse_ints(seeds, "seeds")
+    targets = parse_numbers(heads, "heads", int) if heads else []
+    if targets and "l0_lambda" in given:
+        raise ConfigError("--heads=K and --lambda both set the number of heads: give one of them")
+    lambdas = [] if targets else parse_numbers(l0_lambda, "lambda", float, 0, 100)
+    seed_list = parse_numbers(seeds, "seeds", int)
     if not targets and "l0" not in methods:
         raise ConfigError("--method=importance/random needs --heads=K (or --method=l0,... to take the l0 runs' counts)")
     source = load_checkpoint(ckpt)
@@ -406,9 +404,11 @@ def main() -> None:
         summary["importance"] = {k: [v.tolist() for v in layers] for k, layers in importance.items()}
     del model
 
-    runs_l0 = [(lam, None) for lam in lambdas] + [(0.0, k) for k in targets] if "l0" in methods else []
-    per_count = ("importance" in methods) + len(seed_list) * ("random" in methods)      # baseline runs per K
-    single = len(runs_l0) + (len(targets) or len(runs_l0)) * per_count <= 1
+    # the l0 runs first (a lambda or a target each); then the baselines, at each target or at each
+    # head count an l0 run kept; a single run writes into `base` itself, several into subfolders
+    runs_l0 = ([(lam, None) for lam in lambdas] + [(0.0, k) for k in targets]) if "l0" in methods else []
+    baselines_per_count = ("importance" in methods) + len(seed_list) * ("random" in methods)
+    single = len(runs_l0) + len(targets or runs_l0) * baselines_per_count == 1
     reports = []
     for lam, k in runs_l0:
         run_dir = base if single else os.path.join(base, f"lambda_{lam:g}" if k is None else f"l0_{k}_heads")
@@ -422,7 +422,8 @@ def main() -> None:
         if "random" in methods:
             chosen += [("random", s, head_analysis.random_heads(n_heads, opts["gate_types"], k, s)) for s in seed_list]
         for name, s, keep in chosen:
-            run_dir = base if single else os.path.join(base, f"{name}_{k}_heads" + (f"_seed_{s}" if s else ""))
+            folder = f"{name}_{k}_heads" + (f"_seed_{s}" if s is not None else "")
+            run_dir = base if single else os.path.join(base, folder)
             os.makedirs(run_dir, exist_ok=True)
             pruned, keep, report = run_baseline(keep, name, source, data, opts, run_dir, rt)
             report.update({"seed": s} if s is not None else {})

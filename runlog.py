@@ -73,7 +73,7 @@ def plot_log(out_dir: str) -> str:
     ax.set_title("gradient norm (before clipping)")
     ax.legend()
     axes[1, 1].plot([r["step"] for r in val], [r["bleu"] for r in val], "o-")
-    axes[1, 1].set_title("validation BLEU (greedy)")
+    axes[1, 1].set_title("validation BLEU")
     for ax in axes.flat:
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -140,7 +140,7 @@ def log_step(log: RunLog, run, epochs: float, lr: float, out: dict, iv: Interval
     log.record("train", f"step {run.step:>6} | epoch {epochs:6.2f} | loss {rec['loss']:.4f} | lr {lr:.2e} | "
                f"gnorm {out['gnorm']:.2f} (enc {out['gnorm_enc']:.2f} dec {out['gnorm_dec']:.2f}) | "
                f"{rec['tok_per_s']:,.0f} tok/s | pad {rec['pad']:.1%} | {run.minutes:.1f} min"
-               + printable({k: rec[k] for k in ("overflows",) if k in rec} | extra, " | "), **rec)
+               + printable(({"overflows": iv.overflows} if iv.overflows else {}) | extra, " | "), **rec)
 
 
 def progress_bar():

@@ -6,14 +6,17 @@ Every script calls `setup` once and passes the result along; nothing else reads 
     with rt.amp:                          # bf16 / fp16 autocast, or nothing for fp32
         logits = model(*rt.to_device(src, tgt_in))
 
-device 'auto' is the GPU when there is one, else the CPU. dtype 'auto' is bf16 where the
-hardware computes in it (CPUs with AVX-512/AMX, GPUs of compute capability 8.0 and later) and
-fp16 with loss scaling on older GPUs (T4, V100), which emulate bf16 slowly. Under torchrun each
-process takes the GPU of its LOCAL_RANK and joins a process group (NCCL on GPUs, gloo on CPUs).
+device 'auto' is the GPU when there is one, else the CPU. dtype 'auto' is bf16 on CPUs (1.7x
+fp32 on the AMX units of the CPU this project was measured on; on a CPU without AVX-512 BF16 or
+AMX, try --dtype=float32) and on GPUs of compute capability 8.0 and later, and fp16 with loss
+scaling on older GPUs (T4, V100), which emulate bf16 slowly. fp16 also runs on a CPU, slowly,
+which is how the tests exercise loss scaling. Under torchrun each process takes the GPU of its
+LOCAL_RANK and joins a process group (NCCL on GPUs, gloo on CPUs).
 Leaves out: Apple MPS, TPUs, model or pipeline parallelism.
 """
 
 import contextlib
+import datetime
 import os
 import signal
 from dataclasses import dataclass
@@ -172,5 +175,9 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
         torch.cuda.set_device(p.device if ":" in p.device else 0)   # before NCCL: it uses the current device
         capability = torch.cuda.get_device_capability()
     if p.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(p.backend)
-    return Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability), p.rank, p.world_size)
+        # the other processes wait in a collective while process 0 validates and saves: NCCL's
+        # default of 10 minutes could end a run whose validation (a beam, a large split) takes longer
+        dist.init_process_group(p.backend, timeout=datetime.timedelta(minutes=60))
+    rt = Runtime(p.device, "float32", p.rank, p.world_size)
+    rt.dtype = pick_dtype(dtype, rt.device_type, capability)
+    return rt

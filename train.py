@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from batching import TrainBatches, collate, make_batches
+from batching import TrainBatches
 from checkpoint import (average_checkpoints, build_model, checkpoint_of, keep_snapshot, load_checkpoint,
                         model_config_from, model_from_checkpoint, save_checkpoint, snapshots)
-from configurator import ConfigError, configure, main_guard
+from configurator import ConfigError, configure, knob_names, main_guard
 from data import DATA_KEYS, DataConfig, DataError, load_data
-from decoding import score, translate
+from decoding import evaluate
 from loss import sequence_loss
 from optimizers import make_optimizer
 from runlog import Interval, RunLog, SpikeWatch, log_step, plot_log, printable, progress_bar
@@ -36,7 +36,7 @@ from runtime import Runtime, StopSignals, setup
 # -----------------------------------------------------------------------------
 # knobs: defaults here, overridden by config/<name>.py, then by --key=value
 # I/O
-out_dir = "out"  # run folder: ckpt.pt (latest), best.pt (best validation BLEU), log.jsonl, plots
+out_dir = "out"  # run folder: ckpt.pt (latest), best.pt (best validation BLEU), log.jsonl, plots, snapshots/, avg.pt
 init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a checkpoint path to fine-tune
 log_interval = 50  # steps between log lines
 eval_interval = 500  # steps between validation runs (loss, BLEU) and checkpoints
@@ -112,8 +112,7 @@ def knobs() -> dict:
     return {k: g[k] for k in TRAIN_KEYS}
 
 
-TRAIN_KEYS = [k for k, v in list(globals().items())
-              if not k.startswith("_") and type(v) in (bool, int, float, str)]
+TRAIN_KEYS = knob_names(globals())
 DEFAULTS = knobs()      # before any override: what a config written by an older version lacks
 
 
@@ -207,12 +206,13 @@ def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: 
     """One optimizer step over this process's `grad_accum` micro-batches of the global batch:
     forward, loss and backward for each, then unscale (fp16), gradient norms, clipping, update.
 
-    Returns what the log needs: `loss` (cross-entropy per target token of the global batch,
-    without the penalty), `tokens`, gradient norms `gnorm`/`gnorm_enc`/`gnorm_dec` before
-    clipping, and `update`: 'done'; 'skipped' (a non-finite loss, or non-finite gradients
-    without loss scaling: a bad step, counted); or 'overflow' (fp16 loss scaling overflowed:
-    routine while the scaler finds its scale, so the scaler skips the update and lowers it).
-    The values are read back from the device once, together: the step's one synchronisation.
+    Returns what the log needs: `loss` (the label-smoothed loss per target token of the global
+    batch, without the penalty), `tokens`, gradient norms `gnorm`/`gnorm_enc`/`gnorm_dec` before
+    clipping, and `update`: 'done'; 'skipped' (a non-finite loss, or non-finite gradients without
+    loss scaling, or with a loss scale already below 1: a bad step, counted); or 'overflow'
+    (fp16 loss scaling overflowed: routine while the scaler finds its scale, so the scaler skips
+    the update and lowers it). The values are read back from the device once, together (with
+    fp16, GradScaler also reads its overflow flag; under torchrun the loop agrees on the clock).
     loss_fn: the summed training loss, loss.sequence_loss unless given (bench.py times its
     baselines with the F.cross_entropy their users would write)."""
     raw = unwrap(model)
@@ -227,12 +227,11 @@ def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: 
         with model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext():
             with rt.amp:
                 logits = model(src, tgt_in)                                   # (B, T, V)
+            share = (loss_fn or sequence_loss)(logits, tgt_out, pad_id, smoothing) / n_tok   # of the batch mean
+            loss_sum += share.detach()
             # DDP averages gradients over processes; * world_size undoes that, so the gradient
-            # is that of the summed loss of the global batch over its tokens
-            loss = (loss_fn or sequence_loss)(logits, tgt_out, pad_id, smoothing) * rt.world_size / n_tok
-            loss_sum += loss.detach() / rt.world_size
-            if penalty is not None and i == 0:
-                loss = loss + penalty()
+            # is that of the global batch's mean loss
+            loss = share * rt.world_size + (penalty() if penalty is not None and i == 0 else 0.0)
             (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)                  # the true gradients, for the norms and clipping
@@ -253,38 +252,15 @@ def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: 
         else:
             optimizer.step()
         report["update"] = "done" if math.isfinite(gnorm) else "overflow"
+        # gradients that overflow even when scaled down are not fp16's range: they are non-finite
+        if report["update"] == "overflow" and scaler.get_scale() < 1.0:
+            report["update"] = "skipped"
     optimizer.zero_grad(set_to_none=True)
     return report
 
 
 # -----------------------------------------------------------------------------
 # evaluation and what the loop reports
-
-@torch.no_grad()
-def evaluate(model, data, batch_tokens: int, rt: Runtime, split: str = "validation",
-             n_sentences: int = 0, n_examples: int = 3, beam: int = 1) -> dict:
-    """Loss/perplexity over the whole split, BLEU/chrF on its first n_sentences (0 = all),
-    greedy or with beam search (length penalty alpha 0.6)."""
-    was_training = model.training
-    model.eval()
-    sp = data.splits[split]
-    loss_sum, n_tokens = 0.0, 0
-    for idx in make_batches(sp.src_lens, sp.tgt_lens, batch_tokens, shuffle=False):
-        src, tgt_in, tgt_out = rt.to_device(*collate(sp, idx, data.src_tok, data.tgt_tok))
-        with rt.amp:
-            logits = model(src, tgt_in)
-        loss_sum += sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0).item()
-        n_tokens += int((tgt_out != data.tgt_tok.pad_id).sum())
-    n = len(sp) if n_sentences <= 0 else min(n_sentences, len(sp))
-    hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text[:n], beam=beam, device=rt.device, amp=rt.amp)
-    scores = score(hyps, sp.tgt_text[:n])
-    model.train(was_training)
-    loss = loss_sum / max(n_tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": scores["bleu"], "bleu_lc": scores["bleu_lc"],
-            "chrf": scores["chrf"],
-            "sentences": n, "examples": [{"src": sp.src_text[i], "ref": sp.tgt_text[i], "hyp": hyps[i]}
-                                         for i in range(min(n_examples, n))]}
-
 
 @torch.no_grad()
 def check_initial_loss(model, batch: tuple, pad_id: int, vocab_size: int, rt: Runtime, log: RunLog) -> None:
@@ -308,12 +284,13 @@ def check_initial_loss(model, batch: tuple, pad_id: int, vocab_size: int, rt: Ru
                 "initialisation, the output layer and the loss masking")
 
 
-def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, penalty, save) -> None:
-    """Process 0 evaluates on the validation split, logs it with a few translations, writes
-    ckpt.pt, and best.pt when BLEU improved (not for a penalised run: pruning's best-BLEU model
-    would be its least pruned one); run.best_bleu and run.evals_without_gain then hold on every process."""
+def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, penalty) -> bool:
+    """Process 0 evaluates on the validation split and logs it with a few translations; then
+    run.best_bleu and run.evals_without_gain hold on every process. Returns whether BLEU improved."""
+    improved = False
     if rt.master:
-        ev = evaluate(model, data, cfg["batch_tokens"], rt, n_sentences=cfg["eval_sentences"], beam=cfg["eval_beam"])
+        ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"],
+                      beam=cfg["eval_beam"])
         extra = penalty.log(run.step) if penalty is not None else {}
         log.record("eval", f"eval step {run.step}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, "
                    f"BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} "
@@ -325,11 +302,9 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, pe
         improved = ev["bleu"] > run.best_bleu
         run.best_bleu = max(run.best_bleu, ev["bleu"])
         run.evals_without_gain = 0 if improved else run.evals_without_gain + 1
-        save("ckpt.pt")
-        if improved and penalty is None:
-            save("best.pt")
     run.best_bleu, evals = rt.from_master([run.best_bleu, run.evals_without_gain])
     run.evals_without_gain = int(evals)
+    return improved
 
 
 def write_average(data, cfg: dict, rt: Runtime, log: RunLog) -> None:
@@ -338,7 +313,8 @@ def write_average(data, cfg: dict, rt: Runtime, log: RunLog) -> None:
     averaged = average_checkpoints(list(paths))
     save_checkpoint(os.path.join(cfg["out_dir"], "avg.pt"), averaged)
     model = model_from_checkpoint(averaged)[0].to(rt.device)
-    ev = evaluate(model, data, cfg["batch_tokens"], rt, n_sentences=cfg["eval_sentences"], beam=cfg["eval_beam"])
+    ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"],
+                  beam=cfg["eval_beam"])
     log.record("average", f"avg.pt, the mean of {len(paths)} snapshots (steps {steps[0]}-{steps[-1]}): val loss "
                f"{ev['loss']:.3f}, BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f}",
                step=steps[-1], snapshots=len(paths), val_loss=ev["loss"], bleu=ev["bleu"], bleu_lc=ev["bleu_lc"],
@@ -353,20 +329,28 @@ class Diverged(Exception):
 # the training loop
 
 def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, penalty=None) -> RunState:
-    """Train until max_iters / max_epochs / max_minutes or a signal, from scratch or from where
-    the checkpoint `resume` stopped; validate and write checkpoints every eval_interval steps and
-    at the end; return where the run stands.
+    """Train until max_iters / max_epochs / max_minutes, early stopping (patience) or a signal,
+    from scratch or from where the checkpoint `resume` stopped; return where the run stands.
+    Every eval_interval steps and at the end: validate, write ckpt.pt (and best.pt when BLEU
+    improved). On a signal: write ckpt.pt and stop. With average_last: keep snapshots of the
+    weights every average_every steps, and at the end write and validate avg.pt, their mean.
 
     model may be wrapped in DDP. penalty (prune.py's L0 term): a callable giving a tensor that
     is added to the loss of every step, with `log(step)` giving {name: value} for the log (lists
     and dicts go to log.jsonl only) and `lr_scale` {parameter-name suffix: multiplier of the
     learning rate} for the parameters it adds. Raises Diverged after max_bad_steps bad steps in a row."""
     cfg = {**DEFAULTS, **cfg}      # a checkpoint's config from an older version may lack newer knobs
+    if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
+        raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
     raw, pad_id = unwrap(model), data.tgt_tok.pad_id
     optimizer, scaler = make_optimizer(raw, cfg, getattr(penalty, "lr_scale", None)), rt.grad_scaler()
     run = RunState()
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except ValueError as e:
+            raise ConfigError(f"the checkpoint's optimizer state does not fit this model's parameters ({e}); a "
+                              "checkpoint of an older version? Start a new run from it: --init_from=PATH") from None
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         run = RunState.of_checkpoint(resume)
@@ -374,13 +358,19 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
     bar = progress_bar() if rt.master else None
-    log = RunLog(cfg["out_dir"], rt.master, bar, resume_step=run.step or None)
+    log = RunLog(cfg["out_dir"], rt.master, bar, resume_step=run.step if resume is not None else None)
+    if resume is None and rt.master:                # an earlier run's snapshots are not this run's to average
+        for _, path in snapshots(cfg["out_dir"]):
+            os.remove(path)
 
-    def save(name: str) -> None:                    # process 0 writes out_dir/name
+    def checkpoint(improved: bool = False) -> None:     # process 0 writes ckpt.pt, and best.pt if BLEU improved
         if rt.master:
-            save_checkpoint(os.path.join(cfg["out_dir"], name), checkpoint_of(
-                raw, data.src_tok, data.tgt_tok, cfg, optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None, **asdict(run)))
+            state = checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, optimizer=optimizer.state_dict(),
+                                  scaler=scaler.state_dict() if scaler is not None else None,
+                                  world_size=rt.world_size, **asdict(run))
+            save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
+            if improved and penalty is None:            # (a penalised run's best BLEU is its least pruned model)
+                save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), state)
 
     def snapshot() -> None:                         # process 0 keeps these weights for averaging
         if rt.master and cfg["average_last"] > 1:
@@ -435,21 +425,24 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
             if run.step % cfg["log_interval"] == 0 or run.step == 1:
                 log_step(log, run, epochs, lr, out, interval, penalty.log(run.step) if penalty is not None else {})
                 interval = Interval()
-            if run.step % cfg["eval_interval"] == 0:
-                validate(raw, data, cfg, rt, run, log, penalty, save)
             if run.step % (cfg["average_every"] or cfg["eval_interval"]) == 0:
-                snapshot()
+                snapshot()                          # before validating: a kill in between redoes both
+            if run.step % cfg["eval_interval"] == 0:
+                started = time.time()
+                checkpoint(validate(raw, data, cfg, rt, run, log, penalty))
+                interval.started += time.time() - started      # tokens/s: training time only
     if bar is not None:
         bar.close()
     log.say(f"stopping: {stop}")
     if signalled:
-        save("ckpt.pt")
+        checkpoint()
         log.say(f"saved {os.path.join(cfg['out_dir'], 'ckpt.pt')}; continue with --init_from=resume")
         return run
-    if run.step % cfg["eval_interval"] != 0:
-        validate(raw, data, cfg, rt, run, log, penalty, save)      # the final evaluation and checkpoint
-    snapshot()                                                     # the final weights are the last one
+    if run.step % cfg["eval_interval"] != 0:                       # the final evaluation and checkpoint
+        checkpoint(validate(raw, data, cfg, rt, run, log, penalty))
     if cfg["average_last"] > 1 and rt.master:
+        if run.step % (cfg["average_every"] or cfg["eval_interval"]) != 0:
+            snapshot()                                             # the final weights are the last one
         write_average(data, cfg, rt, log)
     return run
 
@@ -467,14 +460,22 @@ def main() -> RunState:
         resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
         # the run goes on with its own configuration; its limits, intervals, device and precision
         # may be changed by naming them (e.g. --max_minutes=60 to extend it)
-        may_change = ("max_iters", "max_epochs", "max_minutes", "eval_interval", "log_interval", "device", "dtype",
-                      "plot")
-        cfg = {**resume["train_config"], **{k: v for k, v in given.items() if k in may_change}, "init_from": "resume"}
-    if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
-        raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
+        may_change = ("max_iters", "max_epochs", "max_minutes", "patience", "eval_interval", "log_interval", "device",
+                      "dtype", "plot")
+        ignored = [k for k, v in given.items() if k not in may_change and k != "init_from"
+                   and resume["train_config"].get(k, DEFAULTS[k]) != v]
+        if ignored:
+            print(f"resuming with the run's own configuration: ignoring {', '.join(ignored)} "
+                  f"(a resumed run may change only {', '.join(may_change)})")
+        cfg = {**DEFAULTS, **resume["train_config"], **{k: v for k, v in given.items() if k in may_change},
+               "init_from": "resume"}
     if cfg["overfit_batches"]:
         cfg["dropout"] = 0.0
     rt = setup(cfg["device"], cfg["dtype"])
+    if resume is not None and resume.get("world_size", 1) != rt.world_size:
+        raise ConfigError(f"the run in {cfg['out_dir']} trained with {resume.get('world_size', 1)} process(es), and "
+                          f"{rt.world_size} would take other batches: resume with as many, or start a new run from "
+                          f"its checkpoint with --init_from={os.path.join(cfg['out_dir'], 'ckpt.pt')}")
     if rt.master:
         try:
             os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -496,8 +497,11 @@ def main() -> RunState:
         print(f"device {rt.device}, dtype {rt.dtype}, {rt.world_size} process(es)")
     wrapped = model
     if rt.world_size > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device] if rt.device_type == "cuda"
-                                                            else None)
+        # a pruned model can leave whole parts without gradient (the encoder, if no cross-attention
+        # head is left): DDP must then look for unused parameters at every step
+        pruned = any(p.numel() == 0 for p in model.parameters())
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device] if rt.device_type == "cuda" else None, find_unused_parameters=pruned)
     try:
         run = train_loop(wrapped, data, cfg, rt, resume)
     except Diverged as reason:

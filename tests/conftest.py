@@ -9,6 +9,6 @@ import os
 import shutil
 import tempfile
 
-os.environ["OMP_NUM_THREADS"] = "1"      # read by torch when it is imported, here and in subprocesses
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # read by torch when it is imported, here and in subprocesses
 os.environ["NMT_TEST_CACHE"] = tempfile.mkdtemp(prefix="nmt-tests-")
 atexit.register(shutil.rmtree, os.environ["NMT_TEST_CACHE"], ignore_errors=True)

@@ -95,10 +95,10 @@ def test_rare_token_head():
 # -----------------------------------------------------------------------------
 # a model over a split
 
-def test_record_attention_shapes_and_rows():
+def test_attention_weights_shapes_and_rows():
     model = tiny(n_head=2, dec_cross_heads=[2, 0])
     src, tgt_in, _ = batches(toy_data())[0]
-    maps = heads.record_attention(model, src, tgt_in)
+    maps = model.attention_weights(src, tgt_in)
     assert not any(m.record_weights or m.last_weights is not None     # the modules are as they were
                    for layers in model.attention_modules().values() for m in layers)
     B, S, T = src.shape[0], src.shape[1], tgt_in.shape[1]

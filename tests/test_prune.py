@@ -60,11 +60,14 @@ def test_pruned_model_computes_what_the_gated_model_computes(types):
 
 
 def test_lambda_parsing():
-    assert prune.parse_lambdas("0.05") == [0.05]
-    assert prune.parse_lambdas("0.01, 0.1") == [0.01, 0.1]
+    assert prune.parse_numbers("0.05", "lambda", float, 0, 100) == [0.05]
+    assert prune.parse_numbers("0.01, 0.1", "lambda", float, 0, 100) == [0.01, 0.1]
     for bad in ("-1", "abc", "", "1e9"):
         with pytest.raises(Exception, match="--lambda"):
-            prune.parse_lambdas(bad)
+            prune.parse_numbers(bad, "lambda", float, 0, 100)
+    assert prune.parse_numbers("10,6,3", "heads", int) == [10, 6, 3]
+    with pytest.raises(Exception, match="--heads=2.5"):
+        prune.parse_numbers("2.5", "heads", int)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,11 @@ def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
     sample = run("sample.py", f"--ckpt={tmp_path / 'p' / 'lambda_2' / 'pruned.pt'}", "--text=1 2 3", "--beam=3",
                  f"--plot_attention={png}")
     assert len(sample.stdout.splitlines()) == 1 and png.exists()
+
+
+def test_a_head_count_and_a_lambda_together_are_refused():
+    out = run("prune.py", "--heads=3", "--lambda=0.1", check=False)
+    assert out.returncode == 2 and "give one of them" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.slow      # ~12 s: four runs

@@ -190,6 +190,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch_and_resume(t
     torchrun(f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume", "--max_iters=5")
     straight = {r["step"]: r["loss"] for r in train_records(tmp_path / "straight")}
     assert {r["step"]: r["loss"] for r in train_records(tmp_path / "resumed")} == straight
+    other = run("train.py", f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume", "--max_iters=8", check=False)
+    assert other.returncode == 2 and "trained with 2 process(es)" in other.stderr   # 1 process would take other batches
 
 
 @pytest.mark.slow      # ~15 s: torchrun with two processes
@@ -255,6 +257,10 @@ def test_fp16_overflow_is_routine_and_a_non_finite_loss_is_a_bad_step():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     out = train.train_step(model, optimizer, scaler, batches, 0, train.DEFAULTS, rt)
     assert out["update"] == "done" and not torch.equal(before["out_proj.weight"], model.out_proj.weight)
+    scaler.update(new_scale=0.5)                                       # overflowing when scaled *down*:
+    hook = model.out_proj.weight.register_hook(lambda g: g * float("inf"))   # not fp16's range, a bad step
+    assert train.train_step(model, optimizer, scaler, batches, 0, train.DEFAULTS, rt)["update"] == "skipped"
+    hook.remove()
     fp32 = tiny_step("float32")                                         # no loss scaling: infinite gradients are bad
     hook = fp32[0].out_proj.weight.register_hook(lambda g: g * float("inf"))
     assert train.train_step(*fp32[:2], None, fp32[3], 0, train.DEFAULTS, fp32[2])["update"] == "skipped"
@@ -287,6 +293,9 @@ def test_initial_loss_check_warns_for_overconfident_first_guesses(tmp_path, caps
 
 
 def test_early_stopping_and_the_average_of_the_last_snapshots(tmp_path):
+    (tmp_path / "snapshots").mkdir()                            # an earlier run's snapshot, and a killed write
+    torch.save({"stale": True}, tmp_path / "snapshots" / "step_0000001.pt")
+    (tmp_path / "snapshots" / "step_0000004.pt.tmp").write_bytes(b"half a file")
     # a learning rate of ~0: validation BLEU cannot improve after the first evaluation
     out = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=2", "--eval_sentences=10",
               "--learning_rate=1e-12", "--min_lr=1e-12", "--patience=2", "--average_last=2", "--average_every=3")
@@ -296,6 +305,7 @@ def test_early_stopping_and_the_average_of_the_last_snapshots(tmp_path):
     from checkpoint import average_checkpoints, load_checkpoint, snapshots
     kept = snapshots(str(tmp_path))
     assert [s for s, _ in kept] == [3, 6]                       # every 3 steps, the last 2 kept; 6 = the end
+    assert not (tmp_path / "snapshots" / "step_0000001.pt").exists()     # a new run averages only its own
     avg, (a, b) = load_checkpoint(str(tmp_path / "avg.pt")), (load_checkpoint(p) for _, p in kept)
     for k, v in avg["model"].items():
         assert torch.allclose(v, (a["model"][k] + b["model"][k]) / 2), k
