@@ -1,0 +1,88 @@
+"""The CUDA path, where a GPU is present (every test here is skipped without one): the toy task
+in every precision and attention implementation, both GRU attentions, cached = uncached decoding,
+SDPA = explicit softmax, bf16 and fp32 loss curves, and a run moving between CPU and GPU.
+
+    python -m pytest tests/test_cuda.py -m "slow or not slow"     # on a machine with a GPU
+"""
+import math
+
+import pytest
+import torch
+
+from helpers import TINY, run, train_records
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# the toy reverse task, long enough to be solved on a GPU in seconds
+TOY = ["config/toy_reverse.py", "--device=cuda", "--log_interval=50", "--eval_interval=600", "--plot=False"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("attn", ["math", "sdpa"])
+def test_the_toy_task_is_solved_on_cuda_in_every_precision(tmp_path, dtype, attn):
+    run("train.py", *TOY, f"--dtype={dtype}", f"--attn_impl={attn}", f"--out_dir={tmp_path}")
+    assert all(math.isfinite(r["loss"]) for r in train_records(tmp_path))
+    assert train_records(tmp_path, "eval")[-1]["bleu"] > 95
+
+
+@pytest.mark.parametrize("attention", ["dot", "additive"])
+def test_gru_with_attention_learns_the_toy_task_on_cuda(tmp_path, attention):
+    run("train.py", *TINY, "--device=cuda", "--arch=rnn", "--emb_dim=32", "--n_enc_layer=1", "--n_dec_layer=1",
+        f"--attention={attention}", "--hidden_size=96", "--bidirectional", "--max_iters=300", "--learning_rate=1e-2",
+        "--warmup_frac=0.05", "--dropout=0", "--batch_tokens=3000", "--eval_interval=300", "--eval_sentences=100",
+        f"--out_dir={tmp_path}")
+    assert train_records(tmp_path, "eval")[-1]["bleu"] > 80
+
+
+def test_cached_decoding_and_sdpa_agree_with_the_references_on_cuda():
+    from decoding import greedy, greedy_uncached
+    from model_transformer import Transformer, TransformerConfig
+    torch.manual_seed(0)
+    cfg = TransformerConfig(src_vocab=50, tgt_vocab=50, pad_id=0, d_model=64, n_head=4, n_enc_layer=2, n_dec_layer=2,
+                            d_ff=128, dropout=0.0, attn_impl="math")
+    model = Transformer(cfg, verbose=False).cuda().eval()
+    src = torch.randint(3, 50, (8, 11), device="cuda")
+    src[3, 7:] = 0
+    cached = greedy(model, src, 1, 2, 0, 20)[0]
+    assert torch.equal(cached, greedy_uncached(model, src, 1, 2, 0, 20)[:, :cached.shape[1]])
+    tgt = torch.randint(3, 50, (8, 9), device="cuda")
+    math_logits = model(src, tgt)
+    model.set_attention_impl("sdpa")
+    assert torch.allclose(model(src, tgt), math_logits, atol=1e-4)
+
+
+def test_bf16_follows_the_fp32_loss_curve_on_cuda(tmp_path):
+    common = [*TINY, "--device=cuda", "--max_iters=200", "--eval_interval=200", "--log_interval=20",
+              "--learning_rate=3e-3", "--dropout=0"]
+    run("train.py", *common, "--dtype=float32", f"--out_dir={tmp_path / 'fp32'}")
+    run("train.py", *common, "--dtype=bfloat16", f"--out_dir={tmp_path / 'bf16'}")
+    fp32, bf16 = ([r["loss"] for r in train_records(tmp_path / d) if r["step"] >= 100] for d in ("fp32", "bf16"))
+    assert all(abs(a - b) < 0.15 * a + 0.05 for a, b in zip(fp32, bf16)), (fp32, bf16)
+
+
+def test_a_run_moves_from_cpu_to_cuda_and_back(tmp_path):
+    common = [*TINY, f"--out_dir={tmp_path}", "--eval_interval=4", "--eval_sentences=5"]
+    run("train.py", *common, "--device=cpu", "--max_iters=4")
+    out = run("train.py", *common, "--init_from=resume", "--device=cuda", "--max_iters=8")
+    assert "device cuda" in out.stdout
+    run("train.py", *common, "--init_from=resume", "--device=cpu", "--max_iters=12")
+    records = train_records(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in records)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_under_torchrun_match_one_gpu_accumulating(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    common = [*TINY, "--device=cuda", "--dropout=0.0", "--max_iters=5", "--eval_interval=5", "--eval_sentences=5",
+              "--warmup_frac=0", "--learning_rate=2e-3", "--min_lr=2e-3"]
+    run("train.py", *common, f"--out_dir={tmp_path / 'one'}", "--grad_accum=2")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *common, f"--out_dir={tmp_path / 'two'}"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    one = {r["step"]: r["loss"] for r in train_records(tmp_path / "one")}
+    two = {r["step"]: r["loss"] for r in train_records(tmp_path / "two")}
+    assert all(two[s] == pytest.approx(one[s], rel=1e-3) for s in one)
