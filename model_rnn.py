@@ -1,8 +1,12 @@
 """
 GRU encoder-decoder ("sequence to sequence"), the classic starting point of NMT:
-- attention='none':     Cho et al. 2014 / Sutskever et al. 2014. The decoder starts from the
-                        final encoder state and sees nothing else: the whole sentence must fit
-                        through one vector (the "bottleneck").
+- attention='none':     no attention: the whole sentence must fit through one vector, the final
+                        encoder state (the "bottleneck"), in one of two classic designs:
+    bottleneck='sutskever'  Sutskever et al. 2014: the summary only starts the decoder (through
+                            the bridge); reverse_source=True reads the source backwards, as in
+                            the paper, so its first words are the encoder's most recent.
+    bottleneck='cho'        Cho et al. 2014: the summary also enters every decoder step and the
+                            readout, so the decoder cannot forget it.
 - attention='dot':      Luong et al. 2015 (global, dot score): the decoder state at step t looks
                         at every encoder state; runs over all target steps at once in training.
 - attention='additive': Bahdanau et al. 2015: the previous decoder state scores every encoder
@@ -31,10 +35,21 @@ class RNNConfig:
     n_dec_layer: int = 2
     bidirectional: bool = False       # encoder reads both directions (outputs are 2 x hidden_size)
     attention: str = "none"           # 'none' | 'dot' | 'additive'
+    bottleneck: str = "sutskever"     # attention='none': 'sutskever' (the summary starts the decoder)
+                                      # | 'cho' (it also enters every decoder step and the readout)
+    reverse_source: bool = False      # read each source sentence backwards (Sutskever et al. 2014)
     dropout: float = 0.1
     tie_output: bool = True           # output layer shares the target embedding (needs a projection to emb_dim)
     share_src_tgt: bool = False       # one embedding for source and target (joint vocabulary)
     teacher_forcing: float = 1.0      # probability of feeding the true previous token in training
+    embed_scale: bool = True          # multiply embeddings by sqrt(emb_dim) on the way in (see __init__)
+
+
+def reversed_order(lengths: torch.Tensor, S: int) -> torch.Tensor:
+    """Positions that reverse each row's first lengths[b] entries and leave its padding in place:
+    lengths [3, 2], S 4 -> [[2, 1, 0, 3], [1, 0, 2, 3]]. Applying it twice restores the order."""
+    pos = torch.arange(S, device=lengths.device)[None]                     # (1, S)
+    return torch.where(pos < lengths[:, None], lengths[:, None] - 1 - pos, pos)  # (B, S)
 
 
 class Seq2SeqRNN(nn.Module):
@@ -44,6 +59,8 @@ class Seq2SeqRNN(nn.Module):
         super().__init__()
         if cfg.attention not in ("none", "dot", "additive"):
             raise ValueError(f"attention='{cfg.attention}' is not known: use 'none', 'dot' or 'additive'")
+        if cfg.bottleneck not in ("sutskever", "cho"):
+            raise ValueError(f"bottleneck='{cfg.bottleneck}' is not known: use 'sutskever' or 'cho'")
         if cfg.share_src_tgt and cfg.src_vocab != cfg.tgt_vocab:
             raise ValueError("share_src_tgt needs one joint vocabulary (joint_vocab=True)")
         self.cfg = cfg
@@ -56,7 +73,9 @@ class Seq2SeqRNN(nn.Module):
                               dropout=cfg.dropout if cfg.n_enc_layer > 1 else 0.0)
         # bridge: the final encoder state (both directions) -> the first state of every decoder layer
         self.enc_bridge = nn.Linear(enc_out, H * cfg.n_dec_layer)
-        dec_in = E + (enc_out if cfg.attention == "additive" else 0)
+        # Cho et al. 2014: the summary c is an input of every decoder step and of the readout
+        self.cho = cfg.attention == "none" and cfg.bottleneck == "cho"
+        dec_in = E + (enc_out if cfg.attention == "additive" or self.cho else 0)
         self.decoder = nn.GRU(dec_in, H, cfg.n_dec_layer, batch_first=True,
                               dropout=cfg.dropout if cfg.n_dec_layer > 1 else 0.0)
         if cfg.attention == "dot":
@@ -65,7 +84,7 @@ class Seq2SeqRNN(nn.Module):
             self.dec_query_proj = nn.Linear(H, H, bias=False)               # W_s s_{t-1}
             self.dec_key_proj = nn.Linear(enc_out, H, bias=False)           # W_h h_j
             self.dec_score = nn.Linear(H, 1, bias=False)                    # v^T tanh(.)
-        readout_in = H + (enc_out if cfg.attention != "none" else 0)
+        readout_in = H + (enc_out if cfg.attention != "none" or self.cho else 0)
         self.dec_readout = nn.Linear(readout_in, E)                         # [state; context] -> emb width
         self.out_proj = nn.Linear(E, cfg.tgt_vocab, bias=False)
         nn.init.normal_(self.tgt_embed.weight, std=E ** -0.5)
@@ -73,34 +92,53 @@ class Seq2SeqRNN(nn.Module):
             nn.init.normal_(self.src_embed.weight, std=E ** -0.5)
         if cfg.tie_output:
             self.out_proj.weight = self.tgt_embed.weight
+        # The embedding table is also the output layer, so it starts small (std E^-0.5: logits of
+        # unit variance). As GRU input such vectors are tiny next to the GRU's biases: the encoder's
+        # state hardly depends on the source, and the gradient that reaches the source embeddings
+        # through the 2 x S steps of a no-attention model vanishes (at step 1 the encoder's
+        # gradient norm printed 0.00 and a source word 20 characters back got 1e-9 of the last
+        # one's). Scaling the embeddings by sqrt(E) on the way in, as the Transformer does, gives
+        # the GRUs inputs of unit variance. Attention hides the problem (it is a short path from
+        # every source word to the loss); without attention it decides whether the model learns.
+        self.emb_mult = E ** 0.5 if cfg.embed_scale else 1.0
         self.record_weights = False
         self.recorded: list[torch.Tensor] = []                              # (B, t, S) attention weights per call
         if verbose:
             print(f"Seq2SeqRNN ({cfg.attention} attention): {sum(p.numel() for p in self.parameters()) / 1e6:.2f}M parameters")
 
+    def embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> GRU inputs (B, T, E), scaled up from the output layer's size (see __init__)."""
+        return table(ids) * self.emb_mult
+
     # --- encoder ---------------------------------------------------------------------------
     def encode(self, src: torch.Tensor) -> tuple:
-        """src (B, S) -> memory: (outputs (B, S, Hx), keys (B, S, H) or None, mask (B, S), init (B, L, H)).
+        """src (B, S) -> memory: (outputs (B, S, Hx), keys (B, S, H) or None, mask (B, S),
+        init (B, L, H), summary (B, Hx)).
 
         Packed sequences: the GRU stops at each sentence's last real token, so padding never
         changes the final state; padded output positions are zeros and masked in attention.
         """
         src_mask = src != self.cfg.pad_id                                   # (B, S) True = real token
-        lengths = src_mask.sum(dim=1).cpu()
-        x = self.dropout(self.src_embed(src))                               # (B, S, E)
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        lengths = src_mask.sum(dim=1)
+        if self.cfg.reverse_source:
+            order = reversed_order(lengths, src.shape[1])                   # (B, S)
+            src = src.gather(1, order)
+        x = self.dropout(self.embed(self.src_embed, src))               # (B, S, E)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, h_n = self.encoder(packed)                                     # h_n: (layers * dirs, B, H)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])  # (B, S, Hx)
+        if self.cfg.reverse_source:                                         # back to source order, so
+            out = out.gather(1, order[:, :, None].expand_as(out))           # attention maps line up with src
         dirs = 2 if self.cfg.bidirectional else 1
-        last = torch.cat([h_n[-dirs + d] for d in range(dirs)], dim=-1)     # top layer, (B, Hx)
-        init = torch.tanh(self.enc_bridge(last)).view(src.shape[0], self.cfg.n_dec_layer, -1)  # (B, L, H)
+        summary = torch.cat([h_n[-dirs + d] for d in range(dirs)], dim=-1)  # top layer, (B, Hx)
+        init = torch.tanh(self.enc_bridge(summary)).view(src.shape[0], self.cfg.n_dec_layer, -1)  # (B, L, H)
         keys = self.dec_key_proj(out) if self.cfg.attention != "none" else None
-        return out, keys, src_mask, init
+        return out, keys, src_mask, init, summary
 
     # --- attention -------------------------------------------------------------------------
     def attend(self, query: torch.Tensor, memory: tuple) -> torch.Tensor:
         """query (B, T, H) -> context (B, T, Hx) as a mask-aware weighted sum of encoder outputs."""
-        out, keys, src_mask, _ = memory
+        out, keys, src_mask = memory[:3]
         if self.cfg.attention == "dot":                                     # score = s_t . (W h_j)
             scores = query @ keys.transpose(1, 2)                           # (B, T, S)
         else:                                                               # score = v^T tanh(W_s s + W_h h_j)
@@ -130,16 +168,22 @@ class Seq2SeqRNN(nn.Module):
             if last_only:
                 states, context = states[:, -1:], context[:, -1:]
         else:
+            context = None
+            if self.cho:                                                    # the same c at every step
+                context = memory[4][:, None].expand(-1, emb.shape[1], -1)  # (B, T, Hx)
+                emb = torch.cat([emb, context], dim=-1)
             states, h_n = self.decoder(emb, h0)                             # all steps at once: (B, T, H)
             if last_only:
                 states = states[:, -1:]
-            context = self.attend(states, memory) if self.cfg.attention == "dot" else None
+                context = context[:, -1:] if context is not None else None
+            if self.cfg.attention == "dot":
+                context = self.attend(states, memory)
         return self.readout(states, context), h_n.transpose(0, 1)
 
     def decode(self, tgt_in: torch.Tensor, memory: tuple, last_only: bool = False) -> torch.Tensor:
         """Teacher forcing from the start: tgt_in (B, T) -> logits (B, T, V), or (B, 1, V) for the
         last position only (what uncached decoding needs)."""
-        return self.run_decoder(self.dropout(self.tgt_embed(tgt_in)), memory, memory[3], last_only)[0]
+        return self.run_decoder(self.dropout(self.embed(self.tgt_embed, tgt_in)), memory, memory[3], last_only)[0]
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """src (B, S), tgt_in (B, T) -> logits (B, T, V). With teacher_forcing < 1 (training only),
@@ -149,7 +193,7 @@ class Seq2SeqRNN(nn.Module):
             return self.decode(tgt_in, memory)
         hidden, y, logits = memory[3], tgt_in[:, 0], []
         for t in range(tgt_in.shape[1]):
-            step_logits, hidden = self.run_decoder(self.dropout(self.tgt_embed(y[:, None])), memory, hidden)
+            step_logits, hidden = self.run_decoder(self.dropout(self.embed(self.tgt_embed, y[:, None])), memory, hidden)
             logits.append(step_logits)
             if t + 1 < tgt_in.shape[1]:
                 # torch's generator (not Python's random): its state is saved in checkpoints, so resume stays exact
@@ -160,7 +204,7 @@ class Seq2SeqRNN(nn.Module):
     def decode_step(self, y: torch.Tensor, memory: tuple, cache: dict | None) -> tuple[torch.Tensor, dict]:
         """y (B,) previous token -> logits (B, V); the cache is {'hidden': (B, L, H)}."""
         hidden = memory[3] if cache is None else cache["hidden"]
-        logits, hidden = self.run_decoder(self.tgt_embed(y[:, None]), memory, hidden)
+        logits, hidden = self.run_decoder(self.embed(self.tgt_embed, y[:, None]), memory, hidden)
         return logits[:, 0], {"hidden": hidden}
 
     @torch.no_grad()

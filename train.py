@@ -79,6 +79,9 @@ hidden_size = 512  # RNN GRU state width
 bidirectional = False  # RNN encoder reads the source in both directions
 attention = "none"  # RNN attention: 'none' (bottleneck), 'dot' (Luong), 'additive' (Bahdanau)
 teacher_forcing = 1.0  # RNN: probability of feeding the true previous token in training
+bottleneck = "sutskever"  # RNN without attention: 'sutskever' (the summary starts the decoder) or 'cho' (it also enters every step)
+reverse_source = False  # RNN: read each source sentence backwards (Sutskever et al. 2014)
+embed_scale = True  # RNN: embeddings times sqrt(emb_dim) as GRU input (model_rnn.py says why)
 # optimisation
 optimizer = "adamw"  # 'adamw' or 'lion' (Chen et al. 2023: wants a 3-10x lower learning_rate, higher weight_decay)
 learning_rate = 1e-3  # peak learning rate of the one-cycle schedule

@@ -10,6 +10,7 @@ tokenizer = "bpe"
 vocab_size = 6000
 arch = "rnn"
 attention = "dot"
+embed_scale = False  # measured so (README); attention gives the encoder a short gradient path anyway
 bidirectional = True
 emb_dim = 256
 hidden_size = 384

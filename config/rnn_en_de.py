@@ -1,24 +1,27 @@
-# The classic first NMT model: a character-level 2-layer GRU encoder-decoder with no attention
-# (the decoder starts from the final encoder state), Adam 2e-3 with exponential decay,
-# on Multi30k English -> German. It shows how far the one-vector bottleneck gets.
+# A GRU encoder-decoder without attention (Cho et al. 2014: the encoder's summary vector starts
+# the decoder and enters every decoder step and the readout), BPE 6k, on Multi30k English -> German.
+# It shows how far one vector gets; config/rnn_attn_en_de.py adds attention.
 # python train.py config/rnn_en_de.py --dataset=../shared/data/multi30k_en_de
+# Sutskever et al. 2014 (the summary only starts the decoder; the source read backwards):
+#   add --bottleneck=sutskever --reverse_source=True --out_dir=out/rnn_sutskever_en_de
 out_dir = "out/rnn_en_de"
 dataset = "bentrevett/multi30k"
 dataset_config = ""
 src_lang = "en"
 tgt_lang = "de"
-tokenizer = "char"
-vocab_size = 300
-max_len = 200
+tokenizer = "bpe"
+vocab_size = 6000
+max_len = 100
 arch = "rnn"
 attention = "none"
+bottleneck = "cho"
 emb_dim = 256
 hidden_size = 512
 n_enc_layer = 2
 n_dec_layer = 2
 dropout = 0.1
 tie_embeddings = "all"
-batch_tokens = 12000
+batch_tokens = 6000
 learning_rate = 2e-3
 warmup_frac = 0.0
 decay = "exp"
