@@ -178,6 +178,4 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
         # the other processes wait in a collective while process 0 validates and saves: NCCL's
         # default of 10 minutes could end a run whose validation (a beam, a large split) takes longer
         dist.init_process_group(p.backend, timeout=datetime.timedelta(minutes=60))
-    rt = Runtime(p.device, "float32", p.rank, p.world_size)
-    rt.dtype = pick_dtype(dtype, rt.device_type, capability)
-    return rt
+    return Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability), p.rank, p.world_size)

@@ -375,6 +375,8 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
             if improved and penalty is None:            # (a penalised run's best BLEU is its least pruned model)
                 save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), state)
 
+    snapshot_every = cfg["average_every"] or cfg["eval_interval"]
+
     def snapshot() -> None:                         # process 0 keeps these weights for averaging
         if rt.master and cfg["average_last"] > 1:
             keep_snapshot(cfg["out_dir"], checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, step=run.step),
@@ -428,7 +430,7 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
             if run.step % cfg["log_interval"] == 0 or run.step == 1:
                 log_step(log, run, epochs, lr, out, interval, penalty.log(run.step) if penalty is not None else {})
                 interval = Interval()
-            if run.step % (cfg["average_every"] or cfg["eval_interval"]) == 0:
+            if run.step % snapshot_every == 0:
                 snapshot()                          # before validating: a kill in between redoes both
             if run.step % cfg["eval_interval"] == 0:
                 started = time.time()
@@ -444,7 +446,7 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
     if run.step % cfg["eval_interval"] != 0:                       # the final evaluation and checkpoint
         checkpoint(validate(raw, data, cfg, rt, run, log, penalty))
     if cfg["average_last"] > 1 and rt.master:
-        if run.step % (cfg["average_every"] or cfg["eval_interval"]) != 0:
+        if run.step % snapshot_every != 0:
             snapshot()                                             # the final weights are the last one
         write_average(data, cfg, rt, log)
     return run
