@@ -44,6 +44,7 @@ out_dir = ""  # run folder ('' = <checkpoint folder>/prune_<gate_attn>)
 method = "l0"  # 'l0' (gates), 'importance' (Michel et al.), 'random'; comma-separated: compared at the same head counts
 l0_lambda = "0.05"  # l0: penalty weight, --lambda=...; a comma-separated list runs a sweep
 heads = ""  # keep exactly K heads of the pruned types (comma-separated Ks); '' = as many as the l0 runs keep
+target_ramp = 0.5  # --heads: share of an l0 run over which the head count aimed at falls from all heads to K
 seeds = "1,2,3"  # random: one run per seed
 gate_attn = "enc"  # attention types to prune, comma-separated: enc, dec, cross
 dataset = ""  # a local folder to read instead of the checkpoint's dataset (no network)
@@ -129,35 +130,47 @@ class L0Penalty:
     With a lambda:   lambda * L0,   L0 = the expected number of open heads (sum of P(gate open))
                                     over the heads of a layer, averaged over the gated layers.
     With a target of K heads (the Lagrangian relaxation of "keep K heads", Wang et al. 2020):
-        lambda_1 (s - t) + lambda_2 (s - t)^2,   s = expected share of gated heads open, t = K / gated heads,
-    where the multipliers rise by gradient ascent on this term, with their own Adam at the gate
-    logits' learning rate (they have to keep pace with the gates they push): d/d lambda_1 =
-    s - t, d/d lambda_2 = (s - t)^2, written out rather than left to backward (so loss scaling
-    does not touch them). While more than K heads are expected open the penalty grows until
-    gates close; below K, lambda_1 falls and lets heads reopen. The penalty also tells the loop
-    what to log (kept in `history` for the plots) and lets the gate logits learn gate_lr_scale
-    times faster than the weights."""
+        lambda_1 (s - t) + lambda_2 (s - t)^2,   s = expected share of gated heads open,
+                                                  t = the share aimed at now,
+    where t falls linearly from all heads to K / gated heads over the first `ramp` share of the
+    run (progress() in [0, 1]) and then stays there, and the multipliers rise by gradient ascent
+    on this term with their own Adam: d/d lambda_1 = s - t, d/d lambda_2 = (s - t)^2, written
+    out rather than left to backward (so loss scaling does not touch them). While more heads are
+    expected open than aimed at, the penalty grows until gates close; below, lambda_1 falls and
+    lets heads reopen. The ramp and the slow multipliers matter: aiming at K from the first step
+    with multipliers as fast as the gates closed all 24 encoder heads within 200 steps on
+    Multi30k (the multipliers kept rising while the gates lagged, then overshot), so the weights
+    spent the run adapting to the wrong heads; a gradual ramp lets them follow the gates, as in
+    CoFi (Xia et al. 2022). The penalty also tells the loop what to log (kept in `history` for
+    the plots) and lets the gate logits learn gate_lr_scale times faster than the weights."""
 
     def __init__(self, gates: dict, lam: float, gate_lr_scale: float, target: int | None = None,
-                 multiplier_lr: float = 0.05):
-        self.gates, self.lam, self.target = gates, lam, target
+                 progress=lambda: 1.0, ramp: float = 0.5, multiplier_lr: float = 0.01):
+        self.gates, self.lam, self.target, self.progress, self.ramp = gates, lam, target, progress, ramp
         self.n_layers = sum(len(layers) for layers in gates.values())
         self.n_heads = sum(g.log_alpha.numel() for layers in gates.values() for g in layers)
         self.lr_scale = {"log_alpha": gate_lr_scale}
         self.history: list[dict] = []
+        self.steps = 0                                                        # calls so far: one per step
         if target is not None:
             device = next(iter(gates.values()))[0].log_alpha.device
             self.multipliers = torch.zeros(2, device=device)                  # lambda_1, lambda_2
             self.ascent = torch.optim.Adam([self.multipliers], lr=multiplier_lr, maximize=True)
 
     def __call__(self) -> torch.Tensor:
+        self.steps += 1
         expected_open = sum(g.l0() for layers in self.gates.values() for g in layers)
         if self.target is None:
             return self.lam * expected_open / self.n_layers
-        gap = (expected_open - self.target) / self.n_heads                     # s - t
+        gap = (expected_open - self.heads_aimed_at()) / self.n_heads          # s - t
         self.multipliers.grad = torch.stack([gap, gap ** 2]).detach()
         self.ascent.step()
         return self.multipliers[0] * gap + self.multipliers[1] * gap ** 2
+
+    def heads_aimed_at(self) -> float:
+        """All gated heads at the start, K from `ramp` of the way through the run on."""
+        done = min(1.0, self.progress() / self.ramp) if self.ramp > 0 else 1.0
+        return self.n_heads + (self.target - self.n_heads) * done
 
     def log(self, step: int) -> dict:
         z = eval_gates(self.gates)
@@ -169,7 +182,8 @@ class L0Penalty:
         extra = {"heads_open": " ".join(f"{k} {v}/{n_head * len(self.gates[k])}" for k, v in open_now.items()),
                  "l0": round(sum(sum(p) for v in p_open.values() for p in v) / self.n_layers, 3), "p_open": p_open}
         if self.target is not None:
-            extra["multipliers"] = [round(m, 4) for m in self.multipliers.tolist()]
+            extra["lambda_1"] = round(self.multipliers[0].item(), 3)
+            extra["aim"] = round(self.heads_aimed_at(), 1)
         return extra
 
 
@@ -206,7 +220,15 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
     model, _, _ = model_from_checkpoint(source)
     gates = attach_gates(model, opts["gate_types"])
     model.to(rt.device)                                  # with its new gates
-    penalty = L0Penalty(gates, lam, opts["gate_lr"] / opts["learning_rate"], target, multiplier_lr=opts["gate_lr"])
+    start = time.perf_counter()
+
+    def progress() -> float:
+        """How far through the run: steps over max_iters, else minutes over max_minutes."""
+        if opts["max_iters"]:
+            return penalty.steps / opts["max_iters"]
+        return (time.perf_counter() - start) / 60 / opts["max_minutes"]
+
+    penalty = L0Penalty(gates, lam, opts["gate_lr"] / opts["learning_rate"], target, progress, opts["target_ramp"])
     what = f"lambda {lam:g}" if target is None else f"a target of {target} heads"
     print(f"\n== l0, {what}: gating {', '.join(opts['gate_types'])} heads ({model.num_params() / 1e6:.2f}M parameters)")
     penalty.log(0)
@@ -243,8 +265,9 @@ def heads_kept(keep: dict, kinds: list[str]) -> int:
 
 
 def finish(pruned, keep: dict, report: dict, original: dict, source: dict, data, opts: dict, run_dir: str,
-           rt: Runtime) -> dict:
-    """Score the pruned model, measure its speed (l0), save it as pruned.pt with its report."""
+           rt: Runtime, settings: dict) -> dict:
+    """Score the pruned model, measure its speed (l0), save it as pruned.pt with its report
+    (prune_report.json, written last: its presence marks a finished run)."""
     pruned.to(rt.device).eval()
     report.update(heads=heads_kept(keep, opts["gate_types"]), gate_attn=opts["gate_types"],
                   original_validation=original["validation"], original_test=original["test"],
@@ -261,12 +284,41 @@ def finish(pruned, keep: dict, report: dict, original: dict, source: dict, data,
     save_checkpoint(path, checkpoint_of(pruned.cpu(), src_tok, tgt_tok, source["train_config"], step=0,
                                         best_bleu=-1.0, pruned_from=pruned_from))
     pruned.to(rt.device)
-    report["checkpoint"] = path
+    report["checkpoint"], report["settings"] = path, settings
     with open(os.path.join(run_dir, "test_translations.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(report["pruned_test"]["hyps"]) + "\n")
     with open(os.path.join(run_dir, "prune_report.json"), "w") as f:
         json.dump(without_hyps(report), f, indent=1)
     print_report(report, keep, pruned.cfg.n_head)
+    return report
+
+
+# what makes two runs the same run: a finished one is reused rather than repeated
+RUN_KNOBS = ("ckpt", "dataset", "gate_attn", "learning_rate", "gate_lr", "warmup_frac", "max_iters", "max_minutes",
+             "target_ramp", "importance_batches", "seed", "device", "dtype")
+
+
+def run_settings(opts: dict, original: dict, method: str, **which) -> dict:
+    """The settings of one run: its method, lambda / head count / seed, the knobs of RUN_KNOBS, and
+    the original model's BLEU scores (a checkpoint retrained under the same path is another model)."""
+    return {"method": method, **which, **{k: opts[k] for k in RUN_KNOBS},
+            "original_bleu": [original["validation"]["bleu"], original["test"]["bleu"]]}
+
+
+def finished_run(run_dir: str, settings: dict) -> dict | None:
+    """The report of a run that already finished in run_dir with these settings, else None: a
+    comparison that stopped part-way (a crash, Ctrl-C, more seeds asked later) goes on from where
+    it stopped instead of repeating runs of several minutes each."""
+    try:
+        with open(os.path.join(run_dir, "prune_report.json")) as f:
+            report = json.load(f)
+        if report.get("settings") != settings:
+            return None
+        with open(os.path.join(run_dir, "test_translations.txt"), encoding="utf-8") as f:
+            report["pruned_test"]["hyps"] = f.read().split("\n")[:-1]
+    except (OSError, ValueError, KeyError):
+        return None
+    print(f"\n== {describe(report)}: finished before with the same settings, reused from {run_dir}")
     return report
 
 
@@ -413,8 +465,12 @@ def main() -> None:
     for lam, k in runs_l0:
         run_dir = base if single else os.path.join(base, f"lambda_{lam:g}" if k is None else f"l0_{k}_heads")
         os.makedirs(run_dir, exist_ok=True)
-        pruned, keep, report = run_l0(source, data, opts, run_dir, rt, lam, k)
-        reports.append(finish(pruned, keep, report, original, source, data, opts, run_dir, rt))
+        settings = run_settings(opts, original, "l0", **({"lambda": lam} if k is None else {"heads": k}))
+        report = finished_run(run_dir, settings)
+        if report is None:
+            pruned, keep, report = run_l0(source, data, opts, run_dir, rt, lam, k)
+            report = finish(pruned, keep, report, original, source, data, opts, run_dir, rt, settings)
+        reports.append(report)
     for k in targets or sorted({r["heads"] for r in reports}, reverse=True):
         chosen = []
         if "importance" in methods:
@@ -425,9 +481,13 @@ def main() -> None:
             folder = f"{name}_{k}_heads" + (f"_seed_{s}" if s is not None else "")
             run_dir = base if single else os.path.join(base, folder)
             os.makedirs(run_dir, exist_ok=True)
-            pruned, keep, report = run_baseline(keep, name, source, data, opts, run_dir, rt)
-            report.update({"seed": s} if s is not None else {})
-            reports.append(finish(pruned, keep, report, original, source, data, opts, run_dir, rt))
+            settings = run_settings(opts, original, name, heads=k, **({"seed": s} if s is not None else {}))
+            report = finished_run(run_dir, settings)
+            if report is None:
+                pruned, keep, report = run_baseline(keep, name, source, data, opts, run_dir, rt)
+                report.update({"seed": s} if s is not None else {})
+                report = finish(pruned, keep, report, original, source, data, opts, run_dir, rt, settings)
+            reports.append(report)
     os.makedirs(base, exist_ok=True)
     if len(reports) > 1:
         summary["comparison"] = compare(reports, original, data)

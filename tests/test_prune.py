@@ -112,7 +112,7 @@ def test_a_head_count_and_a_lambda_together_are_refused():
     assert out.returncode == 2 and "give one of them" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.slow      # ~12 s: four runs
+@pytest.mark.slow      # ~20 s: six runs
 def test_asking_for_k_heads_keeps_exactly_k_with_every_method(toy_model, tmp_path):
     run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--method=l0,importance,random", "--seeds=1,2", *PRUNE,
         f"--out_dir={tmp_path / 'p'}")
@@ -121,23 +121,40 @@ def test_asking_for_k_heads_keeps_exactly_k_with_every_method(toy_model, tmp_pat
                                                              ("random", 2)]
     assert all(sum(r["heads_kept"]["enc"]) == 3 for r in runs)
     assert runs[2]["kept_heads_index"]["enc"] != runs[3]["kept_heads_index"]["enc"]   # two draws
+    # a third seed asked later: the four finished runs are reused, only the new one runs
+    again = run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--method=l0,importance,random", "--seeds=1,2,3",
+                *PRUNE, f"--out_dir={tmp_path / 'p'}")
+    assert again.stdout.count("finished before with the same settings") == 4
+    assert again.stdout.count("== pruning report") == 1
+    runs_again = json.load(open(tmp_path / "p" / "prune_summary.json"))["runs"]
+    assert [r["pruned_test"]["bleu"] for r in runs_again[:4]] == [r["pruned_test"]["bleu"] for r in runs]
+    # other settings are another run
+    other = run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--method=importance,random", "--seeds=1",
+                "--max_iters=10", *PRUNE[1:], f"--out_dir={tmp_path / 'p'}")
+    assert "finished before" not in other.stdout and other.stdout.count("== pruning report") == 2
 
 
 def test_a_target_head_count_steers_the_expected_number_of_open_gates():
-    """The Lagrangian penalty alone (no translation loss) moves 8 gates from ~all open to ~3 open."""
+    """The Lagrangian penalty alone (no translation loss) moves 8 gates from all open to ~3 open,
+    following the ramp of the count aimed at instead of closing everything at once."""
     from gates import HardConcreteGate
     torch.manual_seed(0)
     gates = {"enc": [HardConcreteGate(4), HardConcreteGate(4)]}
-    penalty = prune.L0Penalty(gates, 0.0, 1.0, target=3, multiplier_lr=0.05)
+    steps = 600
+    penalty = prune.L0Penalty(gates, 0.0, 1.0, target=3, progress=lambda: penalty.steps / steps, ramp=0.5)
     opt = torch.optim.Adam([g.log_alpha for g in gates["enc"]], lr=0.05)
-    pushed = 0.0
-    for _ in range(600):
+    fewest, pushed = 8.0, 0.0
+    for step in range(steps):
         opt.zero_grad()
         penalty().backward()
         opt.step()
+        expected_open = sum(g.l0().item() for g in gates["enc"])
+        if step >= steps // 4:
+            fewest = min(fewest, expected_open)
         pushed = max(pushed, penalty.multipliers[0].item())
-    expected_open = sum(g.l0().item() for g in gates["enc"])
+    assert penalty.heads_aimed_at() == 3
     assert abs(expected_open - 3) < 0.5, expected_open
+    assert fewest > 2, fewest                                   # no overshoot far below the target
     assert pushed > 0.1                                         # lambda_1 rose to push gates closed
 
 
