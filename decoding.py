@@ -180,6 +180,11 @@ def length_sorted_batches(encoded: list[list[int]], pad_id: int, eos_id: int,
     return batches
 
 
+def precision(amp):
+    """The autocast context to run the model in: the run's (bf16/fp16), else full precision."""
+    return amp if amp is not None else torch.autocast("cpu", enabled=False)
+
+
 @torch.no_grad()
 def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1, alpha: float = 0.6,
                     nbest: int = 1, batch_size: int = 64, max_src_len: int = 256, max_len_a: float = 1.5,
@@ -205,7 +210,7 @@ def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1
     out: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in sentences]   # empty in, empty out
     for idx, src in length_sorted_batches(encoded, src_tok.pad_id, src_tok.eos_id, batch_size):
         src, limit = src.to(device), max_target_len(src.shape[1], max_len_a, max_len_b)
-        with amp if amp is not None else torch.autocast("cpu", enabled=False):
+        with precision(amp):
             if beam == 1:
                 hyps, scores = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, limit)
                 found = [[(strip_special(h, tgt_tok.eos_id), s)] for h, s in zip(hyps.tolist(), scores.tolist())]
@@ -234,7 +239,7 @@ def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, spli
     loss_sum, n_tokens = 0.0, 0
     for idx in make_batches(sp.src_lens, sp.tgt_lens, batch_tokens, shuffle=False):
         src, tgt_in, tgt_out = (t.to(device) for t in collate(sp, idx, data.src_tok, data.tgt_tok))
-        with amp if amp is not None else torch.autocast("cpu", enabled=False):
+        with precision(amp):
             logits = model(src, tgt_in)
         loss_sum += sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0).item()
         n_tokens += int((tgt_out != data.tgt_tok.pad_id).sum())
