@@ -101,10 +101,11 @@ def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int
     hypothesis by every token and ranks the extensions per sentence; those among the best beam
     that end in <eos> are filed as finished, and the best beam that do not end carry on (they
     are among the best 2 * beam: at most beam extensions end in <eos>, one per live hypothesis).
-    With beam = 1 and alpha = 0 this is exactly greedy decoding. A sentence is done when no live hypothesis can still beat
-    its nbest-th finished one: a live score can only fall with more tokens, so its best possible
-    ranking score is its current score over the largest penalty still reachable. (Stopping when
-    the top beam ends is wrong once alpha > 0: a longer hypothesis may still overtake it.)
+    With beam = 1 and alpha = 0 this is exactly greedy decoding. A sentence is done when no live
+    hypothesis can still beat its nbest-th finished one: a live score can only fall with more
+    tokens, so its best possible ranking score is its current score over the largest penalty
+    still reachable. (Stopping when the top beam ends is wrong once alpha > 0: a longer
+    hypothesis may still overtake it.)
     Finished sentences leave the batch, so a long sentence does not keep short ones computing.
     """
     assert 1 <= nbest <= beam, f"nbest={nbest} must be between 1 and beam={beam}"
