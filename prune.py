@@ -36,7 +36,7 @@ from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataError
 from decoding import length_sorted_batches, paired_bootstrap, score, translate
 from runtime import Runtime, setup
-from train import train_loop
+from train import run_progress, train_loop
 
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # the trained Transformer checkpoint to prune
@@ -193,12 +193,16 @@ def finetune(model, source: dict, data, opts: dict, run_dir: str, rt: Runtime, p
     AdamW (pruning's learning rates are sized for it), no early stopping, no averaging. Returns
     the steps taken."""
     cfg = {**source["train_config"], "init_from": opts["ckpt"], "out_dir": run_dir, "overfit_batches": 0,
-           "optimizer": "adamw", "seed": opts["seed"], "max_epochs": 0.0, "max_iters": opts["max_iters"],
-           "patience": 0, "average_last": 0,
-           "max_minutes": 0.0 if opts["max_iters"] else opts["max_minutes"],
+           "optimizer": "adamw", "seed": opts["seed"], "patience": 0, "average_last": 0, **run_limits(opts),
            **{k: opts[k] for k in ("learning_rate", "warmup_frac", "log_interval", "eval_interval", "eval_sentences",
                                    "device", "dtype")}}
     return train_loop(model, data, cfg, rt, penalty=penalty).step
+
+
+def run_limits(opts: dict) -> dict:
+    """One run's stop conditions for train_loop: max_iters steps if set, else max_minutes."""
+    return {"max_iters": opts["max_iters"], "max_epochs": 0.0,
+            "max_minutes": 0.0 if opts["max_iters"] else opts["max_minutes"]}
 
 
 @torch.no_grad()
@@ -220,13 +224,10 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
     model, _, _ = model_from_checkpoint(source)
     gates = attach_gates(model, opts["gate_types"])
     model.to(rt.device)                                  # with its new gates
-    start = time.perf_counter()
+    limits, start = run_limits(opts), time.perf_counter()
 
-    def progress() -> float:
-        """How far through the run: steps over max_iters, else minutes over max_minutes."""
-        if opts["max_iters"]:
-            return penalty.steps / opts["max_iters"]
-        return (time.perf_counter() - start) / 60 / opts["max_minutes"]
+    def progress() -> float:                   # how far through the run, as the learning-rate schedule sees it
+        return run_progress(penalty.steps, 0.0, (time.perf_counter() - start) / 60, limits)
 
     penalty = L0Penalty(gates, lam, opts["gate_lr"] / opts["learning_rate"], target, progress, opts["target_ramp"])
     what = f"lambda {lam:g}" if target is None else f"a target of {target} heads"
@@ -249,15 +250,16 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
     return pruned, keep, report
 
 
-def run_baseline(keep: dict, method: str, source: dict, data, opts: dict, run_dir: str, rt: Runtime) -> tuple:
+def run_baseline(keep: dict, method: str, seed: int | None, source: dict, data, opts: dict, run_dir: str,
+                 rt: Runtime) -> tuple:
     """Remove all heads but those of `keep` from the original model, then fine-tune it for the
-    same budget as an l0 run: (pruned model, keep-set, report)."""
+    same budget as an l0 run: (pruned model, keep-set, report). seed: the random draw's, or None."""
     model, _, _ = model_from_checkpoint(source)
     pruned, keep = prune_heads(model, head_analysis.gate_values(head_analysis.head_counts(model), keep))
     print(f"\n== {method}: {heads_kept(keep, opts['gate_types'])} {'+'.join(opts['gate_types'])} heads kept, "
           f"then fine-tuned")
     steps = finetune(pruned.to(rt.device), source, data, opts, run_dir, rt)
-    return pruned, keep, {"method": method, "steps": steps}
+    return pruned, keep, {"method": method, "steps": steps, **({"seed": seed} if seed is not None else {})}
 
 
 def heads_kept(keep: dict, kinds: list[str]) -> int:
@@ -462,15 +464,21 @@ def main() -> None:
     baselines_per_count = ("importance" in methods) + len(seed_list) * ("random" in methods)
     single = len(runs_l0) + len(targets or runs_l0) * baselines_per_count == 1
     reports = []
-    for lam, k in runs_l0:
-        run_dir = base if single else os.path.join(base, f"lambda_{lam:g}" if k is None else f"l0_{k}_heads")
+
+    def run_once(folder: str, settings: dict, train) -> None:
+        """Reuse the report of a run finished with these settings, or call train(run_dir) now (it
+        returns pruned model, keep-set, report) and score and save its result; called at once."""
+        run_dir = base if single else os.path.join(base, folder)
         os.makedirs(run_dir, exist_ok=True)
-        settings = run_settings(opts, original, "l0", **({"lambda": lam} if k is None else {"heads": k}))
         report = finished_run(run_dir, settings)
         if report is None:
-            pruned, keep, report = run_l0(source, data, opts, run_dir, rt, lam, k)
-            report = finish(pruned, keep, report, original, source, data, opts, run_dir, rt, settings)
+            report = finish(*train(run_dir), original, source, data, opts, run_dir, rt, settings)
         reports.append(report)
+
+    for lam, k in runs_l0:
+        run_once(f"lambda_{lam:g}" if k is None else f"l0_{k}_heads",
+                 run_settings(opts, original, "l0", **({"lambda": lam} if k is None else {"heads": k})),
+                 lambda run_dir: run_l0(source, data, opts, run_dir, rt, lam, k))
     for k in targets or sorted({r["heads"] for r in reports}, reverse=True):
         chosen = []
         if "importance" in methods:
@@ -478,16 +486,9 @@ def main() -> None:
         if "random" in methods:
             chosen += [("random", s, head_analysis.random_heads(n_heads, opts["gate_types"], k, s)) for s in seed_list]
         for name, s, keep in chosen:
-            folder = f"{name}_{k}_heads" + (f"_seed_{s}" if s is not None else "")
-            run_dir = base if single else os.path.join(base, folder)
-            os.makedirs(run_dir, exist_ok=True)
-            settings = run_settings(opts, original, name, heads=k, **({"seed": s} if s is not None else {}))
-            report = finished_run(run_dir, settings)
-            if report is None:
-                pruned, keep, report = run_baseline(keep, name, source, data, opts, run_dir, rt)
-                report.update({"seed": s} if s is not None else {})
-                report = finish(pruned, keep, report, original, source, data, opts, run_dir, rt, settings)
-            reports.append(report)
+            run_once(f"{name}_{k}_heads" + (f"_seed_{s}" if s is not None else ""),
+                     run_settings(opts, original, name, heads=k, **({"seed": s} if s is not None else {})),
+                     lambda run_dir: run_baseline(keep, name, s, source, data, opts, run_dir, rt))
     os.makedirs(base, exist_ok=True)
     if len(reports) > 1:
         summary["comparison"] = compare(reports, original, data)
