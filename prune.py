@@ -11,13 +11,14 @@ a gate on every head of the chosen attention types; model + gates fine-tuned on 
 lambda * L0 with train.py's own loop, L0 = the expected number of open heads, summed over the
 heads of a layer and averaged over the gated layers (so closing one head saves lambda divided
 by the number of gated layers); then the closed heads are removed physically (rows of
-q/k/v_proj, columns of out_proj). With --heads=K, Lagrange multipliers replace lambda and steer
-the expected count to K (Wang et al. 2020), and the K most open heads are kept. The baselines,
-at the same K and with the same fine-tuning budget after removal: importance (Michel et al.
-2019, heads.py) and random (one run per seed). Every run ends as a normal checkpoint
-(pruned.pt) that sample.py and train.py load. Reported: heads kept, parameters, greedy BLEU
-(validation, test), decoding speed (l0), what each head of the original model does (heads.py:
-heads_K.png), and between the runs paired-bootstrap p-values.
+q/k/v_proj, columns of out_proj), and (l0_finetune) the pruned model is fine-tuned for another
+run's budget. With --heads=K, Lagrange multipliers replace lambda and steer the expected count
+to K (Wang et al. 2020), and the K most open heads are kept. The baselines, at the same K and
+with the same fine-tuning budget after removal: importance (Michel et al. 2019, heads.py) and
+random (one run per seed). Every run ends as a normal checkpoint (pruned.pt) that sample.py and
+train.py load. Reported: heads kept, parameters, greedy BLEU (validation, test), decoding speed
+(l0), what each head of the original model does (heads.py: heads_K.png), and between the runs
+paired-bootstrap p-values.
 Leaves out: pruning feed-forward units or whole layers, iterative pruning.
 """
 
@@ -45,6 +46,7 @@ method = "l0"  # 'l0' (gates), 'importance' (Michel et al.), 'random'; comma-sep
 l0_lambda = "0.05"  # l0: penalty weight, --lambda=...; a comma-separated list runs a sweep
 heads = ""  # keep exactly K heads of the pruned types (comma-separated Ks); '' = as many as the l0 runs keep
 target_ramp = 0.5  # --heads: share of an l0 run over which the head count aimed at falls from all heads to K
+l0_finetune = True  # l0: fine-tune after removal for the baselines' budget (False: gated training only, as Voita)
 seeds = "1,2,3"  # random: one run per seed
 gate_attn = "enc"  # attention types to prune, comma-separated: enc, dec, cross
 dataset = ""  # a local folder to read instead of the checkpoint's dataset (no network)
@@ -216,11 +218,12 @@ def translate_split(model, data, split: str, rt: Runtime) -> dict:
 
 def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float = 0.0,
            target: int | None = None) -> tuple:
-    """Gate, train, prune: (pruned model, keep-set, report). Every kept head keeps its gate value
-    folded into out_proj, so the pruned model computes what the gated one does. With a lambda, the
-    heads whose deterministic gate is above 0 are kept; with a target, the K most open gates
-    (largest log_alpha), and should one of them have closed (fewer than K ended open), it is
-    kept at full weight."""
+    """Gate, train, prune, and (l0_finetune) fine-tune: (pruned model, keep-set, report). Every
+    kept head keeps its gate value folded into out_proj, so the pruned model computes what the
+    gated one does. With a lambda, the heads whose deterministic gate is above 0 are kept; with a
+    target, the K most open gates (largest log_alpha), and should one of them have closed (fewer
+    than K ended open), it is kept at full weight. The fine-tuning after removal gets the budget
+    a baseline gets, so every method ends with the same training of its final heads."""
     model, _, _ = model_from_checkpoint(source)
     gates = attach_gates(model, opts["gate_types"])
     model.to(rt.device)                                  # with its new gates
@@ -247,6 +250,11 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
         z = {k: [torch.where(c > 0, torch.where(zi > 0, zi, 1.0), 0.0) for c, zi in zip(chosen[k], z[k])] for k in z}
     pruned, keep = prune_heads(model.cpu(), z)
     report["plots"] = head_analysis.plot_gates(run_dir, penalty.history, opts["gate_types"], model.cfg.n_head)
+    if opts["l0_finetune"]:
+        print(f"\n== l0: {heads_kept(keep, opts['gate_types'])} heads kept, then fine-tuned like the baselines")
+        os.makedirs(os.path.join(run_dir, "finetune"), exist_ok=True)        # its own log and checkpoints
+        report["finetune_steps"] = finetune(pruned.to(rt.device), source, data, opts, os.path.join(run_dir, "finetune"),
+                                            rt)
     return pruned, keep, report
 
 
@@ -301,9 +309,11 @@ RUN_KNOBS = ("ckpt", "dataset", "gate_attn", "learning_rate", "gate_lr", "warmup
 
 
 def run_settings(opts: dict, original: dict, method: str, **which) -> dict:
-    """The settings of one run: its method, lambda / head count / seed, the knobs of RUN_KNOBS, and
-    the original model's BLEU scores (a checkpoint retrained under the same path is another model)."""
+    """The settings of one run: its method, lambda / head count / seed, the knobs of RUN_KNOBS (and
+    l0_finetune for an l0 run), and the original model's BLEU scores (a checkpoint retrained under
+    the same path is another model)."""
     return {"method": method, **which, **{k: opts[k] for k in RUN_KNOBS},
+            **({"l0_finetune": opts["l0_finetune"]} if method == "l0" else {}),
             "original_bleu": [original["validation"]["bleu"], original["test"]["bleu"]]}
 
 
@@ -376,7 +386,8 @@ def describe(r: dict) -> str:
 
 
 def print_report(r: dict, keep: dict, n_head: int) -> None:
-    print(f"\n== pruning report ({describe(r)}, {r['steps']} steps)")
+    finetuned = f" + {r['finetune_steps']} fine-tuning after removal" if "finetune_steps" in r else ""
+    print(f"\n== pruning report ({describe(r)}, {r['steps']} steps{finetuned})")
     print(heads_table(keep, n_head))
     print(f"parameters: {r['params_before']:,} -> {r['params_after']:,}")
     print(f"{'model':<10}{'val BLEU':>10}{'test BLEU':>11}{'test chrF':>11}{'decode sent/s':>15}{'encode sent/s':>15}")

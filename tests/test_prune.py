@@ -84,18 +84,20 @@ PRUNE = ["--max_iters=20", "--eval_interval=10", "--eval_sentences=20", "--speed
 
 
 def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
-    # l0 with a lambda, then the importance baseline at the head count l0 kept, compared
+    # l0 with a lambda (gates, removal, fine-tuning), then the importance baseline at the head
+    # count l0 kept, compared
     out = run("prune.py", f"--ckpt={toy_model}", "--lambda=2", "--method=l0,importance", *PRUNE,
               f"--out_dir={tmp_path / 'p'}")
     assert "pruning report" in out.stdout and "the runs compared on the test split" in out.stdout
     report = json.load(open(tmp_path / "p" / "lambda_2" / "prune_report.json"))
-    assert report["gated_test"]["bleu"] == pytest.approx(report["pruned_test"]["bleu"], abs=1e-6)
-    for name in ("gates.gif", "gates_final.png", "heads_vs_step.png", "pruned.pt", "test_translations.txt"):
+    for name in ("gates.gif", "gates_final.png", "heads_vs_step.png", "pruned.pt", "test_translations.txt",
+                 "finetune/log.jsonl"):
         assert os.path.exists(tmp_path / "p" / "lambda_2" / name), name
     k = sum(report["heads_kept"]["enc"])
     assert k < 8                                                 # some encoder heads are gone
     baseline = json.load(open(tmp_path / "p" / f"importance_{k}_heads" / "prune_report.json"))
-    assert sum(baseline["heads_kept"]["enc"]) == k and baseline["steps"] == report["steps"]   # the same budget
+    assert sum(baseline["heads_kept"]["enc"]) == k
+    assert baseline["steps"] == report["finetune_steps"] == 20   # the same fine-tuning after removal
     summary = json.load(open(tmp_path / "p" / "prune_summary.json"))
     assert [r["run"] for r in summary["comparison"]] == ["l0, lambda 2", "importance"]
     assert 0 < summary["comparison"][1]["vs_l0"]["p_value"] <= 1
@@ -114,16 +116,19 @@ def test_a_head_count_and_a_lambda_together_are_refused():
 
 @pytest.mark.slow      # ~20 s: six runs
 def test_asking_for_k_heads_keeps_exactly_k_with_every_method(toy_model, tmp_path):
-    run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--method=l0,importance,random", "--seeds=1,2", *PRUNE,
-        f"--out_dir={tmp_path / 'p'}")
+    # (l0 without the fine-tuning after removal: its pruned model scores what its gated model does)
+    run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--method=l0,importance,random", "--seeds=1,2",
+        "--l0_finetune=False", *PRUNE, f"--out_dir={tmp_path / 'p'}")
     runs = json.load(open(tmp_path / "p" / "prune_summary.json"))["runs"]
+    assert runs[0]["gated_test"]["bleu"] == pytest.approx(runs[0]["pruned_test"]["bleu"], abs=1e-6)
+    assert "finetune_steps" not in runs[0]
     assert [(r["method"], r.get("seed")) for r in runs] == [("l0", None), ("importance", None), ("random", 1),
                                                              ("random", 2)]
     assert all(sum(r["heads_kept"]["enc"]) == 3 for r in runs)
     assert runs[2]["kept_heads_index"]["enc"] != runs[3]["kept_heads_index"]["enc"]   # two draws
     # a third seed asked later: the four finished runs are reused, only the new one runs
     again = run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--method=l0,importance,random", "--seeds=1,2,3",
-                *PRUNE, f"--out_dir={tmp_path / 'p'}")
+                "--l0_finetune=False", *PRUNE, f"--out_dir={tmp_path / 'p'}")
     assert again.stdout.count("finished before with the same settings") == 4
     assert again.stdout.count("== pruning report") == 1
     runs_again = json.load(open(tmp_path / "p" / "prune_summary.json"))["runs"]
