@@ -51,7 +51,7 @@ from runtime import Runtime, setup
 # -----------------------------------------------------------------------------
 bench = "decode"  # which benchmark: 'decode', 'train', 'generate' or 'quality'
 minutes = 10.0  # quality: training budget per model
-marian_lr = 5e-4  # quality: MarianMT's peak learning rate (0 = the config's); its post-LN layers did not learn at 1.5e-3
+marian_lr = 5e-4  # quality: MarianMT's peak learning rate (0 = the config's); post-LN layers did not learn at 1.5e-3
 ckpt = "out/multi30k/best.pt"  # decode: checkpoint to decode with
 config = "config/transformer_multi30k.py"  # train: the Transformer's model, data and batch settings
 rnn_config = "config/rnn_attn_en_de.py"  # train: the GRU's model settings

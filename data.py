@@ -228,7 +228,7 @@ def drop_empty(pairs: list[tuple[str, str]]) -> tuple[list, int]:
     return kept, len(pairs) - len(kept)
 
 
-CHARS_PER_TOKEN_MAX = 32   # no tokenizer here makes tokens longer on average: text beyond max_len * 32 characters cannot fit
+CHARS_PER_TOKEN_MAX = 32   # no tokenizer here has longer tokens on average: beyond max_len * 32 characters cannot fit
 
 
 def drop_huge(pairs: list[tuple[str, str]], max_len: int) -> tuple[list, int]:

@@ -13,7 +13,8 @@ GRU encoder-decoder ("sequence to sequence"), the classic starting point of NMT:
                         state, the context enters the GRU input; a step loop in training.
 
 Same interface as model_transformer.py: forward(src, tgt_in), encode(src), decode(tgt_in,
-memory), decode_step(y, memory, cache), attention_maps(src, tgt_in). The cache is the decoder hidden state (batch first, like every cache tensor).
+memory), decode_step(y, memory, cache), attention_maps(src, tgt_in). The cache is the decoder
+hidden state (batch first, like every cache tensor).
 Leaves out: LSTMs, input feeding for Luong attention, coverage, scheduled-sampling schedules.
 """
 
@@ -103,7 +104,8 @@ class Seq2SeqRNN(nn.Module):
         self.record_weights = False
         self.recorded: list[torch.Tensor] = []                              # (B, t, S) attention weights per call
         if verbose:
-            print(f"Seq2SeqRNN ({cfg.attention} attention): {sum(p.numel() for p in self.parameters()) / 1e6:.2f}M parameters")
+            n_params = sum(p.numel() for p in self.parameters())
+            print(f"Seq2SeqRNN ({cfg.attention} attention): {n_params / 1e6:.2f}M parameters")
 
     def embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> GRU inputs (B, T, E), scaled up from the output layer's size (see __init__)."""

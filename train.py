@@ -79,7 +79,7 @@ hidden_size = 512  # RNN GRU state width
 bidirectional = False  # RNN encoder reads the source in both directions
 attention = "none"  # RNN attention: 'none' (bottleneck), 'dot' (Luong), 'additive' (Bahdanau)
 teacher_forcing = 1.0  # RNN: probability of feeding the true previous token in training
-bottleneck = "sutskever"  # RNN without attention: 'sutskever' (the summary starts the decoder) or 'cho' (it also enters every step)
+bottleneck = "sutskever"  # RNN without attention: 'sutskever' (summary starts the decoder), 'cho' (also every step)
 reverse_source = False  # RNN: read each source sentence backwards (Sutskever et al. 2014)
 embed_scale = True  # RNN: embeddings times sqrt(emb_dim) as GRU input (model_rnn.py says why)
 # optimisation
@@ -324,6 +324,21 @@ def write_average(data, cfg: dict, rt: Runtime, log: RunLog) -> None:
                chrf=ev["chrf"])
 
 
+def start_or_resume(raw, cfg: dict, rt: Runtime, resume: dict | None, penalty) -> tuple:
+    """(optimizer, fp16 loss scaler or None, RunState): new ones, or as the checkpoint `resume` left them."""
+    optimizer, scaler = make_optimizer(raw, cfg, getattr(penalty, "lr_scale", None)), rt.grad_scaler()
+    if resume is None:
+        return optimizer, scaler, RunState()
+    try:
+        optimizer.load_state_dict(resume["optimizer"])
+    except ValueError as e:
+        raise ConfigError(f"the checkpoint's optimizer state does not fit this model's parameters ({e}); a "
+                          "checkpoint of an older version? Start a new run from it: --init_from=PATH") from None
+    if scaler is not None and resume.get("scaler"):
+        scaler.load_state_dict(resume["scaler"])
+    return optimizer, scaler, RunState.of_checkpoint(resume)
+
+
 class Diverged(Exception):
     """max_bad_steps non-finite steps in a row. Nothing is saved: the last checkpoint is the last good state."""
 
@@ -346,17 +361,7 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
     raw, pad_id = unwrap(model), data.tgt_tok.pad_id
-    optimizer, scaler = make_optimizer(raw, cfg, getattr(penalty, "lr_scale", None)), rt.grad_scaler()
-    run = RunState()
-    if resume is not None:
-        try:
-            optimizer.load_state_dict(resume["optimizer"])
-        except ValueError as e:
-            raise ConfigError(f"the checkpoint's optimizer state does not fit this model's parameters ({e}); a "
-                              "checkpoint of an older version? Start a new run from it: --init_from=PATH") from None
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        run = RunState.of_checkpoint(resume)
+    optimizer, scaler, run = start_or_resume(raw, cfg, rt, resume, penalty)
     batches = TrainBatches(data, cfg, rt.rank, rt.world_size)
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
