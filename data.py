@@ -44,6 +44,7 @@ class DataConfig:
     batch_tokens: int = 4096  # tokens per batch, padded source + target (the batch size)
     length_pool: int = 65536  # sentences sorted together by length: larger = less padding, less random batches
     cache_dir: str = "cache"  # where tokenized splits are cached ('' = no cache)
+    lowercase: bool = False  # lower-case both sides of every split, as published Multi30k results are trained
 
 
 DATA_KEYS = [f.name for f in fields(DataConfig)]
@@ -376,6 +377,8 @@ def build_data(cfg: DataConfig, log=print) -> Data:
 
     for split in raw:
         raw[split], report[split]["empty"] = drop_empty(raw[split])
+        if cfg.lowercase:   # before the tokenizer is learned, so that it spends no entries on capitals
+            raw[split] = [(s.lower(), t.lower()) for s, t in raw[split]]
     raw["train"], huge = drop_huge(raw["train"], cfg.max_len)
 
     t0 = time.time()
@@ -409,6 +412,9 @@ def build_data(cfg: DataConfig, log=print) -> Data:
     if len(splits["train"]) == 0:
         raise DataError(f"no training pairs left after cleaning {cfg.dataset}: check src_lang/tgt_lang, "
                         f"max_len={cfg.max_len} and max_len_ratio={cfg.max_len_ratio}")
+    if len(splits["validation"]) == 0:   # every run validates: fail here, not at the first evaluation
+        raise DataError(f"the validation split of {cfg.dataset} is empty: give it a validation.jsonl (a split carved "
+                        f"out of train gets 5% of its distinct source sentences, so those need at least 20)")
     return Data(src_tok, tgt_tok, splits, report)
 
 

@@ -111,8 +111,12 @@ def main() -> None:
     model.to(dev).eval()
     log = lambda msg: print(msg, file=sys.stderr)   # noqa: E731 - stdout carries only translations
 
+    # a model trained on lower-cased text (data knob `lowercase`) reads and is scored on lower-cased text
+    lowercased = checkpoint["data_config"].get("lowercase", False)
+    prepare = (lambda lines: [line.lower() for line in lines]) if lowercased else (lambda lines: lines)
+
     def run(lines: list[str], system=(model, src_tok, tgt_tok)) -> list[list[tuple[str, float]]]:
-        return translate_nbest(*system, lines, beam=beam, alpha=alpha, nbest=nbest, batch_size=batch_size,
+        return translate_nbest(*system, prepare(lines), beam=beam, alpha=alpha, nbest=nbest, batch_size=batch_size,
                                max_src_len=max_src_len, max_len_a=max_len_a, max_len_b=max_len_b, device=dev,
                                amp=amp, warn=log)
 
@@ -144,7 +148,7 @@ def main() -> None:
     else:
         sources = sys.stdin.read().splitlines()
     if ref:
-        references = read_lines(ref, "reference")
+        references = prepare(read_lines(ref, "reference"))
         if len(references) != len(sources):
             raise ConfigError(f"--ref has {len(references)} lines but there are {len(sources)} inputs")
     if compare and references is None:
@@ -153,7 +157,7 @@ def main() -> None:
     if plot_attention:
         if not sources or not sources[0].strip():
             raise ConfigError("--plot_attention needs a sentence: give --text, --input, --split or stdin")
-        write_attention_plot(model, src_tok, tgt_tok, sources[0], plot_attention, dev)
+        write_attention_plot(model, src_tok, tgt_tok, prepare(sources[:1])[0], plot_attention, dev)
         log(f"attention of the first sentence written to {plot_attention}")
 
     t0 = time.time()

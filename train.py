@@ -62,6 +62,7 @@ max_len_ratio = 3.0  # drop training pairs whose (longer+1)/(shorter+1) token ra
 batch_tokens = 4096  # tokens per batch, padded source + target (the batch size)
 length_pool = 65536  # sentences sorted together by length: larger = less padding, less random batches
 cache_dir = "cache"  # where tokenized splits are cached ('' = no cache)
+lowercase = False  # lower-case both sides of every split, as published Multi30k results are trained
 # model
 arch = "transformer"  # 'transformer' or 'rnn'
 d_model = 256  # model width D

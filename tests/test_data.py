@@ -125,6 +125,19 @@ def test_flat_columns_and_existing_splits_are_used(tmp_path):
     assert "carved_from_train" not in data.report["validation"]
 
 
+def test_lowercase_lowers_every_split_before_the_tokenizer_is_learned(tmp_path):
+    folder = make_folder(tmp_path, n=200, splits=("train", "validation", "test"))   # targets in capitals
+    cased = D.load_data(cfg_for(folder, tmp_path, joint_vocab=False), verbose=False)
+    lower = D.load_data(cfg_for(folder, tmp_path, joint_vocab=False, lowercase=True), verbose=False)
+    for split in ("train", "validation", "test"):
+        assert lower.splits[split].tgt_text == [t.lower() for t in cased.splits[split].tgt_text]
+        assert lower.splits[split].src_text == cased.splits[split].src_text       # already lower-case
+    # learned on lower-cased targets, the target tokenizer packs them into far fewer tokens than
+    # one learned on the capitals does
+    lowered = lower.splits["train"].tgt_text
+    assert 2 * sum(map(len, lower.tgt_tok.encode_batch(lowered))) < sum(map(len, cased.tgt_tok.encode_batch(lowered)))
+
+
 def test_parquet_folder(tmp_path):
     import datasets
     folder = tmp_path / "pq"
@@ -165,6 +178,14 @@ def test_bad_local_datasets_give_clear_errors(tmp_path, setup, pattern):
         (folder / "train.jsonl").write_text('["a", "b"]\n')
     with pytest.raises(D.DataError, match=pattern):
         D.load_raw_pairs(cfg_for(str(folder), tmp_path, **kw))
+
+
+def test_too_few_sentences_for_a_validation_split_is_a_clear_error(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"en": f"a cat {i % 10}", "xx": "b"} for i in range(300)])  # 10 sources
+    with pytest.raises(D.DataError, match="validation split of .* is empty: give it a validation.jsonl"):
+        D.load_data(cfg_for(str(folder), tmp_path), verbose=False)
 
 
 def test_hub_unreachable_says_how_to_use_a_local_folder(tmp_path):

@@ -1,7 +1,9 @@
 """train.py and sample.py end to end on toy data: schedule, overfitting, exact resume, CLI; one
 optimizer step in-process: loss scaling, bad steps, one read-back from the device."""
+import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -130,6 +132,30 @@ def test_train_then_sample_end_to_end(tmp_path):
     piped = run("sample.py", f"--ckpt={tmp_path / 'best.pt'}", stdin="4 5 6\n\n7 8 9 0 1\n")
     lines = piped.stdout.split("\n")[:-1]
     assert len(lines) == 3 and lines[1] == ""                  # empty input line -> empty output line
+
+
+def test_a_lower_cased_model_reads_its_input_lower_cased(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    words, rng = "the cat sees a dog in the park".split(), random.Random(0)
+    with open(folder / "train.jsonl", "w") as f:
+        for _ in range(300):
+            sentence = " ".join(rng.choice(words) for _ in range(5))
+            f.write(json.dumps({"en": sentence.capitalize(), "xx": sentence.upper()}) + "\n")
+    run("train.py", *TINY, f"--dataset={folder}", "--dataset_config=", "--src_lang=en", "--tgt_lang=xx",
+        "--tokenizer=bpe", "--vocab_size=300", "--lowercase=True", f"--out_dir={tmp_path}", "--max_iters=2",
+        "--eval_interval=2", "--eval_sentences=5")
+    from checkpoint import load_checkpoint
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["data_config"]["lowercase"] is True
+    outputs = [run("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--text={text}").stdout
+               for text in ("The cat sees a dog", "THE CAT SEES A DOG", "the cat sees a dog")]
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_a_checkpoint_from_before_a_data_knob_existed_takes_its_default():
+    from checkpoint import data_config_of
+    old = {k: v for k, v in train.DEFAULTS.items() if k != "lowercase"}
+    assert data_config_of(old)["lowercase"] is False
 
 
 @pytest.mark.slow      # ~10 s: three short runs
