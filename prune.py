@@ -252,9 +252,9 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
     report["plots"] = head_analysis.plot_gates(run_dir, penalty.history, opts["gate_types"], model.cfg.n_head)
     if opts["l0_finetune"]:
         print(f"\n== l0: {heads_kept(keep, opts['gate_types'])} heads kept, then fine-tuned like the baselines")
-        os.makedirs(os.path.join(run_dir, "finetune"), exist_ok=True)        # its own log and checkpoints
-        report["finetune_steps"] = finetune(pruned.to(rt.device), source, data, opts, os.path.join(run_dir, "finetune"),
-                                            rt)
+        finetune_dir = os.path.join(run_dir, "finetune")                      # its own log and checkpoints
+        os.makedirs(finetune_dir, exist_ok=True)
+        report["finetune_steps"] = finetune(pruned.to(rt.device), source, data, opts, finetune_dir, rt)
     return pruned, keep, report
 
 
