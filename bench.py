@@ -45,7 +45,7 @@ from checkpoint import build_model, data_of_checkpoint, load_checkpoint, model_c
 from configurator import ConfigError, configure, main_guard
 from decoding import (beam_search, greedy, greedy_uncached, length_sorted_batches, max_target_len, score,
                       strip_special)
-from data import DataError, load_data
+from data import DataConfig, DataError, load_data
 from runtime import Runtime, setup
 
 # -----------------------------------------------------------------------------
@@ -248,8 +248,8 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
 
 def bench_train() -> dict:
     cfg, rnn_cfg = load_config(config), load_config(rnn_config)
-    data = load_data(train.data_config_from(cfg), verbose=False)
-    if train.data_config_from(rnn_cfg) != train.data_config_from(cfg):
+    data = load_data(DataConfig.of(cfg), verbose=False)
+    if DataConfig.of(rnn_cfg) != DataConfig.of(cfg):
         raise ConfigError(f"{rnn_config} and {config} must use the same data settings (tokenizer, vocab, batches)")
     tok, sp = data.tgt_tok, data.splits["train"]
     idx = make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"])[:warmup_steps + steps]
@@ -322,7 +322,7 @@ def bench_generate() -> dict:
     limit of each batch (<eos> never ends a sentence), so both do the same number of steps
     whatever their weights would say."""
     cfg = load_config(config)
-    data = load_data(train.data_config_from(cfg), verbose=False)
+    data = load_data(DataConfig.of(cfg), verbose=False)
     rt = setup(device, dtype)
     dev, amp, dtype_name = rt.device, rt.amp, rt.dtype
     tok = data.tgt_tok
@@ -361,7 +361,7 @@ def bench_quality() -> dict:
     """Train this project's Transformer and MarianMT at the same sizes for `minutes` each, on the
     same batches with the same schedule shape and optimizer, then decode the test split with both."""
     cfg = load_config(config)
-    data = load_data(train.data_config_from(cfg), verbose=False)
+    data = load_data(DataConfig.of(cfg), verbose=False)
     rt = setup(device, dtype)
     dev, amp, dtype_name = rt.device, rt.amp, rt.dtype
     tok, sp = data.tgt_tok, data.splits["train"]

@@ -26,7 +26,7 @@ from dataclasses import asdict, fields
 import torch
 
 from configurator import ConfigError
-from data import DATA_KEYS, DataConfig, load_data
+from data import DataConfig, load_data
 from tokenizer import pair_from_state, pair_state
 
 # the only place that knows which model classes exist: arch -> (module, model class, config class)
@@ -94,15 +94,8 @@ def checkpoint_of(model, src_tok, tgt_tok, train_config: dict, **training_state)
     (optimizer, scaler, where the run stands)."""
     gated = gated_types(model)
     return {"kind": model.kind, "model_config": asdict(model.cfg), "model": model.state_dict(),
-            "tokenizers": pair_state(src_tok, tgt_tok), "data_config": data_config_of(train_config),
+            "tokenizers": pair_state(src_tok, tgt_tok), "data_config": asdict(DataConfig.of(train_config)),
             "train_config": train_config, **({"gated": gated} if gated else {}), **training_state}
-
-
-def data_config_of(train_config: dict) -> dict:
-    """The data knobs of a training config; one that a config from before the knob existed lacks
-    takes its default (the behaviour that config was trained with)."""
-    defaults = asdict(DataConfig())
-    return {k: train_config.get(k, defaults[k]) for k in DATA_KEYS}
 
 
 def save_checkpoint(path: str, state: dict) -> None:

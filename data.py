@@ -46,8 +46,11 @@ class DataConfig:
     cache_dir: str = "cache"  # where tokenized splits are cached ('' = no cache)
     lowercase: bool = False  # lower-case both sides of every split, as published Multi30k results are trained
 
-
-DATA_KEYS = [f.name for f in fields(DataConfig)]
+    @classmethod
+    def of(cls, config: dict) -> "DataConfig":
+        """The data knobs of a script's config (train.py's, or a checkpoint's train_config); a knob
+        that a config from before it existed lacks takes its default, the behaviour it was trained with."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
 
 class DataError(ValueError):

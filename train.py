@@ -26,7 +26,7 @@ from batching import TrainBatches
 from checkpoint import (average_checkpoints, build_model, checkpoint_of, keep_snapshot, load_checkpoint,
                         model_config_from, model_from_checkpoint, save_checkpoint, snapshots)
 from configurator import ConfigError, configure, knob_names, main_guard
-from data import DATA_KEYS, DataConfig, DataError, load_data
+from data import DataConfig, DataError, load_data
 from decoding import evaluate
 from loss import sequence_loss
 from optimizers import make_optimizer
@@ -460,10 +460,6 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
 
 # -----------------------------------------------------------------------------
 
-def data_config_from(cfg: dict) -> DataConfig:
-    return DataConfig(**{k: cfg[k] for k in DATA_KEYS})
-
-
 def main() -> RunState:
     given = configure(globals(), doc_files=(__file__,))
     cfg, resume = knobs(), None
@@ -493,7 +489,7 @@ def main() -> RunState:
         except OSError as e:
             raise ConfigError(f"cannot create out_dir '{cfg['out_dir']}': {e.strerror or e}. "
                               "Choose another --out_dir.") from None
-    data = load_data(data_config_from(cfg), verbose=rt.master)
+    data = load_data(DataConfig.of(cfg), verbose=rt.master)
 
     torch.manual_seed(cfg["seed"])
     source = resume                         # or a checkpoint to fine-tune (e.g. a pruned model)

@@ -153,9 +153,9 @@ def test_a_lower_cased_model_reads_its_input_lower_cased(tmp_path):
 
 
 def test_a_checkpoint_from_before_a_data_knob_existed_takes_its_default():
-    from checkpoint import data_config_of
+    from data import DataConfig
     old = {k: v for k, v in train.DEFAULTS.items() if k != "lowercase"}
-    assert data_config_of(old)["lowercase"] is False
+    assert DataConfig.of(old).lowercase is False
 
 
 @pytest.mark.slow      # ~10 s: three short runs
