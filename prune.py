@@ -6,19 +6,19 @@ Prune attention heads, and check the choice against the simple alternatives:
     python prune.py --ckpt=out/multi30k/best.pt --heads=6              # ask for 6 heads instead of a lambda
     python prune.py --ckpt=out/multi30k/best.pt --heads=10,6,3 --method=l0,importance,random --seeds=1,2,3
 
-method l0 (Voita et al. 2019, with the hard-concrete gates of Louizos et al. 2018, gates.py):
+method l0 (Voita et al. 2019, with the hard-concrete gates of Louizos et al. 2018 and their penalty, gates.py):
 a gate on every head of the chosen attention types; model + gates fine-tuned on cross-entropy +
 lambda * L0 with train.py's own loop, L0 = the expected number of open heads, summed over the
 heads of a layer and averaged over the gated layers (so closing one head saves lambda divided
 by the number of gated layers); then the closed heads are removed physically (rows of
 q/k/v_proj, columns of out_proj), and (l0_finetune) the pruned model is fine-tuned for another
 run's budget. With --heads=K, Lagrange multipliers replace lambda and steer the expected count
-to K (Wang et al. 2020), and the K most open heads are kept. The baselines, at the same K and
-with the same fine-tuning budget after removal: importance (Michel et al. 2019, heads.py) and
-random (one run per seed). Every run ends as a normal checkpoint (pruned.pt) that sample.py and
-train.py load. Reported: heads kept, parameters, greedy BLEU (validation, test), decoding speed
-(l0), what each head of the original model does (heads.py: heads_K.png), and between the runs
-paired-bootstrap p-values.
+to K (Wang et al. 2020; --target_steer=quadratic: a one-sided quadratic penalty instead), and
+the K most open heads are kept. The baselines, at the same K and with the same fine-tuning
+budget after removal: importance (Michel et al. 2019, heads.py) and random (one run per seed).
+Every run ends as a normal checkpoint (pruned.pt) that sample.py and train.py load. Reported:
+heads kept, parameters, greedy BLEU (validation, test), decoding speed (l0), what each head of
+the original model does (heads.py: heads_K.png), and between the runs paired-bootstrap p-values.
 Leaves out: pruning feed-forward units or whole layers, iterative pruning.
 """
 
@@ -36,6 +36,7 @@ from checkpoint import (attach_gates, build_model, checkpoint_of, data_of_checkp
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataError
 from decoding import length_sorted_batches, paired_bootstrap, score, translate
+from gates import L0Penalty, eval_gates
 from runtime import Runtime, setup
 from train import run_progress, train_loop
 
@@ -46,6 +47,7 @@ method = "l0"  # 'l0' (gates), 'importance' (Michel et al.), 'random'; comma-sep
 l0_lambda = "0.05"  # l0: penalty weight, --lambda=...; a comma-separated list runs a sweep
 heads = ""  # keep exactly K heads of the pruned types (comma-separated Ks); '' = as many as the l0 runs keep
 target_ramp = 0.5  # --heads: share of an l0 run over which the head count aimed at falls from all heads to K
+target_steer = "lagrangian"  # --heads: how l0 steers the count to K: 'lagrangian' or 'quadratic' (gates.L0Penalty)
 l0_finetune = True  # l0: fine-tune after removal for the baselines' budget (False: gated training only, as Voita)
 seeds = "1,2,3"  # random: one run per seed
 gate_attn = "enc"  # attention types to prune, comma-separated: enc, dec, cross
@@ -79,20 +81,6 @@ def parse_numbers(text: str, knob: str, kind=float, low: float = 0, high: float 
     return values
 
 
-def eval_gates(gates: dict) -> dict:
-    """{type: [(H,) deterministic gate values per layer]} in eval mode (a closed head has exactly 0)."""
-    out = {}
-    for kind, layer_gates in gates.items():
-        out[kind] = []
-        for g in layer_gates:
-            was = g.training
-            g.eval()
-            with torch.no_grad():
-                out[kind].append(g().float())
-            g.train(was)
-    return out
-
-
 def prune_heads(model, gate_values: dict):
     """A new Transformer without the closed heads, computing exactly what the gated model computes.
 
@@ -124,69 +112,6 @@ def prune_heads(model, gate_values: dict):
             state[f"{name}.out_proj.weight"] = old.out_proj.weight.detach()[:, rows] * scale
     pruned.load_state_dict(state)
     return pruned, keep
-
-
-class L0Penalty:
-    """The term train_loop adds to every step's loss, for gates {type: [gate per layer]}.
-
-    With a lambda:   lambda * L0,   L0 = the expected number of open heads (sum of P(gate open))
-                                    over the heads of a layer, averaged over the gated layers.
-    With a target of K heads (the Lagrangian relaxation of "keep K heads", Wang et al. 2020):
-        lambda_1 (s - t) + lambda_2 (s - t)^2,   s = expected share of gated heads open,
-                                                  t = the share aimed at now,
-    where t falls linearly from all heads to K / gated heads over the first `ramp` share of the
-    run (progress() in [0, 1]) and then stays there, and the multipliers rise by gradient ascent
-    on this term with their own Adam: d/d lambda_1 = s - t, d/d lambda_2 = (s - t)^2, written
-    out rather than left to backward (so loss scaling does not touch them). While more heads are
-    expected open than aimed at, the penalty grows until gates close; below, lambda_1 falls and
-    lets heads reopen. The ramp and the slow multipliers matter: aiming at K from the first step
-    with multipliers as fast as the gates closed all 24 encoder heads within 200 steps on
-    Multi30k (the multipliers kept rising while the gates lagged, then overshot), so the weights
-    spent the run adapting to the wrong heads; a gradual ramp lets them follow the gates, as in
-    CoFi (Xia et al. 2022). The penalty also tells the loop what to log (kept in `history` for
-    the plots) and lets the gate logits learn gate_lr_scale times faster than the weights."""
-
-    def __init__(self, gates: dict, lam: float, gate_lr_scale: float, target: int | None = None,
-                 progress=lambda: 1.0, ramp: float = 0.5, multiplier_lr: float = 0.01):
-        self.gates, self.lam, self.target, self.progress, self.ramp = gates, lam, target, progress, ramp
-        self.n_layers = sum(len(layers) for layers in gates.values())
-        self.n_heads = sum(g.log_alpha.numel() for layers in gates.values() for g in layers)
-        self.lr_scale = {"log_alpha": gate_lr_scale}
-        self.history: list[dict] = []
-        self.steps = 0                                                        # calls so far: one per step
-        if target is not None:
-            device = next(iter(gates.values()))[0].log_alpha.device
-            self.multipliers = torch.zeros(2, device=device)                  # lambda_1, lambda_2
-            self.ascent = torch.optim.Adam([self.multipliers], lr=multiplier_lr, maximize=True)
-
-    def __call__(self) -> torch.Tensor:
-        self.steps += 1
-        expected_open = sum(g.l0() for layers in self.gates.values() for g in layers)
-        if self.target is None:
-            return self.lam * expected_open / self.n_layers
-        gap = (expected_open - self.heads_aimed_at()) / self.n_heads          # s - t
-        self.multipliers.grad = torch.stack([gap, gap ** 2]).detach()
-        self.ascent.step()
-        return self.multipliers[0] * gap + self.multipliers[1] * gap ** 2
-
-    def heads_aimed_at(self) -> float:
-        """All gated heads at the start, K from `ramp` of the way through the run on."""
-        done = min(1.0, self.progress() / self.ramp) if self.ramp > 0 else 1.0
-        return self.n_heads + (self.target - self.n_heads) * done
-
-    def log(self, step: int) -> dict:
-        z = eval_gates(self.gates)
-        p_open = {k: [g.prob_open().detach().cpu().tolist() for g in v] for k, v in self.gates.items()}
-        open_now = {k: int(sum((zi > 0).sum() for zi in v)) for k, v in z.items()}
-        if not self.history or self.history[-1]["step"] != step:
-            self.history.append({"step": step, "p_open": p_open, "heads_open": open_now})
-        n_head = len(p_open[next(iter(p_open))][0])
-        extra = {"heads_open": " ".join(f"{k} {v}/{n_head * len(self.gates[k])}" for k, v in open_now.items()),
-                 "l0": round(sum(sum(p) for v in p_open.values() for p in v) / self.n_layers, 3), "p_open": p_open}
-        if self.target is not None:
-            extra["lambda_1"] = round(self.multipliers[0].item(), 3)
-            extra["aim"] = round(self.heads_aimed_at(), 1)
-        return extra
 
 
 def finetune(model, source: dict, data, opts: dict, run_dir: str, rt: Runtime, penalty=None) -> int:
@@ -232,7 +157,8 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
     def progress() -> float:                   # how far through the run, as the learning-rate schedule sees it
         return run_progress(penalty.steps, 0.0, (time.perf_counter() - start) / 60, limits)
 
-    penalty = L0Penalty(gates, lam, opts["gate_lr"] / opts["learning_rate"], target, progress, opts["target_ramp"])
+    penalty = L0Penalty(gates, lam, opts["gate_lr"] / opts["learning_rate"], target, progress, opts["target_ramp"],
+                        opts["target_steer"])
     what = f"lambda {lam:g}" if target is None else f"a target of {target} heads"
     print(f"\n== l0, {what}: gating {', '.join(opts['gate_types'])} heads ({model.num_params() / 1e6:.2f}M parameters)")
     penalty.log(0)
@@ -310,10 +236,11 @@ RUN_KNOBS = ("ckpt", "dataset", "gate_attn", "learning_rate", "gate_lr", "warmup
 
 def run_settings(opts: dict, original: dict, method: str, **which) -> dict:
     """The settings of one run: its method, lambda / head count / seed, the knobs of RUN_KNOBS (and
-    l0_finetune for an l0 run), and the original model's BLEU scores (a checkpoint retrained under
-    the same path is another model)."""
+    l0_finetune for an l0 run, target_steer for one with a head count), and the original model's
+    BLEU scores (a checkpoint retrained under the same path is another model)."""
     return {"method": method, **which, **{k: opts[k] for k in RUN_KNOBS},
             **({"l0_finetune": opts["l0_finetune"]} if method == "l0" else {}),
+            **({"target_steer": opts["target_steer"]} if method == "l0" and "heads" in which else {}),
             "original_bleu": [original["validation"]["bleu"], original["test"]["bleu"]]}
 
 
@@ -433,6 +360,8 @@ def main() -> None:
     methods = [m.strip() for m in method.split(",") if m.strip()]
     if not methods or any(m not in ("l0", "importance", "random") for m in methods):
         raise ConfigError(f"--method={method}: use l0, importance and/or random, comma-separated")
+    if target_steer not in ("lagrangian", "quadratic"):
+        raise ConfigError(f"--target_steer={target_steer}: use lagrangian or quadratic")
     targets = parse_numbers(heads, "heads", int) if heads else []
     if targets and "l0_lambda" in given:
         raise ConfigError("--heads=K and --lambda both set the number of heads: give one of them")

@@ -173,7 +173,12 @@ def main() -> None:
             log(f"{s[f'{name}_str']}\n  signature: {s[f'{name}_signature']}")
     if compare:
         if compare.endswith(".pt"):                 # translate the same inputs with the other checkpoint
-            other, other_src, other_tgt = model_from_checkpoint(load_checkpoint(compare))
+            other_checkpoint = load_checkpoint(compare)
+            if other_checkpoint["data_config"].get("lowercase", False) != lowercased:
+                raise ConfigError(f"--compare={compare}: one of the two models was trained on lower-cased text "
+                                  "and the other was not, so they read and are scored on different text: compare "
+                                  "checkpoints trained alike, or pass the other's translations as a file")
+            other, other_src, other_tgt = model_from_checkpoint(other_checkpoint)
             baseline = [found[0][0] for found in run(sources, (other.to(dev).eval(), other_src, other_tgt))]
         else:
             baseline = read_lines(compare, "compare")

@@ -7,6 +7,7 @@ import torch
 
 import prune
 from checkpoint import attach_gates
+from gates import eval_gates
 from helpers import TINY, run
 from model_transformer import Transformer, TransformerConfig
 
@@ -45,7 +46,7 @@ def test_pruned_model_computes_what_the_gated_model_computes(types):
     model.eval()
     src, tgt = batch()
     gated_out = model(src, tgt)
-    pruned, keep = prune.prune_heads(model, prune.eval_gates(gates))
+    pruned, keep = prune.prune_heads(model, eval_gates(gates))
     pruned.eval()
     assert keep["enc"] == [[0, 2], []]
     assert pruned.cfg.enc_self_heads == [2, 0]
@@ -109,9 +110,11 @@ def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
     assert len(sample.stdout.splitlines()) == 1 and png.exists()
 
 
-def test_a_head_count_and_a_lambda_together_are_refused():
+def test_a_head_count_and_a_lambda_together_or_an_unknown_steer_are_refused():
     out = run("prune.py", "--heads=3", "--lambda=0.1", check=False)
     assert out.returncode == 2 and "give one of them" in out.stderr and "Traceback" not in out.stderr
+    out = run("prune.py", "--heads=3", "--target_steer=spring", check=False)
+    assert out.returncode == 2 and "use lagrangian or quadratic" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.slow      # ~20 s: six runs
@@ -137,30 +140,11 @@ def test_asking_for_k_heads_keeps_exactly_k_with_every_method(toy_model, tmp_pat
     other = run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--method=importance,random", "--seeds=1",
                 "--max_iters=10", *PRUNE[1:], f"--out_dir={tmp_path / 'p'}")
     assert "finished before" not in other.stdout and other.stdout.count("== pruning report") == 2
-
-
-def test_a_target_head_count_steers_the_expected_number_of_open_gates():
-    """The Lagrangian penalty alone (no translation loss) moves 8 gates from all open to ~3 open,
-    following the ramp of the count aimed at instead of closing everything at once."""
-    from gates import HardConcreteGate
-    torch.manual_seed(0)
-    gates = {"enc": [HardConcreteGate(4), HardConcreteGate(4)]}
-    steps = 600
-    penalty = prune.L0Penalty(gates, 0.0, 1.0, target=3, progress=lambda: penalty.steps / steps, ramp=0.5)
-    opt = torch.optim.Adam([g.log_alpha for g in gates["enc"]], lr=0.05)
-    fewest, pushed = 8.0, 0.0
-    for step in range(steps):
-        opt.zero_grad()
-        penalty().backward()
-        opt.step()
-        expected_open = sum(g.l0().item() for g in gates["enc"])
-        if step >= steps // 4:
-            fewest = min(fewest, expected_open)
-        pushed = max(pushed, penalty.multipliers[0].item())
-    assert penalty.heads_aimed_at() == 3
-    assert abs(expected_open - 3) < 0.5, expected_open
-    assert fewest > 2, fewest                                   # no overshoot far below the target
-    assert pushed > 0.1                                         # lambda_1 rose to push gates closed
+    # the quadratic steer is another l0 run, and it too keeps exactly K
+    run("prune.py", f"--ckpt={toy_model}", "--heads=3", "--target_steer=quadratic", "--l0_finetune=False", *PRUNE,
+        f"--out_dir={tmp_path / 'p'}")
+    quadratic = json.load(open(tmp_path / "p" / "prune_report.json"))
+    assert quadratic["settings"]["target_steer"] == "quadratic" and sum(quadratic["heads_kept"]["enc"]) == 3
 
 
 @pytest.mark.slow      # ~12 s: two lambdas, decoder heads gated too

@@ -150,6 +150,13 @@ def test_a_lower_cased_model_reads_its_input_lower_cased(tmp_path):
     outputs = [run("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--text={text}").stdout
                for text in ("The cat sees a dog", "THE CAT SEES A DOG", "the cat sees a dog")]
     assert outputs[0] == outputs[1] == outputs[2]
+    # comparing it with a model trained on cased text would score the two on different text
+    cased = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    cased["data_config"]["lowercase"] = False
+    torch.save(cased, tmp_path / "cased.pt")
+    out = run("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--split=validation", f"--compare={tmp_path / 'cased.pt'}",
+              check=False)
+    assert out.returncode == 2 and "trained on lower-cased text" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_a_checkpoint_from_before_a_data_knob_existed_takes_its_default():
