@@ -7,15 +7,18 @@ Each gate z in [0, 1] multiplies one head's output. In training z is sampled fro
 clipped binary-concrete distribution, so it is exactly 0 or exactly 1 with non-zero probability
 and still differentiable in log_alpha; the expected number of non-zero gates (the L0 norm) is a
 smooth function of log_alpha that a penalty can push down: L0Penalty, either lambda x L0 or,
-to keep K gates open, a Lagrangian term whose multipliers steer the expected count to K. This
-module knows nothing about Transformers: it sees gates grouped as {type: [gate per layer]}, and
-prune.py attaches them to heads. Leaves out: gates on other units (neurons, layers).
+to keep K gates open, a term that steers the expected count to K (STEERS: Lagrange multipliers,
+or a one-sided quadratic penalty). This module knows nothing about Transformers: it sees gates
+grouped as {type: [gate per layer]}, and prune.py attaches them to heads. Leaves out: gates on
+other units (neurons, layers).
 """
 
 import math
 
 import torch
 import torch.nn as nn
+
+STEERS = ("lagrangian", "quadratic")  # the ways L0Penalty can steer the expected count of open gates to K
 
 
 class HardConcreteGate(nn.Module):
@@ -104,8 +107,8 @@ class L0Penalty:
     def __init__(self, gates: dict, lam: float, gate_lr_scale: float, target: int | None = None,
                  progress=lambda: 1.0, ramp: float = 0.5, steer: str = "lagrangian", multiplier_lr: float = 0.01,
                  stiffness: float = 1000.0):
-        if steer not in ("lagrangian", "quadratic"):
-            raise ValueError(f"steer='{steer}': use 'lagrangian' or 'quadratic'")
+        if steer not in STEERS:
+            raise ValueError(f"steer='{steer}': use one of {', '.join(STEERS)}")
         self.gates, self.lam, self.target, self.progress, self.ramp = gates, lam, target, progress, ramp
         self.steer, self.stiffness = steer, stiffness
         self.n_layers = sum(len(layers) for layers in gates.values())
@@ -113,7 +116,7 @@ class L0Penalty:
         self.lr_scale = {"log_alpha": gate_lr_scale}
         self.history: list[dict] = []
         self.steps = 0                                                        # calls so far: one per step
-        if target is not None:
+        if target is not None and steer == "lagrangian":
             device = next(iter(gates.values()))[0].log_alpha.device
             self.multipliers = torch.zeros(2, device=device)                  # lambda_1, lambda_2
             self.ascent = torch.optim.Adam([self.multipliers], lr=multiplier_lr, maximize=True)

@@ -36,7 +36,7 @@ from checkpoint import (attach_gates, build_model, checkpoint_of, data_of_checkp
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataError
 from decoding import length_sorted_batches, paired_bootstrap, score, translate
-from gates import L0Penalty, eval_gates
+from gates import STEERS, L0Penalty, eval_gates
 from runtime import Runtime, setup
 from train import run_progress, train_loop
 
@@ -360,8 +360,8 @@ def main() -> None:
     methods = [m.strip() for m in method.split(",") if m.strip()]
     if not methods or any(m not in ("l0", "importance", "random") for m in methods):
         raise ConfigError(f"--method={method}: use l0, importance and/or random, comma-separated")
-    if target_steer not in ("lagrangian", "quadratic"):
-        raise ConfigError(f"--target_steer={target_steer}: use lagrangian or quadratic")
+    if target_steer not in STEERS:
+        raise ConfigError(f"--target_steer={target_steer}: use {' or '.join(STEERS)}")
     targets = parse_numbers(heads, "heads", int) if heads else []
     if targets and "l0_lambda" in given:
         raise ConfigError("--heads=K and --lambda both set the number of heads: give one of them")

@@ -23,7 +23,7 @@ import time
 import torch
 
 from configurator import ConfigError, configure, main_guard
-from data import DataError
+from data import DataConfig, DataError
 from decoding import beam_search, greedy, max_target_len, paired_bootstrap, score, strip_special, translate_nbest
 from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
 from runtime import setup
@@ -112,7 +112,7 @@ def main() -> None:
     log = lambda msg: print(msg, file=sys.stderr)   # noqa: E731 - stdout carries only translations
 
     # a model trained on lower-cased text (data knob `lowercase`) reads and is scored on lower-cased text
-    lowercased = checkpoint["data_config"].get("lowercase", False)
+    lowercased = DataConfig.of(checkpoint["data_config"]).lowercase
     prepare = (lambda lines: [line.lower() for line in lines]) if lowercased else (lambda lines: lines)
 
     def run(lines: list[str], system=(model, src_tok, tgt_tok)) -> list[list[tuple[str, float]]]:
@@ -174,7 +174,7 @@ def main() -> None:
     if compare:
         if compare.endswith(".pt"):                 # translate the same inputs with the other checkpoint
             other_checkpoint = load_checkpoint(compare)
-            if other_checkpoint["data_config"].get("lowercase", False) != lowercased:
+            if DataConfig.of(other_checkpoint["data_config"]).lowercase != lowercased:
                 raise ConfigError(f"--compare={compare}: one of the two models was trained on lower-cased text "
                                   "and the other was not, so they read and are scored on different text: compare "
                                   "checkpoints trained alike, or pass the other's translations as a file")
