@@ -88,7 +88,7 @@ optimizer = "adamw"  # 'adamw' or 'lion' (Chen et al. 2023: wants a 3-10x lower 
 learning_rate = 1e-3  # peak learning rate of the one-cycle schedule
 min_lr = 1e-5  # learning rate at the end of the decay
 warmup_frac = 0.3  # share of the run spent warming up linearly from 0 to learning_rate
-decay = "cosine"  # decay after the warm-up: 'cosine', 'linear' or 'exp' (geometric, to min_lr)
+decay = "cosine"  # decay after the warm-up: 'cosine', 'linear', 'exp' (geometric, to min_lr) or 'rsqrt' (lr_at)
 weight_decay = 0.01  # decoupled weight decay (not on biases, norms, gates)
 beta1 = 0.9  # AdamW: first-moment decay; Lion: how much momentum the update's sign reads
 beta2 = 0.98  # AdamW: second-moment decay; Lion: momentum decay (the paper uses 0.99)
@@ -144,6 +144,9 @@ class RunState:
 # -----------------------------------------------------------------------------
 # the pieces of a step
 
+DECAYS = ("cosine", "linear", "exp", "rsqrt")   # the schedule's shapes after the warm-up (lr_at)
+
+
 def lr_at(progress: float, cfg: dict) -> float:
     """One-cycle schedule (Smith 2018): warm up linearly, then anneal to min_lr.
 
@@ -151,18 +154,25 @@ def lr_at(progress: float, cfg: dict) -> float:
       cosine: lr = min + (peak - min) * (1 + cos(pi * (p - w) / (1 - w))) / 2       for p >= w
       linear: lr = min + (peak - min) * (1 - (p - w) / (1 - w))
       exp:    lr = peak * (min / peak) ** ((p - w) / (1 - w))    (exponential decay)
+      rsqrt:  lr = peak * sqrt(w / p)     (inverse square root, Vaswani et al. 2017; ignores min_lr
+              and ends at peak * sqrt(w): the last checkpoints still differ, for averaging)
     """
     peak, low, w = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_frac"]
+    if cfg["decay"] not in DECAYS:
+        raise ConfigError(f"decay='{cfg['decay']}' is not known: use one of {', '.join(DECAYS)}")
+    if cfg["decay"] == "rsqrt" and w <= 0:
+        raise ConfigError("decay='rsqrt' needs a warm-up (lr = peak * sqrt(warmup_frac / progress)): "
+                          "set warmup_frac > 0, e.g. --warmup_frac=0.1")
     if progress < w:
         return peak * progress / w
+    if cfg["decay"] == "rsqrt":
+        return peak * math.sqrt(w / progress)
     x = min(1.0, (progress - w) / max(1e-9, 1 - w))
     if cfg["decay"] == "linear":
         return low + (peak - low) * (1 - x)
     if cfg["decay"] == "exp":
         return peak * (low / peak) ** x
-    if cfg["decay"] == "cosine":
-        return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * x))
-    raise ConfigError(f"decay='{cfg['decay']}' is not known: use 'cosine', 'linear' or 'exp'")
+    return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * x))            # cosine
 
 
 def stop_reason(run: RunState, epochs: float, cfg: dict) -> str:

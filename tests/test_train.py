@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train
+from configurator import ConfigError
 from loss import sequence_loss
 from optimizers import make_optimizer
 from helpers import ROOT, TINY, run, train_records
@@ -27,6 +28,14 @@ def test_one_cycle_schedule():
     assert train.lr_at(0.475, {**cfg, "decay": "linear"}) == pytest.approx(1e-3 - 0.25 * (1e-3 - 1e-5))
     assert train.lr_at(0.65, {**cfg, "decay": "exp"}) == pytest.approx(1e-4)   # geometric mid-point
     assert train.lr_at(1.0, {**cfg, "decay": "exp"}) == pytest.approx(1e-5)
+    rsqrt = {**cfg, "decay": "rsqrt", "warmup_frac": 0.1}
+    assert train.lr_at(0.05, rsqrt) == pytest.approx(5e-4)                 # the same warm-up
+    assert train.lr_at(0.4, rsqrt) == pytest.approx(5e-4)                  # 4x the warm-up: half the peak
+    assert train.lr_at(1.0, rsqrt) == pytest.approx(1e-3 * 0.1 ** 0.5)     # min_lr plays no part
+    with pytest.raises(ConfigError, match="warmup_frac > 0"):
+        train.lr_at(0.0, {**rsqrt, "warmup_frac": 0.0})
+    with pytest.raises(ConfigError, match="cosin"):                         # at the first step, not after the warm-up
+        train.lr_at(0.0, {**cfg, "decay": "cosin"})
 
 
 def test_progress_takes_the_furthest_limit():
