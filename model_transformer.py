@@ -37,7 +37,9 @@ class TransformerConfig:
     n_enc_layer: int = 3
     n_dec_layer: int = 3
     d_ff: int = 1024                  # feed-forward hidden width
-    dropout: float = 0.1
+    dropout: float = 0.1              # on embeddings and sub-layer outputs (before the residual sum)
+    attn_dropout: float = -1.0        # on attention weights; -1 = dropout (fairseq's attention_dropout, default 0)
+    ff_dropout: float = -1.0          # on the feed-forward hidden layer; -1 = dropout (fairseq's activation_dropout)
     pre_norm: bool = True             # LayerNorm before each sub-layer (stable); False = the paper's post-LN
     tie_output: bool = True           # target embedding doubles as the output projection
     share_src_tgt: bool = False       # source and target share one embedding (needs a joint vocabulary)
@@ -48,6 +50,10 @@ class TransformerConfig:
     enc_self_heads: list[int] = field(default_factory=list)
     dec_self_heads: list[int] = field(default_factory=list)
     dec_cross_heads: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.attn_dropout = self.dropout if self.attn_dropout < 0 else self.attn_dropout
+        self.ff_dropout = self.dropout if self.ff_dropout < 0 else self.ff_dropout
 
 
 def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
@@ -205,8 +211,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig, n_self: int):
         super().__init__()
         Dh = cfg.d_model // cfg.n_head
-        self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.dropout)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.attn_dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.ff_dropout)
         self.res_attn = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_self == 0)
         self.res_ff = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
 
@@ -219,9 +225,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig, n_self: int, n_cross: int):
         super().__init__()
         Dh = cfg.d_model // cfg.n_head
-        self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.dropout)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, n_cross, Dh, cfg.dropout)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.attn_dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, n_cross, Dh, cfg.attn_dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.ff_dropout)
         self.res_self = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_self == 0)
         self.res_cross = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_cross == 0)
         self.res_ff = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)

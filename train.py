@@ -70,7 +70,9 @@ n_head = 4  # attention heads H
 n_enc_layer = 3  # encoder layers
 n_dec_layer = 3  # decoder layers
 d_ff = 1024  # feed-forward hidden width
-dropout = 0.1  # dropout on embeddings, attention weights, sub-layer outputs
+dropout = 0.1  # dropout on embeddings and sub-layer outputs (and, by default, the two below)
+attn_dropout = -1.0  # Transformer: dropout on attention weights (-1 = dropout; fairseq's default is 0)
+ff_dropout = -1.0  # Transformer: dropout on the feed-forward hidden layer (-1 = dropout; fairseq's default is 0)
 pre_norm = True  # LayerNorm before each sub-layer (stable); False = post-LN as in Vaswani et al.
 tie_embeddings = "all"  # 'all' (source = target = output, needs joint_vocab), 'output', or 'none'
 attn_impl = "auto"  # 'auto' (math on CPU, sdpa on GPU), 'math' (explicit softmax), 'sdpa' (PyTorch's fused kernels)
@@ -487,7 +489,7 @@ def main() -> RunState:
         cfg = {**DEFAULTS, **resume["train_config"], **{k: v for k, v in given.items() if k in may_change},
                "init_from": "resume"}
     if cfg["overfit_batches"]:
-        cfg["dropout"] = 0.0
+        cfg["dropout"] = cfg["attn_dropout"] = cfg["ff_dropout"] = 0.0
     rt = setup(cfg["device"], cfg["dtype"])
     if resume is not None and resume.get("world_size", 1) != rt.world_size:
         raise ConfigError(f"the run in {cfg['out_dir']} trained with {resume.get('world_size', 1)} process(es), and "

@@ -125,3 +125,16 @@ def test_cheap_dropout_keeps_the_semantics_of_dropout():
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
     rows = dropout(torch.ones(7, 3), 0.5, training=True)               # sizes not divisible by 4
     assert rows.shape == (7, 3) and set(rows.unique().tolist()) <= {0.0, 2.0}
+
+
+@pytest.mark.parametrize("where", ["attn_dropout", "ff_dropout"])
+def test_attention_and_feed_forward_dropout_are_their_own_knobs(where):
+    src, tgt = batch()
+    assert tiny(dropout=0.3).cfg.attn_dropout == 0.3 and tiny(dropout=0.3).cfg.ff_dropout == 0.3  # -1 = dropout
+    quiet = tiny(dropout=0.0).train()
+    assert torch.equal(quiet(src, tgt), quiet(src, tgt))                 # no dropout anywhere: deterministic
+    noisy = tiny(dropout=0.0, **{where: 0.5}).train()
+    assert not torch.equal(noisy(src, tgt), noisy(src, tgt))            # only this one drops
+    layer = noisy.decoder[0]
+    drops = {"attn_dropout": (layer.self_attn.dropout, layer.cross_attn.dropout), "ff_dropout": (layer.ff.dropout.p,)}
+    assert all(p == 0.5 for p in drops[where]) and layer.res_ff.dropout.p == 0.0 and noisy.embed_dropout.p == 0.0
