@@ -3,14 +3,15 @@ Train a translation model: `python train.py config/transformer_multi30k.py [--ke
 
 One loop for every model (arch = 'transformer' | 'rnn' is read only to construct it): token-
 budget batches (batching.py), AdamW or Lion (optimizers.py) with a one-cycle learning rate
-(linear warm-up, cosine, linear or exponential decay), label smoothing (loss.py), gradient clipping and accumulation,
-bf16 or fp16 autocast (runtime.py), validation loss + BLEU/chrF, self-contained checkpoints that
-resume exactly, DDP under torchrun. Read it top to bottom: where a run stands (RunState), one
-optimizer step (train_step), the loop that sequences steps, logs, evaluations and checkpoints
-(train_loop), then main(). It also shows what goes wrong early: the loss at step 0 next to
-ln(V), gradient norms per side, an overfit-one-batch mode, toy copy/reverse tasks. Optional:
-early stopping on validation BLEU, averaging the weights of the last snapshots (avg.pt).
-prune.py reuses train_loop with a penalty. Leaves out: exponential moving averages, curricula.
+(linear warm-up; cosine, linear, exponential or inverse-square-root decay), label smoothing
+(loss.py), gradient clipping and accumulation, bf16 or fp16 autocast (runtime.py), validation
+loss + BLEU/chrF, self-contained checkpoints that resume exactly, DDP under torchrun. Read it
+top to bottom: where a run stands (RunState), one optimizer step (train_step), the loop that
+sequences steps, logs, evaluations and checkpoints (train_loop), then main(). It also shows what
+goes wrong early: the loss at step 0 next to ln(V), gradient norms per side, an overfit-one-
+batch mode, toy copy/reverse tasks. Optional: early stopping on validation BLEU, averaging the
+weights of the last snapshots (avg.pt). prune.py reuses train_loop with a penalty. Leaves out:
+exponential moving averages, curricula.
 """
 
 import contextlib
