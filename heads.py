@@ -417,7 +417,7 @@ def plot_tradeoff(out_dir: str, reports: list[dict], original_bleu: float) -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method, style in (("l0", "o-"), ("importance", "s--"), ("random", "^:")):
+    for method, style in (("l0", "o-"), ("importance", "s--"), ("random", "^:"), ("unpruned", "D")):
         runs = sorted((r for r in reports if r["method"] == method), key=lambda r: r["heads"])
         if not runs:
             continue

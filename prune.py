@@ -16,6 +16,8 @@ run's budget. With --heads=K, Lagrange multipliers replace lambda and steer the 
 to K (Wang et al. 2020; --target_steer=quadratic: a one-sided quadratic penalty instead), and
 the K most open heads are kept. The baselines, at the same K and with the same fine-tuning
 budget after removal: importance (Michel et al. 2019, heads.py) and random (one run per seed).
+The control, unpruned: the original model with every head, trained on as long as an l0 run
+trains, which tells what pruning costs from what the extra training does.
 Every run ends as a normal checkpoint (pruned.pt) that sample.py and train.py load. Reported:
 heads kept, parameters, greedy BLEU (validation, test), decoding speed (l0), what each head of
 the original model does (heads.py: heads_K.png), and between the runs paired-bootstrap p-values.
@@ -25,7 +27,7 @@ Leaves out: pruning feed-forward units or whole layers, iterative pruning.
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ import heads as head_analysis
 from checkpoint import (attach_gates, build_model, checkpoint_of, data_of_checkpoint, load_checkpoint,
                         model_from_checkpoint, save_checkpoint)
 from configurator import ConfigError, configure, knob_names, main_guard
-from data import DataError
+from data import DataError, Split
 from decoding import length_sorted_batches, paired_bootstrap, score, translate
 from gates import STEERS, L0Penalty, eval_gates
 from runtime import Runtime, setup
@@ -43,12 +45,13 @@ from train import run_progress, train_loop
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # the trained Transformer checkpoint to prune
 out_dir = ""  # run folder ('' = <checkpoint folder>/prune_<gate_attn>)
-method = "l0"  # 'l0' (gates), 'importance' (Michel et al.), 'random'; comma-separated: compared at the same head counts
+method = "l0"  # 'l0' (gates), 'importance' (Michel et al.), 'random', 'unpruned' (the control); comma-separated
 l0_lambda = "0.05"  # l0: penalty weight, --lambda=...; a comma-separated list runs a sweep
 heads = ""  # keep exactly K heads of the pruned types (comma-separated Ks); '' = as many as the l0 runs keep
 target_ramp = 0.5  # --heads: share of an l0 run over which the head count aimed at falls from all heads to K
 target_steer = "lagrangian"  # --heads: how l0 steers the count to K: 'lagrangian' or 'quadratic' (gates.L0Penalty)
 l0_finetune = True  # l0: fine-tune after removal for the baselines' budget (False: gated training only, as Voita)
+distill = False  # train every method on the original model's beam-5 translations of the training sources
 seeds = "1,2,3"  # random: one run per seed
 gate_attn = "enc"  # attention types to prune, comma-separated: enc, dec, cross
 dataset = ""  # a local folder to read instead of the checkpoint's dataset (no network)
@@ -126,6 +129,40 @@ def finetune(model, source: dict, data, opts: dict, run_dir: str, rt: Runtime, p
     return train_loop(model, data, cfg, rt, penalty=penalty).step
 
 
+def distilled(data, source: dict, ckpt_path: str, base: str, rt: Runtime):
+    """data with the training targets replaced by the original model's beam-5 translations of the
+    training sources: sequence-level knowledge distillation (Kim & Rush 2016). A pruned model
+    learns to say what the original said, an easier target for a smaller model than the varied
+    human references, and one the original already meets. Translated once (4.5 minutes for
+    Multi30k on a 2-core CPU) into base/distilled_train.jsonl and reused by later runs; pairs
+    whose translation came out empty are left out."""
+    sp, path = data.splits["train"], os.path.join(base, "distilled_train.jsonl")
+    stamp = {"ckpt": os.path.abspath(ckpt_path), "sentences": len(sp)}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f]
+        hyps = lines[1:] if lines and lines[0] == stamp else None
+    except (OSError, ValueError):
+        hyps = None
+    if hyps is None or len(hyps) != len(sp):
+        print(f"\n== distill: translating the {len(sp):,} training sources with the original model, beam 5")
+        model = model_from_checkpoint(source)[0].to(rt.device)
+        t0 = time.time()
+        hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text, beam=5, device=rt.device, amp=rt.amp)
+        print(f"distill: {time.time() - t0:.0f}s; written to {path}")
+        os.makedirs(base, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:          # complete, or not there at all
+            f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in [stamp] + hyps))
+        os.replace(path + ".tmp", path)
+    keep = [i for i, h in enumerate(hyps) if h.strip()]
+    if not keep:
+        raise DataError(f"{ckpt_path} translates every training source to nothing: nothing to distill from")
+    targets = [hyps[i] for i in keep]
+    train = Split([sp.src(i) for i in keep], data.tgt_tok.encode_batch(targets), [sp.src_text[i] for i in keep],
+                  targets)
+    return replace(data, splits={**data.splits, "train": train})
+
+
 def run_limits(opts: dict) -> dict:
     """One run's stop conditions for train_loop: max_iters steps if set, else max_minutes."""
     return {"max_iters": opts["max_iters"], "max_epochs": 0.0,
@@ -196,6 +233,21 @@ def run_baseline(keep: dict, method: str, seed: int | None, source: dict, data, 
     return pruned, keep, {"method": method, "steps": steps, **({"seed": seed} if seed is not None else {})}
 
 
+def run_unpruned(source: dict, data, opts: dict, run_dir: str, rt: Runtime) -> tuple:
+    """The control: the original model, every head kept, trained on for as many steps as an l0
+    run trains (gating, then with l0_finetune a second run's budget, as the fine-tuning after
+    removal): (model, keep-set of all heads, report)."""
+    model, _, _ = model_from_checkpoint(source)
+    keep = {kind: [list(range(n)) for n in counts] for kind, counts in head_analysis.head_counts(model).items()}
+    print(f"\n== unpruned: all {heads_kept(keep, opts['gate_types'])} heads, trained on as long as an l0 run")
+    model.to(rt.device)
+    steps = finetune(model, source, data, opts, run_dir, rt)
+    if opts["l0_finetune"]:
+        os.makedirs(os.path.join(run_dir, "finetune"), exist_ok=True)
+        steps += finetune(model, source, data, opts, os.path.join(run_dir, "finetune"), rt)
+    return model, keep, {"method": "unpruned", "steps": steps}
+
+
 def heads_kept(keep: dict, kinds: list[str]) -> int:
     return sum(len(k) for kind in kinds for k in keep[kind])
 
@@ -231,7 +283,7 @@ def finish(pruned, keep: dict, report: dict, original: dict, source: dict, data,
 
 # what makes two runs the same run: a finished one is reused rather than repeated
 RUN_KNOBS = ("ckpt", "dataset", "gate_attn", "learning_rate", "gate_lr", "warmup_frac", "max_iters", "max_minutes",
-             "target_ramp", "importance_batches", "seed", "device", "dtype")
+             "target_ramp", "importance_batches", "distill", "seed", "device", "dtype")
 
 
 def run_settings(opts: dict, original: dict, method: str, **which) -> dict:
@@ -239,7 +291,7 @@ def run_settings(opts: dict, original: dict, method: str, **which) -> dict:
     l0_finetune for an l0 run, target_steer for one with a head count), and the original model's
     BLEU scores (a checkpoint retrained under the same path is another model)."""
     return {"method": method, **which, **{k: opts[k] for k in RUN_KNOBS},
-            **({"l0_finetune": opts["l0_finetune"]} if method == "l0" else {}),
+            **({"l0_finetune": opts["l0_finetune"]} if method in ("l0", "unpruned") else {}),
             **({"target_steer": opts["target_steer"]} if method == "l0" and "heads" in which else {}),
             "original_bleu": [original["validation"]["bleu"], original["test"]["bleu"]]}
 
@@ -331,13 +383,17 @@ def print_report(r: dict, keep: dict, n_head: int) -> None:
 
 
 def compare(reports: list[dict], original: dict, data) -> list[dict]:
-    """Each run's test BLEU against the original and against the l0 run that kept as many heads,
-    with paired-bootstrap p-values (decoding.paired_bootstrap); printed as a table."""
+    """Each run's test BLEU against the original, against the l0 run that kept as many heads and
+    against the unpruned control (if run), with paired-bootstrap p-values
+    (decoding.paired_bootstrap); printed as a table."""
     refs = data.splits["test"].tgt_text
     l0_at = {r["heads"]: r for r in reports if r["method"] == "l0"}
+    control = next((r for r in reports if r["method"] == "unpruned"), None)
+    columns = ("vs_original", "vs_l0") + (("vs_unpruned",) if control else ())
     rows = []
     print("\n== the runs compared on the test split (greedy, cased sacreBLEU; p: paired bootstrap, 1000 resamples)")
-    print(f"{'heads':>6}  {'run':<22}{'val BLEU':>9}{'test BLEU':>10}{'vs original (p)':>19}{'vs l0 (p)':>18}")
+    print(f"{'heads':>6}  {'run':<22}{'val BLEU':>9}{'test BLEU':>10}{'vs original (p)':>19}{'vs l0 (p)':>18}"
+          + (f"{'vs unpruned (p)':>19}" if control else ""))
     for r in sorted(reports, key=lambda r: (-r["heads"], r["method"] != "l0")):
         hyps = r["pruned_test"]["hyps"]
         row = {"run": describe(r), "heads": r["heads"], "val_bleu": r["pruned_validation"]["bleu"],
@@ -345,10 +401,11 @@ def compare(reports: list[dict], original: dict, data) -> list[dict]:
                "vs_original": paired_bootstrap(original["test"]["hyps"], hyps, refs)}
         if r["heads"] in l0_at and l0_at[r["heads"]] is not r:
             row["vs_l0"] = paired_bootstrap(l0_at[r["heads"]]["pruned_test"]["hyps"], hyps, refs)
-        cells = [f"{row[k]['difference']:+.2f} ({row[k]['p_value']:.3f})" if k in row else ""
-                 for k in ("vs_original", "vs_l0")]
+        if control is not None and control is not r:
+            row["vs_unpruned"] = paired_bootstrap(control["pruned_test"]["hyps"], hyps, refs)
+        cells = [f"{row[k]['difference']:+.2f} ({row[k]['p_value']:.3f})" if k in row else "" for k in columns]
         print(f"{r['heads']:>6}  {row['run']:<22}{row['val_bleu']:>9.2f}{row['test_bleu']:>10.2f}"
-              f"{cells[0]:>19}{cells[1]:>18}")
+              + "".join(f"{c:>19}" if i != 1 else f"{c:>18}" for i, c in enumerate(cells)))
         rows.append(row)
     return rows
 
@@ -358,8 +415,8 @@ def main() -> None:
     opts = {k: v for k, v in globals().items() if k in KNOBS}
     opts["gate_types"] = [t.strip() for t in gate_attn.split(",") if t.strip()]
     methods = [m.strip() for m in method.split(",") if m.strip()]
-    if not methods or any(m not in ("l0", "importance", "random") for m in methods):
-        raise ConfigError(f"--method={method}: use l0, importance and/or random, comma-separated")
+    if not methods or any(m not in ("l0", "importance", "random", "unpruned") for m in methods):
+        raise ConfigError(f"--method={method}: use l0, importance, random and/or unpruned, comma-separated")
     if target_steer not in STEERS:
         raise ConfigError(f"--target_steer={target_steer}: use {' or '.join(STEERS)}")
     targets = parse_numbers(heads, "heads", int) if heads else []
@@ -367,7 +424,7 @@ def main() -> None:
         raise ConfigError("--heads=K and --lambda both set the number of heads: give one of them")
     lambdas = [] if targets else parse_numbers(l0_lambda, "lambda", float, 0, 100)
     seed_list = parse_numbers(seeds, "seeds", int)
-    if not targets and "l0" not in methods:
+    if not targets and "l0" not in methods and {"importance", "random"} & set(methods):
         raise ConfigError("--method=importance/random needs --heads=K (or --method=l0,... to take the l0 runs' counts)")
     source = load_checkpoint(ckpt)
     if source["kind"] != "transformer":
@@ -375,6 +432,8 @@ def main() -> None:
     rt = setup(device, dtype)
     data = data_of_checkpoint(source, dataset)
     base = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
+    if distill:                                     # before the importance score: it too sees the training data
+        data = distilled(data, source, ckpt, base, rt)
     model, _, _ = model_from_checkpoint(source)
     model.to(rt.device).eval()
     n_heads = head_analysis.head_counts(model)
@@ -402,7 +461,7 @@ def main() -> None:
     # head count an l0 run kept; a single run writes into `base` itself, several into subfolders
     runs_l0 = ([(lam, None) for lam in lambdas] + [(0.0, k) for k in targets]) if "l0" in methods else []
     baselines_per_count = ("importance" in methods) + len(seed_list) * ("random" in methods)
-    single = len(runs_l0) + len(targets or runs_l0) * baselines_per_count == 1
+    single = len(runs_l0) + len(targets or runs_l0) * baselines_per_count + ("unpruned" in methods) == 1
     reports = []
 
     def run_once(folder: str, settings: dict, train) -> None:
@@ -429,13 +488,16 @@ def main() -> None:
             run_once(f"{name}_{k}_heads" + (f"_seed_{s}" if s is not None else ""),
                      run_settings(opts, original, name, heads=k, **({"seed": s} if s is not None else {})),
                      lambda run_dir: run_baseline(keep, name, s, source, data, opts, run_dir, rt))
+    if "unpruned" in methods:
+        run_once("unpruned", run_settings(opts, original, "unpruned"),
+                 lambda run_dir: run_unpruned(source, data, opts, run_dir, rt))
     os.makedirs(base, exist_ok=True)
     if len(reports) > 1:
         summary["comparison"] = compare(reports, original, data)
         print(f"trade-off plot: {head_analysis.plot_tradeoff(base, reports, original['test']['bleu'])}")
     if roles:
         summary["kept_vs_removed"] = {}
-        for k in sorted({r["heads"] for r in reports}, reverse=True):
+        for k in sorted({r["heads"] for r in reports if r["method"] != "unpruned"}, reverse=True):
             kept = {describe(r): r["kept_heads_index"] for r in reports if r["heads"] == k}
             path = head_analysis.plot_heads(os.path.join(base, f"heads_{k}.png"), summary["roles"],
                                             importance, kept)

@@ -86,8 +86,8 @@ PRUNE = ["--max_iters=20", "--eval_interval=10", "--eval_sentences=20", "--speed
 
 def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
     # l0 with a lambda (gates, removal, fine-tuning), then the importance baseline at the head
-    # count l0 kept, compared
-    out = run("prune.py", f"--ckpt={toy_model}", "--lambda=2", "--method=l0,importance", *PRUNE,
+    # count l0 kept, and the unpruned control trained as long as the l0 run, all compared
+    out = run("prune.py", f"--ckpt={toy_model}", "--lambda=2", "--method=l0,importance,unpruned", *PRUNE,
               f"--out_dir={tmp_path / 'p'}")
     assert "pruning report" in out.stdout and "the runs compared on the test split" in out.stdout
     report = json.load(open(tmp_path / "p" / "lambda_2" / "prune_report.json"))
@@ -100,8 +100,12 @@ def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
     assert sum(baseline["heads_kept"]["enc"]) == k
     assert baseline["steps"] == report["finetune_steps"] == 20   # the same fine-tuning after removal
     summary = json.load(open(tmp_path / "p" / "prune_summary.json"))
-    assert [r["run"] for r in summary["comparison"]] == ["l0, lambda 2", "importance"]
-    assert 0 < summary["comparison"][1]["vs_l0"]["p_value"] <= 1
+    assert [r["run"] for r in summary["comparison"]] == ["unpruned", "l0, lambda 2", "importance"]
+    assert 0 < summary["comparison"][2]["vs_l0"]["p_value"] <= 1
+    assert all(0 < row["vs_unpruned"]["p_value"] <= 1 for row in summary["comparison"][1:])
+    control = json.load(open(tmp_path / "p" / "unpruned" / "prune_report.json"))
+    assert control["heads"] == 8 and control["params_after"] == control["params_before"]
+    assert control["steps"] == report["steps"] + report["finetune_steps"] == 40   # as long as the l0 run
     assert set(summary["roles"]) >= {"confidence", "positional", "rare_token"}
     assert os.path.exists(tmp_path / "p" / f"heads_{k}.png") and os.path.exists(tmp_path / "p" / "tradeoff.png")
     png = tmp_path / "attn.png"                                  # the decoder's cross-attention is intact
@@ -188,3 +192,32 @@ def test_ddp_trains_a_model_whose_attention_layers_were_pruned_away(tmp_path):
             assert out["update"] == "done"
     finally:
         dist.destroy_process_group()
+
+
+def test_distill_trains_on_the_original_models_translations_made_once(toy_model, tmp_path, monkeypatch):
+    from checkpoint import data_of_checkpoint, load_checkpoint
+    from runtime import setup
+    source = load_checkpoint(str(toy_model))
+    data, rt = data_of_checkpoint(source, ""), setup("cpu", "float32")
+    sp, calls = data.splits["train"], []
+
+    def original_translates(model, src_tok, tgt_tok, sentences, beam, **kwargs):   # every third one: nothing
+        calls.append((type(model).__name__, beam))
+        return ["" if i % 3 == 0 else s[::-1] + " x" for i, s in enumerate(sentences)]
+
+    monkeypatch.setattr(prune, "translate", original_translates)
+    distilled = prune.distilled(data, source, str(toy_model), str(tmp_path), rt)
+    train = distilled.splits["train"]
+    assert calls == [("Transformer", 5)]
+    assert len(train) == len(sp) - (len(sp) + 2) // 3                  # the empty translations are left out
+    assert train.src_text[:2] == [sp.src_text[1], sp.src_text[2]]      # sources and targets stay aligned
+    assert train.tgt_text[:2] == [sp.src_text[1][::-1] + " x", sp.src_text[2][::-1] + " x"]
+    assert list(train.tgt(1)) == data.tgt_tok.encode(train.tgt_text[1]) and list(train.src(1)) == list(sp.src(2))
+    assert distilled.splits["validation"] is data.splits["validation"]   # only the training targets change
+    assert prune.distilled(data, source, str(toy_model), str(tmp_path), rt).splits["train"].tgt_text == \
+        train.tgt_text and len(calls) == 1                                # read back from the file
+    prune.distilled(data, source, str(tmp_path / "other.pt"), str(tmp_path), rt)
+    assert len(calls) == 2                                               # another checkpoint's file is not used
+    monkeypatch.setattr(prune, "translate", lambda model, s, t, sentences, **kw: [" "] * len(sentences))
+    with pytest.raises(prune.DataError, match="translates every training source to nothing"):
+        prune.distilled(data, source, str(tmp_path / "third.pt"), str(tmp_path), rt)
