@@ -5,6 +5,7 @@ Prune attention heads, and check the choice against the simple alternatives:
     python prune.py --ckpt=out/multi30k/best.pt --lambda=0.05,0.07,0.1 # a sweep: the trade-off curve
     python prune.py --ckpt=out/multi30k/best.pt --heads=6              # ask for 6 heads instead of a lambda
     python prune.py --ckpt=out/multi30k/best.pt --heads=10,6,3 --method=l0,importance,random --seeds=1,2,3
+    python prune.py --ckpt=out/multi30k/best.pt --gate_attn=enc,dec,cross --heads=21 --distill=True --method=l0,unpruned
 
 method l0 (Voita et al. 2019, with the hard-concrete gates of Louizos et al. 2018 and their penalty, gates.py):
 a gate on every head of the chosen attention types; model + gates fine-tuned on cross-entropy +
@@ -374,7 +375,8 @@ def print_report(r: dict, keep: dict, n_head: int) -> None:
         if f"{name}_test" in r:
             v, t, sp = r[f"{name}_validation"], r[f"{name}_test"], r.get("speed", {}).get(name)
             speed = f"{sp['decode_sent_per_s']:>15.1f}{sp['encode_sent_per_s']:>15.1f}" if sp else ""
-            print(f"{name:<10}{v['bleu']:>10.2f}{t['bleu']:>11.2f}{t['chrf']:>11.2f}{speed}")
+            label = "trained on" if name == "pruned" and r["method"] == "unpruned" else name
+            print(f"{label:<10}{v['bleu']:>10.2f}{t['bleu']:>11.2f}{t['chrf']:>11.2f}{speed}")
     if "speed" in r:
         o, p = r["speed"]["original"], r["speed"]["pruned"]
         print(f"pruned vs original (interleaved): decoding {p['decode_sent_per_s'] / o['decode_sent_per_s']:.2f}x, "
