@@ -130,13 +130,13 @@ def finetune(model, source: dict, data, opts: dict, run_dir: str, rt: Runtime, p
     return train_loop(model, data, cfg, rt, penalty=penalty).step
 
 
-def distilled(data, source: dict, ckpt_path: str, base: str, rt: Runtime):
-    """data with the training targets replaced by the original model's beam-5 translations of the
-    training sources: sequence-level knowledge distillation (Kim & Rush 2016). A pruned model
-    learns to say what the original said, an easier target for a smaller model than the varied
-    human references, and one the original already meets. Translated once (4.5 minutes for
-    Multi30k on a 2-core CPU) into base/distilled_train.jsonl and reused by later runs; pairs
-    whose translation came out empty are left out."""
+def distilled(data, model, ckpt_path: str, base: str, rt: Runtime):
+    """data with the training targets replaced by the original model's (`model`, loaded from
+    ckpt_path) beam-5 translations of the training sources: sequence-level knowledge distillation
+    (Kim & Rush 2016). A pruned model learns to say what the original said, an easier target for
+    a smaller model than the varied human references, and one the original already meets.
+    Translated once (4.5 minutes for Multi30k on a 2-core CPU) into base/distilled_train.jsonl and
+    reused by later runs; pairs whose translation came out empty are left out."""
     sp, path = data.splits["train"], os.path.join(base, "distilled_train.jsonl")
     stamp = {"ckpt": os.path.abspath(ckpt_path), "sentences": len(sp)}
     try:
@@ -147,7 +147,6 @@ def distilled(data, source: dict, ckpt_path: str, base: str, rt: Runtime):
         hyps = None
     if hyps is None or len(hyps) != len(sp):
         print(f"\n== distill: translating the {len(sp):,} training sources with the original model, beam 5")
-        model = model_from_checkpoint(source)[0].to(rt.device)
         t0 = time.time()
         hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text, beam=5, device=rt.device, amp=rt.amp)
         print(f"distill: {time.time() - t0:.0f}s; written to {path}")
@@ -407,7 +406,7 @@ def compare(reports: list[dict], original: dict, data) -> list[dict]:
             row["vs_unpruned"] = paired_bootstrap(control["pruned_test"]["hyps"], hyps, refs)
         cells = [f"{row[k]['difference']:+.2f} ({row[k]['p_value']:.3f})" if k in row else "" for k in columns]
         print(f"{r['heads']:>6}  {row['run']:<22}{row['val_bleu']:>9.2f}{row['test_bleu']:>10.2f}"
-              + "".join(f"{c:>19}" if i != 1 else f"{c:>18}" for i, c in enumerate(cells)))
+              + "".join(f"{c:>{width}}" for c, width in zip(cells, (19, 18, 19))))
         rows.append(row)
     return rows
 
@@ -434,10 +433,10 @@ def main() -> None:
     rt = setup(device, dtype)
     data = data_of_checkpoint(source, dataset)
     base = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
-    if distill:                                     # before the importance score: it too sees the training data
-        data = distilled(data, source, ckpt, base, rt)
     model, _, _ = model_from_checkpoint(source)
     model.to(rt.device).eval()
+    if distill:                                     # before the importance score: it too sees the training data
+        data = distilled(data, model, ckpt, base, rt)
     n_heads = head_analysis.head_counts(model)
     for kind in opts["gate_types"]:
         if kind not in n_heads:

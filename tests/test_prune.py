@@ -195,10 +195,10 @@ def test_ddp_trains_a_model_whose_attention_layers_were_pruned_away(tmp_path):
 
 
 def test_distill_trains_on_the_original_models_translations_made_once(toy_model, tmp_path, monkeypatch):
-    from checkpoint import data_of_checkpoint, load_checkpoint
+    from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
     from runtime import setup
     source = load_checkpoint(str(toy_model))
-    data, rt = data_of_checkpoint(source, ""), setup("cpu", "float32")
+    data, rt, model = data_of_checkpoint(source, ""), setup("cpu", "float32"), model_from_checkpoint(source)[0]
     sp, calls = data.splits["train"], []
 
     def original_translates(model, src_tok, tgt_tok, sentences, beam, **kwargs):   # every third one: nothing
@@ -206,7 +206,7 @@ def test_distill_trains_on_the_original_models_translations_made_once(toy_model,
         return ["" if i % 3 == 0 else s[::-1] + " x" for i, s in enumerate(sentences)]
 
     monkeypatch.setattr(prune, "translate", original_translates)
-    distilled = prune.distilled(data, source, str(toy_model), str(tmp_path), rt)
+    distilled = prune.distilled(data, model, str(toy_model), str(tmp_path), rt)
     train = distilled.splits["train"]
     assert calls == [("Transformer", 5)]
     assert len(train) == len(sp) - (len(sp) + 2) // 3                  # the empty translations are left out
@@ -214,10 +214,10 @@ def test_distill_trains_on_the_original_models_translations_made_once(toy_model,
     assert train.tgt_text[:2] == [sp.src_text[1][::-1] + " x", sp.src_text[2][::-1] + " x"]
     assert list(train.tgt(1)) == data.tgt_tok.encode(train.tgt_text[1]) and list(train.src(1)) == list(sp.src(2))
     assert distilled.splits["validation"] is data.splits["validation"]   # only the training targets change
-    assert prune.distilled(data, source, str(toy_model), str(tmp_path), rt).splits["train"].tgt_text == \
+    assert prune.distilled(data, model, str(toy_model), str(tmp_path), rt).splits["train"].tgt_text == \
         train.tgt_text and len(calls) == 1                                # read back from the file
-    prune.distilled(data, source, str(tmp_path / "other.pt"), str(tmp_path), rt)
+    prune.distilled(data, model, str(tmp_path / "other.pt"), str(tmp_path), rt)
     assert len(calls) == 2                                               # another checkpoint's file is not used
     monkeypatch.setattr(prune, "translate", lambda model, s, t, sentences, **kw: [" "] * len(sentences))
     with pytest.raises(prune.DataError, match="translates every training source to nothing"):
-        prune.distilled(data, source, str(tmp_path / "third.pt"), str(tmp_path), rt)
+        prune.distilled(data, model, str(tmp_path / "third.pt"), str(tmp_path), rt)
