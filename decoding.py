@@ -8,7 +8,7 @@ Turning a trained model into translations, for every model that has the shared i
     beam_search(model, src, ...)     the `beam` best prefixes at each step, GNMT length penalty
     translate(model, tokenizers, sentences)   raw text in, raw text out, in input order
     evaluate(model, data, ...)       loss and BLEU/chrF on a split (train.py's validation)
-    score, paired_bootstrap          sacreBLEU, cased and lower-cased; is a difference significant?
+    score(hypotheses, references)    sacreBLEU, cased and lower-cased, and chrF
 
 Memory and cache are whatever the model returns; decoding only needs every tensor in them to be
 batch-first, so `select_rows` can reorder them when beams are reselected (no model-type
@@ -21,9 +21,8 @@ import math
 import numpy as np
 import torch
 from sacrebleu.metrics import BLEU, CHRF
-from sacrebleu.significance import PairedTest
 
-from batching import collate, make_batches
+from data import collate, make_batches
 from loss import sequence_loss
 
 
@@ -230,10 +229,10 @@ def translate(model, src_tok, tgt_tok, sentences: list[str], **kwargs) -> list[s
 
 @torch.no_grad()
 def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, split: str = "validation",
-             n_sentences: int = 0, n_examples: int = 3, beam: int = 1) -> dict:
+             n_sentences: int = 0, n_examples: int = 3) -> dict:
     """On a split of data.Data: the loss (no smoothing) and perplexity over all of it, teacher-
     forced in token-budget batches; BLEU (cased, lower-cased) and chrF of the translations of its
-    first n_sentences (0 = all), greedy or beam search (alpha 0.6); the first n_examples."""
+    first n_sentences (0 = all), greedy; the first n_examples."""
     was_training = model.training
     model.eval()
     sp = data.splits[split]
@@ -245,7 +244,7 @@ def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, spli
         loss_sum += sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0).item()
         n_tokens += int((tgt_out != data.tgt_tok.pad_id).sum())
     n = len(sp) if n_sentences <= 0 else min(n_sentences, len(sp))
-    hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text[:n], beam=beam, device=device, amp=amp)
+    hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text[:n], device=device, amp=amp)
     scores = score(hyps, sp.tgt_text[:n])
     model.train(was_training)
     loss = loss_sum / max(n_tokens, 1)
@@ -265,23 +264,3 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
         result = metric.corpus_score(hypotheses, [references])
         out.update({name: result.score, f"{name}_str": str(result), f"{name}_signature": str(metric.get_signature())})
     return out
-
-
-def paired_bootstrap(baseline: list[str], system: list[str], references: list[str], samples: int = 1000) -> dict:
-    """Is `system`'s BLEU different from `baseline`'s on these sentences, or could the difference
-    be luck? Paired bootstrap resampling (Koehn 2004) as sacreBLEU implements it: draw `samples`
-    test sets of the same size from the sentences, with replacement (the same draws for both
-    systems), and score both on each. The absolute differences over the draws, shifted to mean 0,
-    stand for chance; the p-value is the share of them above the real absolute difference,
-    (count + 1) / (samples + 1), a two-sided test: below 0.05 the difference is significant at
-    the usual level. Returns both cased BLEU scores (the system's with its 95% interval), the
-    difference, the p-value and sacreBLEU's signature (with its seed, 12345 by default)."""
-    metric = BLEU(references=[references])
-    if list(baseline) == list(system):      # sacreBLEU would say p = 1 / (samples + 1): no difference is no evidence
-        s = metric.corpus_score(system, None).score
-        return {"baseline": s, "system": s, "system_ci": 0.0, "difference": 0.0, "p_value": 1.0, "signature": ""}
-    signature, results = PairedTest([("baseline", baseline), ("system", system)], {"BLEU": metric}, references=None,
-                                    test_type="bs", n_samples=samples)()
-    base, sys_ = results["BLEU"]
-    return {"baseline": base.score, "system": sys_.score, "system_ci": float(sys_.ci),
-            "difference": sys_.score - base.score, "p_value": float(sys_.p_value), "signature": str(signature["BLEU"])}

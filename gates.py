@@ -5,12 +5,11 @@ Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned")
 
 Each gate z in [0, 1] multiplies one head's output. In training z is sampled from a stretched,
 clipped binary-concrete distribution, so it is exactly 0 or exactly 1 with non-zero probability
-and still differentiable in log_alpha; the expected number of non-zero gates (the L0 norm) is a
-smooth function of log_alpha that a penalty can push down: L0Penalty, either lambda x L0 or,
-to keep K gates open, a term that steers the expected count to K (STEERS: Lagrange multipliers,
-or a one-sided quadratic penalty). This module knows nothing about Transformers: it sees gates
-grouped as {type: [gate per layer]}, and prune.py attaches them to heads. Leaves out: gates on
-other units (neurons, layers).
+and still differentiable in log_alpha; the expected number of open gates (the L0 norm) is a
+smooth function of log_alpha that a penalty pushes down (L0Penalty: lambda x L0, or a term
+that steers the expected count to K heads). attach_gates puts one gate per head into a model's
+attention modules (their `head_gate` slot); prune.py trains them. Leaves out: gates on other
+units (neurons, layers).
 """
 
 import math
@@ -54,6 +53,25 @@ class HardConcreteGate(nn.Module):
     def l0(self) -> torch.Tensor:
         """Expected L0 norm (expected number of open gates): sum_i sigmoid(log_alpha_i - beta log(-l/r))."""
         return self.prob_open().sum()
+
+
+def attach_gates(model, attn_types: list[str]) -> dict:
+    """Put a gate of one value per head on every attention module of the given types (model.
+    attention_modules(): 'enc', 'dec', 'cross'). Returns {type: [gate per layer]}."""
+    modules = model.attention_modules()
+    gates = {}
+    for kind in attn_types:
+        gates[kind] = []
+        for attn in modules[kind]:
+            attn.head_gate = HardConcreteGate(attn.n_head)
+            gates[kind].append(attn.head_gate)
+    return gates
+
+
+def gated_types(model) -> list[str]:
+    """The attention types whose heads carry gates (a checkpoint written while gating records them)."""
+    modules = model.attention_modules() if hasattr(model, "attention_modules") else {}
+    return [kind for kind, layers in modules.items() if any(m.head_gate is not None for m in layers)]
 
 
 def eval_gates(gates: dict) -> dict:

@@ -38,8 +38,8 @@ class TransformerConfig:
     n_dec_layer: int = 3
     d_ff: int = 1024                  # feed-forward hidden width
     dropout: float = 0.1              # on embeddings and sub-layer outputs (before the residual sum)
-    attn_dropout: float = -1.0        # on attention weights; -1 = dropout (fairseq's attention_dropout, default 0)
-    ff_dropout: float = -1.0          # on the feed-forward hidden layer; -1 = dropout (fairseq's activation_dropout)
+    attn_dropout: float = 0.1         # on attention weights (fairseq's attention_dropout, default 0)
+    ff_dropout: float = 0.1           # on the feed-forward hidden layer (fairseq's activation_dropout, default 0)
     pre_norm: bool = True             # LayerNorm before each sub-layer (stable); False = the paper's post-LN
     tie_output: bool = True           # target embedding doubles as the output projection
     share_src_tgt: bool = False       # source and target share one embedding (needs a joint vocabulary)
@@ -50,10 +50,6 @@ class TransformerConfig:
     enc_self_heads: list[int] = field(default_factory=list)
     dec_self_heads: list[int] = field(default_factory=list)
     dec_cross_heads: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.attn_dropout = self.dropout if self.attn_dropout < 0 else self.attn_dropout
-        self.ff_dropout = self.dropout if self.ff_dropout < 0 else self.ff_dropout
 
 
 def sinusoidal_positions(n: int, d: int) -> torch.Tensor:

@@ -7,13 +7,12 @@ Translate with a trained (or pruned) checkpoint; everything comes from the check
     python sample.py --ckpt=out/multi30k/best.pt --split=test      # BLEU/chrF on the data's test split
     python sample.py --ckpt=out/multi30k/best.pt --split=test --beam=5 --alpha=0.6
     python sample.py --ckpt=out/multi30k/best.pt --text="A dog runs." --plot_attention=attn.png
-    python sample.py --ckpt=out/multi30k/avg.pt --split=test --compare=out/multi30k/best.pt   # significance
 
 One translation per input line on stdout, in input order (--scores: 'score<TAB>translation';
 --nbest=N: N lines 'line<TAB>score<TAB>translation' per input); BLEU (cased and lower-cased),
-chrF, their signatures and messages on stderr. --compare: a paired bootstrap test of the BLEU
-difference to another system on the same sentences. Decoding is greedy or beam search with the
-model's cache (decoding.py); pruned checkpoints load like any other. Leaves out: sampling with temperature.
+chrF, their signatures and messages on stderr. Decoding is greedy or beam search with the
+model's cache (decoding.py); pruned checkpoints load like any other. Is one checkpoint's BLEU
+significantly different from another's: tools/compare.py. Leaves out: sampling with temperature.
 """
 
 import os
@@ -22,18 +21,16 @@ import time
 
 import torch
 
+from common import data_of_checkpoint, load_checkpoint, model_from_checkpoint, setup
 from configurator import ConfigError, configure, main_guard
 from data import DataConfig, DataError
-from decoding import beam_search, greedy, max_target_len, paired_bootstrap, score, strip_special, translate_nbest
-from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
-from runtime import setup
+from decoding import beam_search, greedy, max_target_len, score, strip_special, translate_nbest
 
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # checkpoint written by train.py or prune.py
 text = ""  # one sentence to translate (otherwise --input, --split, or stdin)
 input = ""  # file with one source sentence per line
 ref = ""  # file with one reference translation per line: print BLEU and chrF
-compare = ""  # with references: a baseline checkpoint (.pt) or its translations (a file); paired bootstrap test
 split = ""  # 'validation' or 'test': translate that split of the checkpoint's dataset and score it
 dataset = ""  # with --split: a local folder to read instead of the checkpoint's dataset (no network)
 beam = 1  # beam size; 1 = greedy decoding
@@ -115,10 +112,10 @@ def main() -> None:
     lowercased = DataConfig.of(checkpoint["data_config"]).lowercase
     prepare = (lambda lines: [line.lower() for line in lines]) if lowercased else (lambda lines: lines)
 
-    def run(lines: list[str], system=(model, src_tok, tgt_tok)) -> list[list[tuple[str, float]]]:
-        return translate_nbest(*system, prepare(lines), beam=beam, alpha=alpha, nbest=nbest, batch_size=batch_size,
-                               max_src_len=max_src_len, max_len_a=max_len_a, max_len_b=max_len_b, device=dev,
-                               amp=amp, warn=log)
+    def run(lines: list[str]) -> list[list[tuple[str, float]]]:
+        return translate_nbest(model, src_tok, tgt_tok, prepare(lines), beam=beam, alpha=alpha, nbest=nbest,
+                               batch_size=batch_size, max_src_len=max_src_len, max_len_a=max_len_a,
+                               max_len_b=max_len_b, device=dev, amp=amp, warn=log)
 
     def write(results: list[list[tuple[str, float]]], first_line: int = 1) -> None:
         for n, found in enumerate(results, start=first_line):
@@ -151,8 +148,6 @@ def main() -> None:
         references = prepare(read_lines(ref, "reference"))
         if len(references) != len(sources):
             raise ConfigError(f"--ref has {len(references)} lines but there are {len(sources)} inputs")
-    if compare and references is None:
-        raise ConfigError("--compare needs references to score both systems: give --split or --ref")
 
     if plot_attention:
         if not sources or not sources[0].strip():
@@ -171,24 +166,6 @@ def main() -> None:
         s = score(hyps, references)
         for name in ("bleu", "bleu_lc", "chrf"):
             log(f"{s[f'{name}_str']}\n  signature: {s[f'{name}_signature']}")
-    if compare:
-        if compare.endswith(".pt"):                 # translate the same inputs with the other checkpoint
-            other_checkpoint = load_checkpoint(compare)
-            if DataConfig.of(other_checkpoint["data_config"]).lowercase != lowercased:
-                raise ConfigError(f"--compare={compare}: one of the two models was trained on lower-cased text "
-                                  "and the other was not, so they read and are scored on different text: compare "
-                                  "checkpoints trained alike, or pass the other's translations as a file")
-            other, other_src, other_tgt = model_from_checkpoint(other_checkpoint)
-            baseline = [found[0][0] for found in run(sources, (other.to(dev).eval(), other_src, other_tgt))]
-        else:
-            baseline = read_lines(compare, "compare")
-            if len(baseline) != len(sources):
-                raise ConfigError(f"--compare has {len(baseline)} lines but there are {len(sources)} inputs")
-        r = paired_bootstrap(baseline, hyps, references)
-        verdict = "significant" if r["p_value"] < 0.05 else "not significant"
-        log(f"paired bootstrap (1000 resamples), this system vs {compare}: BLEU {r['system']:.2f} vs "
-            f"{r['baseline']:.2f}, difference {r['difference']:+.2f}, p = {r['p_value']:.4f} ({verdict} at 0.05)"
-            + (f"\n  signature: {r['signature']}" if r["signature"] else ""))
 
 
 if __name__ == "__main__":

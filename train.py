@@ -1,17 +1,12 @@
 """
 Train a translation model: `python train.py config/transformer_multi30k.py [--key=value ...]`.
 
-One loop for every model (arch = 'transformer' | 'rnn' is read only to construct it): token-
-budget batches (batching.py), AdamW or Lion (optimizers.py) with a one-cycle learning rate
-(linear warm-up; cosine, linear, exponential or inverse-square-root decay), label smoothing
-(loss.py), gradient clipping and accumulation, bf16 or fp16 autocast (runtime.py), validation
-loss + BLEU/chrF, self-contained checkpoints that resume exactly, DDP under torchrun. Read it
-top to bottom: where a run stands (RunState), one optimizer step (train_step), the loop that
-sequences steps, logs, evaluations and checkpoints (train_loop), then main(). It also shows what
-goes wrong early: the loss at step 0 next to ln(V), gradient norms per side, an overfit-one-
-batch mode, toy copy/reverse tasks. Optional: early stopping on validation BLEU, averaging the
-weights of the last snapshots (avg.pt). prune.py reuses train_loop with a penalty. Leaves out:
-exponential moving averages, curricula.
+Read top to bottom: the knobs; where a run stands (RunState); the learning-rate schedule; one
+optimizer step (train_step); validation and checkpoints; the loop that sequences them
+(train_loop); main(), which builds the model. One loop serves both models (arch is read only to
+construct one) and prune.py's gate training, which adds a penalty to the loss. It makes early
+failures visible: the step-0 loss beside ln(V), gradient norms per side, loss spikes, non-finite
+steps, an overfit-one-batch mode. Leaves out: exponential moving averages, curricula.
 """
 
 import contextlib
@@ -23,108 +18,70 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from batching import TrainBatches
-from checkpoint import (average_checkpoints, build_model, checkpoint_of, keep_snapshot, load_checkpoint,
-                        model_config_from, model_from_checkpoint, save_checkpoint, snapshots)
+from common import (RunLog, Runtime, StepLog, StopSignals, checkpoint_of, keep_snapshot, load_checkpoint,
+                    average_checkpoints, model_from_checkpoint, plot_log, printable, progress_bar, save_checkpoint,
+                    setup, snapshots)
 from configurator import ConfigError, configure, knob_names, main_guard
-from data import DataConfig, DataError, load_data
+from data import DataConfig, DataError, TrainBatches, load_data
 from decoding import evaluate
 from loss import sequence_loss
-from optimizers import make_optimizer
-from runlog import Interval, RunLog, SpikeWatch, log_step, plot_log, printable, progress_bar
-from runtime import Runtime, StopSignals, setup
+from model_rnn import RNNConfig, Seq2SeqRNN
+from model_transformer import Transformer, TransformerConfig
 
 # -----------------------------------------------------------------------------
-# knobs: defaults here, overridden by config/<name>.py, then by --key=value
-# I/O
-out_dir = "out"  # run folder: ckpt.pt (latest), best.pt (best validation BLEU), log.jsonl, plots, snapshots/, avg.pt
+# knobs: defaults here, overridden by config/<name>.py, then by --key=value; python train.py -h
+# lists them all. The data knobs (dataset, tokenizer, vocab_size, max_len, batch_tokens, ...) are
+# the fields of data.DataConfig, declared there.
+out_dir = "out"  # run folder: ckpt.pt (latest), best.pt (best validation BLEU), log.jsonl, plots.png, avg.pt
 init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a checkpoint path to fine-tune
 log_interval = 50  # steps between log lines
-eval_interval = 500  # steps between validation runs (loss, BLEU) and checkpoints
-eval_sentences = 500  # validation sentences decoded for BLEU (0 = all)
-eval_beam = 1  # beam size for validation BLEU: 1 = greedy (fast); beam search is slower and scores higher
+eval_interval = 500  # steps between validation runs (loss, greedy BLEU) and checkpoints
+eval_sentences = 500  # validation sentences translated for BLEU (0 = all)
 plot = True  # draw plots.png (loss, learning rate, gradient norm, BLEU) from log.jsonl at the end
 seed = 1337  # seeds the weights, dropout and batch order
-device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = "auto"  # 'auto' (bf16 on CPUs and GPUs from A100 on, fp16 on older GPUs), 'bfloat16', 'float16', 'float32'
-# data: every field of data.DataConfig is a knob here too (python data.py -h lists them)
-dataset = "Helsinki-NLP/opus_books"  # hub name, a local folder (train.jsonl ...), or toy:copy / toy:reverse
-dataset_config = "en-it"  # hub config name ('' for none)
-src_lang = "en"  # source language key in the data
-tgt_lang = "it"  # target language key in the data
-val_size = 1000  # sentences carved out for validation when the data has no such split (5% if smaller)
-test_size = 1000  # sentences carved out for test when the data has no such split (5% if smaller)
-tokenizer = "bpe"  # 'bpe' | 'char' | 'tiktoken:<name>'
-vocab_size = 8000  # tokenizer vocabulary size (an upper bound for char)
-joint_vocab = True  # one vocabulary for source and target (allows three-way embedding tying)
-max_len = 128  # tokens per side; longer training pairs are dropped or truncated
-too_long = "drop"  # what to do with training pairs over max_len: 'drop' | 'truncate'
-max_len_ratio = 3.0  # drop training pairs whose (longer+1)/(shorter+1) token ratio exceeds this
-batch_tokens = 4096  # tokens per batch, padded source + target (the batch size)
-length_pool = 65536  # sentences sorted together by length: larger = less padding, less random batches
-cache_dir = "cache"  # where tokenized splits are cached ('' = no cache)
-lowercase = False  # lower-case both sides of every split, as published Multi30k results are trained
+device = "auto"  # 'auto' (a GPU if there is one), 'cpu', 'cuda', 'cuda:1', ...
+dtype = "auto"  # 'auto' (bf16 on CPUs and on GPUs from A100 on, fp16 on older GPUs), 'bfloat16', 'float16', 'float32'
 # model
-arch = "transformer"  # 'transformer' or 'rnn'
-d_model = 256  # model width D
+arch = "transformer"  # 'transformer' (model_transformer.py) or 'rnn' (model_rnn.py)
+d_model = 256  # Transformer width D
 n_head = 4  # attention heads H
-n_enc_layer = 3  # encoder layers
-n_dec_layer = 3  # decoder layers
+n_enc_layer = 3  # encoder layers (both models)
+n_dec_layer = 3  # decoder layers (both models)
 d_ff = 1024  # feed-forward hidden width
-dropout = 0.1  # dropout on embeddings and sub-layer outputs (and, by default, the two below)
-attn_dropout = -1.0  # Transformer: dropout on attention weights (-1 = dropout; fairseq's default is 0)
-ff_dropout = -1.0  # Transformer: dropout on the feed-forward hidden layer (-1 = dropout; fairseq's default is 0)
+dropout = 0.1  # dropout on embeddings and sub-layer outputs (both models)
+inner_dropout = True  # Transformer: dropout on attention weights and the feed-forward hidden layer too (fairseq: no)
 pre_norm = True  # LayerNorm before each sub-layer (stable); False = post-LN as in Vaswani et al.
-tie_embeddings = "all"  # 'all' (source = target = output, needs joint_vocab), 'output', or 'none'
-attn_impl = "auto"  # 'auto' (math on CPU, sdpa on GPU), 'math' (explicit softmax), 'sdpa' (PyTorch's fused kernels)
-# model: rnn (model_rnn.py); n_enc_layer, n_dec_layer, dropout and tie_embeddings apply to it too
+tie_embeddings = "all"  # 'all' (source = target = output, needs joint_vocab), 'output' or 'none'
+attn_impl = "auto"  # 'auto' (math on a CPU, sdpa elsewhere), 'math' (explicit softmax), 'sdpa' (fused kernels)
 emb_dim = 256  # RNN embedding width
 hidden_size = 512  # RNN GRU state width
 bidirectional = False  # RNN encoder reads the source in both directions
-attention = "none"  # RNN attention: 'none' (bottleneck), 'dot' (Luong), 'additive' (Bahdanau)
-teacher_forcing = 1.0  # RNN: probability of feeding the true previous token in training
-bottleneck = "sutskever"  # RNN without attention: 'sutskever' (summary starts the decoder), 'cho' (also every step)
+attention = "none"  # RNN attention: 'none' (one summary vector), 'dot' (Luong), 'additive' (Bahdanau)
+bottleneck = "sutskever"  # RNN without attention: 'sutskever' (the summary starts the decoder), 'cho' (also every step)
 reverse_source = False  # RNN: read each source sentence backwards (Sutskever et al. 2014)
+teacher_forcing = 1.0  # RNN: probability of feeding the true previous token in training
 embed_scale = True  # RNN: embeddings times sqrt(emb_dim) as GRU input (model_rnn.py says why)
-# optimisation
-optimizer = "adamw"  # 'adamw' or 'lion' (Chen et al. 2023: wants a 3-10x lower learning_rate, higher weight_decay)
-learning_rate = 1e-3  # peak learning rate of the one-cycle schedule
+# optimisation: AdamW with a one-cycle learning rate
+learning_rate = 1e-3  # peak learning rate
 min_lr = 1e-5  # learning rate at the end of the decay
 warmup_frac = 0.3  # share of the run spent warming up linearly from 0 to learning_rate
-decay = "cosine"  # decay after the warm-up: 'cosine', 'linear', 'exp' (geometric, to min_lr) or 'rsqrt' (lr_at)
-weight_decay = 0.01  # decoupled weight decay (not on biases, norms, gates)
-beta1 = 0.9  # AdamW: first-moment decay; Lion: how much momentum the update's sign reads
-beta2 = 0.98  # AdamW: second-moment decay; Lion: momentum decay (the paper uses 0.99)
+decay = "cosine"  # after the warm-up: 'cosine', 'exp' (geometric, to min_lr) or 'rsqrt' (inverse square root)
+weight_decay = 0.01  # decoupled weight decay, on weight matrices only
 grad_clip = 1.0  # clip the total gradient norm to this (0 = off)
 label_smoothing = 0.1  # epsilon of label smoothing (Szegedy et al. 2016)
 grad_accum = 1  # batches per optimizer step
-max_bad_steps = 10  # stop after this many non-finite losses/gradients in a row
-spike_factor = 2.0  # warn when a step's loss exceeds this multiple of its running mean (0 = off)
 # stopping: whichever is reached first; the learning-rate schedule spans the limits that are set
 max_iters = 0  # optimizer steps (0 = no limit)
 max_epochs = 0.0  # passes over the training data (0 = no limit)
 max_minutes = 0.0  # wall-clock training budget (0 = no limit)
-patience = 0  # early stopping: stop after this many evaluations in a row without a better validation BLEU (0 = off)
-# checkpoint averaging
+patience = 0  # early stopping after this many evaluations without a better validation BLEU (0 = off)
 average_last = 0  # > 1: at the end, also write avg.pt, the mean weights of the last N snapshots, and validate it
 average_every = 0  # steps between the snapshots kept for averaging, in out_dir/snapshots (0 = eval_interval)
-# debugging
-overfit_batches = 0  # > 0: train on the first N batches only, unshuffled, no dropout or smoothing
+overfit_batches = 0  # debugging: > 0 trains on the first N batches only, unshuffled, no dropout or smoothing
 # -----------------------------------------------------------------------------
+DEFAULTS = {**asdict(DataConfig()), **{k: v for k, v in globals().items() if k in knob_names(globals())}}
+MAX_BAD_STEPS = 10       # a run stops after this many non-finite steps in a row
 
-
-def knobs() -> dict:
-    """The training knobs above, as a dict (after configure() has overridden them)."""
-    g = globals()
-    return {k: g[k] for k in TRAIN_KEYS}
-
-
-TRAIN_KEYS = knob_names(globals())
-DEFAULTS = knobs()      # before any override: what a config written by an older version lacks
-
-
-# -----------------------------------------------------------------------------
-# where a run stands, and the batches it reads
 
 @dataclass
 class RunState:
@@ -136,33 +93,22 @@ class RunState:
     batch_in_epoch: int = 0     # batches of that epoch already taken
     minutes: float = 0.0        # training time so far (process 0's clock)
     best_bleu: float = -1.0     # best validation BLEU so far
-    evals_without_gain: int = 0  # evaluations since the best one (early stopping: the run stops at patience)
-    bad_steps: int = 0          # non-finite steps in a row (the run stops at max_bad_steps)
-
-    @classmethod
-    def of_checkpoint(cls, ckpt: dict) -> "RunState":
-        return cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
-
-
-# -----------------------------------------------------------------------------
-# the pieces of a step
-
-DECAYS = ("cosine", "linear", "exp", "rsqrt")   # the schedule's shapes after the warm-up (lr_at)
+    evals_without_gain: int = 0  # evaluations since the best one (the run stops at patience)
+    bad_steps: int = 0          # non-finite steps in a row (the run stops at MAX_BAD_STEPS)
 
 
 def lr_at(progress: float, cfg: dict) -> float:
-    """One-cycle schedule (Smith 2018): warm up linearly, then anneal to min_lr.
+    """One-cycle schedule (Smith 2018): warm up linearly, then decay. Progress p in [0, 1], warm-up share w:
 
-    progress p in [0, 1], warm-up share w:   lr = peak * p / w                      for p < w
-      cosine: lr = min + (peak - min) * (1 + cos(pi * (p - w) / (1 - w))) / 2       for p >= w
-      linear: lr = min + (peak - min) * (1 - (p - w) / (1 - w))
-      exp:    lr = peak * (min / peak) ** ((p - w) / (1 - w))    (exponential decay)
-      rsqrt:  lr = peak * sqrt(w / p)     (inverse square root, Vaswani et al. 2017; ignores min_lr
-              and ends at peak * sqrt(w): the last checkpoints still differ, for averaging)
+        p < w:   lr = peak * p / w
+        cosine:  lr = min + (peak - min) * (1 + cos(pi * (p - w) / (1 - w))) / 2
+        exp:     lr = peak * (min / peak) ** ((p - w) / (1 - w))
+        rsqrt:   lr = peak * sqrt(w / p)   (Vaswani et al. 2017; ends at peak * sqrt(w), not at min_lr,
+                 so the last checkpoints still differ, for averaging)
     """
     peak, low, w = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_frac"]
-    if cfg["decay"] not in DECAYS:
-        raise ConfigError(f"decay='{cfg['decay']}' is not known: use one of {', '.join(DECAYS)}")
+    if cfg["decay"] not in ("cosine", "exp", "rsqrt"):
+        raise ConfigError(f"decay='{cfg['decay']}' is not known: use one of cosine, exp, rsqrt")
     if cfg["decay"] == "rsqrt" and w <= 0:
         raise ConfigError("decay='rsqrt' needs a warm-up (lr = peak * sqrt(warmup_frac / progress)): "
                           "set warmup_frac > 0, e.g. --warmup_frac=0.1")
@@ -171,11 +117,17 @@ def lr_at(progress: float, cfg: dict) -> float:
     if cfg["decay"] == "rsqrt":
         return peak * math.sqrt(w / progress)
     x = min(1.0, (progress - w) / max(1e-9, 1 - w))
-    if cfg["decay"] == "linear":
-        return low + (peak - low) * (1 - x)
     if cfg["decay"] == "exp":
         return peak * (low / peak) ** x
-    return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * x))            # cosine
+    return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * x))
+
+
+def run_progress(step: int, epochs: float, minutes: float, cfg: dict) -> float:
+    """How far the run is, in [0, 1]: the furthest of the limits that are set."""
+    parts = [step / cfg["max_iters"] if cfg["max_iters"] else 0.0,
+             epochs / cfg["max_epochs"] if cfg["max_epochs"] else 0.0,
+             minutes / cfg["max_minutes"] if cfg["max_minutes"] else 0.0]
+    return min(1.0, max(parts))
 
 
 def stop_reason(run: RunState, epochs: float, cfg: dict) -> str:
@@ -187,55 +139,54 @@ def stop_reason(run: RunState, epochs: float, cfg: dict) -> str:
     if cfg["max_minutes"] and run.minutes >= cfg["max_minutes"]:
         return f"max_minutes={cfg['max_minutes']:g} minutes done"
     if cfg["patience"] and run.evals_without_gain >= cfg["patience"]:
-        return (f"early stopping: no better validation BLEU in {run.evals_without_gain} evaluations "
-                f"(best {run.best_bleu:.2f})")
+        return f"early stopping: no better validation BLEU in {run.evals_without_gain} evaluations (best {run.best_bleu:.2f})"
     return ""
 
 
-def run_progress(step: int, epochs: float, minutes: float, cfg: dict) -> float:
-    """How far the run is, in [0, 1]: the furthest of the limits that are set."""
-    parts = [step / cfg["max_iters"] if cfg["max_iters"] else 0.0,
-             epochs / cfg["max_epochs"] if cfg["max_epochs"] else 0.0,
-             minutes / cfg["max_minutes"] if cfg["max_minutes"] else 0.0]
-    return min(1.0, max(parts))
+def param_groups(model, cfg: dict, lr_scale: dict | None = None) -> list[dict]:
+    """The trainable parameters in groups: weight decay on matrices only (not on biases, norms, gate
+    logits); lr_scale {parameter-name suffix: multiplier} for groups that learn at a multiple of the
+    schedule's rate (prune.py's gate logits)."""
+    groups = {}                               # (weight decay?, lr multiplier) -> parameters
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = next((m for suffix, m in (lr_scale or {}).items() if name.endswith(suffix)), 1.0)
+            groups.setdefault((p.dim() >= 2, scale), []).append(p)
+    return [{"params": ps, "weight_decay": cfg["weight_decay"] if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), ps in groups.items()]
+
+
+def make_optimizer(model, cfg: dict, lr_scale: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019), decoupled weight decay; the loop sets each group's learning rate."""
+    return torch.optim.AdamW(param_groups(model, cfg, lr_scale), lr=cfg["learning_rate"], betas=(0.9, 0.98),
+                             fused=True)
 
 
 def grad_norms(model) -> torch.Tensor:
-    """(3,) L2 norms of the gradients: all, encoder side (parameters named enc*/src*), decoder side
-    (the rest). Stays on the device: reading it is the caller's one synchronisation."""
+    """(3,) gradient L2 norms: all, encoder side (parameters named enc*/src*), decoder side. On the device."""
     sides = {"enc": [], "dec": []}
     for name, p in model.named_parameters():
         if p.grad is not None:
             sides["enc" if name.startswith(("enc", "src")) else "dec"].append(p.grad)
-    device = next(model.parameters()).device
-    enc, dec = (torch.nn.utils.get_total_norm(g).float() if g else torch.zeros((), device=device)
-                for g in sides.values())
+    zero = torch.zeros((), device=next(model.parameters()).device)
+    enc, dec = (torch.nn.utils.get_total_norm(g).float() if g else zero for g in sides.values())
     return torch.stack([torch.hypot(enc, dec), enc, dec])
-
-
-def unwrap(model):
-    """The model itself, also when DistributedDataParallel wraps it."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: dict, rt: Runtime,
                penalty=None, loss_fn=None) -> dict:
     """One optimizer step over this process's `grad_accum` micro-batches of the global batch:
-    forward, loss and backward for each, then unscale (fp16), gradient norms, clipping, update.
+    forward, loss, backward for each; then unscale (fp16), gradient norms, clipping, update.
 
-    Returns what the log needs: `loss` (the label-smoothed loss per target token of the global
-    batch, without the penalty), `tokens`, gradient norms `gnorm`/`gnorm_enc`/`gnorm_dec` before
-    clipping, and `update`: 'done'; 'skipped' (a non-finite loss, or non-finite gradients without
-    loss scaling, or with a loss scale already below 1: a bad step, counted); or 'overflow'
-    (fp16 loss scaling overflowed: routine while the scaler finds its scale, so the scaler skips
-    the update and lowers it). The values are read back from the device once, together (with
-    fp16, GradScaler also reads its overflow flag; under torchrun the loop agrees on the clock).
-    loss_fn: the summed training loss, loss.sequence_loss unless given (bench.py times its
-    baselines with the F.cross_entropy their users would write)."""
-    raw = unwrap(model)
+    Returns `loss` (label-smoothed, per target token of the global batch, without the penalty),
+    `tokens`, the gradient norms before clipping (`gnorm`, `gnorm_enc`, `gnorm_dec`), and `update`:
+    'done'; 'skipped' (a non-finite loss, or non-finite gradients that loss scaling cannot explain:
+    a bad step); or 'overflow' (fp16 loss scaling overflowed: routine while the scaler finds its
+    scale; it skips the update and lowers the scale). Everything is read back from the device once.
+    loss_fn: the summed training loss, loss.sequence_loss unless given (tools/bench.py gives another)."""
+    raw = getattr(model, "module", model)       # the model itself, also when DDP wraps it
     smoothing = 0.0 if cfg["overfit_batches"] else cfg["label_smoothing"]
-    # divide by the target tokens of the whole global batch (counted on the CPU, then summed
-    # over the processes), as one process taking all of it at once would
+    # divide by the target tokens of the whole global batch, as one process taking all of it would
     n_tok = rt.all_sum(sum((b[2] != pad_id).sum() for b in micro_batches).to(rt.device, torch.float32))
     loss_sum = torch.zeros((), device=rt.device)
     for i, batch in enumerate(micro_batches):
@@ -246,8 +197,7 @@ def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: 
                 logits = model(src, tgt_in)                                   # (B, T, V)
             share = (loss_fn or sequence_loss)(logits, tgt_out, pad_id, smoothing) / n_tok   # of the batch mean
             loss_sum += share.detach()
-            # DDP averages gradients over processes; * world_size undoes that, so the gradient
-            # is that of the global batch's mean loss
+            # DDP averages gradients over processes; * world_size makes them the global batch mean's
             loss = share * rt.world_size + (penalty() if penalty is not None and i == 0 else 0.0)
             (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
@@ -255,39 +205,32 @@ def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: 
     norms = grad_norms(raw)
     loss, tokens, gnorm, gnorm_enc, gnorm_dec = torch.cat([rt.all_sum(loss_sum)[None], n_tok[None], norms]).tolist()
     report = dict(loss=loss, tokens=int(tokens), gnorm=gnorm, gnorm_enc=gnorm_enc, gnorm_dec=gnorm_dec)
-    # gradients agree across processes (DDP averaged them), so every process decides alike
     if not math.isfinite(loss) or (scaler is None and not math.isfinite(gnorm)):
         report["update"] = "skipped"
         if scaler is not None:
             scaler.update()                         # unscale_ saw the infs: the scale goes down
     else:
-        if math.isfinite(gnorm) and cfg["grad_clip"] > 0:      # the norm from above, not computed twice
+        if math.isfinite(gnorm) and cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grads_with_norm_(raw.parameters(), cfg["grad_clip"], norms[0])
         if scaler is not None:
             scaler.step(optimizer)                  # skips the update if the scaled gradients overflowed
-            scaler.update()                         # lowers the scale after an overflow, raises it now and then
+            scaler.update()
         else:
             optimizer.step()
         report["update"] = "done" if math.isfinite(gnorm) else "overflow"
-        # gradients that overflow even when scaled down are not fp16's range: they are non-finite
-        if report["update"] == "overflow" and scaler.get_scale() < 1.0:
+        if report["update"] == "overflow" and scaler.get_scale() < 1.0:   # overflowing even scaled down
             report["update"] = "skipped"
     optimizer.zero_grad(set_to_none=True)
     return report
 
 
-# -----------------------------------------------------------------------------
-# evaluation and what the loop reports
-
 @torch.no_grad()
 def check_initial_loss(model, batch: tuple, pad_id: int, vocab_size: int, rt: Runtime, log: RunLog) -> None:
-    """The first sanity check: an untrained model should be as unsure as uniform guessing, so its
-    loss is close to ln(V). Logits of unit variance (this project's initialisation) start about
-    0.5 nats above ln(V) whatever V is (the mean of logsumexp over V standard normals). Far above
-    means over-confident first guesses (weights too large, a wrong output layer); below means
-    the model sees the word it must predict (a leaking mask) or the loss is divided by the wrong
-    count. The tolerance is 1 nat, not a share of ln(V): 10% of ln(15) is 0.27 nats, less than
-    unit-variance logits add on a 15-symbol toy task, while for a 6k-word vocabulary 1 nat is 11%."""
+    """An untrained model should be as unsure as uniform guessing: loss close to ln(V). Logits of
+    unit variance (this project's initialisation) start ~0.5 nats above it whatever V is. Far above:
+    over-confident first guesses (weights too large, a wrong output layer); below: the model sees
+    the word it must predict (a leaking mask) or the loss is divided by the wrong count. The
+    tolerance is 1 nat, not a share of ln(V), which is small for a toy task's 15 symbols."""
     model.eval()
     src, tgt_in, tgt_out = rt.to_device(*batch)
     with rt.amp:
@@ -301,17 +244,15 @@ def check_initial_loss(model, batch: tuple, pad_id: int, vocab_size: int, rt: Ru
                 "initialisation, the output layer and the loss masking")
 
 
-def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, penalty) -> bool:
-    """Process 0 evaluates on the validation split and logs it with a few translations; then
-    run.best_bleu and run.evals_without_gain hold on every process. Returns whether BLEU improved."""
+def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, extra: dict) -> bool:
+    """Process 0 scores the validation split (loss, greedy BLEU and chrF) and logs it with a few
+    translations; then run.best_bleu and run.evals_without_gain agree on every process. Returns
+    whether BLEU improved."""
     improved = False
     if rt.master:
-        ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"],
-                      beam=cfg["eval_beam"])
-        extra = penalty.log(run.step) if penalty is not None else {}
-        log.record("eval", f"eval step {run.step}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, "
-                   f"BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} "
-                   f"({ev['sentences']} sentences)"
+        ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"])
+        log.record("eval", f"eval step {run.step}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, BLEU {ev['bleu']:.2f}"
+                   f" (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} ({ev['sentences']} sentences)"
                    + printable(extra, ", "), step=run.step, val_loss=ev["loss"], ppl=ev["ppl"], bleu=ev["bleu"],
                    bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], examples=ev["examples"], **extra)
         for ex in ev["examples"]:
@@ -324,14 +265,17 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, pe
     return improved
 
 
-def write_average(data, cfg: dict, rt: Runtime, log: RunLog) -> None:
-    """avg.pt: the mean weights of the last average_last snapshots, validated like the run itself."""
+def write_average(raw, data, cfg: dict, rt: Runtime, log: RunLog, run: RunState) -> None:
+    """avg.pt: the mean weights of the last average_last snapshots (the final weights the last of
+    them), validated like the run itself."""
+    if run.step % (cfg["average_every"] or cfg["eval_interval"]):
+        keep_snapshot(cfg["out_dir"], checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, step=run.step),
+                      run.step, cfg["average_last"])
     steps, paths = zip(*snapshots(cfg["out_dir"])[-cfg["average_last"]:])
     averaged = average_checkpoints(list(paths))
     save_checkpoint(os.path.join(cfg["out_dir"], "avg.pt"), averaged)
-    model = model_from_checkpoint(averaged)[0].to(rt.device)
-    ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"],
-                  beam=cfg["eval_beam"])
+    ev = evaluate(model_from_checkpoint(averaged)[0].to(rt.device), data, cfg["batch_tokens"], rt.device, rt.amp,
+                  n_sentences=cfg["eval_sentences"])
     log.record("average", f"avg.pt, the mean of {len(paths)} snapshots (steps {steps[0]}-{steps[-1]}): val loss "
                f"{ev['loss']:.3f}, BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f}",
                step=steps[-1], snapshots=len(paths), val_loss=ev["loss"], bleu=ev["bleu"], bleu_lc=ev["bleu_lc"],
@@ -346,151 +290,163 @@ def start_or_resume(raw, cfg: dict, rt: Runtime, resume: dict | None, penalty) -
     try:
         optimizer.load_state_dict(resume["optimizer"])
     except ValueError as e:
-        raise ConfigError(f"the checkpoint's optimizer state does not fit this model's parameters ({e}); a "
-                          "checkpoint of an older version? Start a new run from it: --init_from=PATH") from None
+        raise ConfigError(f"the checkpoint's optimizer state does not fit this model's parameters ({e}); "
+                          "start a new run from it instead: --init_from=PATH") from None
     if scaler is not None and resume.get("scaler"):
         scaler.load_state_dict(resume["scaler"])
-    return optimizer, scaler, RunState.of_checkpoint(resume)
+    return optimizer, scaler, RunState(**{f.name: resume[f.name] for f in fields(RunState) if f.name in resume})
 
 
 class Diverged(Exception):
-    """max_bad_steps non-finite steps in a row. Nothing is saved: the last checkpoint is the last good state."""
+    """MAX_BAD_STEPS non-finite steps in a row. Nothing is saved: the last checkpoint is the last good state."""
 
 
 # -----------------------------------------------------------------------------
 # the training loop
 
 def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, penalty=None) -> RunState:
-    """Train until max_iters / max_epochs / max_minutes, early stopping (patience) or a signal,
-    from scratch or from where the checkpoint `resume` stopped; return where the run stands.
-    Every eval_interval steps and at the end: validate, write ckpt.pt (and best.pt when BLEU
-    improved). On a signal: write ckpt.pt and stop. With average_last: keep snapshots of the
-    weights every average_every steps, and at the end write and validate avg.pt, their mean.
+    """Train from scratch, or from where the checkpoint `resume` stopped, until a limit, early
+    stopping or a signal; return where the run stands. Every eval_interval steps and at the end:
+    validate, write ckpt.pt (and best.pt when BLEU improved); on a signal, write ckpt.pt and stop.
+    With average_last: keep snapshots of the weights every average_every steps, and write avg.pt.
 
-    model may be wrapped in DDP. penalty (prune.py's L0 term): a callable giving a tensor that
-    is added to the loss of every step, with `log(step)` giving {name: value} for the log (lists
-    and dicts go to log.jsonl only) and `lr_scale` {parameter-name suffix: multiplier of the
-    learning rate} for the parameters it adds. Raises Diverged after max_bad_steps bad steps in a row."""
-    cfg = {**DEFAULTS, **cfg}      # a checkpoint's config from an older version may lack newer knobs
+    model may be wrapped in DDP. penalty (prune.py's L0 gates): a callable whose tensor is added to
+    every step's loss, with log(step) giving {name: value} for the log (lists and dicts go to
+    log.jsonl only) and lr_scale {parameter-name suffix: learning-rate multiplier} for its parameters."""
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
-    raw, pad_id = unwrap(model), data.tgt_tok.pad_id
+    raw, pad_id = getattr(model, "module", model), data.tgt_tok.pad_id
     optimizer, scaler, run = start_or_resume(raw, cfg, rt, resume, penalty)
-    batches = TrainBatches(data, cfg, rt.rank, rt.world_size)
+    batches = TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"], rt.rank, rt.world_size)
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
     bar = progress_bar() if rt.master else None
     log = RunLog(cfg["out_dir"], rt.master, bar, resume_step=run.step if resume is not None else None)
+    steps_log, extra = StepLog(log, data.src_tok.pad_id, pad_id), lambda: penalty.log(run.step) if penalty else {}
     if resume is None and rt.master:                # an earlier run's snapshots are not this run's to average
         for _, path in snapshots(cfg["out_dir"]):
             os.remove(path)
 
-    def checkpoint(improved: bool = False) -> None:     # process 0 writes ckpt.pt, and best.pt if BLEU improved
+    def save(improved: bool = False) -> None:       # process 0 writes ckpt.pt, and best.pt if BLEU improved
         if rt.master:
             state = checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, optimizer=optimizer.state_dict(),
                                   scaler=scaler.state_dict() if scaler is not None else None,
                                   world_size=rt.world_size, **asdict(run))
             save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
-            if improved and penalty is None:            # (a penalised run's best BLEU is its least pruned model)
+            if improved and penalty is None:        # (a gated run's best BLEU is its least pruned model)
                 save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), state)
 
-    snapshot_every = cfg["average_every"] or cfg["eval_interval"]
-
-    def snapshot() -> None:                         # process 0 keeps these weights for averaging
-        if rt.master and cfg["average_last"] > 1:
-            keep_snapshot(cfg["out_dir"], checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, step=run.step),
-                          run.step, cfg["average_last"])
-
     model.train()
-    if run.step == 0 and cfg["init_from"] == "scratch" and rt.master:
-        check_initial_loss(raw, batches.next(RunState()), pad_id, data.tgt_tok.vocab_size, rt, log)
-    if cfg["overfit_batches"] and run.step == 0:
-        log.say(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, "
-                "dropout 0 and label smoothing 0: the loss should fall near zero")
-    spikes, interval = SpikeWatch(cfg["spike_factor"]), Interval()
+    if run.step == 0 and rt.master:
+        if cfg["init_from"] == "scratch":
+            check_initial_loss(raw, batches.next(0, 0)[0], pad_id, data.tgt_tok.vocab_size, rt, log)
+        if cfg["overfit_batches"]:
+            log.say(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, "
+                    "dropout 0 and label smoothing 0: the loss should fall near zero")
     t_start = time.time() - 60 * run.minutes
     with StopSignals() as signals:
         while True:
             run.minutes, signalled = rt.agree((time.time() - t_start) / 60, bool(signals.received))
-            epochs = batches.epochs_done(run)
-            if signalled:                           # by this process or another
-                stop = f"received {signals.received or 'a signal (on another process)'}"
-            else:
-                stop = stop_reason(run, epochs, cfg)
+            epochs = batches.epochs_done(run.epoch, run.batch_in_epoch)
+            stop = f"received {signals.received or 'a signal (on another process)'}" if signalled else \
+                stop_reason(run, epochs, cfg)
             if stop:
                 break
             lr = lr_at(run_progress(run.step, epochs, run.minutes, cfg), cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            # the random draws of a step (dropout, teacher forcing, gate noise) come from a seed
-            # made of (seed, process, step): a resumed run draws what the uninterrupted run drew,
-            # with no generator state to save, and each process of a distributed run draws its own
+            # a step's random draws (dropout, teacher forcing, gate noise) come from a seed of (seed,
+            # process, step): a resumed run draws what the uninterrupted one drew, with no state to save
             torch.manual_seed(hash((cfg["seed"], rt.rank, run.step)) % 2**63)
-            micro_batches = [batches.next(run) for _ in range(cfg["grad_accum"])]
+            micro_batches = []
+            for _ in range(cfg["grad_accum"]):
+                batch, run.epoch, run.batch_in_epoch = batches.next(run.epoch, run.batch_in_epoch)
+                micro_batches.append(batch)
             out = train_step(model, optimizer, scaler, micro_batches, pad_id, cfg, rt, penalty)
             if out["update"] == "skipped":
                 run.bad_steps += 1
                 log.say(f"step {run.step + 1}: non-finite loss or gradient, update skipped ({run.bad_steps} in a row)")
-                if run.bad_steps >= cfg["max_bad_steps"]:
+                if run.bad_steps >= MAX_BAD_STEPS:
                     raise Diverged(f"{run.bad_steps} non-finite steps in a row at step {run.step + 1} (lr {lr:.2e}, "
                                    f"gradient norm {out['gnorm']}). Try a lower learning_rate, grad_clip=1, "
                                    "or dtype=float32.")
                 continue
             run.step, run.bad_steps = run.step + 1, 0
-            interval.add(out, micro_batches, data.src_tok.pad_id, pad_id)
-            running = spikes(out["loss"])
-            if running is not None:
-                log.say(f"warning: loss spike at step {run.step}: {out['loss']:.3f}, running mean {running:.3f} "
-                        f"(lr {lr:.2e}, gradient norm {out['gnorm']:.2f}). If it repeats or the loss stays "
-                        "up: lower learning_rate, longer warmup_frac, grad_clip=1.")
+            steps_log.add(run, lr, out, micro_batches)
             if bar is not None:
                 bar.n = round(100 * run_progress(run.step, epochs, run.minutes, cfg), 1)
                 bar.refresh()
             if run.step % cfg["log_interval"] == 0 or run.step == 1:
-                log_step(log, run, epochs, lr, out, interval, penalty.log(run.step) if penalty is not None else {})
-                interval = Interval()
-            if run.step % snapshot_every == 0:
-                snapshot()                          # before validating: a kill in between redoes both
+                steps_log.write(run, epochs, lr, out, extra())
+            if cfg["average_last"] > 1 and rt.master and run.step % (cfg["average_every"] or cfg["eval_interval"]) == 0:
+                keep_snapshot(cfg["out_dir"], checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, step=run.step),
+                              run.step, cfg["average_last"])   # before validating: a kill in between redoes both
             if run.step % cfg["eval_interval"] == 0:
                 started = time.time()
-                checkpoint(validate(raw, data, cfg, rt, run, log, penalty))
-                interval.started += time.time() - started      # tokens/s: training time only
+                save(validate(raw, data, cfg, rt, run, log, extra()))
+                steps_log.started += time.time() - started      # tokens/s: training time only
     if bar is not None:
         bar.close()
     log.say(f"stopping: {stop}")
     if signalled:
-        checkpoint()
+        save()
         log.say(f"saved {os.path.join(cfg['out_dir'], 'ckpt.pt')}; continue with --init_from=resume")
         return run
     if run.step % cfg["eval_interval"] != 0:                       # the final evaluation and checkpoint
-        checkpoint(validate(raw, data, cfg, rt, run, log, penalty))
+        save(validate(raw, data, cfg, rt, run, log, extra()))
     if cfg["average_last"] > 1 and rt.master:
-        if run.step % snapshot_every != 0:
-            snapshot()                                             # the final weights are the last one
-        write_average(data, cfg, rt, log)
+        write_average(raw, data, cfg, rt, log, run)
     return run
 
 
 # -----------------------------------------------------------------------------
 
-def main() -> RunState:
-    given = configure(globals(), doc_files=(__file__,))
-    cfg, resume = knobs(), None
+def build_model(cfg: dict, src_tok, tgt_tok, verbose: bool = True):
+    """A new model of the `arch` knob, its vocabularies those of the tokenizers."""
+    if cfg["tie_embeddings"] not in ("all", "output", "none"):
+        raise ConfigError(f"tie_embeddings='{cfg['tie_embeddings']}' is not known: use 'all', 'output' or 'none'")
+    if cfg["tie_embeddings"] == "all" and src_tok is not tgt_tok:
+        raise ConfigError("tie_embeddings='all' needs joint_vocab=True (one vocabulary for both sides); "
+                          "use --tie_embeddings=output with separate vocabularies")
+    # pad_id is the source's: it builds the source mask (the target side needs only the causal mask)
+    shared = dict(src_vocab=src_tok.vocab_size, tgt_vocab=tgt_tok.vocab_size, pad_id=src_tok.pad_id,
+                  n_enc_layer=cfg["n_enc_layer"], n_dec_layer=cfg["n_dec_layer"], dropout=cfg["dropout"],
+                  tie_output=cfg["tie_embeddings"] != "none", share_src_tgt=cfg["tie_embeddings"] == "all")
+    if cfg["arch"] == "transformer":
+        inner = cfg["dropout"] if cfg["inner_dropout"] else 0.0
+        return Transformer(TransformerConfig(**shared, d_model=cfg["d_model"], n_head=cfg["n_head"], d_ff=cfg["d_ff"],
+                                             attn_dropout=inner, ff_dropout=inner,
+                                             pre_norm=cfg["pre_norm"], attn_impl=cfg["attn_impl"]), verbose)
+    if cfg["arch"] == "rnn":
+        return Seq2SeqRNN(RNNConfig(**shared, emb_dim=cfg["emb_dim"], hidden_size=cfg["hidden_size"],
+                                    bidirectional=cfg["bidirectional"], attention=cfg["attention"],
+                                    bottleneck=cfg["bottleneck"], reverse_source=cfg["reverse_source"],
+                                    teacher_forcing=cfg["teacher_forcing"], embed_scale=cfg["embed_scale"]), verbose)
+    raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
+
+
+def resumed_config(given: dict, resume: dict) -> dict:
+    """A resumed run goes on with its own configuration; its limits, intervals, device and precision
+    may be changed by naming them (e.g. --max_minutes=60 to extend it)."""
+    may_change = ("max_iters", "max_epochs", "max_minutes", "patience", "eval_interval", "log_interval", "device",
+                  "dtype", "plot")
+    own = {k: v for k, v in resume["train_config"].items() if k in DEFAULTS}   # (knobs since removed are left out)
+    ignored = [k for k, v in given.items() if k not in may_change and k != "init_from" and own.get(k, DEFAULTS[k]) != v]
+    if ignored:
+        print(f"resuming with the run's own configuration: ignoring {', '.join(ignored)} "
+              f"(a resumed run may change only {', '.join(may_change)})")
+    return {**DEFAULTS, **own, **{k: v for k, v in given.items() if k in may_change}, "init_from": "resume"}
+
+
+def main(argv: list[str] | None = None) -> RunState:
+    cfg = dict(DEFAULTS)
+    given = configure(cfg, argv, doc_files=(__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")))
+    resume = None
     if cfg["init_from"] == "resume":
         resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        # the run goes on with its own configuration; its limits, intervals, device and precision
-        # may be changed by naming them (e.g. --max_minutes=60 to extend it)
-        may_change = ("max_iters", "max_epochs", "max_minutes", "patience", "eval_interval", "log_interval", "device",
-                      "dtype", "plot")
-        ignored = [k for k, v in given.items() if k not in may_change and k != "init_from"
-                   and resume["train_config"].get(k, DEFAULTS[k]) != v]
-        if ignored:
-            print(f"resuming with the run's own configuration: ignoring {', '.join(ignored)} "
-                  f"(a resumed run may change only {', '.join(may_change)})")
-        cfg = {**DEFAULTS, **resume["train_config"], **{k: v for k, v in given.items() if k in may_change},
-               "init_from": "resume"}
+        cfg = resumed_config(given, resume)
     if cfg["overfit_batches"]:
-        cfg["dropout"] = cfg["attn_dropout"] = cfg["ff_dropout"] = 0.0
+        cfg["dropout"] = 0.0
     rt = setup(cfg["device"], cfg["dtype"])
     if resume is not None and resume.get("world_size", 1) != rt.world_size:
         raise ConfigError(f"the run in {cfg['out_dir']} trained with {resume.get('world_size', 1)} process(es), and "
@@ -503,15 +459,12 @@ def main() -> RunState:
             raise ConfigError(f"cannot create out_dir '{cfg['out_dir']}': {e.strerror or e}. "
                               "Choose another --out_dir.") from None
     data = load_data(DataConfig.of(cfg), verbose=rt.master)
-
     torch.manual_seed(cfg["seed"])
-    source = resume                         # or a checkpoint to fine-tune (e.g. a pruned model)
-    if resume is None and cfg["init_from"] != "scratch":
-        source = load_checkpoint(cfg["init_from"])
-    if source is not None:
+    source = resume if resume is not None or cfg["init_from"] == "scratch" else load_checkpoint(cfg["init_from"])
+    if source is not None:                  # resume, or fine-tune a checkpoint (e.g. a pruned model)
         model, data.src_tok, data.tgt_tok = model_from_checkpoint(source, verbose=rt.master)
     else:
-        model = build_model(cfg["arch"], model_config_from(cfg, data.src_tok, data.tgt_tok), verbose=rt.master)
+        model = build_model(cfg, data.src_tok, data.tgt_tok, verbose=rt.master)
     model.to(rt.device)
     if rt.master:
         print(f"device {rt.device}, dtype {rt.dtype}, {rt.world_size} process(es)")

@@ -23,7 +23,6 @@ n_enc_layer = 4
 n_dec_layer = 4
 d_ff = 2048
 dropout = 0.3
-optimizer = "adamw"  # Lion fell far behind AdamW in 10-minute Multi30k runs (README "AdamW or Lion")
 learning_rate = 1e-3
 warmup_frac = 0.1
 label_smoothing = 0.1

@@ -19,7 +19,6 @@ n_enc_layer = 3
 n_dec_layer = 3
 d_ff = 1024
 dropout = 0.1
-optimizer = "adamw"  # Lion fell far behind AdamW in 10-minute Multi30k runs (README "AdamW or Lion")
 learning_rate = 1.5e-3
 warmup_frac = 0.15
 label_smoothing = 0.1

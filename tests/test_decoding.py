@@ -157,7 +157,8 @@ def test_long_input_is_truncated_with_a_warning_naming_the_line():
 
 
 def test_lower_cased_bleu_and_the_paired_bootstrap_test():
-    from decoding import paired_bootstrap, score
+    from decoding import score
+    from tools.compare import paired_bootstrap
     refs = [f"Sentence number {i} is about a Dog and {i % 7} cats" for i in range(200)]
     lowered = score([r.lower() for r in refs], refs)
     assert lowered["bleu_lc"] == pytest.approx(100) and lowered["bleu"] < 60

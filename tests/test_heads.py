@@ -1,4 +1,4 @@
-"""heads.py: importance against finite differences, exactly K heads kept, the role measures on
+"""tools/heads.py: importance against finite differences, exactly K heads kept, the role measures on
 hand-built attention maps, and the whole-split measures on a tiny model."""
 import math
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import heads
+from tools import heads
 from data import Data, Split
 from loss import sequence_loss
 from model_transformer import Transformer, TransformerConfig

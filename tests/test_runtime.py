@@ -1,9 +1,9 @@
-"""runtime.py: which device, precision and process group a run gets, as pure functions of the
+"""common.py: which device, precision and process group a run gets, as pure functions of the
 knobs, the environment torchrun sets and the hardware (faked here: no GPU is needed)."""
 import pytest
 
 from configurator import ConfigError
-from runtime import Runtime, pick_dtype, place
+from common import Runtime, pick_dtype, place
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
 

@@ -35,18 +35,22 @@ import platform
 import statistics
 import time
 
+import sys
+from dataclasses import asdict
+
 import torch
 import torch.nn as nn
 
-import train
-from baselines import Marian, TorchTransformer, torch_loss
-from batching import collate, make_batches
-from checkpoint import build_model, data_of_checkpoint, load_checkpoint, model_config_from, model_from_checkpoint
-from configurator import ConfigError, configure, main_guard
-from decoding import (beam_search, greedy, greedy_uncached, length_sorted_batches, max_target_len, score,
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
+import train  # noqa: E402
+from common import Runtime, data_of_checkpoint, load_checkpoint, model_from_checkpoint, setup  # noqa: E402
+from configurator import ConfigError, configure, main_guard  # noqa: E402
+from data import DataConfig, DataError, collate, load_data, make_batches  # noqa: E402
+from decoding import (beam_search, greedy, greedy_uncached, length_sorted_batches, max_target_len, score,  # noqa: E402
                       strip_special)
-from data import DataConfig, DataError, load_data
-from runtime import Runtime, setup
+from model_rnn import RNNConfig, Seq2SeqRNN  # noqa: E402
+from model_transformer import Transformer, TransformerConfig  # noqa: E402
+from tools.baselines import Marian, TorchTransformer, torch_loss  # noqa: E402
 
 # -----------------------------------------------------------------------------
 bench = "decode"  # which benchmark: 'decode', 'train', 'generate' or 'quality'
@@ -173,19 +177,19 @@ def bench_decode() -> dict:
 
 def load_config(path: str) -> dict:
     """train.py's knobs with a config file (and --dataset) applied, as train.py would see them."""
-    cfg = train.knobs()
+    cfg = dict(train.DEFAULTS)
     configure(cfg, [path] + ([f"--dataset={dataset}"] if dataset else []))
     return cfg
 
 
 def build(name: str, model_cfg: dict, rnn_model_cfg: dict, bos_id: int, eos_id: int) -> nn.Module:
     if name in (OURS, OURS_TORCH_LOSS):
-        return build_model("transformer", model_cfg, verbose=False)
+        return Transformer(TransformerConfig(**model_cfg), verbose=False)
     if name == "torch.nn.Transformer":
         return TorchTransformer(model_cfg)
     if name == MARIAN:
         return Marian(model_cfg, bos_id, eos_id)
-    return build_model("rnn", rnn_model_cfg, verbose=False)
+    return Seq2SeqRNN(RNNConfig(**rnn_model_cfg), verbose=False)
 
 
 OURS, MARIAN = "this project, Transformer", "MarianMT (transformers)"
@@ -200,7 +204,7 @@ def loss_of(name: str):
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg["weight_decay"],
-                             betas=(cfg["beta1"], cfg["beta2"]), fused=True)
+                             betas=(0.9, 0.98), fused=True)
 
 
 def matmul_peak(dev: str, dtype_name: str, n: int = 2048) -> float:
@@ -255,8 +259,8 @@ def bench_train() -> dict:
     idx = make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"])[:warmup_steps + steps]
     batches = [collate(sp, i, data.src_tok, tok) for i in idx]
     n_tokens = sum(int((b[2] != tok.pad_id).sum()) for b in batches[warmup_steps:])
-    model_cfg = model_config_from(cfg, data.src_tok, tok)
-    rnn_model_cfg = model_config_from(rnn_cfg, data.src_tok, tok)
+    model_cfg = asdict(train.build_model(cfg, data.src_tok, tok, verbose=False).cfg)
+    rnn_model_cfg = asdict(train.build_model(rnn_cfg, data.src_tok, tok, verbose=False).cfg)
     results = {}
     for dtype_name in [d.strip() for d in dtypes.split(",") if d.strip()]:
         rt = setup(device, dtype_name)
@@ -326,7 +330,7 @@ def bench_generate() -> dict:
     rt = setup(device, dtype)
     dev, amp, dtype_name = rt.device, rt.amp, rt.dtype
     tok = data.tgt_tok
-    model_cfg = model_config_from(cfg, data.src_tok, tok)
+    model_cfg = asdict(train.build_model(cfg, data.src_tok, tok, verbose=False).cfg)
     torch.manual_seed(0)
     ours = build(OURS, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
     marian = build(MARIAN, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).eval()
@@ -365,7 +369,7 @@ def bench_quality() -> dict:
     rt = setup(device, dtype)
     dev, amp, dtype_name = rt.device, rt.amp, rt.dtype
     tok, sp = data.tgt_tok, data.splits["train"]
-    model_cfg = model_config_from(cfg, data.src_tok, tok)
+    model_cfg = asdict(train.build_model(cfg, data.src_tok, tok, verbose=False).cfg)
     models, curves = {}, {}
     for name in (OURS, MARIAN):
         torch.manual_seed(cfg["seed"])
@@ -374,8 +378,7 @@ def bench_quality() -> dict:
         schedule = dict(cfg, learning_rate=marian_lr) if name == MARIAN and marian_lr > 0 else cfg
         t0, step, epoch = time.time(), 0, 0
         while (time.time() - t0) / 60 < minutes:
-            for idx in make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"], epoch=epoch,
-                                    pool_size=cfg["length_pool"]):
+            for idx in make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"], epoch=epoch):
                 elapsed = (time.time() - t0) / 60
                 if elapsed >= minutes:
                     break

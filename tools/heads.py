@@ -3,8 +3,8 @@ What attention heads do, and which to keep. The head roles of Voita et al. 2019 
 Multi-Head Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned"):
 confidence, positional, rare-token, measured on a split read with teacher forcing. The head
 importance score of Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") and keeping
-exactly K heads by it or at random: prune.py's baselines for its L0 gates. The figures of
-pruning: the measures with the heads each method kept, the gates over a run, BLEU vs heads kept.
+exactly K heads by it or at random: the baselines tools/prune_study.py sets against prune.py's L0
+gates. The figures of that study: the measures with the heads each method kept, BLEU vs heads kept.
 Leaves out: Voita et al.'s syntactic heads (they need a parser) and Michel et al.'s iterative
 pruning (the scores are computed once, on the unpruned model).
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from batching import collate, make_batches
+from data import collate, make_batches
 from loss import sequence_loss
 
 KINDS = ("enc", "dec", "cross")   # encoder self, decoder self, cross-attention: Transformer.attention_modules()
@@ -256,8 +256,7 @@ def _check_k(k: int, n_total: int, kinds: tuple | list) -> None:
 
 def top_k_heads(n_heads: dict, importance: dict, k: int) -> dict[str, list[list[int]]]:
     """Keep the k heads of highest score among the types `importance` covers: any per-head score
-    {kind: [(H,) per layer]}, here the layer-normalised importance or (prune.py) the L0 gates'
-    log_alpha. Ties go to the earlier type (enc, dec, cross order), layer, head, so equal scores
+    {kind: [(H,) per layer]}, here the layer-normalised importance. Ties go to the earlier type (enc, dec, cross order), layer, head, so equal scores
     give the same keep-set on every run. n_heads: head_counts(model)."""
     ranked = sorted(((-float(score), KINDS.index(kind), i, h) for kind, layers in importance.items()
                      for i, scores in enumerate(layers) for h, score in enumerate(scores)))
@@ -355,59 +354,6 @@ def plot_heads(path: str, roles: dict, importance: dict | None = None, kept: dic
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def plot_gates(out_dir: str, history: list, gate_types: list[str], n_head: int) -> list[str]:
-    """prune.py's L0 gates over a run (history: their log records): a heatmap of P(gate open) per
-    layer x head at the end, its evolution (PNG frames + GIF), heads kept vs step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
-
-    def grid(p_open):              # rows = layers of every gated type, columns = heads
-        return np.array([row for kind in gate_types for row in p_open[kind]])
-
-    labels = [f"{kind} {i}" for kind in gate_types for i in range(len(history[0]["p_open"][kind]))]
-    frames_dir = os.path.join(out_dir, "gate_frames")
-    os.makedirs(frames_dir, exist_ok=True)
-    paths = []
-
-    def draw(ax, rec):
-        ax.clear()
-        im = ax.imshow(grid(rec["p_open"]), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_xticks(range(n_head))
-        ax.set_xlabel("head")
-        ax.set_title(f"P(gate open), step {rec['step']}")
-        return im
-
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * n_head, 1 + 0.45 * len(labels)))
-    fig.colorbar(draw(ax, history[-1]), ax=ax)
-    fig.tight_layout()
-    for i, rec in enumerate(history):
-        draw(ax, rec)
-        path = os.path.join(frames_dir, f"gates_{i:04d}.png")
-        fig.savefig(path, dpi=80)
-    draw(ax, history[-1])
-    paths.append(os.path.join(out_dir, "gates_final.png"))
-    fig.savefig(paths[-1], dpi=90)
-    anim = FuncAnimation(fig, lambda i: draw(ax, history[i]), frames=len(history))
-    paths.append(os.path.join(out_dir, "gates.gif"))
-    anim.save(paths[-1], writer=PillowWriter(fps=4))
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind in gate_types:
-        ax.plot([r["step"] for r in history], [r["heads_open"][kind] for r in history], label=kind)
-    ax.set_xlabel("step")
-    ax.set_ylabel("heads open (eval gate > 0)")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "heads_vs_step.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
-    return paths
 
 
 def plot_tradeoff(out_dir: str, reports: list[dict], original_bleu: float) -> str:
