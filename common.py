@@ -139,6 +139,16 @@ class Runtime:
         dist.broadcast(shared, src=0)
         return shared.tolist()
 
+    def wrap(self, model):
+        """The model in DistributedDataParallel under torchrun; as it is for one process."""
+        if self.world_size == 1:
+            return model
+        # a pruned model can leave whole parts without gradient (the encoder, if no cross-attention
+        # head is left): DDP must then look for unused parameters at every step
+        pruned = any(p.numel() == 0 for p in model.parameters())
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device] if self.device_type == "cuda" else None, find_unused_parameters=pruned)
+
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -155,6 +165,13 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
         # the others wait in a collective while process 0 validates: NCCL's default 10 minutes can be too short
         dist.init_process_group(p.backend, timeout=datetime.timedelta(minutes=60))
     return Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability), p.rank, p.world_size)
+
+
+def make_run_dir(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create out_dir '{out_dir}': {e.strerror or e}. Choose another --out_dir.") from None
 
 
 class StopSignals:
@@ -381,21 +398,20 @@ def plot_log(out_dir: str) -> str:
 class StepLog:
     """The log line of every log_interval-th step: the mean loss since the last line, the last
     step's gradient norms (all, encoder side, decoder side), target tokens/s, padding, fp16
-    overflows, and whatever the run adds (prune.py: its gates). It also watches for loss spikes:
-    a step whose loss exceeds `spike_factor` x the running mean of the losses before it
-    (exponential, ~100 steps; + 0.1 so that overfit mode's near-zero losses do not count; the first
-    50 steps only build the mean). One spike is noise; spikes that repeat, or a loss that stays up
-    after one, call for a lower learning rate, more warm-up or clipping."""
+    overflows, and what the run adds (prune.py: its gates); the progress bar; loss spikes, a step
+    whose loss exceeds 2x the running mean of those before it (SpikeWatch). One spike is noise;
+    spikes that repeat, or a loss that stays up after one, call for a lower learning rate, more
+    warm-up or clipping."""
 
-    def __init__(self, log: RunLog, src_pad: int, tgt_pad: int, spike_factor: float = 2.0):
-        self.log, self.src_pad, self.tgt_pad, self.spikes = log, src_pad, tgt_pad, SpikeWatch(spike_factor)
+    def __init__(self, log: RunLog, src_pad: int, tgt_pad: int):
+        self.log, self.src_pad, self.tgt_pad, self.spikes = log, src_pad, tgt_pad, SpikeWatch(2.0)
         self.restart()
 
     def restart(self) -> None:
         self.steps = self.tokens = self.padding = self.cells = self.overflows = 0
         self.loss, self.started = 0.0, time.time()
 
-    def add(self, run, lr: float, out: dict, batches: list) -> None:
+    def add(self, run, lr: float, out: dict, batches: list, progress: float) -> None:
         """Count one step: its report from train.train_step and its (CPU) batches (src, tgt_in, tgt_out)."""
         self.steps, self.loss, self.tokens = self.steps + 1, self.loss + out["loss"], self.tokens + out["tokens"]
         self.overflows += out["update"] == "overflow"
@@ -407,6 +423,9 @@ class StepLog:
             self.log.say(f"warning: loss spike at step {run.step}: {out['loss']:.3f}, running mean {running:.3f} "
                          f"(lr {lr:.2e}, gradient norm {out['gnorm']:.2f}). If it repeats or the loss stays "
                          "up: lower learning_rate, longer warmup_frac, grad_clip=1.")
+        if self.log.bar is not None:
+            self.log.bar.n = round(100 * progress, 1)
+            self.log.bar.refresh()
 
     def write(self, run, epochs: float, lr: float, out: dict, extra: dict) -> None:
         extra = {**({"overflows": self.overflows} if self.overflows else {}), **extra}
@@ -420,9 +439,22 @@ class StepLog:
                         + printable(extra, " | "), **rec)
         self.restart()
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (validation) does not count against tokens/s."""
+        started = time.time()
+        yield
+        self.started += time.time() - started
+
+    def close(self) -> None:
+        if self.log.bar is not None:
+            self.log.bar.close()
+
 
 class SpikeWatch:
-    """Feed it each step's loss; it returns the running mean the loss jumped above (a spike), else None."""
+    """Feed it each step's loss; it returns the running mean the loss jumped above `factor` times
+    (a spike), else None. The mean is exponential (~100 steps); the first 50 steps only build it;
+    + 0.1 so that overfit mode's near-zero losses do not count."""
 
     def __init__(self, factor: float, warmup: int = 50, decay: float = 0.99):
         self.factor, self.warmup, self.decay = factor, warmup, decay

@@ -99,28 +99,19 @@ class L0Penalty:
 
     'lagrangian' (the Lagrangian relaxation of "keep K heads", Wang et al. 2020):
         lambda_1 (s - t) + lambda_2 (s - t)^2,
-    where the multipliers rise by gradient ascent on this term with their own Adam:
-    d/d lambda_1 = s - t, d/d lambda_2 = (s - t)^2, written out rather than left to backward (so
-    loss scaling does not touch them). While more heads are expected open than aimed at, the
-    penalty grows until gates close; below, lambda_1 falls and lets heads reopen. Its memory is
-    also its weakness: lambda_1 goes on pushing gates closed until it has fallen below zero, and
-    a gate that has closed gets almost no gradient to reopen, so the count overshoots below K.
+    the multipliers rising by gradient ascent with their own Adam (d/d lambda_1 = s - t,
+    d/d lambda_2 = (s - t)^2, written out so that loss scaling does not touch them). Its memory is
+    its weakness: lambda_1 pushes gates closed until it has fallen below zero, and a closed gate
+    gets almost no gradient to reopen, so the count overshoots below K.
 
-    'quadratic' (a one-sided quadratic penalty, no memory):
-        stiffness / 2 * max(0, s - t)^2,
-    a spring that pulls s down to t only while s is above it, with a force proportional to the
-    excess; the translation loss, which wants heads open, holds s just above t. Nothing pushes
-    gates closed once s is at t, so the count does not overshoot, but a small force near t
-    also means the gates take longer to commit to fully open or fully closed. stiffness 1000: an
-    excess of one head in 72 pulls with ~14, twice the largest lambda_1 the Lagrangian reached
-    with 72 heads of the Multi30k model.
+    'quadratic' (a one-sided spring, no memory):   stiffness / 2 * max(0, s - t)^2.
+    The translation loss, which wants heads open, holds s just above t, so the count does not
+    overshoot; stiffness 1000: one head too many in 72 pulls with ~14.
 
-    The ramp matters for both: aiming at K from the first step with multipliers as fast as the
-    gates closed all 24 encoder heads within 200 steps on Multi30k (the multipliers kept rising
-    while the gates lagged, then overshot), so the weights spent the run adapting to the wrong
-    heads; a gradual ramp lets them follow the gates, as in CoFi (Xia et al. 2022). The penalty
-    also tells the loop what to log (kept in `history` for the plots) and lets the gate logits
-    learn gate_lr_scale times faster than the weights."""
+    The ramp lets the weights follow the gates (as in CoFi, Xia et al. 2022): aiming at K from the
+    first step closed all 24 encoder heads of the Multi30k model within 200 steps. The penalty also
+    tells the loop what to log (kept in `history` for the plots) and lets the gate logits learn
+    gate_lr_scale times faster than the weights."""
 
     def __init__(self, gates: dict, lam: float, gate_lr_scale: float, target: int | None = None,
                  progress=lambda: 1.0, ramp: float = 0.5, steer: str = "lagrangian", multiplier_lr: float = 0.01,

@@ -8,14 +8,10 @@ eps, the model is trained towards q = (1 - eps) * onehot(t) + eps / V:
     loss = -sum_i q_i log p_i = logsumexp(x) - (1 - eps) x_t - (eps / V) sum_i x_i
     d loss / d x = p - q
 
-It is written out here, not taken from F.cross_entropy(..., label_smoothing=eps), because that
-gradient is short and worth seeing, and because it is cheaper: F.cross_entropy keeps log p,
-builds the smoothing and the one-hot gradients as separate (tokens x V) tensors and adds them,
-while here the forward pass keeps p and the backward pass only shifts it by q. On a 2-core CPU
-the loss of a 6k-token Multi30k batch (3,000 x 6,000 logits) took about 70 ms instead of 125 ms
-forward + backward; a whole bf16 training step is about 1.06x faster (`bench.py --bench=train`,
-the row "F.cross_entropy" in the README's Performance table).
-tests/test_loss.py checks both value and gradient against F.cross_entropy.
+Written out rather than taken from F.cross_entropy(..., label_smoothing=eps) because that gradient
+is short and worth seeing, and cheaper: the forward pass keeps p and the backward pass only shifts
+it by q, where F.cross_entropy builds log p, a smoothing and a one-hot term as separate (tokens x V)
+tensors (docs/performance.md). tests/test_loss.py checks value and gradient against F.cross_entropy.
 """
 
 import torch

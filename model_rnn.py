@@ -93,13 +93,10 @@ class Seq2SeqRNN(nn.Module):
             nn.init.normal_(self.src_embed.weight, std=E ** -0.5)
         if cfg.tie_output:
             self.out_proj.weight = self.tgt_embed.weight
-        # The embedding table is also the output layer, so it starts small (std E^-0.5: logits of
-        # unit variance). As GRU input such vectors are tiny next to the GRU's weights and biases,
-        # so the final encoder state hardly depends on the sentence: on Multi30k characters the
-        # decoder's first state varied ~10x less across sentences than with the scaling below, and
-        # without attention the decoder started every sentence from nearly the same state.
-        # Scaling the embeddings by sqrt(E) on the way in, as the Transformer does, gives the GRUs
-        # inputs of unit variance.
+        # The embedding table is also the output layer, so it starts small (std E^-0.5: logits of unit
+        # variance); as GRU input such vectors barely move the state, and without attention every
+        # sentence started the decoder from nearly the same state (docs/results.md). Scaled by sqrt(E)
+        # on the way in, as in the Transformer, the GRUs get inputs of unit variance.
         self.emb_mult = E ** 0.5 if cfg.embed_scale else 1.0
         self.record_weights = False
         self.recorded: list[torch.Tensor] = []                              # (B, t, S) attention weights per call
@@ -197,7 +194,7 @@ class Seq2SeqRNN(nn.Module):
             step_logits, hidden = self.run_decoder(self.dropout(self.embed(self.tgt_embed, y[:, None])), memory, hidden)
             logits.append(step_logits)
             if t + 1 < tgt_in.shape[1]:
-                # torch's generator (not Python's random): its state is saved in checkpoints, so resume stays exact
+                # torch's generator, not Python's random: train.py seeds it at every step, so resume stays exact
                 use_truth = torch.rand(()).item() < self.cfg.teacher_forcing
                 y = tgt_in[:, t + 1] if use_truth else step_logits[:, 0].argmax(-1)
         return torch.cat(logits, dim=1)

@@ -13,8 +13,8 @@ Interface shared with model_rnn.py (train.py, decoding.py and prune.py rely on n
     maps = model.attention_maps(src, tgt_in)             # {panel title: (B, T, S)} for plots
     weights = model.attention_weights(src, tgt_in)       # (Transformer only) every head of every type
 Each attention module has a `head_gate` slot: a module returning one multiplier per head,
-applied to the head outputs before out_proj (none = all ones). prune.py plugs L0 gates there;
-a module may hold any number of heads (zero included) after pruning.
+applied to the head outputs before out_proj (none = all ones), where gates.attach_gates puts L0
+gates; a module may hold any number of heads (zero included) after pruning.
 Leaves out: relative positions, mixture-of-experts, flash kernels. Beam search: decoding.py.
 """
 
@@ -44,8 +44,7 @@ class TransformerConfig:
     tie_output: bool = True           # target embedding doubles as the output projection
     share_src_tgt: bool = False       # source and target share one embedding (needs a joint vocabulary)
     attn_impl: str = "auto"           # 'sdpa' (F.scaled_dot_product_attention), 'math' (explicit softmax), 'auto':
-                                      # math on a CPU (SDPA's fused backward was slower at these shapes on
-                                      # this project's CPU, README "Performance"), sdpa elsewhere
+                                      # math on a CPU (there SDPA's fused backward was slower), sdpa elsewhere
     # heads kept per layer after pruning; empty = n_head everywhere
     enc_self_heads: list[int] = field(default_factory=list)
     dec_self_heads: list[int] = field(default_factory=list)
@@ -65,11 +64,10 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout: zero each element with probability p, scale the others by 1 / (1 - p).
 
-    The semantics of F.dropout (p rounded to a multiple of 1/65536), but ~3x cheaper on a CPU:
-    F.dropout draws one random number per element, which took 16% (fp32) to 36% (bf16) of a
-    training step here. This draws one 64-bit random number per four elements and reads it as
-    four uniform 16-bit integers; an element is dropped when its integer is among the lowest
-    p * 65536 values. On a GPU, F.dropout is one fused kernel, so it is used there."""
+    F.dropout's semantics (p rounded to a multiple of 1/65536), ~3x cheaper on a CPU, where one
+    random number per element is a large share of a step (docs/performance.md): one 64-bit random
+    number serves four elements, read as four 16-bit integers; an element is dropped when its
+    integer is among the lowest p * 65536. On a GPU F.dropout is one fused kernel and is used."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
@@ -113,10 +111,8 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, L, self.n_head, self.head_dim).transpose(1, 2)   # (B, L, H*Dh) -> (B, H, L, Dh)
 
     def project(self, x: torch.Tensor, names: str) -> list[torch.Tensor]:
-        """The named projections of one input ('qkv' or 'kv'), split into heads. They run as one
-        matrix product with the weights stacked: one pass over x (and one bf16 cast of it under
-        autocast) instead of one per projection: training steps were 1.15x (fp32) and 1.2x (bf16)
-        faster than with three separate products on a 2-core CPU, in an interleaved A/B run."""
+        """The named projections of one input ('qkv' or 'kv'), split into heads, as one matrix product
+        with the weights stacked: one pass over x (and one bf16 cast of it) instead of three."""
         layers = [getattr(self, f"{name}_proj") for name in names]
         if x.shape[1] == 1:       # one cached decoding step: stacking the weights each step costs more than it saves
             return [self.split_heads(layer(x)) for layer in layers]

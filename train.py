@@ -1,12 +1,11 @@
 """
 Train a translation model: `python train.py config/transformer_multi30k.py [--key=value ...]`.
 
-Read top to bottom: the knobs; where a run stands (RunState); the learning-rate schedule; one
-optimizer step (train_step); validation and checkpoints; the loop that sequences them
-(train_loop); main(), which builds the model. One loop serves both models (arch is read only to
-construct one) and prune.py's gate training, which adds a penalty to the loss. It makes early
-failures visible: the step-0 loss beside ln(V), gradient norms per side, loss spikes, non-finite
-steps, an overfit-one-batch mode. Leaves out: exponential moving averages, curricula.
+Read top to bottom: the knobs, where a run stands (RunState), the learning-rate schedule, one
+optimizer step (train_step), validation, the loop that sequences them (train_loop), and main(),
+which builds the model. One loop serves both models and prune.py's gate training (a penalty added
+to the loss). Early failures show: the step-0 loss beside ln(V), gradient norms per side, loss
+spikes, non-finite steps, an overfit-one-batch mode. Leaves out: moving averages, curricula.
 """
 
 import contextlib
@@ -18,9 +17,9 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from common import (RunLog, Runtime, StepLog, StopSignals, checkpoint_of, keep_snapshot, load_checkpoint,
-                    average_checkpoints, model_from_checkpoint, plot_log, printable, progress_bar, save_checkpoint,
-                    setup, snapshots)
+from common import (RunLog, Runtime, StepLog, StopSignals, average_checkpoints, checkpoint_of, keep_snapshot,
+                    load_checkpoint, make_run_dir, model_from_checkpoint, plot_log, printable, progress_bar,
+                    save_checkpoint, setup, snapshots)
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataConfig, DataError, TrainBatches, load_data
 from decoding import evaluate
@@ -226,11 +225,10 @@ def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: 
 
 @torch.no_grad()
 def check_initial_loss(model, batch: tuple, pad_id: int, vocab_size: int, rt: Runtime, log: RunLog) -> None:
-    """An untrained model should be as unsure as uniform guessing: loss close to ln(V). Logits of
-    unit variance (this project's initialisation) start ~0.5 nats above it whatever V is. Far above:
-    over-confident first guesses (weights too large, a wrong output layer); below: the model sees
-    the word it must predict (a leaking mask) or the loss is divided by the wrong count. The
-    tolerance is 1 nat, not a share of ln(V), which is small for a toy task's 15 symbols."""
+    """An untrained model should be as unsure as uniform guessing: loss close to ln(V) (with logits of
+    unit variance, ~0.5 nats above it whatever V is). Far above: over-confident first guesses (weights
+    too large, a wrong output layer); below: the model sees the word it must predict (a leaking mask)
+    or the loss is divided by the wrong count. docs/robustness.md says why the tolerance is 1 nat."""
     model.eval()
     src, tgt_in, tgt_out = rt.to_device(*batch)
     with rt.amp:
@@ -301,6 +299,14 @@ class Diverged(Exception):
     """MAX_BAD_STEPS non-finite steps in a row. Nothing is saved: the last checkpoint is the last good state."""
 
 
+def count_bad_step(run: RunState, lr: float, out: dict, log: RunLog) -> None:
+    run.bad_steps += 1
+    log.say(f"step {run.step + 1}: non-finite loss or gradient, update skipped ({run.bad_steps} in a row)")
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise Diverged(f"{run.bad_steps} non-finite steps in a row at step {run.step + 1} (lr {lr:.2e}, gradient "
+                       f"norm {out['gnorm']}). Try a lower learning_rate, grad_clip=1, or dtype=float32.")
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 
@@ -308,7 +314,6 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
     """Train from scratch, or from where the checkpoint `resume` stopped, until a limit, early
     stopping or a signal; return where the run stands. Every eval_interval steps and at the end:
     validate, write ckpt.pt (and best.pt when BLEU improved); on a signal, write ckpt.pt and stop.
-    With average_last: keep snapshots of the weights every average_every steps, and write avg.pt.
 
     model may be wrapped in DDP. penalty (prune.py's L0 gates): a callable whose tensor is added to
     every step's loss, with log(step) giving {name: value} for the log (lists and dicts go to
@@ -320,9 +325,10 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
     batches = TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"], rt.rank, rt.world_size)
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
-    bar = progress_bar() if rt.master else None
-    log = RunLog(cfg["out_dir"], rt.master, bar, resume_step=run.step if resume is not None else None)
+    log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None,
+                 resume_step=run.step if resume is not None else None)
     steps_log, extra = StepLog(log, data.src_tok.pad_id, pad_id), lambda: penalty.log(run.step) if penalty else {}
+    snapshot_every = cfg["average_every"] or cfg["eval_interval"]
     if resume is None and rt.master:                # an earlier run's snapshots are not this run's to average
         for _, path in snapshots(cfg["out_dir"]):
             os.remove(path)
@@ -337,19 +343,18 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
                 save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), state)
 
     model.train()
-    if run.step == 0 and rt.master:
-        if cfg["init_from"] == "scratch":
-            check_initial_loss(raw, batches.next(0, 0)[0], pad_id, data.tgt_tok.vocab_size, rt, log)
-        if cfg["overfit_batches"]:
-            log.say(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, "
-                    "dropout 0 and label smoothing 0: the loss should fall near zero")
+    if run.step == 0 and rt.master and cfg["init_from"] == "scratch":
+        check_initial_loss(raw, batches.next(0, 0)[0], pad_id, data.tgt_tok.vocab_size, rt, log)
+    if run.step == 0 and cfg["overfit_batches"]:
+        log.say(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, "
+                "dropout 0 and label smoothing 0: the loss should fall near zero")
     t_start = time.time() - 60 * run.minutes
     with StopSignals() as signals:
         while True:
             run.minutes, signalled = rt.agree((time.time() - t_start) / 60, bool(signals.received))
             epochs = batches.epochs_done(run.epoch, run.batch_in_epoch)
-            stop = f"received {signals.received or 'a signal (on another process)'}" if signalled else \
-                stop_reason(run, epochs, cfg)
+            stop = f"received {signals.received or 'a signal (on another process)'}" if signalled \
+                else stop_reason(run, epochs, cfg)
             if stop:
                 break
             lr = lr_at(run_progress(run.step, epochs, run.minutes, cfg), cfg)
@@ -364,37 +369,26 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
                 micro_batches.append(batch)
             out = train_step(model, optimizer, scaler, micro_batches, pad_id, cfg, rt, penalty)
             if out["update"] == "skipped":
-                run.bad_steps += 1
-                log.say(f"step {run.step + 1}: non-finite loss or gradient, update skipped ({run.bad_steps} in a row)")
-                if run.bad_steps >= MAX_BAD_STEPS:
-                    raise Diverged(f"{run.bad_steps} non-finite steps in a row at step {run.step + 1} (lr {lr:.2e}, "
-                                   f"gradient norm {out['gnorm']}). Try a lower learning_rate, grad_clip=1, "
-                                   "or dtype=float32.")
+                count_bad_step(run, lr, out, log)
                 continue
             run.step, run.bad_steps = run.step + 1, 0
-            steps_log.add(run, lr, out, micro_batches)
-            if bar is not None:
-                bar.n = round(100 * run_progress(run.step, epochs, run.minutes, cfg), 1)
-                bar.refresh()
+            steps_log.add(run, lr, out, micro_batches, run_progress(run.step, epochs, run.minutes, cfg))
             if run.step % cfg["log_interval"] == 0 or run.step == 1:
                 steps_log.write(run, epochs, lr, out, extra())
-            if cfg["average_last"] > 1 and rt.master and run.step % (cfg["average_every"] or cfg["eval_interval"]) == 0:
+            if cfg["average_last"] > 1 and rt.master and run.step % snapshot_every == 0:   # before validating:
                 keep_snapshot(cfg["out_dir"], checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, step=run.step),
-                              run.step, cfg["average_last"])   # before validating: a kill in between redoes both
+                              run.step, cfg["average_last"])                           # a kill between redoes both
             if run.step % cfg["eval_interval"] == 0:
-                started = time.time()
-                save(validate(raw, data, cfg, rt, run, log, extra()))
-                steps_log.started += time.time() - started      # tokens/s: training time only
-    if bar is not None:
-        bar.close()
+                with steps_log.paused():                        # tokens/s: training time only
+                    save(validate(raw, data, cfg, rt, run, log, extra()))
+    steps_log.close()
     log.say(f"stopping: {stop}")
     if signalled:
         save()
         log.say(f"saved {os.path.join(cfg['out_dir'], 'ckpt.pt')}; continue with --init_from=resume")
-        return run
-    if run.step % cfg["eval_interval"] != 0:                       # the final evaluation and checkpoint
+    elif run.step % cfg["eval_interval"]:                         # the final evaluation and checkpoint
         save(validate(raw, data, cfg, rt, run, log, extra()))
-    if cfg["average_last"] > 1 and rt.master:
+    if cfg["average_last"] > 1 and rt.master and not signalled:
         write_average(raw, data, cfg, rt, log, run)
     return run
 
@@ -415,8 +409,8 @@ def build_model(cfg: dict, src_tok, tgt_tok, verbose: bool = True):
     if cfg["arch"] == "transformer":
         inner = cfg["dropout"] if cfg["inner_dropout"] else 0.0
         return Transformer(TransformerConfig(**shared, d_model=cfg["d_model"], n_head=cfg["n_head"], d_ff=cfg["d_ff"],
-                                             attn_dropout=inner, ff_dropout=inner,
-                                             pre_norm=cfg["pre_norm"], attn_impl=cfg["attn_impl"]), verbose)
+                                             attn_dropout=inner, ff_dropout=inner, pre_norm=cfg["pre_norm"],
+                                             attn_impl=cfg["attn_impl"]), verbose)
     if cfg["arch"] == "rnn":
         return Seq2SeqRNN(RNNConfig(**shared, emb_dim=cfg["emb_dim"], hidden_size=cfg["hidden_size"],
                                     bidirectional=cfg["bidirectional"], attention=cfg["attention"],
@@ -430,7 +424,7 @@ def resumed_config(given: dict, resume: dict) -> dict:
     may be changed by naming them (e.g. --max_minutes=60 to extend it)."""
     may_change = ("max_iters", "max_epochs", "max_minutes", "patience", "eval_interval", "log_interval", "device",
                   "dtype", "plot")
-    own = {k: v for k, v in resume["train_config"].items() if k in DEFAULTS}   # (knobs since removed are left out)
+    own = {k: v for k, v in resume["train_config"].items() if k in DEFAULTS}   # (not knobs since removed)
     ignored = [k for k, v in given.items() if k not in may_change and k != "init_from" and own.get(k, DEFAULTS[k]) != v]
     if ignored:
         print(f"resuming with the run's own configuration: ignoring {', '.join(ignored)} "
@@ -441,9 +435,8 @@ def resumed_config(given: dict, resume: dict) -> dict:
 def main(argv: list[str] | None = None) -> RunState:
     cfg = dict(DEFAULTS)
     given = configure(cfg, argv, doc_files=(__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")))
-    resume = None
-    if cfg["init_from"] == "resume":
-        resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+    resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if cfg["init_from"] == "resume" else None
+    if resume is not None:
         cfg = resumed_config(given, resume)
     if cfg["overfit_batches"]:
         cfg["dropout"] = 0.0
@@ -453,11 +446,7 @@ def main(argv: list[str] | None = None) -> RunState:
                           f"{rt.world_size} would take other batches: resume with as many, or start a new run from "
                           f"its checkpoint with --init_from={os.path.join(cfg['out_dir'], 'ckpt.pt')}")
     if rt.master:
-        try:
-            os.makedirs(cfg["out_dir"], exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create out_dir '{cfg['out_dir']}': {e.strerror or e}. "
-                              "Choose another --out_dir.") from None
+        make_run_dir(cfg["out_dir"])
     data = load_data(DataConfig.of(cfg), verbose=rt.master)
     torch.manual_seed(cfg["seed"])
     source = resume if resume is not None or cfg["init_from"] == "scratch" else load_checkpoint(cfg["init_from"])
@@ -465,18 +454,10 @@ def main(argv: list[str] | None = None) -> RunState:
         model, data.src_tok, data.tgt_tok = model_from_checkpoint(source, verbose=rt.master)
     else:
         model = build_model(cfg, data.src_tok, data.tgt_tok, verbose=rt.master)
-    model.to(rt.device)
     if rt.master:
         print(f"device {rt.device}, dtype {rt.dtype}, {rt.world_size} process(es)")
-    wrapped = model
-    if rt.world_size > 1:
-        # a pruned model can leave whole parts without gradient (the encoder, if no cross-attention
-        # head is left): DDP must then look for unused parameters at every step
-        pruned = any(p.numel() == 0 for p in model.parameters())
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device] if rt.device_type == "cuda" else None, find_unused_parameters=pruned)
     try:
-        run = train_loop(wrapped, data, cfg, rt, resume)
+        run = train_loop(rt.wrap(model.to(rt.device)), data, cfg, rt, resume)
     except Diverged as reason:
         if rt.master:
             print(f"stopping: {reason}")

@@ -1,8 +1,7 @@
-# The no-attention GRU of config/rnn_en_de.py on characters instead of subwords: sources of ~60
-# characters instead of ~15 tokens, so the gradient must travel 4x further back through the
-# encoder (it shrinks ~30% per step at initialisation). Reading the source backwards puts its
-# first words next to the decoder, where the gradient is strongest.
+# The no-attention GRU of rnn_en_de.py on characters: sources 4x longer than in subwords, so the
+# source is read backwards (its first words next to the decoder, where the gradient is strongest).
 # python train.py config/rnn_char_en_de.py --dataset=../shared/data/multi30k_en_de
+# 30 minutes on a 2-core CPU: test2016 12.29 cased sacreBLEU, greedy (docs/results.md).
 out_dir = "out/rnn_char_en_de"
 dataset = "bentrevett/multi30k"
 dataset_config = ""

@@ -1,9 +1,8 @@
-# A GRU encoder-decoder without attention (Cho et al. 2014: the encoder's summary vector starts
-# the decoder and enters every decoder step and the readout), BPE 6k, on Multi30k English -> German.
-# It shows how far one vector gets; config/rnn_attn_en_de.py adds attention.
+# A GRU encoder-decoder without attention (Cho et al. 2014: the encoder's summary vector enters every
+# decoder step and the readout), BPE 6k, on Multi30k en -> de: how far one vector gets.
 # python train.py config/rnn_en_de.py --dataset=../shared/data/multi30k_en_de
-# Sutskever et al. 2014 (the summary only starts the decoder; the source read backwards):
-#   add --bottleneck=sutskever --reverse_source=True --out_dir=out/rnn_sutskever_en_de
+# (Sutskever et al. 2014: add --bottleneck=sutskever --reverse_source=True --out_dir=out/rnn_sutskever_en_de)
+# 30 minutes on a 2-core CPU: test2016 23.20 cased sacreBLEU, greedy (Sutskever's: 15.43; docs/results.md).
 out_dir = "out/rnn_en_de"
 dataset = "bentrevett/multi30k"
 dataset_config = ""

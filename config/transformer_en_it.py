@@ -1,11 +1,7 @@
-# OPUS Books English -> Italian (Helsinki-NLP/opus_books, config en-it: ~32k sentence pairs from
-# novels, one split only: validation and test are carved out of it by source-sentence hash).
-# python train.py config/transformer_en_it.py
-# Sized for one GPU (a 512-wide 4+4-layer model, 40 epochs); it has not been timed on one yet.
-# On a CPU, shrink it (see transformer_europarl_en_it.py, the same job sized for 30 CPU minutes).
-# Result: not measured yet (it needs the hub and a GPU). The measured en-it reference is the
-# Europarl CPU recipe in README "Results".
-# Offline: --dataset=path/to/folder with train.jsonl rows {"translation": {"en": ..., "it": ...}}.
+# OPUS Books English -> Italian (Helsinki-NLP/opus_books, en-it: ~32k pairs from novels, one split,
+# so validation and test are carved out by source-sentence hash), a 512-wide 4+4-layer model sized
+# for one GPU. Not measured yet (it needs the hub); its CPU-sized cousin: transformer_europarl_en_it.py.
+# python train.py config/transformer_en_it.py      (offline: --dataset=FOLDER with train.jsonl)
 out_dir = "out/transformer_en_it"
 dataset = "Helsinki-NLP/opus_books"
 dataset_config = "en-it"

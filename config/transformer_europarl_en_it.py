@@ -1,6 +1,7 @@
-# Europarl English -> Italian (lower-cased, 59.5k pairs, one split: validation and test are carved
-# out by source-sentence hash), the CPU-sized recipe of transformer_multi30k.py.
-# python train.py config/transformer_europarl_en_it.py      (local folder ../shared/data/europarl_en_it)
+# Europarl English -> Italian (59.5k lower-cased pairs; validation and test carved out by source hash),
+# transformer_multi30k.py's recipe sized for 30 CPU minutes.
+# python train.py config/transformer_europarl_en_it.py      (reads ../shared/data/europarl_en_it)
+# 30 minutes on a 2-core CPU: test 17.89 cased sacreBLEU, greedy (docs/results.md).
 out_dir = "out/europarl_en_it"
 dataset = "../shared/data/europarl_en_it"
 dataset_config = ""
