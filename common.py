@@ -13,9 +13,11 @@ Leaves out: Apple MPS, TPUs, model or pipeline parallelism.
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -167,11 +169,67 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
     return Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability), p.rank, p.world_size)
 
 
-def make_run_dir(out_dir: str) -> None:
+# -----------------------------------------------------------------------------
+# a run folder belongs to one run
+
+RUN_FILES = ("ckpt.pt", "best.pt", "avg.pt", "pruned.pt", "log.jsonl", "plots.png", "snapshots", "finetune",
+             "prune_report.json", "test_translations.txt", "gates_final.png", "gates.gif", "heads_vs_step.png")
+CHECKPOINTS = RUN_FILES[:4]     # a folder holding one of these holds a run that cost time to train
+held_dirs = {}                  # run folder -> its open lock file, held until this process ends
+
+
+def claim_run_dir(out_dir: str, new_run: bool, overwrite: bool = False, hint: str = "", start: str = "") -> None:
+    """Make out_dir this process's run folder, or refuse with one line saying why.
+
+    A lock (flock on out_dir/run.lock) refuses a second run in the folder while the first is alive;
+    the kernel releases it when its process ends, even by SIGKILL, so a killed run never blocks its
+    resume. A new run refuses a folder that holds another run's checkpoint unless overwrite, and
+    then deletes all of that run's files (RUN_FILES, nothing else): the folder never mixes two
+    runs. hint: a way on to name first (e.g. "continue it with --init_from=resume, "); start: the
+    checkpoint the new run starts from, which must not be one of the files it replaces."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create out_dir '{out_dir}': {e.strerror or e}. Choose another --out_dir.") from None
+    key = os.path.realpath(out_dir)
+    if key not in held_dirs:
+        lock = open(os.path.join(out_dir, "run.lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip() or "?"
+            lock.close()
+            raise ConfigError(f"another run (process {pid}) is writing into {out_dir}: wait for it to end, "
+                              "or choose another --out_dir") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        held_dirs[key] = lock
+    if not new_run:
+        return
+    if any(os.path.exists(os.path.join(out_dir, name)) for name in CHECKPOINTS) and not overwrite:
+        raise ConfigError(f"{out_dir} holds {what_run_dir_holds(out_dir)}: {hint}choose another --out_dir, or "
+                          "replace it with --overwrite=True")
+    if start and os.path.relpath(os.path.realpath(start), key).split(os.sep)[0] in RUN_FILES:
+        raise ConfigError(f"--overwrite=True would delete {start}, the checkpoint this run starts from: copy it "
+                          "out of the folder first, or choose another --out_dir")
+    for name in RUN_FILES:                      # also the leftovers of a run killed before its first checkpoint
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def what_run_dir_holds(out_dir: str) -> str:
+    """'a run at step N (best validation BLEU B)' from its ckpt.pt, else the checkpoints' names."""
+    names = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
+    try:
+        state = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+        return f"a run at step {state['step']} (best validation BLEU {state['best_bleu']:.2f}; {', '.join(names)})"
+    except Exception:  # noqa: BLE001 - no ckpt.pt, or not a readable one: name what is there
+        return f"another run's {', '.join(names)}"
 
 
 class StopSignals:

@@ -23,7 +23,8 @@ from dataclasses import asdict
 
 import torch
 
-from common import Runtime, checkpoint_of, data_of_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint, setup
+from common import (Runtime, checkpoint_of, claim_run_dir, data_of_checkpoint, load_checkpoint, model_from_checkpoint,
+                    save_checkpoint, setup)
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataError
 from decoding import score, translate
@@ -34,6 +35,7 @@ from train import run_progress, train_loop
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # the trained Transformer checkpoint to prune
 out_dir = ""  # run folder ('' = <checkpoint folder>/prune_<gate_attn>)
+overwrite = False  # may replace the run out_dir holds (otherwise it is refused)
 l0_lambda = 0.05  # penalty weight (--lambda=...): the larger, the fewer heads survive
 heads = 0  # > 0: keep exactly this many heads of the gated types, instead of a lambda
 gate_attn = "enc"  # attention types to gate, comma-separated: enc (encoder self), dec (decoder self), cross
@@ -278,9 +280,10 @@ def main() -> None:
     total = sum(m.n_head for kind in opts["gate_types"] for m in model.attention_modules()[kind])
     if heads > total:
         raise ConfigError(f"--heads={heads}: the {'+'.join(opts['gate_types'])} attention has {total} heads")
+    run_dir = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
+    claim_run_dir(run_dir, True, overwrite, start=ckpt)
     original = {"params": model.num_params(), "validation": translate_split(model, data, "validation", rt),
                 "test": translate_split(model, data, "test", rt)}
-    run_dir = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
     pruned, keep, report = run_l0(source, data, opts, run_dir, rt, l0_lambda, heads or None)
     finish(pruned, keep, report, original, source, data, opts, run_dir, rt)
 

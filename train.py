@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from common import (RunLog, Runtime, StepLog, StopSignals, average_checkpoints, checkpoint_of, keep_snapshot,
-                    load_checkpoint, make_run_dir, model_from_checkpoint, plot_log, printable, progress_bar,
+from common import (RunLog, Runtime, StepLog, StopSignals, average_checkpoints, checkpoint_of, claim_run_dir,
+                    keep_snapshot, load_checkpoint, model_from_checkpoint, plot_log, printable, progress_bar,
                     save_checkpoint, setup, snapshots)
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataConfig, DataError, TrainBatches, load_data
@@ -33,6 +33,7 @@ from model_transformer import Transformer, TransformerConfig
 # the fields of data.DataConfig, declared there.
 out_dir = "out"  # run folder: ckpt.pt (latest), best.pt (best validation BLEU), log.jsonl, plots.png, avg.pt
 init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a checkpoint path to fine-tune
+overwrite = False  # a new run may replace the run out_dir holds (otherwise it is refused)
 log_interval = 50  # steps between log lines
 eval_interval = 500  # steps between validation runs (loss, greedy BLEU) and checkpoints
 eval_sentences = 500  # validation sentences translated for BLEU (0 = all)
@@ -329,9 +330,6 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
                  resume_step=run.step if resume is not None else None)
     steps_log, extra = StepLog(log, data.src_tok.pad_id, pad_id), lambda: penalty.log(run.step) if penalty else {}
     snapshot_every = cfg["average_every"] or cfg["eval_interval"]
-    if resume is None and rt.master:                # an earlier run's snapshots are not this run's to average
-        for _, path in snapshots(cfg["out_dir"]):
-            os.remove(path)
 
     def save(improved: bool = False) -> None:       # process 0 writes ckpt.pt, and best.pt if BLEU improved
         if rt.master:
@@ -423,7 +421,7 @@ def resumed_config(given: dict, resume: dict) -> dict:
     """A resumed run goes on with its own configuration; its limits, intervals, device and precision
     may be changed by naming them (e.g. --max_minutes=60 to extend it)."""
     may_change = ("max_iters", "max_epochs", "max_minutes", "patience", "eval_interval", "log_interval", "device",
-                  "dtype", "plot")
+                  "dtype", "plot", "out_dir")
     own = {k: v for k, v in resume["train_config"].items() if k in DEFAULTS}   # (not knobs since removed)
     ignored = [k for k, v in given.items() if k not in may_change and k != "init_from" and own.get(k, DEFAULTS[k]) != v]
     if ignored:
@@ -436,8 +434,8 @@ def main(argv: list[str] | None = None) -> RunState:
     cfg = dict(DEFAULTS)
     given = configure(cfg, argv, doc_files=(__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")))
     resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if cfg["init_from"] == "resume" else None
-    if resume is not None:
-        cfg = resumed_config(given, resume)
+    if resume is not None:                  # (in the folder it was read from, should the folder have moved)
+        cfg = {**resumed_config(given, resume), "out_dir": cfg["out_dir"]}
     if cfg["overfit_batches"]:
         cfg["dropout"] = 0.0
     rt = setup(cfg["device"], cfg["dtype"])
@@ -445,11 +443,12 @@ def main(argv: list[str] | None = None) -> RunState:
         raise ConfigError(f"the run in {cfg['out_dir']} trained with {resume.get('world_size', 1)} process(es), and "
                           f"{rt.world_size} would take other batches: resume with as many, or start a new run from "
                           f"its checkpoint with --init_from={os.path.join(cfg['out_dir'], 'ckpt.pt')}")
-    if rt.master:
-        make_run_dir(cfg["out_dir"])
+    source = resume if resume is not None or cfg["init_from"] == "scratch" else load_checkpoint(cfg["init_from"])
+    if rt.master:                           # refuse to write over another run, or beside a live one
+        claim_run_dir(cfg["out_dir"], resume is None, cfg["overwrite"], "continue it with --init_from=resume, ",
+                      "" if source is None else cfg["init_from"])
     data = load_data(DataConfig.of(cfg), verbose=rt.master)
     torch.manual_seed(cfg["seed"])
-    source = resume if resume is not None or cfg["init_from"] == "scratch" else load_checkpoint(cfg["init_from"])
     if source is not None:                  # resume, or fine-tune a checkpoint (e.g. a pruned model)
         model, data.src_tok, data.tgt_tok = model_from_checkpoint(source, verbose=rt.master)
     else:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import prune
+from common import RUN_FILES
 from gates import attach_gates, eval_gates
 from helpers import TINY, run
 from model_transformer import Transformer, TransformerConfig
@@ -78,6 +79,11 @@ def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
     sample = run("sample.py", f"--ckpt={tmp_path / 'p' / 'pruned.pt'}", "--text=1 2 3", "--beam=3",
                  f"--plot_attention={png}")
     assert len(sample.stdout.splitlines()) == 1 and png.exists()
+    assert set(os.listdir(tmp_path / "p")) - {"run.lock"} <= set(RUN_FILES)   # all of it replaced by --overwrite
+    pruned = (tmp_path / "p" / "pruned.pt").read_bytes()                       # a second run there: refused
+    again = run("prune.py", f"--ckpt={toy_model}", "--lambda=1", *PRUNE, f"--out_dir={tmp_path / 'p'}", check=False)
+    assert again.returncode == 2 and "--overwrite=True" in again.stderr and "Traceback" not in again.stderr
+    assert (tmp_path / "p" / "pruned.pt").read_bytes() == pruned
 
 
 def test_keeping_k_heads_keeps_the_k_most_open_gates_and_a_closed_one_at_full_weight():

@@ -74,10 +74,15 @@ def test_asking_for_k_heads_keeps_exactly_k_with_every_method(toy_model, tmp_pat
     assert again.stdout.count("== pruning report") == 1
     runs_again = json.load(open(tmp_path / "p" / "prune_summary.json"))["runs"]
     assert [r["pruned_test"]["bleu"] for r in runs_again[:4]] == [r["pruned_test"]["bleu"] for r in runs]
-    # other settings are another run
-    other = run("tools/prune_study.py", f"--ckpt={toy_model}", "--heads=3", "--method=importance,random", "--seeds=1",
-                "--max_iters=10", *PRUNE[1:], f"--out_dir={tmp_path / 'p'}")
-    assert "finished before" not in other.stdout and other.stdout.count("== pruning report") == 2
+    # other settings are another run: it may replace the finished ones only when told to
+    other = ["tools/prune_study.py", f"--ckpt={toy_model}", "--heads=3", "--method=importance,random", "--seeds=1",
+             "--max_iters=10", *PRUNE[1:], f"--out_dir={tmp_path / 'p'}"]
+    importance = (tmp_path / "p" / "importance_3_heads" / "pruned.pt").read_bytes()
+    refused = run(*other, check=False)
+    assert refused.returncode == 2 and "it has other settings or did not finish" in refused.stderr
+    assert (tmp_path / "p" / "importance_3_heads" / "pruned.pt").read_bytes() == importance
+    replaced = run(*other, "--overwrite=True")
+    assert "finished before" not in replaced.stdout and replaced.stdout.count("== pruning report") == 2
     # the quadratic steer is another l0 run, and it too keeps exactly K
     run("tools/prune_study.py", f"--ckpt={toy_model}", "--heads=3", "--target_steer=quadratic", "--l0_finetune=False", *PRUNE,
         f"--out_dir={tmp_path / 'p'}")
@@ -124,8 +129,10 @@ def test_distill_trains_on_the_original_models_translations_made_once(toy_model,
     assert distilled.splits["validation"] is data.splits["validation"]   # only the training targets change
     assert prune_study.distilled(data, model, str(toy_model), str(tmp_path), rt).splits["train"].tgt_text == \
         train.tgt_text and len(calls) == 1                                # read back from the file
-    prune_study.distilled(data, model, str(tmp_path / "other.pt"), str(tmp_path), rt)
-    assert len(calls) == 2                                               # another checkpoint's file is not used
+    with pytest.raises(prune_study.ConfigError, match="translations of another checkpoint"):
+        prune_study.distilled(data, model, str(tmp_path / "other.pt"), str(tmp_path), rt)   # not used, not replaced
+    prune_study.distilled(data, model, str(tmp_path / "other.pt"), str(tmp_path), rt, overwrite=True)
+    assert len(calls) == 2                                               # translated anew
     monkeypatch.setattr(prune_study, "translate", lambda model, s, t, sentences, **kw: [" "] * len(sentences))
     with pytest.raises(prune_study.DataError, match="translates every training source to nothing"):
-        prune_study.distilled(data, model, str(tmp_path / "third.pt"), str(tmp_path), rt)
+        prune_study.distilled(data, model, str(tmp_path / "third.pt"), str(tmp_path), rt, overwrite=True)

@@ -15,6 +15,7 @@ from configurator import ConfigError, configure, main_guard  # noqa: E402
 
 average = ""  # checkpoints to average: comma-separated paths or globs
 out = ""  # the averaged checkpoint to write
+overwrite = False  # may replace an existing --out file (otherwise it is refused)
 
 
 def main() -> None:
@@ -22,6 +23,8 @@ def main() -> None:
     paths = sorted(p for pattern in average.split(",") if pattern for p in glob.glob(pattern.strip()))
     if not paths or not out:
         raise ConfigError("give --average=PATHS (comma-separated paths or globs) and --out=FILE")
+    if os.path.exists(out) and not overwrite:
+        raise ConfigError(f"{out} exists: choose another --out, or replace it with --overwrite=True")
     save_checkpoint(out, average_checkpoints(paths))
     print(f"averaged {len(paths)} checkpoints into {out}:\n  " + "\n  ".join(paths))
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 import prune  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
-from common import model_from_checkpoint  # noqa: E402
+from common import claim_run_dir, model_from_checkpoint  # noqa: E402
 from data import DataError, Split  # noqa: E402
 from decoding import length_sorted_batches, translate  # noqa: E402
 from tools import heads as head_analysis  # noqa: E402
@@ -64,12 +64,13 @@ def parse_numbers(text: str, knob: str, kind=float, low: float = 0, high: float 
     return values
 
 
-def distilled(data, model, ckpt_path: str, base: str, rt):
+def distilled(data, model, ckpt_path: str, base: str, rt, overwrite: bool = False):
     """data with the training targets replaced by the original model's (`model`, loaded from
     ckpt_path) beam-5 translations of the training sources: a pruned model learns to say what the
     original said, an easier target for a smaller model than the varied human references, and one
     the original already meets. Translated once (4.5 minutes for Multi30k on a 2-core CPU) into
-    base/distilled_train.jsonl and reused; pairs whose translation came out empty are left out."""
+    base/distilled_train.jsonl and reused (another checkpoint's file is replaced only with overwrite);
+    pairs whose translation came out empty are left out."""
     sp, path = data.splits["train"], os.path.join(base, "distilled_train.jsonl")
     stamp = {"ckpt": os.path.abspath(ckpt_path), "sentences": len(sp)}
     try:
@@ -79,6 +80,9 @@ def distilled(data, model, ckpt_path: str, base: str, rt):
     except (OSError, ValueError):
         hyps = None
     if hyps is None or len(hyps) != len(sp):
+        if os.path.exists(path) and not overwrite:
+            raise ConfigError(f"{path} holds translations of another checkpoint or data: choose another --out_dir, "
+                              "or replace them with --overwrite=True")
         print(f"\n== distill: translating the {len(sp):,} training sources with the original model, beam 5")
         t0 = time.time()
         hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text, beam=5, device=rt.device, amp=rt.amp)
@@ -230,8 +234,9 @@ def main() -> None:
         raise ConfigError("--method=importance/random needs --heads=K (or --method=l0,... to take the l0 runs' counts)")
     source, data, model, rt = prune.setup_run(opts)
     base = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
+    claim_run_dir(base, False)                      # no second study in this folder while this one runs
     if distill:                                     # before the importance score: it too sees the training data
-        data = distilled(data, model, ckpt, base, rt)
+        data = distilled(data, model, ckpt, base, rt, overwrite)
     n_heads = head_analysis.head_counts(model)
     total = sum(sum(n_heads[kind]) for kind in opts["gate_types"])
     if any(k > total for k in targets):
@@ -261,9 +266,10 @@ def main() -> None:
         """Reuse the report of a run finished with these settings, or call train(run_dir) now (it
         returns pruned model, keep-set, report) and score and save its result; called at once."""
         run_dir = base if single else os.path.join(base, folder)
-        os.makedirs(run_dir, exist_ok=True)
         report = finished_run(run_dir, settings)
         if report is None:
+            claim_run_dir(run_dir, True, overwrite, "it has other settings or did not finish, so it is not reused: ",
+                          start=ckpt)
             pruned, keep, report = train(run_dir)
             if report["method"] == "l0" and speed_repeats > 0:
                 unpruned = model_from_checkpoint(source)[0].to(rt.device)
