@@ -2,10 +2,10 @@
 Benchmarks that print ratios against a baseline measured in the same run, on the same machine
 (shared machines are noisy: every figure is the median of `repeats` interleaved runs).
 
-    python bench.py --bench=decode --ckpt=out/multi30k/best.pt --dataset=../shared/data/multi30k_en_de
-    python bench.py --bench=train --dataset=../shared/data/multi30k_en_de   # needs requirements-bench.txt
-    python bench.py --bench=generate --dataset=../shared/data/multi30k_en_de              # the same
-    python bench.py --bench=quality --dataset=../shared/data/multi30k_en_de --minutes=10   # the same
+    python tools/bench.py --bench=decode --ckpt=out/multi30k/best.pt --dataset=../shared/data/multi30k_en_de
+    python tools/bench.py --bench=train --dataset=../shared/data/multi30k_en_de   # needs requirements-bench.txt
+    python tools/bench.py --bench=generate --dataset=../shared/data/multi30k_en_de              # the same
+    python tools/bench.py --bench=quality --dataset=../shared/data/multi30k_en_de --minutes=10   # the same
 
 decode: on a checkpoint's test split, in batches of `batch_size` sentences sorted by length,
     greedy without a cache (the decoder re-reads the whole prefix every step) vs greedy with the
