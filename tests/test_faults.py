@@ -1,5 +1,5 @@
 """What happens to a run when things go wrong: kills, signals, a full disk, non-finite losses,
-checkpoints that are corrupt, crafted or mismatched. README's "When things go wrong" table
+checkpoints that are corrupt, crafted or mismatched. docs/robustness.md's "When things go wrong" table
 points here."""
 import os
 import pickle
