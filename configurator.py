@@ -8,7 +8,7 @@ command line wins last.
 Unlike a bare `exec`, every override is checked: an unknown or misspelled key fails with
 the close matches, a value of the wrong type fails with the type it should have, and `-h`
 prints every knob with its default and the comment written beside it. This file imports
-nothing from the project, so any script (data.py included) can use it.
+nothing from the project, so any script (tools/ included) can use it.
 """
 
 import difflib
@@ -84,8 +84,8 @@ def parse_value(key: str, text: str, default):
 def apply_config_file(namespace: dict, path: str, known: list[str], strict: bool = True) -> tuple[list, list]:
     """Execute a config file and copy its assignments into `namespace`; return (keys set, keys ignored).
 
-    strict=False ignores keys the caller does not own (data.py reads a training config
-    for its data knobs and leaves the model knobs alone) instead of failing on them.
+    strict=False ignores keys the caller does not own (tools/data_report.py reads a training
+    config for its data knobs and leaves the model knobs alone) instead of failing on them.
     """
     try:
         with open(path, encoding="utf-8") as f:
