@@ -82,3 +82,10 @@ def test_a_new_averaged_checkpoint_does_not_replace_an_existing_file(trained, tm
     assert refused.returncode == 2 and "--overwrite=True" in refused.stderr and out.read_bytes() == b"keep me"
     run("tools/average.py", f"--average={trained}/snapshots/*.pt", f"--out={out}", "--overwrite=True")
     assert out.read_bytes() != b"keep me"
+
+
+def test_a_bench_does_not_replace_an_earlier_measurement(tmp_path):
+    earlier = tmp_path / "bench_decode.json"
+    earlier.write_text('{"earlier": true}')
+    out = run("tools/bench.py", "--bench=decode", f"--out_json={earlier}", check=False)
+    assert out.returncode == 2 and "--overwrite=True" in out.stderr and earlier.read_text() == '{"earlier": true}'

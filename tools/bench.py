@@ -72,6 +72,7 @@ device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto', 'bfloat16', 'float16', 'float32'
 threads = 0  # torch CPU threads (0 = torch's default)
 out_json = ""  # where the results are written ('' = bench_<bench>.json)
+overwrite = False  # may replace an existing out_json file (otherwise the bench is refused before it runs)
 # -----------------------------------------------------------------------------
 
 
@@ -431,8 +432,11 @@ def main() -> None:
     benches = {"decode": bench_decode, "train": bench_train, "generate": bench_generate, "quality": bench_quality}
     if bench not in benches:
         raise ConfigError(f"bench='{bench}' is not known: use one of {', '.join(benches)}")
-    result = benches[bench]()
     path = out_json or f"bench_{bench}.json"
+    if os.path.exists(path) and not overwrite:          # before the bench: it may take half an hour
+        raise ConfigError(f"{path} holds an earlier measurement: choose another --out_json, or replace it "
+                          "with --overwrite=True")
+    result = benches[bench]()
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"written to {path}")
