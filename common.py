@@ -13,7 +13,6 @@ Leaves out: Apple MPS, TPUs, model or pipeline parallelism.
 
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import re
@@ -32,6 +31,11 @@ from gates import attach_gates, gated_types
 from model_rnn import RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
 from tokenizer import pair_from_state, pair_state
+
+try:
+    import fcntl
+except ImportError:     # Windows: no lock against a second live run; the rest of claim_run_dir holds
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # where a run executes
@@ -192,7 +196,7 @@ def claim_run_dir(out_dir: str, new_run: bool, overwrite: bool = False, hint: st
     except OSError as e:
         raise ConfigError(f"cannot create out_dir '{out_dir}': {e.strerror or e}. Choose another --out_dir.") from None
     key = os.path.realpath(out_dir)
-    if key not in held_dirs:
+    if fcntl is not None and key not in held_dirs:
         lock = open(os.path.join(out_dir, "run.lock"), "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
