@@ -230,9 +230,9 @@ def what_run_dir_holds(out_dir: str) -> str:
     """'a run at step N (best validation BLEU B)' from its ckpt.pt, else the checkpoints' names."""
     names = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
     try:
-        state = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+        state = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
         return f"a run at step {state['step']} (best validation BLEU {state['best_bleu']:.2f}; {', '.join(names)})"
-    except Exception:  # noqa: BLE001 - no ckpt.pt, or not a readable one: name what is there
+    except (ConfigError, KeyError):     # no ckpt.pt, or not a readable one: name what is there
         return f"another run's {', '.join(names)}"
 
 

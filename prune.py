@@ -254,8 +254,11 @@ def plot_gates(out_dir: str, history: list, gate_types: list[str], n_head: int) 
 
 
 def setup_run(opts: dict) -> tuple:
-    """Check the knobs; load the checkpoint, its data and model: (source, data, model, rt)."""
+    """Check the knobs and name the run folder (opts["run_dir"]); load the checkpoint, its data and
+    model: (source, data, model, rt)."""
     opts["gate_types"] = [t.strip() for t in opts["gate_attn"].split(",") if t.strip()]
+    opts["run_dir"] = opts["out_dir"] or os.path.join(os.path.dirname(opts["ckpt"]) or ".",
+                                                      f"prune_{'_'.join(opts['gate_types'])}")
     if not opts["gate_types"] or any(kind not in KINDS for kind in opts["gate_types"]):
         raise ConfigError(f"gate_attn='{opts['gate_attn']}' is not known: use enc, dec, cross (comma-separated)")
     if opts["target_steer"] not in STEERS:
@@ -280,7 +283,7 @@ def main() -> None:
     total = sum(m.n_head for kind in opts["gate_types"] for m in model.attention_modules()[kind])
     if heads > total:
         raise ConfigError(f"--heads={heads}: the {'+'.join(opts['gate_types'])} attention has {total} heads")
-    run_dir = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
+    run_dir = opts["run_dir"]
     claim_run_dir(run_dir, True, overwrite, start=ckpt)
     original = {"params": model.num_params(), "validation": translate_split(model, data, "validation", rt),
                 "test": translate_split(model, data, "test", rt)}

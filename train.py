@@ -417,25 +417,28 @@ def build_model(cfg: dict, src_tok, tgt_tok, verbose: bool = True):
     raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
 
 
-def resumed_config(given: dict, resume: dict) -> dict:
-    """A resumed run goes on with its own configuration; its limits, intervals, device and precision
-    may be changed by naming them (e.g. --max_minutes=60 to extend it)."""
+def resumed_config(given: dict, resume: dict, out_dir: str) -> dict:
+    """A resumed run goes on with its own configuration, in out_dir, the folder it was read from
+    (not the one it was trained in, should the folder have moved); its limits, intervals, device and
+    precision may be changed by naming them (e.g. --max_minutes=60 to extend it)."""
     may_change = ("max_iters", "max_epochs", "max_minutes", "patience", "eval_interval", "log_interval", "device",
-                  "dtype", "plot", "out_dir")
+                  "dtype", "plot")
     own = {k: v for k, v in resume["train_config"].items() if k in DEFAULTS}   # (not knobs since removed)
-    ignored = [k for k, v in given.items() if k not in may_change and k != "init_from" and own.get(k, DEFAULTS[k]) != v]
+    ignored = [k for k, v in given.items()
+               if k not in (*may_change, "init_from", "out_dir") and own.get(k, DEFAULTS[k]) != v]
     if ignored:
         print(f"resuming with the run's own configuration: ignoring {', '.join(ignored)} "
               f"(a resumed run may change only {', '.join(may_change)})")
-    return {**DEFAULTS, **own, **{k: v for k, v in given.items() if k in may_change}, "init_from": "resume"}
+    return {**DEFAULTS, **own, **{k: v for k, v in given.items() if k in may_change}, "init_from": "resume",
+            "out_dir": out_dir}
 
 
 def main(argv: list[str] | None = None) -> RunState:
     cfg = dict(DEFAULTS)
     given = configure(cfg, argv, doc_files=(__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")))
     resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if cfg["init_from"] == "resume" else None
-    if resume is not None:                  # (in the folder it was read from, should the folder have moved)
-        cfg = {**resumed_config(given, resume), "out_dir": cfg["out_dir"]}
+    if resume is not None:
+        cfg = resumed_config(given, resume, cfg["out_dir"])
     if cfg["overfit_batches"]:
         cfg["dropout"] = 0.0
     rt = setup(cfg["device"], cfg["dtype"])

@@ -233,7 +233,7 @@ def main() -> None:
     if not targets and "l0" not in methods and {"importance", "random"} & set(methods):
         raise ConfigError("--method=importance/random needs --heads=K (or --method=l0,... to take the l0 runs' counts)")
     source, data, model, rt = prune.setup_run(opts)
-    base = out_dir or os.path.join(os.path.dirname(ckpt) or ".", f"prune_{'_'.join(opts['gate_types'])}")
+    base = opts["run_dir"]
     claim_run_dir(base, False)                      # no second study in this folder while this one runs
     if distill:                                     # before the importance score: it too sees the training data
         data = distilled(data, model, ckpt, base, rt, overwrite)
