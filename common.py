@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,9 +28,11 @@ import torch.distributed as dist
 
 from configurator import ConfigError
 from data import DataConfig, load_data
+from decoding import evaluate
 from gates import attach_gates, gated_types
 from model_rnn import RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
+from speed import speed_up
 from tokenizer import pair_from_state, pair_state
 
 try:
@@ -149,9 +152,12 @@ class Runtime:
         """The model in DistributedDataParallel under torchrun; as it is for one process."""
         if self.world_size == 1:
             return model
-        # a pruned model can leave whole parts without gradient (the encoder, if no cross-attention
-        # head is left): DDP must then look for unused parameters at every step
+        # a pruned model's empty weights (an attention with no head left) have nothing to learn: frozen,
+        # so that DDP does not wait for their gradients; other parts may get none (the encoder, if no
+        # cross-attention head is left): DDP must then look for unused parameters at every step
         pruned = any(p.numel() == 0 for p in model.parameters())
+        for p in model.parameters():
+            p.requires_grad_(p.requires_grad and p.numel() > 0)
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device] if self.device_type == "cuda" else None, find_unused_parameters=pruned)
 
@@ -236,6 +242,23 @@ def what_run_dir_holds(out_dir: str) -> str:
         return f"another run's {', '.join(names)}"
 
 
+def resumed_config(defaults: dict, given: dict, resume: dict, out_dir: str) -> dict:
+    """A resumed run goes on with its own configuration, in out_dir, the folder it was read from
+    (not the one it was trained in, should the folder have moved); its limits, intervals, device and
+    precision may be changed by naming them (e.g. --max_minutes=60 to extend it). defaults: every
+    knob of train.py with its default; given: the knobs named on the command line."""
+    may_change = ("max_iters", "max_epochs", "max_minutes", "patience", "eval_interval", "log_interval", "device",
+                  "dtype", "plot")
+    own = {k: v for k, v in resume["train_config"].items() if k in defaults}   # (not knobs since removed)
+    ignored = [k for k, v in given.items()
+               if k not in (*may_change, "init_from", "out_dir") and own.get(k, defaults[k]) != v]
+    if ignored:
+        print(f"resuming with the run's own configuration: ignoring {', '.join(ignored)} "
+              f"(a resumed run may change only {', '.join(may_change)})")
+    return {**defaults, **own, **{k: v for k, v in given.items() if k in may_change}, "init_from": "resume",
+            "out_dir": out_dir}
+
+
 class StopSignals:
     """While training runs, SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) only note their
     name: the loop finishes the step in flight, saves and exits, instead of losing the run."""
@@ -310,9 +333,11 @@ def load_checkpoint(path: str) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, verbose: bool = False):
-    """(model with its weights, source tokenizer, target tokenizer) from a checkpoint."""
+    """(model with its weights and speed.py's stand-ins, source tokenizer, target tokenizer) from a checkpoint."""
     model_class, config_class = MODELS[ckpt["kind"]]
-    model = model_class(config_class(**ckpt["model_config"]), verbose)
+    with warnings.catch_warnings():     # a pruned model's empty attention weights: their initialisation is a no-op
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        model = speed_up(model_class(config_class(**ckpt["model_config"]), verbose))
     if ckpt.get("gated"):
         attach_gates(model, ckpt["gated"])
     try:
@@ -374,6 +399,25 @@ def average_checkpoints(paths: list[str]) -> dict:
     keep = ("kind", "model_config", "tokenizers", "data_config", "train_config", "gated")
     return {**{k: first[k] for k in keep if k in first}, "model": weights, "step": last.get("step", 0),
             "averaged": list(paths)}
+
+
+def take_snapshot(model, data, cfg: dict, step: int) -> None:
+    """The weights at `step` into the run's snapshots for averaging, the last cfg["average_last"] kept."""
+    keep_snapshot(cfg["out_dir"], checkpoint_of(model, data.src_tok, data.tgt_tok, cfg, step=step), step,
+                  cfg["average_last"])
+
+
+def write_average(data, cfg: dict, rt: Runtime, log) -> None:
+    """avg.pt: the mean weights of the run's last average_last snapshots, validated like the run itself."""
+    steps, paths = zip(*snapshots(cfg["out_dir"])[-cfg["average_last"]:])
+    averaged = average_checkpoints(list(paths))
+    save_checkpoint(os.path.join(cfg["out_dir"], "avg.pt"), averaged)
+    ev = evaluate(model_from_checkpoint(averaged)[0].to(rt.device), data, cfg["batch_tokens"], rt.device, rt.amp,
+                  n_sentences=cfg["eval_sentences"])
+    log.record("average", f"avg.pt, the mean of {len(paths)} snapshots (steps {steps[0]}-{steps[-1]}): val loss "
+               f"{ev['loss']:.3f}, BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f}",
+               step=steps[-1], snapshots=len(paths), val_loss=ev["loss"], bleu=ev["bleu"], bleu_lc=ev["bleu_lc"],
+               chrf=ev["chrf"])
 
 
 # -----------------------------------------------------------------------------

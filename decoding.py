@@ -1,10 +1,8 @@
 """
 Turning a trained model into translations, for every model that has the shared interface
-(`encode`, `decode_step`, and `decode` for the uncached reference):
+(`encode` and `decode_step`):
 
     greedy(model, src, ...)          the most likely token at each step, with the model's cache
-    greedy_uncached(model, src, ...) the same, running the decoder over the whole prefix each
-                                     step (slow; the reference the cached version must equal)
     beam_search(model, src, ...)     the `beam` best prefixes at each step, GNMT length penalty
     translate(model, tokenizers, sentences)   raw text in, raw text out, in input order
     evaluate(model, data, ...)       loss and BLEU/chrF on a split (train.py's validation)
@@ -12,7 +10,8 @@ Turning a trained model into translations, for every model that has the shared i
 
 Memory and cache are whatever the model returns; decoding only needs every tensor in them to be
 batch-first, so `select_rows` can reorder them when beams are reselected (no model-type
-branches). Used by train.py (validation BLEU), sample.py and prune.py. Leaves out: sampling
+branches). Used by train.py (validation BLEU), sample.py and prune.py; the reference the cached
+greedy search must equal, decoding without a cache, is tools/reference.py's. Leaves out: sampling
 with temperature, ensembles.
 """
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from data import collate, make_batches
+from batching import collate, make_batches
 from loss import sequence_loss
 
 
@@ -54,24 +53,6 @@ def greedy(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_
     return torch.stack(out, dim=1), scores                              # (B, T), (B,)
 
 
-@torch.no_grad()
-def greedy_uncached(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int) -> torch.Tensor:
-    """Greedy decoding without a cache: the encoder runs once, but every step runs the decoder
-    over the whole prefix again (O(T^2) work; how decoding is often first written). Only the
-    last position is projected to the vocabulary, as in those first versions."""
-    B = src.shape[0]
-    memory = model.encode(src)
-    prefix = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
-    done = torch.zeros(B, dtype=torch.bool, device=src.device)
-    for _ in range(max_len):
-        y = model.decode(prefix, memory, last_only=True)[:, -1].argmax(dim=-1).masked_fill(done, pad_id)  # (B,)
-        prefix = torch.cat([prefix, y[:, None]], dim=1)
-        done |= y == eos_id
-        if done.all():
-            break
-    return prefix[:, 1:]
-
-
 def select_rows(tree, rows: torch.Tensor):
     """Index every tensor in a nest of dicts/tuples/lists by its first (batch) dimension;
     anything else (step counters, None) is kept as is. Reorders memory and cache in beam search."""
@@ -80,7 +61,8 @@ def select_rows(tree, rows: torch.Tensor):
     if isinstance(tree, dict):
         return {key: select_rows(value, rows) for key, value in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(select_rows(value, rows) for value in tree)
+        items = [select_rows(value, rows) for value in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)   # (a NamedTuple)
     return tree
 
 

@@ -7,8 +7,8 @@ Each gate z in [0, 1] multiplies one head's output. In training z is sampled fro
 clipped binary-concrete distribution, so it is exactly 0 or exactly 1 with non-zero probability
 and still differentiable in log_alpha; the expected number of open gates (the L0 norm) is a
 smooth function of log_alpha that a penalty pushes down (L0Penalty: lambda x L0, or a term
-that steers the expected count to K heads). attach_gates puts one gate per head into a model's
-attention modules (their `head_gate` slot); prune.py trains them. Leaves out: gates on other
+that steers the expected count to K heads). attach_gates puts one gate per head on a model's
+attention modules (set_head_gate: a hook on each out_proj); prune.py trains them. Leaves out: gates on other
 units (neurons, layers).
 """
 
@@ -55,6 +55,24 @@ class HardConcreteGate(nn.Module):
         return self.prob_open().sum()
 
 
+def set_head_gate(attn, gate) -> None:
+    """Put `gate` (a module, or any callable, returning (H,) multipliers) on one attention module,
+    or take its gate off (gate=None). Each head's output is scaled by its multiplier before
+    out_proj, whose input (B, T, H*Dh) holds the heads side by side: a forward pre-hook on
+    out_proj, so the model itself knows nothing of gates. The gate is kept as attn.head_gate: a
+    gate module's parameters are the model's, trained and saved with it."""
+    if getattr(attn, "gate_hook", None) is not None:
+        attn.gate_hook.remove()
+    attn.head_gate, attn.gate_hook = gate, None
+    if gate is None:
+        return
+
+    def scale_heads(out_proj, inputs: tuple) -> tuple:
+        x = inputs[0].unflatten(-1, (attn.n_head, attn.head_dim))      # (B, T, H, Dh)
+        return ((x * gate().to(x.dtype)[:, None]).flatten(-2),)         # one multiplier per head
+    attn.gate_hook = attn.out_proj.register_forward_pre_hook(scale_heads)
+
+
 def attach_gates(model, attn_types: list[str]) -> dict:
     """Put a gate of one value per head on every attention module of the given types (model.
     attention_modules(): 'enc', 'dec', 'cross'). Returns {type: [gate per layer]}."""
@@ -63,7 +81,7 @@ def attach_gates(model, attn_types: list[str]) -> dict:
     for kind in attn_types:
         gates[kind] = []
         for attn in modules[kind]:
-            attn.head_gate = HardConcreteGate(attn.n_head)
+            set_head_gate(attn, HardConcreteGate(attn.n_head))
             gates[kind].append(attn.head_gate)
     return gates
 
@@ -71,7 +89,7 @@ def attach_gates(model, attn_types: list[str]) -> dict:
 def gated_types(model) -> list[str]:
     """The attention types whose heads carry gates (a checkpoint written while gating records them)."""
     modules = model.attention_modules() if hasattr(model, "attention_modules") else {}
-    return [kind for kind, layers in modules.items() if any(m.head_gate is not None for m in layers)]
+    return [kind for kind, layers in modules.items() if any(getattr(m, "head_gate", None) is not None for m in layers)]
 
 
 def eval_gates(gates: dict) -> dict:
@@ -108,8 +126,8 @@ class L0Penalty:
     The translation loss, which wants heads open, holds s just above t, so the count does not
     overshoot; stiffness 1000: one head too many in 72 pulls with ~14.
 
-    The ramp lets the weights follow the gates (as in CoFi, Xia et al. 2022): aiming at K from the
-    first step closed all 24 encoder heads of the Multi30k model within 200 steps. The penalty also
+    The ramp lets the weights follow the gates (as in CoFi, Xia et al. 2022; docs/pruning.md shows
+    what aiming at K from the first step did). The penalty also
     tells the loop what to log (kept in `history` for the plots) and lets the gate logits learn
     gate_lr_scale times faster than the weights."""
 

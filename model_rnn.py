@@ -19,6 +19,7 @@ Leaves out: LSTMs, input feeding for Luong attention, coverage, scheduled-sampli
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,15 @@ class RNNConfig:
     share_src_tgt: bool = False       # one embedding for source and target (joint vocabulary)
     teacher_forcing: float = 1.0      # probability of feeding the true previous token in training
     embed_scale: bool = True          # multiply embeddings by sqrt(emb_dim) on the way in (see __init__)
+
+
+class Memory(NamedTuple):
+    """What the encoder hands the decoder; every tensor batch-first (beam search reorders rows)."""
+    outputs: torch.Tensor             # (B, S, Hx) encoder states, Hx = H or 2H (bidirectional); padding zeros
+    keys: torch.Tensor | None         # (B, S, H) the outputs projected for attention; None without attention
+    mask: torch.Tensor                # (B, S) True = a real source token
+    init: torch.Tensor                # (B, L, H) the first state of each decoder layer (the bridge's output)
+    summary: torch.Tensor             # (B, Hx) the final encoder state: Cho et al.'s c
 
 
 def reversed_order(lengths: torch.Tensor, S: int) -> torch.Tensor:
@@ -109,9 +119,8 @@ class Seq2SeqRNN(nn.Module):
         return table(ids) * self.emb_mult
 
     # --- encoder ---------------------------------------------------------------------------
-    def encode(self, src: torch.Tensor) -> tuple:
-        """src (B, S) -> memory: (outputs (B, S, Hx), keys (B, S, H) or None, mask (B, S),
-        init (B, L, H), summary (B, Hx)).
+    def encode(self, src: torch.Tensor) -> Memory:
+        """src (B, S) -> Memory(outputs, keys, mask, init, summary).
 
         Packed sequences: the GRU stops at each sentence's last real token, so padding never
         changes the final state; padded output positions are zeros and masked in attention.
@@ -131,30 +140,29 @@ class Seq2SeqRNN(nn.Module):
         summary = torch.cat([h_n[-dirs + d] for d in range(dirs)], dim=-1)  # top layer, (B, Hx)
         init = torch.tanh(self.enc_bridge(summary)).view(src.shape[0], self.cfg.n_dec_layer, -1)  # (B, L, H)
         keys = self.dec_key_proj(out) if self.cfg.attention != "none" else None
-        return out, keys, src_mask, init, summary
+        return Memory(out, keys, src_mask, init, summary)
 
     # --- attention -------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, memory: tuple) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, memory: Memory) -> torch.Tensor:
         """query (B, T, H) -> context (B, T, Hx) as a mask-aware weighted sum of encoder outputs."""
-        out, keys, src_mask = memory[:3]
+        keys = memory.keys
         if self.cfg.attention == "dot":                                     # score = s_t . (W h_j)
             scores = query @ keys.transpose(1, 2)                           # (B, T, S)
         else:                                                               # score = v^T tanh(W_s s + W_h h_j)
             scores = self.dec_score(torch.tanh(self.dec_query_proj(query)[:, :, None] + keys[:, None])).squeeze(-1)
-        scores = scores.masked_fill(~src_mask[:, None, :], float("-inf"))
+        scores = scores.masked_fill(~memory.mask[:, None, :], float("-inf"))
         weights = scores.softmax(dim=-1)                                    # (B, T, S), padding gets 0
         if self.record_weights:
             self.recorded.append(weights.detach())
-        return weights @ out                                                # (B, T, Hx)
+        return weights @ memory.outputs                                     # (B, T, Hx)
 
     def readout(self, states: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         h = states if context is None else torch.cat([states, context], dim=-1)
         return self.out_proj(self.dropout(torch.tanh(self.dec_readout(h))))  # (B, T, V)
 
     # --- decoder ---------------------------------------------------------------------------
-    def run_decoder(self, emb: torch.Tensor, memory: tuple, hidden: torch.Tensor, last_only: bool = False) -> tuple:
-        """emb (B, T, E) target embeddings, hidden (B, L, H) -> (logits (B, T, V), new hidden);
-        last_only: logits of the last position only, (B, 1, V)."""
+    def run_decoder(self, emb: torch.Tensor, memory: Memory, hidden: torch.Tensor) -> tuple:
+        """emb (B, T, E) target embeddings, hidden (B, L, H) -> (logits (B, T, V), new hidden)."""
         h0 = hidden.transpose(0, 1).contiguous()                            # GRU wants (L, B, H)
         if self.cfg.attention == "additive":      # the context depends on the previous state: step by step
             states, contexts = [], []
@@ -163,25 +171,19 @@ class Seq2SeqRNN(nn.Module):
                 step_out, h0 = self.decoder(torch.cat([emb[:, t:t + 1], contexts[-1]], dim=-1), h0)
                 states.append(step_out)
             states, context, h_n = torch.cat(states, dim=1), torch.cat(contexts, dim=1), h0
-            if last_only:
-                states, context = states[:, -1:], context[:, -1:]
         else:
             context = None
-            if self.cho:                                # the summary c (memory[4]) at every step
-                context = memory[4][:, None].expand(-1, emb.shape[1], -1)   # (B, T, Hx)
+            if self.cho:                                # the summary c at every step
+                context = memory.summary[:, None].expand(-1, emb.shape[1], -1)   # (B, T, Hx)
                 emb = torch.cat([emb, context], dim=-1)
             states, h_n = self.decoder(emb, h0)                             # all steps at once: (B, T, H)
-            if last_only:
-                states = states[:, -1:]
-                context = context[:, -1:] if context is not None else None
             if self.cfg.attention == "dot":
                 context = self.attend(states, memory)
         return self.readout(states, context), h_n.transpose(0, 1)
 
-    def decode(self, tgt_in: torch.Tensor, memory: tuple, last_only: bool = False) -> torch.Tensor:
-        """Teacher forcing from the start: tgt_in (B, T) -> logits (B, T, V), or (B, 1, V) for the
-        last position only (what uncached decoding needs)."""
-        return self.run_decoder(self.dropout(self.embed(self.tgt_embed, tgt_in)), memory, memory[3], last_only)[0]
+    def decode(self, tgt_in: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Teacher forcing from the start: tgt_in (B, T) -> logits (B, T, V)."""
+        return self.run_decoder(self.dropout(self.embed(self.tgt_embed, tgt_in)), memory, memory.init)[0]
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """src (B, S), tgt_in (B, T) -> logits (B, T, V). With teacher_forcing < 1 (training only),
@@ -189,7 +191,7 @@ class Seq2SeqRNN(nn.Module):
         memory = self.encode(src)
         if not self.training or self.cfg.teacher_forcing >= 1.0:
             return self.decode(tgt_in, memory)
-        hidden, y, logits = memory[3], tgt_in[:, 0], []
+        hidden, y, logits = memory.init, tgt_in[:, 0], []
         for t in range(tgt_in.shape[1]):
             step_logits, hidden = self.run_decoder(self.dropout(self.embed(self.tgt_embed, y[:, None])), memory, hidden)
             logits.append(step_logits)
@@ -199,9 +201,9 @@ class Seq2SeqRNN(nn.Module):
                 y = tgt_in[:, t + 1] if use_truth else step_logits[:, 0].argmax(-1)
         return torch.cat(logits, dim=1)
 
-    def decode_step(self, y: torch.Tensor, memory: tuple, cache: dict | None) -> tuple[torch.Tensor, dict]:
+    def decode_step(self, y: torch.Tensor, memory: Memory, cache: dict | None) -> tuple[torch.Tensor, dict]:
         """y (B,) previous token -> logits (B, V); the cache is {'hidden': (B, L, H)}."""
-        hidden = memory[3] if cache is None else cache["hidden"]
+        hidden = memory.init if cache is None else cache["hidden"]
         logits, hidden = self.run_decoder(self.embed(self.tgt_embed, y[:, None]), memory, hidden)
         return logits[:, 0], {"hidden": hidden}
 

@@ -2,24 +2,22 @@
 The encoder-decoder Transformer of "Attention Is All You Need" (Vaswani et al. 2017), written
 out so every step is visible: embeddings scaled by sqrt(D), sinusoidal positions, multi-head
 attention with explicit q/k/v projections, padding and causal masks, feed-forward blocks,
-residuals with pre-LN (default) or post-LN (the paper's) placement, tied embeddings.
+residuals with pre-LN (default) or post-LN (the paper's) placement, tied embeddings, and the
+key/value cache that makes decoding one token at a time cheap.
 
-Interface shared with model_rnn.py (train.py, decoding.py and prune.py rely on nothing else):
+The interface shared with model_rnn.py, all that train.py and decoding.py call:
     logits = model(src, tgt_in)                          # (B, T, V) teacher-forced training
     memory = model.encode(src)                           # anything whose tensors are batch-first
     logits = model.decode(tgt_in, memory)                # (B, T, V) for a given encoder memory
-                                                         # (last_only=True: (B, 1, V), the last position)
     logits, cache = model.decode_step(y, memory, cache)  # one target step, cache=None at start
     maps = model.attention_maps(src, tgt_in)             # {panel title: (B, T, S)} for plots
-    weights = model.attention_weights(src, tgt_in)       # (Transformer only) every head of every type
-Each attention module has a `head_gate` slot: a module returning one multiplier per head,
-applied to the head outputs before out_proj (none = all ones), where gates.attach_gates puts L0
-gates; a module may hold any number of heads (zero included) after pruning.
-Leaves out: relative positions, mixture-of-experts, flash kernels. Beam search: decoding.py.
+Chapters plug in from outside: speed.py swaps in faster modules that compute the same, and the
+pruning chapter gates heads through a hook on each attention's out_proj (gates.py) and builds
+models with fewer heads per layer (the *_heads fields), down to none.
+Leaves out: relative positions, mixture-of-experts, beam search (decoding.py).
 """
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +43,7 @@ class TransformerConfig:
     share_src_tgt: bool = False       # source and target share one embedding (needs a joint vocabulary)
     attn_impl: str = "auto"           # 'sdpa' (F.scaled_dot_product_attention), 'math' (explicit softmax), 'auto':
                                       # math on a CPU (there SDPA's fused backward was slower), sdpa elsewhere
-    # heads kept per layer after pruning; empty = n_head everywhere
+    # heads kept per layer after pruning (prune.py); empty = n_head everywhere
     enc_self_heads: list[int] = field(default_factory=list)
     dec_self_heads: list[int] = field(default_factory=list)
     dec_cross_heads: list[int] = field(default_factory=list)
@@ -61,112 +59,83 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
     return table
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout: zero each element with probability p, scale the others by 1 / (1 - p).
-
-    F.dropout's semantics (p rounded to a multiple of 1/65536), ~3x cheaper on a CPU, where one
-    random number per element is a large share of a step (docs/performance.md): one 64-bit random
-    number serves four elements, read as four 16-bit integers; an element is dropped when its
-    integer is among the lowest p * 65536. On a GPU F.dropout is one fused kernel and is used."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or p >= 1.0:
-        return F.dropout(x, p, training)
-    k = round(p * 65536)
-    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
-    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= k - 32768     # int16 spans -32768..32767
-    return x * (keep.to(x.dtype) * (65536 / (65536 - k)))
-
-
-class Dropout(nn.Module):
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
 class MultiHeadAttention(nn.Module):
-    """softmax(Q K^T / sqrt(Dh)) V for H heads in parallel, then out_proj."""
+    """softmax(Q K^T / sqrt(Dh)) V for H heads in parallel, then out_proj. Two uses: self-attention
+    (queries, keys and values from one sequence; causal in the decoder) and cross-attention (the
+    decoder's queries over the encoder's output)."""
 
     def __init__(self, d_model: int, n_head: int, head_dim: int, dropout: float):
         super().__init__()
-        self.n_head, self.head_dim, self.dropout = n_head, head_dim, dropout
-        with warnings.catch_warnings():   # n_head = 0 (pruned away) makes empty weights: nothing to initialise
-            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-            self.q_proj = nn.Linear(d_model, n_head * head_dim)
-            self.k_proj = nn.Linear(d_model, n_head * head_dim)
-            self.v_proj = nn.Linear(d_model, n_head * head_dim)
-            self.out_proj = nn.Linear(n_head * head_dim, d_model)
-        for p in self.parameters():       # empty after pruning: nothing to learn (DDP would wait for their gradients)
-            p.requires_grad_(p.numel() > 0)
-        self.head_gate: nn.Module | None = None   # returns (H,) multipliers; prune.py sets it
-        self.impl = "auto"
+        self.n_head, self.head_dim = n_head, head_dim
+        self.q_proj = nn.Linear(d_model, n_head * head_dim)
+        self.k_proj = nn.Linear(d_model, n_head * head_dim)
+        self.v_proj = nn.Linear(d_model, n_head * head_dim)
+        self.out_proj = nn.Linear(n_head * head_dim, d_model)
+        self.dropout = nn.Dropout(dropout)            # on the attention weights
+        self.impl = "auto"                            # TransformerConfig.attn_impl
+        self.record_weights = False                   # keep the weights of the last call (for plots)
         self.last_weights: torch.Tensor | None = None  # (B, H, T, S) when record_weights is on
-        self.record_weights = False
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
         return x.view(B, L, self.n_head, self.head_dim).transpose(1, 2)   # (B, L, H*Dh) -> (B, H, L, Dh)
 
-    def project(self, x: torch.Tensor, names: str) -> list[torch.Tensor]:
-        """The named projections of one input ('qkv' or 'kv'), split into heads, as one matrix product
-        with the weights stacked: one pass over x (and one bf16 cast of it) instead of three."""
-        layers = [getattr(self, f"{name}_proj") for name in names]
-        if x.shape[1] == 1:       # one cached decoding step: stacking the weights each step costs more than it saves
-            return [self.split_heads(layer(x)) for layer in layers]
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = torch.cat([layer.bias for layer in layers])
-        return [self.split_heads(t) for t in F.linear(x, weight, bias).chunk(len(names), dim=-1)]
+    def project_qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (B, L, D) -> queries, keys, values, each (B, H, L, Dh)."""
+        return [self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj)]
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None, mask: torch.Tensor | None = None,
-                causal: bool = False, cache: dict | None = None, cache_kind: str = "") -> torch.Tensor:
-        """x: (B, T, D) queries; kv: (B, S, D) keys/values source (None with a filled cache).
+    def project_kv(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (B, S, D) -> keys, values, each (B, H, S, Dh)."""
+        return [self.split_heads(proj(x)) for proj in (self.k_proj, self.v_proj)]
 
-        mask: (B, 1, 1, S) bool, True where a key may be attended (padding -> False).
-        causal: query t sees keys 0..t only. cache: dict for incremental decoding; with
-        cache_kind='self' new keys/values are appended to it, with 'cross' they are computed
-        once from the encoder output and reused at every step.
-        """
-        B, T, D = x.shape
-        if self.n_head == 0:          # every head pruned away: only the output bias is left
-            return self.out_proj.bias.expand(B, T, D)
-        if cache is None and kv is x:                                   # self-attention
-            q, k, v = self.project(x, "qkv")                              # (B, H, T, Dh) each
-        elif cache is None:                                               # cross-attention
-            q, (k, v) = self.split_heads(self.q_proj(x)), self.project(kv, "kv")   # k, v: (B, H, S, Dh)
-        elif cache_kind == "cross":
-            q = self.split_heads(self.q_proj(x))
-            if "k" not in cache:
-                cache["k"], cache["v"] = self.project(kv, "kv")
-            k, v = cache["k"], cache["v"]
-        else:                         # self-attention while decoding: append this step's keys/values
-            q, k_new, v_new = self.project(x, "qkv")
-            k = k_new if "k" not in cache else torch.cat([cache["k"], k_new], dim=2)
-            v = v_new if "v" not in cache else torch.cat([cache["v"], v_new], dim=2)
+    def self_attention(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                       cache: dict | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D), each position attending to the positions of x itself: those that
+        mask (B, 1, 1, T) allows (the encoder: real tokens), or with causal itself and those before it
+        (the decoder). While decoding, cache holds the keys and values of the steps so far, and this
+        step's are appended to it."""
+        q, k, v = self.project_qkv(x)                                    # (B, H, T, Dh) each
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)   # (B, H, t, Dh)
             cache["k"], cache["v"] = k, v
-            causal = False            # the cache only holds the past: nothing to hide
-        p_drop = self.dropout if self.training else 0.0
-        impl = self.impl if self.impl != "auto" else ("math" if x.device.type == "cpu" else "sdpa")
-        if impl == "sdpa" and not self.record_weights:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=causal)
+            causal = False                            # the cache holds only the past: nothing to hide
+        return self.attend(q, k, v, mask, causal)
+
+    def cross_attention(self, y: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+                        cache: dict | None = None) -> torch.Tensor:
+        """y (B, T, D) queries over memory (B, S, D), the encoder output; mask (B, 1, 1, S), True
+        where a key is a real token. While decoding, the memory's keys and values are computed
+        at the first step and kept in cache."""
+        q = self.split_heads(self.q_proj(y))                             # (B, H, T, Dh)
+        if cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
         else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)   # (B, H, T, S)
-            if causal:
-                S = k.shape[2]
-                future = torch.ones(T, S, dtype=torch.bool, device=x.device).triu(S - T + 1)
+            k, v = self.project_kv(memory)                               # (B, H, S, Dh) each
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+        return self.attend(q, k, v, mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               causal: bool = False) -> torch.Tensor:
+        """q (B, H, T, Dh) over k, v (B, H, S, Dh) -> (B, T, D): the heads side by side, then out_proj."""
+        B, H, T, Dh = q.shape
+        impl = self.impl if self.impl != "auto" else ("math" if q.device.type == "cpu" else "sdpa")
+        if impl == "sdpa" and not self.record_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 dropout_p=self.dropout.p if self.training else 0.0)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(Dh)                # (B, H, T, S)
+            if causal:                                                      # (T = S) query t sees keys 0..t
+                future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
                 scores = scores.masked_fill(future, float("-inf"))
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            weights = scores.softmax(dim=-1)                             # (B, H, T, S), rows sum to 1
+                scores = scores.masked_fill(~mask, float("-inf"))          # padded keys
+            weights = scores.softmax(dim=-1)                                # (B, H, T, S), rows sum to 1
             if self.record_weights:
                 self.last_weights = weights.detach()
-            out = dropout(weights, p_drop, self.training) @ v             # (B, H, T, Dh)
-        if self.head_gate is not None:
-            out = out * self.head_gate().to(out.dtype).view(1, -1, 1, 1)  # one multiplier per head
-        out = out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*Dh)
-        return self.out_proj(out)
+            out = self.dropout(weights) @ v                                 # (B, H, T, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh))    # (B, T, H*Dh) -> (B, T, D)
 
 
 class FeedForward(nn.Module):
@@ -174,23 +143,19 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(d_model, d_ff)
         self.down = nn.Linear(d_ff, d_model)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.dropout(F.relu(self.up(x))))
 
 
 class Residual(nn.Module):
-    """x + dropout(f(norm(x))) with pre-LN, or norm(x + dropout(f(x))) with post-LN.
+    """x + dropout(f(norm(x))) with pre-LN, or norm(x + dropout(f(x))) with post-LN."""
 
-    f_ignores_input: f is an attention whose heads were all pruned (it returns its output bias),
-    so with pre-LN the norm gets no gradient; it is frozen (DDP would wait for its gradients)."""
-
-    def __init__(self, d_model: int, dropout: float, pre_norm: bool, f_ignores_input: bool = False):
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.norm.requires_grad_(not (pre_norm and f_ignores_input))
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
@@ -205,11 +170,11 @@ class EncoderLayer(nn.Module):
         Dh = cfg.d_model // cfg.n_head
         self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.attn_dropout)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.ff_dropout)
-        self.res_attn = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_self == 0)
+        self.res_attn = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
         self.res_ff = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        x = self.res_attn(x, lambda h: self.self_attn(h, h, src_mask))
+        x = self.res_attn(x, lambda h: self.self_attn.self_attention(h, src_mask))
         return self.res_ff(x, self.ff)
 
 
@@ -220,8 +185,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.attn_dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, n_cross, Dh, cfg.attn_dropout)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.ff_dropout)
-        self.res_self = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_self == 0)
-        self.res_cross = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm, f_ignores_input=n_cross == 0)
+        self.res_self = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
+        self.res_cross = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
         self.res_ff = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
 
     def forward(self, y: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
@@ -229,9 +194,8 @@ class DecoderLayer(nn.Module):
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
-        y = self.res_self(y, lambda h: self.self_attn(h, h, causal=True, cache=self_cache, cache_kind="self"))
-        y = self.res_cross(y, lambda h: self.cross_attn(h, memory, src_mask, cache=cross_cache,
-                                                        cache_kind="cross"))
+        y = self.res_self(y, lambda h: self.self_attn.self_attention(h, causal=True, cache=self_cache))
+        y = self.res_cross(y, lambda h: self.cross_attn.cross_attention(h, memory, src_mask, cross_cache))
         return self.res_ff(y, self.ff)
 
 
@@ -249,7 +213,7 @@ class Transformer(nn.Module):
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab, cfg.d_model)
         self.src_embed = self.tgt_embed if cfg.share_src_tgt else nn.Embedding(cfg.src_vocab, cfg.d_model)
         self.register_buffer("positions", sinusoidal_positions(4096, cfg.d_model), persistent=False)
-        self.embed_dropout = Dropout(cfg.dropout)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg, h) for h in heads(cfg.enc_self_heads, cfg.n_enc_layer))
         self.decoder = nn.ModuleList(
             DecoderLayer(cfg, hs, hc) for hs, hc in zip(heads(cfg.dec_self_heads, cfg.n_dec_layer),
@@ -271,7 +235,7 @@ class Transformer(nn.Module):
         # close to ln V (uniform guessing) instead of far above it.
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.cfg.d_model ** -0.5)
-        elif isinstance(module, nn.Linear) and module.weight.numel() > 0:   # (a pruned-away attention is empty)
+        elif isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -288,18 +252,14 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def attention_weights(self, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """Every head's attention while reading tgt_in with teacher forcing: {'enc': [(B, H, S, S)
-        per layer], 'dec': [(B, H, T, T)], 'cross': [(B, H, T, S)]}, queries by keys; padded keys get
-        0. A module whose heads were all pruned gives a (B, 0, ., .) tensor."""
+        per layer], 'dec': [(B, H, T, T)], 'cross': [(B, H, T, S)]}, queries by keys; padded keys get 0."""
         modules = self.attention_modules()
         for layers in modules.values():
             for m in layers:
                 m.record_weights, m.last_weights = True, None
-        B, S, T = src.shape[0], src.shape[1], tgt_in.shape[1]
-        shape = {"enc": (S, S), "dec": (T, T), "cross": (T, S)}
         try:
             self(src, tgt_in)
-            return {kind: [m.last_weights if m.n_head else src.new_zeros((B, 0, *shape[kind]), dtype=torch.float)
-                           for m in layers] for kind, layers in modules.items()}
+            return {kind: [m.last_weights for m in layers] for kind, layers in modules.items()}
         finally:
             for layers in modules.values():
                 for m in layers:
@@ -330,10 +290,8 @@ class Transformer(nn.Module):
             x = layer(x, src_mask)
         return self.enc_norm(x), src_mask
 
-    def decode(self, tgt_in: torch.Tensor, memory: tuple, cache: dict | None = None,
-               last_only: bool = False) -> torch.Tensor:
-        """tgt_in (B, T) -> logits (B, T, V); with a cache, tgt_in holds only the new positions;
-        last_only: logits of the last position only, (B, 1, V)."""
+    def decode(self, tgt_in: torch.Tensor, memory: tuple, cache: dict | None = None) -> torch.Tensor:
+        """tgt_in (B, T) -> logits (B, T, V); with a cache, tgt_in holds only the new positions."""
         enc_out, src_mask = memory
         start = cache.get("length", 0) if cache is not None else 0
         y = self.embed(self.tgt_embed, tgt_in, start)
@@ -341,8 +299,6 @@ class Transformer(nn.Module):
             y = layer(y, enc_out, src_mask, None if cache is None else cache.setdefault(i, {}))
         if cache is not None:
             cache["length"] = start + tgt_in.shape[1]
-        if last_only:
-            y = y[:, -1:]
         return self.out_proj(self.dec_norm(y))                            # (B, T, V)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:

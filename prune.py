@@ -19,6 +19,7 @@ distillation: tools/prune_study.py. Leaves out: pruning feed-forward units or la
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -30,7 +31,8 @@ from data import DataError
 from decoding import score, translate
 from gates import STEERS, L0Penalty, attach_gates, eval_gates
 from model_transformer import Transformer, TransformerConfig
-from train import run_progress, train_loop
+from speed import speed_up
+from train import make_optimizer, run_progress, train_loop
 
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # the trained Transformer checkpoint to prune
@@ -64,14 +66,16 @@ def prune_heads(model, gate_values: dict) -> tuple[Transformer, dict]:
     For each gated attention module with gate values z (H,): keep the heads with z > 0, slice their
     rows of q/k/v_proj and their columns of out_proj, and fold z into those columns
     (out_proj(z_h * head_h) = (out_proj columns * z_h) head_h). No head left: out_proj is empty and
-    the module returns its bias, as the gated module does with all gates at 0. Returns the model
-    and its keep-set {type: [[kept head indices] per layer]}."""
+    the module computes its bias alone, as the gated module does with all gates at 0. Returns the
+    model and its keep-set {type: [[kept head indices] per layer]}."""
     modules = model.attention_modules()
     keep = {kind: [[h for h in range(m.n_head) if kind not in gate_values or gate_values[kind][i][h] > 0]
                    for i, m in enumerate(modules[kind])] for kind in modules}
     cfg = {**asdict(model.cfg), "enc_self_heads": [len(k) for k in keep["enc"]],
            "dec_self_heads": [len(k) for k in keep["dec"]], "dec_cross_heads": [len(k) for k in keep["cross"]]}
-    pruned = Transformer(TransformerConfig(**cfg), verbose=False)
+    with warnings.catch_warnings():        # an attention with no head left has empty weights: nothing to initialise
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        pruned = speed_up(Transformer(TransformerConfig(**cfg), verbose=False))
     state = {k: v for k, v in model.state_dict().items() if "head_gate" not in k}
     prefix = {id(m): name for name, m in model.named_modules()}
     for kind in modules:
@@ -95,16 +99,18 @@ def run_limits(opts: dict) -> dict:
             "max_minutes": 0.0 if opts["max_iters"] else opts["max_minutes"]}
 
 
-def finetune(model, source: dict, data, opts: dict, run_dir: str, rt: Runtime, penalty=None) -> int:
-    """Train a gated or a pruned model with train.py's loop for one run's budget (the original run's
-    data, batches, dropout and smoothing; pruning's seed, learning rate and limits; no early
-    stopping, no averaging) in run_dir; returns the steps taken."""
+def train_budget(model, source: dict, data, opts: dict, run_dir: str, rt: Runtime, penalty=None) -> int:
+    """Train a model with train.py's loop for one run's budget in run_dir: the gated model with the
+    L0 penalty, or the pruned one without (the original run's data, batches, dropout and
+    smoothing; pruning's seed, learning rate and limits; no early stopping, no averaging).
+    Returns the steps taken."""
     cfg = {**source["train_config"], "init_from": opts["ckpt"], "out_dir": run_dir, "overfit_batches": 0,
            "seed": opts["seed"], "patience": 0, "average_last": 0, **run_limits(opts),
            **{k: opts[k] for k in ("learning_rate", "warmup_frac", "log_interval", "eval_interval", "eval_sentences",
                                    "device", "dtype")}}
     os.makedirs(run_dir, exist_ok=True)
-    return train_loop(model, data, cfg, rt, penalty=penalty).step
+    optimizer = make_optimizer(model, cfg, penalty.lr_scale if penalty is not None else None)
+    return train_loop(model, optimizer, data, cfg, rt, penalty=penalty).step
 
 
 def kept_gates(gates: dict, k: int) -> dict:
@@ -118,10 +124,9 @@ def kept_gates(gates: dict, k: int) -> dict:
             for kind, layers in eval_gates(gates).items()}
 
 
-def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float, target: int | None,
-           finetune_after: bool = True) -> tuple:
-    """Gate, train, prune, and fine-tune the pruned model: (pruned model, keep-set, report). With a
-    lambda the heads whose deterministic gate is above 0 are kept, with a target the K most open."""
+def gate_and_remove(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float, target: int | None) -> tuple:
+    """Gate, train with the penalty, remove the closed heads: (pruned model, keep-set, report). With
+    a lambda the heads whose deterministic gate is above 0 are kept, with a target the K most open."""
     model = model_from_checkpoint(source)[0]
     gates = attach_gates(model, opts["gate_types"])
     model.to(rt.device)                                  # with its new gates
@@ -132,7 +137,7 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
     what = f"lambda {lam:g}" if target is None else f"a target of {target} heads"
     print(f"\n== l0, {what}: gating {', '.join(opts['gate_types'])} heads ({model.num_params() / 1e6:.2f}M parameters)")
     penalty.log(0)
-    steps = finetune(model, source, data, opts, run_dir, rt, penalty)
+    steps = train_budget(model, source, data, opts, run_dir, rt, penalty)
     penalty.log(steps)
     report = {"method": "l0", "steps": steps, "gated_validation": translate_split(model, data, "validation", rt),
               "gated_test": translate_split(model, data, "test", rt), **({"lambda": lam} if target is None else {})}
@@ -140,10 +145,13 @@ def run_l0(source: dict, data, opts: dict, run_dir: str, rt: Runtime, lam: float
     report["gate_values"] = {k: [zi.tolist() for zi in v] for k, v in z.items()}
     pruned, keep = prune_heads(model.cpu(), {k: [zi.cpu() for zi in v] for k, v in z.items()})
     report["plots"] = plot_gates(run_dir, penalty.history, opts["gate_types"], model.cfg.n_head)
-    if finetune_after:
-        print(f"\n== l0: {heads_kept(keep, opts['gate_types'])} heads kept, then fine-tuned for as long")
-        report["finetune_steps"] = finetune(pruned.to(rt.device), source, data, opts, os.path.join(run_dir, "finetune"), rt)
     return pruned, keep, report
+
+
+def finetune_pruned(pruned, keep: dict, report: dict, source: dict, data, opts: dict, run_dir: str, rt: Runtime) -> None:
+    """Fine-tune the pruned model for as long as the gating took, in run_dir/finetune."""
+    print(f"\n== l0: {heads_kept(keep, opts['gate_types'])} heads kept, then fine-tuned for as long")
+    report["finetune_steps"] = train_budget(pruned.to(rt.device), source, data, opts, os.path.join(run_dir, "finetune"), rt)
 
 
 @torch.no_grad()
@@ -160,9 +168,10 @@ def heads_kept(keep: dict, kinds: list[str]) -> int:
 
 
 def finish(pruned, keep: dict, report: dict, original: dict, source: dict, data, opts: dict, run_dir: str,
-           rt: Runtime) -> dict:
+           rt: Runtime, title: str = "", last_row: str = "pruned") -> dict:
     """Score the pruned model, save it as pruned.pt, then its report (prune_report.json, written last:
-    its presence marks a finished run) and test translations; print the report."""
+    its presence marks a finished run) and test translations; print the report (print_report's
+    title and last_row; the title describe(report) unless given)."""
     pruned.to(rt.device).eval()
     report.update(heads=heads_kept(keep, opts["gate_types"]), gate_attn=opts["gate_types"],
                   original_validation=original["validation"], original_test=original["test"],
@@ -178,7 +187,7 @@ def finish(pruned, keep: dict, report: dict, original: dict, source: dict, data,
         f.write("\n".join(report["pruned_test"]["hyps"]) + "\n")
     with open(os.path.join(run_dir, "prune_report.json"), "w") as f:
         json.dump(without_hyps(report), f, indent=1)
-    print_report(report, keep, pruned.cfg.n_head)
+    print_report(report, keep, pruned.cfg.n_head, title or describe(report), last_row)
     return report
 
 
@@ -190,14 +199,14 @@ def without_hyps(tree):
 
 
 def describe(r: dict) -> str:
-    if r["method"] == "l0":
-        return f"l0, lambda {r['lambda']:g}" if "lambda" in r else f"l0, {r['heads']} heads asked"
-    return r["method"] + (f", seed {r['seed']}" if "seed" in r else "")
+    return f"l0, lambda {r['lambda']:g}" if "lambda" in r else f"l0, {r['heads']} heads asked"
 
 
-def print_report(r: dict, keep: dict, n_head: int) -> None:
+def print_report(r: dict, keep: dict, n_head: int, title: str, last_row: str = "pruned") -> None:
+    """The heads kept per type and layer, the parameters, and BLEU/chrF of the original, gated and
+    pruned models (last_row: the pruned model's label)."""
     finetuned = f" + {r['finetune_steps']} fine-tuning after removal" if "finetune_steps" in r else ""
-    print(f"\n== pruning report ({describe(r)}, {r['steps']} steps{finetuned})")
+    print(f"\n== pruning report ({title}, {r['steps']} steps{finetuned})")
     n_cols = max(len(layers) for layers in keep.values())       # heads kept per type (rows) and layer
     print(f"{'type':<6}" + "".join(f"{f'layer {i}':>9}" for i in range(n_cols)) + f"{'kept':>9}")
     for kind, layers in keep.items():
@@ -209,7 +218,7 @@ def print_report(r: dict, keep: dict, n_head: int) -> None:
     for name in ("original", "gated", "pruned"):
         if f"{name}_test" in r:
             v, t = r[f"{name}_validation"], r[f"{name}_test"]
-            label = "trained on" if name == "pruned" and r["method"] == "unpruned" else name
+            label = last_row if name == "pruned" else name
             print(f"{label:<10}{v['bleu']:>10.2f}{t['bleu']:>11.2f}{t['chrf']:>11.2f}")
     print(f"saved {r['checkpoint']}" + (f"; plots: {', '.join(r['plots'])}" if "plots" in r else ""))
 
@@ -287,7 +296,8 @@ def main() -> None:
     claim_run_dir(run_dir, True, overwrite, start=ckpt)
     original = {"params": model.num_params(), "validation": translate_split(model, data, "validation", rt),
                 "test": translate_split(model, data, "test", rt)}
-    pruned, keep, report = run_l0(source, data, opts, run_dir, rt, l0_lambda, heads or None)
+    pruned, keep, report = gate_and_remove(source, data, opts, run_dir, rt, l0_lambda, heads or None)
+    finetune_pruned(pruned, keep, report, source, data, opts, run_dir, rt)
     finish(pruned, keep, report, original, source, data, opts, run_dir, rt)
 
 

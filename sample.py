@@ -57,10 +57,12 @@ def read_lines(path: str, what: str) -> list[str]:
         raise ConfigError(f"{what} file '{path}' is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
 
 
-def write_attention_plot(model, src_tok, tgt_tok, text: str, path: str, device: str) -> str:
-    """Decode one sentence (greedy, or beam search with --beam) and draw the decoder's attention
+def write_attention_plot(model, src_tok, tgt_tok, text: str, path: str, device: str, beam: int = 1,
+                         alpha: float = 0.6, max_src_len: int = 256, max_len_a: float = 1.5, max_len_b: int = 10) -> str:
+    """Decode one sentence (greedy, or beam search with beam > 1) and draw the decoder's attention
     over the source while it produced that output: one panel per layer and head (Transformer),
-    one panel (RNN with attention). Rows are the generated pieces, columns the source pieces."""
+    one panel (RNN with attention). Rows are the generated pieces, columns the source pieces.
+    Returns the translation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -152,7 +154,8 @@ def main() -> None:
     if plot_attention:
         if not sources or not sources[0].strip():
             raise ConfigError("--plot_attention needs a sentence: give --text, --input, --split or stdin")
-        write_attention_plot(model, src_tok, tgt_tok, prepare(sources[:1])[0], plot_attention, dev)
+        write_attention_plot(model, src_tok, tgt_tok, prepare(sources[:1])[0], plot_attention, dev, beam, alpha,
+                             max_src_len, max_len_a, max_len_b)
         log(f"attention of the first sentence written to {plot_attention}")
 
     t0 = time.time()

@@ -17,15 +17,17 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from common import (RunLog, Runtime, StepLog, StopSignals, average_checkpoints, checkpoint_of, claim_run_dir,
-                    keep_snapshot, load_checkpoint, model_from_checkpoint, plot_log, printable, progress_bar,
-                    save_checkpoint, setup, snapshots)
+from batching import TrainBatches
+from common import (RunLog, Runtime, StepLog, StopSignals, checkpoint_of, claim_run_dir, load_checkpoint,
+                    model_from_checkpoint, plot_log, printable, progress_bar, resumed_config, save_checkpoint, setup,
+                    take_snapshot, write_average)
 from configurator import ConfigError, configure, knob_names, main_guard
-from data import DataConfig, DataError, TrainBatches, load_data
+from data import DataConfig, DataError, load_data
 from decoding import evaluate
 from loss import sequence_loss
 from model_rnn import RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
+from speed import speed_up
 
 # -----------------------------------------------------------------------------
 # knobs: defaults here, overridden by config/<name>.py, then by --key=value; python train.py -h
@@ -174,17 +176,10 @@ def grad_norms(model) -> torch.Tensor:
 
 
 def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: dict, rt: Runtime,
-               penalty=None, loss_fn=None) -> dict:
+               penalty=None) -> dict:
     """One optimizer step over this process's `grad_accum` micro-batches of the global batch:
-    forward, loss, backward for each; then unscale (fp16), gradient norms, clipping, update.
-
-    Returns `loss` (label-smoothed, per target token of the global batch, without the penalty),
-    `tokens`, the gradient norms before clipping (`gnorm`, `gnorm_enc`, `gnorm_dec`), and `update`:
-    'done'; 'skipped' (a non-finite loss, or non-finite gradients that loss scaling cannot explain:
-    a bad step); or 'overflow' (fp16 loss scaling overflowed: routine while the scaler finds its
-    scale; it skips the update and lowers the scale). Everything is read back from the device once.
-    loss_fn: the summed training loss, loss.sequence_loss unless given (tools/bench.py gives another)."""
-    raw = getattr(model, "module", model)       # the model itself, also when DDP wraps it
+    forward, loss and backward for each, then update(). penalty: a callable whose tensor is added
+    to the loss (prune.py's L0 penalty on its gates)."""
     smoothing = 0.0 if cfg["overfit_batches"] else cfg["label_smoothing"]
     # divide by the target tokens of the whole global batch, as one process taking all of it would
     n_tok = rt.all_sum(sum((b[2] != pad_id).sum() for b in micro_batches).to(rt.device, torch.float32))
@@ -195,11 +190,23 @@ def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: 
         with model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext():
             with rt.amp:
                 logits = model(src, tgt_in)                                   # (B, T, V)
-            share = (loss_fn or sequence_loss)(logits, tgt_out, pad_id, smoothing) / n_tok   # of the batch mean
+            share = sequence_loss(logits, tgt_out, pad_id, smoothing) / n_tok   # of the batch mean
             loss_sum += share.detach()
             # DDP averages gradients over processes; * world_size makes them the global batch mean's
             loss = share * rt.world_size + (penalty() if penalty is not None and i == 0 else 0.0)
             (scaler.scale(loss) if scaler is not None else loss).backward()
+    return update(model, optimizer, scaler, loss_sum, n_tok, cfg, rt)
+
+
+def update(model, optimizer, scaler, loss_sum: torch.Tensor, n_tok: torch.Tensor, cfg: dict, rt: Runtime) -> dict:
+    """The step's second half, once the gradients are in: unscale (fp16), gradient norms, clipping,
+    the optimizer's update. Returns `loss` (label-smoothed, per target token of the global batch,
+    without the penalty), `tokens`, the gradient norms before clipping (`gnorm`, `gnorm_enc`,
+    `gnorm_dec`), and `update`: 'done'; 'skipped' (a non-finite loss, or non-finite gradients that
+    loss scaling cannot explain: a bad step); or 'overflow' (fp16 loss scaling overflowed: routine
+    while the scaler finds its scale; it skips the update and lowers the scale). Everything is read
+    back from the device once."""
+    raw = getattr(model, "module", model)       # the model itself, also when DDP wraps it
     if scaler is not None:
         scaler.unscale_(optimizer)                  # the true gradients, for the norms and clipping
     norms = grad_norms(raw)
@@ -264,28 +271,8 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, ex
     return improved
 
 
-def write_average(raw, data, cfg: dict, rt: Runtime, log: RunLog, run: RunState) -> None:
-    """avg.pt: the mean weights of the last average_last snapshots (the final weights the last of
-    them), validated like the run itself."""
-    if run.step % (cfg["average_every"] or cfg["eval_interval"]):
-        keep_snapshot(cfg["out_dir"], checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, step=run.step),
-                      run.step, cfg["average_last"])
-    steps, paths = zip(*snapshots(cfg["out_dir"])[-cfg["average_last"]:])
-    averaged = average_checkpoints(list(paths))
-    save_checkpoint(os.path.join(cfg["out_dir"], "avg.pt"), averaged)
-    ev = evaluate(model_from_checkpoint(averaged)[0].to(rt.device), data, cfg["batch_tokens"], rt.device, rt.amp,
-                  n_sentences=cfg["eval_sentences"])
-    log.record("average", f"avg.pt, the mean of {len(paths)} snapshots (steps {steps[0]}-{steps[-1]}): val loss "
-               f"{ev['loss']:.3f}, BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f}",
-               step=steps[-1], snapshots=len(paths), val_loss=ev["loss"], bleu=ev["bleu"], bleu_lc=ev["bleu_lc"],
-               chrf=ev["chrf"])
-
-
-def start_or_resume(raw, cfg: dict, rt: Runtime, resume: dict | None, penalty) -> tuple:
-    """(optimizer, fp16 loss scaler or None, RunState): new ones, or as the checkpoint `resume` left them."""
-    optimizer, scaler = make_optimizer(raw, cfg, getattr(penalty, "lr_scale", None)), rt.grad_scaler()
-    if resume is None:
-        return optimizer, scaler, RunState()
+def resume_state(optimizer, scaler, resume: dict) -> RunState:
+    """Load the optimizer moments and fp16 loss scale of the checkpoint `resume`; return where its run stood."""
     try:
         optimizer.load_state_dict(resume["optimizer"])
     except ValueError as e:
@@ -293,7 +280,7 @@ def start_or_resume(raw, cfg: dict, rt: Runtime, resume: dict | None, penalty) -
                           "start a new run from it instead: --init_from=PATH") from None
     if scaler is not None and resume.get("scaler"):
         scaler.load_state_dict(resume["scaler"])
-    return optimizer, scaler, RunState(**{f.name: resume[f.name] for f in fields(RunState) if f.name in resume})
+    return RunState(**{f.name: resume[f.name] for f in fields(RunState) if f.name in resume})
 
 
 class Diverged(Exception):
@@ -311,24 +298,25 @@ def count_bad_step(run: RunState, lr: float, out: dict, log: RunLog) -> None:
 # -----------------------------------------------------------------------------
 # the training loop
 
-def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, penalty=None) -> RunState:
+def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | None = None, penalty=None) -> RunState:
     """Train from scratch, or from where the checkpoint `resume` stopped, until a limit, early
     stopping or a signal; return where the run stands. Every eval_interval steps and at the end:
     validate, write ckpt.pt (and best.pt when BLEU improved); on a signal, write ckpt.pt and stop.
 
-    model may be wrapped in DDP. penalty (prune.py's L0 gates): a callable whose tensor is added to
-    every step's loss, with log(step) giving {name: value} for the log (lists and dicts go to
-    log.jsonl only) and lr_scale {parameter-name suffix: learning-rate multiplier} for its parameters."""
+    model may be wrapped in DDP; optimizer: make_optimizer's, or any whose param groups may carry an
+    `lr_scale` multiplier of the schedule's rate. penalty (prune.py's L0 gates): a callable whose
+    tensor is added to every step's loss, with log(step) giving {name: value} for the log."""
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
-    raw, pad_id = getattr(model, "module", model), data.tgt_tok.pad_id
-    optimizer, scaler, run = start_or_resume(raw, cfg, rt, resume, penalty)
+    raw, pad_id, scaler = getattr(model, "module", model), data.tgt_tok.pad_id, rt.grad_scaler()
+    run = RunState() if resume is None else resume_state(optimizer, scaler, resume)
     batches = TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"], rt.rank, rt.world_size)
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None,
                  resume_step=run.step if resume is not None else None)
-    steps_log, extra = StepLog(log, data.src_tok.pad_id, pad_id), lambda: penalty.log(run.step) if penalty else {}
+    steps_log = StepLog(log, data.src_tok.pad_id, pad_id)
+    penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
     snapshot_every = cfg["average_every"] or cfg["eval_interval"]
 
     def save(improved: bool = False) -> None:       # process 0 writes ckpt.pt, and best.pt if BLEU improved
@@ -337,7 +325,7 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
                                   scaler=scaler.state_dict() if scaler is not None else None,
                                   world_size=rt.world_size, **asdict(run))
             save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
-            if improved and penalty is None:        # (a gated run's best BLEU is its least pruned model)
+            if improved and penalty is None:        # (with a penalty the best BLEU comes before it bites)
                 save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), state)
 
     model.train()
@@ -357,7 +345,7 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
                 break
             lr = lr_at(run_progress(run.step, epochs, run.minutes, cfg), cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             # a step's random draws (dropout, teacher forcing, gate noise) come from a seed of (seed,
             # process, step): a resumed run draws what the uninterrupted one drew, with no state to save
             torch.manual_seed(hash((cfg["seed"], rt.rank, run.step)) % 2**63)
@@ -372,22 +360,26 @@ def train_loop(model, data, cfg: dict, rt: Runtime, resume: dict | None = None, 
             run.step, run.bad_steps = run.step + 1, 0
             steps_log.add(run, lr, out, micro_batches, run_progress(run.step, epochs, run.minutes, cfg))
             if run.step % cfg["log_interval"] == 0 or run.step == 1:
-                steps_log.write(run, epochs, lr, out, extra())
-            if cfg["average_last"] > 1 and rt.master and run.step % snapshot_every == 0:   # before validating:
-                keep_snapshot(cfg["out_dir"], checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, step=run.step),
-                              run.step, cfg["average_last"])                           # a kill between redoes both
+                steps_log.write(run, epochs, lr, out, penalty_values())
+            if cfg["average_last"] > 1 and rt.master and run.step % snapshot_every == 0:
+                take_snapshot(raw, data, cfg, run.step)         # before validating: a kill between redoes both
             if run.step % cfg["eval_interval"] == 0:
                 with steps_log.paused():                        # tokens/s: training time only
-                    save(validate(raw, data, cfg, rt, run, log, extra()))
+                    improved = validate(raw, data, cfg, rt, run, log, penalty_values())
+                    save(improved)
     steps_log.close()
     log.say(f"stopping: {stop}")
     if signalled:
         save()
         log.say(f"saved {os.path.join(cfg['out_dir'], 'ckpt.pt')}; continue with --init_from=resume")
-    elif run.step % cfg["eval_interval"]:                         # the final evaluation and checkpoint
-        save(validate(raw, data, cfg, rt, run, log, extra()))
-    if cfg["average_last"] > 1 and rt.master and not signalled:
-        write_average(raw, data, cfg, rt, log, run)
+        return run
+    if run.step % cfg["eval_interval"]:                           # the final evaluation and checkpoint
+        improved = validate(raw, data, cfg, rt, run, log, penalty_values())
+        save(improved)
+    if cfg["average_last"] > 1 and rt.master:
+        if run.step % snapshot_every:
+            take_snapshot(raw, data, cfg, run.step)             # the final weights are the last snapshot
+        write_average(data, cfg, rt, log)
     return run
 
 
@@ -406,39 +398,24 @@ def build_model(cfg: dict, src_tok, tgt_tok, verbose: bool = True):
                   tie_output=cfg["tie_embeddings"] != "none", share_src_tgt=cfg["tie_embeddings"] == "all")
     if cfg["arch"] == "transformer":
         inner = cfg["dropout"] if cfg["inner_dropout"] else 0.0
-        return Transformer(TransformerConfig(**shared, d_model=cfg["d_model"], n_head=cfg["n_head"], d_ff=cfg["d_ff"],
+        return speed_up(Transformer(TransformerConfig(**shared, d_model=cfg["d_model"], n_head=cfg["n_head"], d_ff=cfg["d_ff"],
                                              attn_dropout=inner, ff_dropout=inner, pre_norm=cfg["pre_norm"],
-                                             attn_impl=cfg["attn_impl"]), verbose)
+                                             attn_impl=cfg["attn_impl"]), verbose))
     if cfg["arch"] == "rnn":
-        return Seq2SeqRNN(RNNConfig(**shared, emb_dim=cfg["emb_dim"], hidden_size=cfg["hidden_size"],
+        return speed_up(Seq2SeqRNN(RNNConfig(**shared, emb_dim=cfg["emb_dim"], hidden_size=cfg["hidden_size"],
                                     bidirectional=cfg["bidirectional"], attention=cfg["attention"],
                                     bottleneck=cfg["bottleneck"], reverse_source=cfg["reverse_source"],
-                                    teacher_forcing=cfg["teacher_forcing"], embed_scale=cfg["embed_scale"]), verbose)
+                                    teacher_forcing=cfg["teacher_forcing"], embed_scale=cfg["embed_scale"]), verbose))
     raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
 
 
-def resumed_config(given: dict, resume: dict, out_dir: str) -> dict:
-    """A resumed run goes on with its own configuration, in out_dir, the folder it was read from
-    (not the one it was trained in, should the folder have moved); its limits, intervals, device and
-    precision may be changed by naming them (e.g. --max_minutes=60 to extend it)."""
-    may_change = ("max_iters", "max_epochs", "max_minutes", "patience", "eval_interval", "log_interval", "device",
-                  "dtype", "plot")
-    own = {k: v for k, v in resume["train_config"].items() if k in DEFAULTS}   # (not knobs since removed)
-    ignored = [k for k, v in given.items()
-               if k not in (*may_change, "init_from", "out_dir") and own.get(k, DEFAULTS[k]) != v]
-    if ignored:
-        print(f"resuming with the run's own configuration: ignoring {', '.join(ignored)} "
-              f"(a resumed run may change only {', '.join(may_change)})")
-    return {**DEFAULTS, **own, **{k: v for k, v in given.items() if k in may_change}, "init_from": "resume",
-            "out_dir": out_dir}
-
-
-def main(argv: list[str] | None = None) -> RunState:
+def main(argv: list[str] | None = None, make_optimizer=make_optimizer) -> RunState:
+    """Train as the knobs say. make_optimizer(model, cfg): the optimizer to train with (tools/lion.py passes Lion's)."""
     cfg = dict(DEFAULTS)
     given = configure(cfg, argv, doc_files=(__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")))
     resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if cfg["init_from"] == "resume" else None
     if resume is not None:
-        cfg = resumed_config(given, resume, cfg["out_dir"])
+        cfg = resumed_config(DEFAULTS, given, resume, cfg["out_dir"])
     if cfg["overfit_batches"]:
         cfg["dropout"] = 0.0
     rt = setup(cfg["device"], cfg["dtype"])
@@ -458,8 +435,9 @@ def main(argv: list[str] | None = None) -> RunState:
         model = build_model(cfg, data.src_tok, data.tgt_tok, verbose=rt.master)
     if rt.master:
         print(f"device {rt.device}, dtype {rt.dtype}, {rt.world_size} process(es)")
+    model.to(rt.device)
     try:
-        run = train_loop(rt.wrap(model.to(rt.device)), data, cfg, rt, resume)
+        run = train_loop(rt.wrap(model), make_optimizer(model, cfg), data, cfg, rt, resume)
     except Diverged as reason:
         if rt.master:
             print(f"stopping: {reason}")

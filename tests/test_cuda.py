@@ -35,7 +35,8 @@ def test_gru_with_attention_learns_the_toy_task_on_cuda(tmp_path, attention):
 
 
 def test_cached_decoding_and_sdpa_agree_with_the_references_on_cuda():
-    from decoding import greedy, greedy_uncached
+    from decoding import greedy
+    from tools.reference import greedy_uncached
     from model_transformer import Transformer, TransformerConfig
     torch.manual_seed(0)
     cfg = TransformerConfig(src_vocab=50, tgt_vocab=50, pad_id=0, d_model=64, n_head=4, n_enc_layer=2, n_dec_layer=2,

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import batching as B
 import data as D
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -232,33 +233,33 @@ def lengths(n=5000, seed=0):
 
 def test_batches_cover_every_sentence_once_within_budget():
     src, tgt = lengths()
-    batches = D.make_batches(src, tgt, 2000, seed=1)
+    batches = B.make_batches(src, tgt, 2000, seed=1)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(len(src)))
     for b in batches:
-        cost = D.batch_cost(len(b), src[b].max() + 1, tgt[b].max() + 1)
+        cost = B.batch_cost(len(b), src[b].max() + 1, tgt[b].max() + 1)
         assert cost <= 2000 or len(b) == 1
 
 
 def test_batching_is_reproducible_and_changes_per_epoch():
     src, tgt = lengths()
-    a = D.make_batches(src, tgt, 2000, seed=3, epoch=0)
-    b = D.make_batches(src, tgt, 2000, seed=3, epoch=0)
-    c = D.make_batches(src, tgt, 2000, seed=3, epoch=1)
+    a = B.make_batches(src, tgt, 2000, seed=3, epoch=0)
+    b = B.make_batches(src, tgt, 2000, seed=3, epoch=0)
+    c = B.make_batches(src, tgt, 2000, seed=3, epoch=1)
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
     assert [x.tolist() for x in a] != [x.tolist() for x in c]
 
 
 def test_no_shuffle_gives_the_same_batches_every_epoch():
     src, tgt = lengths()
-    a = D.make_batches(src, tgt, 2000, shuffle=False, seed=3, epoch=0)
-    b = D.make_batches(src, tgt, 2000, shuffle=False, seed=9, epoch=5)
+    a = B.make_batches(src, tgt, 2000, shuffle=False, seed=3, epoch=0)
+    b = B.make_batches(src, tgt, 2000, shuffle=False, seed=9, epoch=5)
     assert [x.tolist() for x in a] == [x.tolist() for x in b]
 
 
 def test_distributed_shares_are_disjoint_and_equal():
     src, tgt = lengths()
-    shares = [D.make_batches(src, tgt, 2000, seed=3, rank=r, world_size=3) for r in range(3)]
+    shares = [B.make_batches(src, tgt, 2000, seed=3, rank=r, world_size=3) for r in range(3)]
     assert len({len(s) for s in shares}) == 1
     seen = [set(np.concatenate(s).tolist()) for s in shares]
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
@@ -266,11 +267,11 @@ def test_distributed_shares_are_disjoint_and_equal():
 
 def test_length_grouping_cuts_padding():
     split = D.Split(*[[list(range(n)) for n in lens] for lens in lengths()], [], [])
-    grouped = D.make_batches(split.src_lens, split.tgt_lens, 4000, seed=0)
+    grouped = B.make_batches(split.src_lens, split.tgt_lens, 4000, seed=0)
     # the same batch sizes filled with random sentences
     cuts = np.cumsum([len(b) for b in grouped])[:-1]
     random_batches = np.split(np.random.default_rng(0).permutation(len(split)), cuts)
-    assert D.padding_fraction(split, grouped) < 0.25 * D.padding_fraction(split, random_batches)
+    assert B.padding_fraction(split, grouped) < 0.25 * B.padding_fraction(split, random_batches)
 
 
 def test_collate_shapes_and_special_tokens(tmp_path):
@@ -278,7 +279,7 @@ def test_collate_shapes_and_special_tokens(tmp_path):
     data = D.load_data(cfg_for(folder, tmp_path), verbose=False)
     split, tok = data.splits["train"], data.src_tok
     idx = np.array([0, 1, 2])
-    src, tgt_in, tgt_out = D.collate(split, idx, tok, tok)
+    src, tgt_in, tgt_out = B.collate(split, idx, tok, tok)
     assert src.shape == (3, split.src_lens[idx].max() + 1)
     assert tgt_in.shape == tgt_out.shape == (3, split.tgt_lens[idx].max() + 1)
     assert (tgt_in[:, 0] == tok.bos_id).all()
@@ -300,8 +301,8 @@ def test_multi30k_padding_under_five_percent(tmp_path):
     train = data.splits["train"]
     assert len(data.splits["test"]) == 1000 and len(data.splits["validation"]) == 1014
     for budget in (4096, 8000):
-        batches = D.make_batches(train.src_lens, train.tgt_lens, budget, seed=0)
-        assert D.padding_fraction(train, batches) < 0.05
+        batches = B.make_batches(train.src_lens, train.tgt_lens, budget, seed=0)
+        assert B.padding_fraction(train, batches) < 0.05
     for text in train.src_text[:2000] + train.tgt_text[:2000]:
         assert data.src_tok.decode(data.src_tok.encode(text)) == text
 

@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from decoding import beam_search, greedy, greedy_uncached, length_penalty, select_rows, translate_nbest
+from decoding import beam_search, greedy, length_penalty, select_rows, translate_nbest
+from tools.reference import greedy_uncached
 from model_rnn import RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
 

@@ -8,6 +8,7 @@ import torch
 
 from tools import heads
 from data import Data, Split
+from gates import set_head_gate
 from loss import sequence_loss
 from model_transformer import Transformer, TransformerConfig
 from tokenizer import CharTokenizer
@@ -160,18 +161,18 @@ def test_importance_equals_finite_differences_summed_per_batch():
                 for b in bs:                               # central difference per batch, |.| summed
                     xi = torch.ones(m.n_head, dtype=torch.float64)
                     xi[h] = 1 + eps
-                    m.head_gate = FixedMask(xi.clone())
+                    set_head_gate(m, FixedMask(xi.clone()))
                     up = loss(*b)
                     xi[h] = 1 - eps
-                    m.head_gate = FixedMask(xi.clone())
+                    set_head_gate(m, FixedMask(xi.clone()))
                     slope = (up - loss(*b)) / (2 * eps)
                     fd, signed = fd + abs(slope), signed + slope
-                m.head_gate = None
+                set_head_gate(m, None)
                 assert got[kind][i][h].item() == pytest.approx(fd, rel=1e-6, abs=1e-9), (kind, i, h)
                 mixed_signs += abs(signed) < 0.9 * fd
     assert mixed_signs > 0     # the batches disagree for some head: |sum| instead of sum |.| would fail
     # the masks are gone and the model computes what it computed before
-    assert all(m.head_gate is None for layers in model.attention_modules().values() for m in layers)
+    assert all(getattr(m, "head_gate", None) is None for layers in model.attention_modules().values() for m in layers)
     assert torch.equal(model(*bs[0][:2]), before) and not model.training
     assert all(p.grad is None for p in model.parameters())
     # per-layer l2 normalisation
@@ -187,7 +188,7 @@ def test_importance_of_a_pruned_model_and_a_gated_one():
     bs = batches(toy_data())[:1]
     got = heads.head_importance(model, bs, PAD, kinds=["enc"])
     assert got["enc"][0].shape == (0,) and got["enc"][1].shape == (2,)
-    model.attention_modules()["enc"][1].head_gate = FixedMask(torch.ones(2))
+    set_head_gate(model.attention_modules()["enc"][1], FixedMask(torch.ones(2)))
     with pytest.raises(ValueError, match="enc layer 1"):
         heads.head_importance(model, bs, PAD)
 

@@ -1,11 +1,12 @@
-"""model_transformer.py: masks, caching, initialisation, per-head multipliers."""
+"""model_transformer.py: masks, caching, initialisation, per-head gates, attention without heads."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from decoding import greedy, greedy_uncached
+from decoding import greedy
+from tools.reference import greedy_uncached
 from model_transformer import Transformer, TransformerConfig
 
 V, PAD, BOS, EOS = 20, 0, 1, 2
@@ -91,15 +92,40 @@ def test_initial_loss_close_to_ln_vocab(pre_norm):
     assert abs(loss.item() - math.log(8000)) / math.log(8000) < 0.10
 
 
-def test_head_gate_scales_each_head():
+def test_a_head_gate_scales_each_head_and_comes_off_again():
+    from gates import set_head_gate
     model = tiny()
     src, tgt = batch()
     attn = model.attention_modules()["enc"][0]
     base = model(src, tgt)
-    attn.head_gate = lambda: torch.ones(2)
+    set_head_gate(attn, lambda: torch.ones(2))
     assert torch.allclose(model(src, tgt), base, atol=1e-6)          # all-ones gate = no gate
-    attn.head_gate = lambda: torch.tensor([1.0, 0.0])
-    assert not torch.allclose(model(src, tgt), base, atol=1e-4)
+    set_head_gate(attn, lambda: torch.tensor([1.0, 0.0]))            # replaces the first gate
+    gated = model(src, tgt)
+    assert not torch.allclose(gated, base, atol=1e-4)
+    # the gate zeroes head 1's output: the same as zeroing that head's columns of out_proj
+    plain = tiny()
+    with torch.no_grad():
+        plain.attention_modules()["enc"][0].out_proj.weight[:, 16:] = 0
+    assert torch.allclose(gated, plain(src, tgt), atol=1e-5)
+    set_head_gate(attn, None)
+    assert torch.equal(model(src, tgt), base) and attn.head_gate is None
+
+
+def test_an_attention_without_heads_adds_its_output_bias_alone():
+    model = tiny(enc_self_heads=[0, 2], dec_cross_heads=[2, 0])
+    src, tgt = batch()
+    attn = model.encoder[0].self_attn
+    with torch.no_grad():
+        attn.out_proj.bias.normal_()
+    h = torch.randn(3, 7, 32)
+    assert torch.equal(attn.self_attention(h), attn.out_proj.bias.expand(3, 7, 32))
+    weights = model.attention_weights(src, tgt)
+    assert weights["enc"][0].shape == (3, 0, 7, 7) and weights["cross"][1].shape == (3, 0, 6, 7)
+    assert len(model.attention_maps(src, tgt)) == 2                  # only decoder layer 0's two heads
+    model.train()
+    model(src, tgt).sum().backward()                                 # trains: the gradients are finite
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_tied_and_shared_embeddings():
@@ -107,24 +133,6 @@ def test_tied_and_shared_embeddings():
     assert model.out_proj.weight is model.tgt_embed.weight is model.src_embed.weight
     untied = tiny(tie_output=False)
     assert untied.num_params() > model.num_params()
-
-
-def test_cheap_dropout_keeps_the_semantics_of_dropout():
-    from model_transformer import dropout
-    x = torch.ones(1000, 1000, requires_grad=True)
-    torch.manual_seed(0)
-    y = dropout(x, 0.1, training=True)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.002              # each element dropped with p = 0.1
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))  # survivors scaled by 1 / (1 - p)
-    assert abs(y.mean().item() - 1.0) < 0.003                          # so the expectation is unchanged
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())                             # the gradient goes through the same mask
-    torch.manual_seed(0)
-    assert torch.equal(dropout(x, 0.1, training=True), y)              # seeded: reproducible
-    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
-    rows = dropout(torch.ones(7, 3), 0.5, training=True)               # sizes not divisible by 4
-    assert rows.shape == (7, 3) and set(rows.unique().tolist()) <= {0.0, 2.0}
 
 
 @pytest.mark.parametrize("where", ["attn_dropout", "ff_dropout"])
@@ -135,5 +143,5 @@ def test_attention_and_feed_forward_dropout_are_their_own_knobs(where):
     noisy = tiny(dropout=0.0, **{where: 0.5}).train()
     assert not torch.equal(noisy(src, tgt), noisy(src, tgt))            # only this one drops
     layer = noisy.decoder[0]
-    drops = {"attn_dropout": (layer.self_attn.dropout, layer.cross_attn.dropout), "ff_dropout": (layer.ff.dropout.p,)}
+    drops = {"attn_dropout": (layer.self_attn.dropout.p, layer.cross_attn.dropout.p), "ff_dropout": (layer.ff.dropout.p,)}
     assert all(p == 0.5 for p in drops[where]) and layer.res_ff.dropout.p == 0.0 and noisy.embed_dropout.p == 0.0

@@ -1,17 +1,19 @@
-"""
-The models and loss a user would take instead of this project's, built at this project's sizes
-for bench.py: torch.nn.Transformer with our embeddings and positions, and Hugging Face MarianMT
+"""A module for tools/bench.py, not a command: the models and loss a user would take instead of
+this project's, built at this project's sizes: torch.nn.Transformer with our embeddings and positions, and Hugging Face MarianMT
 from a config (random weights, nothing downloaded; needs requirements-bench.txt), trained with
 F.cross_entropy and label smoothing.
 """
 
 import math
+import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_transformer import sinusoidal_positions
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
+from model_transformer import sinusoidal_positions  # noqa: E402
 
 
 def torch_loss(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int, smoothing: float) -> torch.Tensor:
@@ -65,3 +67,7 @@ class Marian(nn.Module):
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=src, attention_mask=src != self.pad_id, decoder_input_ids=tgt_in,
                           decoder_attention_mask=tgt_in != self.pad_id).logits
+
+
+if __name__ == "__main__":
+    raise SystemExit("tools/baselines.py is a module for tools/bench.py, not a command: see python tools/bench.py -h")

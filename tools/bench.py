@@ -45,12 +45,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import train  # noqa: E402
 from common import Runtime, data_of_checkpoint, load_checkpoint, model_from_checkpoint, setup  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
-from data import DataConfig, DataError, collate, load_data, make_batches  # noqa: E402
-from decoding import (beam_search, greedy, greedy_uncached, length_sorted_batches, max_target_len, score,  # noqa: E402
-                      strip_special)
+from batching import collate, make_batches  # noqa: E402
+from data import DataConfig, DataError, load_data  # noqa: E402
+from decoding import beam_search, greedy, length_sorted_batches, max_target_len, score, strip_special  # noqa: E402
 from model_rnn import RNNConfig, Seq2SeqRNN  # noqa: E402
 from model_transformer import Transformer, TransformerConfig  # noqa: E402
+from speed import speed_up  # noqa: E402
 from tools.baselines import Marian, TorchTransformer, torch_loss  # noqa: E402
+from tools.reference import greedy_uncached  # noqa: E402
 
 # -----------------------------------------------------------------------------
 bench = "decode"  # which benchmark: 'decode', 'train', 'generate' or 'quality'
@@ -184,13 +186,14 @@ def load_config(path: str) -> dict:
 
 
 def build(name: str, model_cfg: dict, rnn_model_cfg: dict, bos_id: int, eos_id: int) -> nn.Module:
+    """The model of a row; this project's with speed.py's stand-ins, as train.py builds them."""
     if name in (OURS, OURS_TORCH_LOSS):
-        return Transformer(TransformerConfig(**model_cfg), verbose=False)
+        return speed_up(Transformer(TransformerConfig(**model_cfg), verbose=False))
     if name == "torch.nn.Transformer":
         return TorchTransformer(model_cfg)
     if name == MARIAN:
         return Marian(model_cfg, bos_id, eos_id)
-    return Seq2SeqRNN(RNNConfig(**rnn_model_cfg), verbose=False)
+    return speed_up(Seq2SeqRNN(RNNConfig(**rnn_model_cfg), verbose=False))
 
 
 OURS, MARIAN = "this project, Transformer", "MarianMT (transformers)"
@@ -198,9 +201,19 @@ OURS_TORCH_LOSS = "this project, Transformer, F.cross_entropy"   # ours with the
 MODELS = [OURS, OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN, "this project, GRU + attention"]
 
 
-def loss_of(name: str):
-    """The baselines train with F.cross_entropy, this project's models with loss.sequence_loss."""
-    return torch_loss if name in (OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN) else None
+def step(name: str, model, optimizer, batch: tuple, pad_id: int, cfg: dict, rt: Runtime) -> dict:
+    """One optimizer step on one batch. This project's models take train.py's own train_step; the
+    baselines the same work with the loss their users write (F.cross_entropy): forward, loss,
+    backward, then train.py's update (gradient norms, clipping, the optimizer's step)."""
+    if name not in (OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN):
+        return train.train_step(model, optimizer, None, [batch], pad_id, cfg, rt)
+    src, tgt_in, tgt_out = rt.to_device(*batch)
+    n_tok = (tgt_out != pad_id).sum().to(torch.float32)
+    with rt.amp:
+        logits = model(src, tgt_in)
+    loss = torch_loss(logits, tgt_out, pad_id, cfg["label_smoothing"]) / n_tok
+    loss.backward()
+    return train.update(model, optimizer, None, loss.detach(), n_tok, cfg, rt)
 
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -217,14 +230,14 @@ def matmul_peak(dev: str, dtype_name: str, n: int = 2048) -> float:
     return 2 * n ** 3 / statistics.median([timed(lambda: a @ b)[0] for _ in range(5)])
 
 
-def step_flops(model, optimizer, rt: Runtime, batches, pad_id: int, cfg: dict) -> int:
+def step_flops(name: str, model, optimizer, rt: Runtime, batches, pad_id: int, cfg: dict) -> int:
     """Matrix-product FLOPs of training steps over `batches`, counted by torch's FlopCounterMode
     (matmuls and attention, forward and backward; element-wise work and the optimizer are not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         for b in batches:
-            train.train_step(model, optimizer, None, [b], pad_id, cfg, rt)    # (no matrix product in a loss)
+            step(name, model, optimizer, b, pad_id, cfg, rt)              # (no matrix product in a loss)
     return counter.get_total_flops()
 
 
@@ -243,7 +256,7 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
     model = build(name, model_cfg, rnn_model_cfg, bos_id, eos_id).to(dev).train()
     optimizer = make_optimizer(model, cfg)
     for b in batches:
-        train.train_step(model, optimizer, None, [b], pad_id, cfg, rt, loss_fn=loss_of(name))
+        step(name, model, optimizer, b, pad_id, cfg, rt)
     if dev.startswith("cuda"):
         return torch.cuda.max_memory_allocated() - before
     # VmHWM: this process's peak resident set (ru_maxrss would also count the parent's, kept across exec)
@@ -274,7 +287,7 @@ def bench_train() -> dict:
 
         def run(name: str, batch: tuple) -> list:
             model, optimizer = runs[name]
-            train.train_step(model, optimizer, None, [batch], tok.pad_id, cfg, rt, loss_fn=loss_of(name))
+            step(name, model, optimizer, batch, tok.pad_id, cfg, rt)
             return []
         print(f"{dtype_name}: {steps} timed steps of every model")
         seconds, _ = in_turns(runs, run, batches, untimed=warmup_steps)  # in turns step by step
@@ -282,7 +295,7 @@ def bench_train() -> dict:
         mp = multiprocessing.get_context("spawn")
         rows = {}
         for name, (model, optimizer) in runs.items():
-            flops = step_flops(model, optimizer, rt, batches[warmup_steps:], tok.pad_id, cfg)
+            flops = step_flops(name, model, optimizer, rt, batches[warmup_steps:], tok.pad_id, cfg)
             median = statistics.median(seconds[name])
             args = (model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id, batches[:2], tok.pad_id, cfg, dev)
             if dev.startswith("cuda"):
@@ -385,8 +398,7 @@ def bench_quality() -> dict:
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = train.lr_at(elapsed / minutes, schedule)
-                train.train_step(model, optimizer, None, [collate(sp, idx, data.src_tok, tok)], tok.pad_id, cfg,
-                                 rt, loss_fn=loss_of(name))
+                step(name, model, optimizer, collate(sp, idx, data.src_tok, tok), tok.pad_id, cfg, rt)
                 step += 1
                 if step % 100 == 0:
                     print(f"{name}: step {step}, {elapsed:.1f} min")

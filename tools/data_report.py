@@ -15,7 +15,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 from configurator import configure, main_guard  # noqa: E402
-from data import Data, DataConfig, DataError, load_data, make_batches, padding_fraction  # noqa: E402
+from batching import make_batches, padding_fraction  # noqa: E402
+from data import Data, DataConfig, DataError, load_data  # noqa: E402
 
 seed = 1337  # seed of the batch order the report measures
 

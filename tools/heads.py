@@ -1,6 +1,6 @@
-"""
-What attention heads do, and which to keep. The head roles of Voita et al. 2019 ("Analyzing
-Multi-Head Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned"):
+"""A module for tools/prune_study.py, not a command: what attention heads do, and which to keep.
+The head roles of Voita et al. 2019 ("Analyzing Multi-Head Self-Attention: Specialized Heads Do
+the Heavy Lifting, the Rest Can Be Pruned"):
 confidence, positional, rare-token, measured on a split read with teacher forcing. The head
 importance score of Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") and keeping
 exactly K heads by it or at random: the baselines tools/prune_study.py sets against prune.py's L0
@@ -11,13 +11,16 @@ pruning (the scores are computed once, on the unpruned model).
 
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 from torch import nn
 
-from data import collate, make_batches
-from loss import sequence_loss
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
+from batching import collate, make_batches  # noqa: E402
+from gates import set_head_gate  # noqa: E402
+from loss import sequence_loss  # noqa: E402
 
 KINDS = ("enc", "dec", "cross")   # encoder self, decoder self, cross-attention: Transformer.attention_modules()
 MEASURES = ("confidence", "positional", "rare_token")   # the panels of the figure; also positional_prev/_next
@@ -177,7 +180,7 @@ def nan_max(a: float, b: float) -> float:
 # head importance (Michel et al. 2019)
 
 class HeadMask(nn.Module):
-    """xi: one multiplier per head, all ones, in MultiHeadAttention's head_gate slot. At xi = 1 the
+    """xi: one multiplier per head, all ones, put on an attention module as its gate (gates.set_head_gate). At xi = 1 the
     model computes what it computed without it; its gradient says how much the loss leans on each head."""
 
     def __init__(self, n_head: int, dtype: torch.dtype, device):
@@ -201,11 +204,11 @@ def head_importance(model, batches, pad_id: int, smoothing: float = 0.0, kinds: 
     the model's device here. Dropout is off (the score describes the trained model, not a noisy
     copy of it). Only the masks get gradients (torch.autograd.grad): the model's .grad stays
     untouched, and the masks are removed afterwards, leaving the model as it was. A module whose
-    head_gate slot is taken (an L0 gate) is refused: the score would mix the gate into what it
+    gate is taken (an L0 gate) is refused: the score would mix the gate into what it
     measures."""
     modules = {kind: model.attention_modules()[kind] for kind in kinds}
     taken = [f"{kind} layer {i}" for kind, layers in modules.items() for i, m in enumerate(layers)
-             if m.head_gate is not None]
+             if getattr(m, "head_gate", None) is not None]
     if taken:
         raise ValueError(f"head_importance: {', '.join(taken)} already carry a head_gate: compute importance "
                          "on the model before attaching gates")
@@ -218,7 +221,7 @@ def head_importance(model, batches, pad_id: int, smoothing: float = 0.0, kinds: 
     try:
         for kind, layers in modules.items():
             for m, mask in zip(layers, masks[kind]):
-                m.head_gate = mask
+                set_head_gate(m, mask)
         for batch in batches:
             src, tgt_in, tgt_out = (t.to(device) for t in batch)
             n_tokens = int((tgt_out != pad_id).sum())
@@ -231,7 +234,7 @@ def head_importance(model, batches, pad_id: int, smoothing: float = 0.0, kinds: 
     finally:
         for layers in modules.values():
             for m in layers:
-                m.head_gate = None
+                set_head_gate(m, None)
         model.train(was_training)
     if normalize:
         scores = {kind: [s / s.norm().clamp_min(1e-20) for s in layers] for kind, layers in scores.items()}
@@ -386,3 +389,7 @@ def plot_tradeoff(out_dir: str, reports: list[dict], original_bleu: float) -> st
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":
+    raise SystemExit("tools/heads.py is a module for tools/prune_study.py, not a command: see python tools/prune_study.py -h")

@@ -108,8 +108,23 @@ def run_baseline(keep: dict, method: str, seed: int | None, source: dict, data, 
     pruned, keep = prune.prune_heads(model, head_analysis.gate_values(head_analysis.head_counts(model), keep))
     print(f"\n== {method}: {prune.heads_kept(keep, opts['gate_types'])} {'+'.join(opts['gate_types'])} heads kept, "
           f"then fine-tuned")
-    steps = prune.finetune(pruned.to(rt.device), source, data, opts, run_dir, rt)
+    steps = prune.train_budget(pruned.to(rt.device), source, data, opts, run_dir, rt)
     return pruned, keep, {"method": method, "steps": steps, **({"seed": seed} if seed is not None else {})}
+
+
+def run_l0(source: dict, data, opts: dict, run_dir: str, rt, lam: float, target: int | None) -> tuple:
+    """prune.py's run: gate, remove, and with l0_finetune fine-tune the pruned model (pruned, keep-set, report)."""
+    pruned, keep, report = prune.gate_and_remove(source, data, opts, run_dir, rt, lam, target)
+    if opts["l0_finetune"]:
+        prune.finetune_pruned(pruned, keep, report, source, data, opts, run_dir, rt)
+    return pruned, keep, report
+
+
+def describe(r: dict) -> str:
+    """A run's name in the tables: prune.describe's for l0, the method (and random draw) for the baselines."""
+    if r["method"] == "l0":
+        return prune.describe(r)
+    return r["method"] + (f", seed {r['seed']}" if "seed" in r else "")
 
 
 def run_unpruned(source: dict, data, opts: dict, run_dir: str, rt) -> tuple:
@@ -120,9 +135,9 @@ def run_unpruned(source: dict, data, opts: dict, run_dir: str, rt) -> tuple:
     keep = {kind: [list(range(n)) for n in counts] for kind, counts in head_analysis.head_counts(model).items()}
     print(f"\n== unpruned: all {prune.heads_kept(keep, opts['gate_types'])} heads, trained on as long as an l0 run")
     model.to(rt.device)
-    steps = prune.finetune(model, source, data, opts, run_dir, rt)
+    steps = prune.train_budget(model, source, data, opts, run_dir, rt)
     if opts["l0_finetune"]:
-        steps += prune.finetune(model, source, data, opts, os.path.join(run_dir, "finetune"), rt)
+        steps += prune.train_budget(model, source, data, opts, os.path.join(run_dir, "finetune"), rt)
     return model, keep, {"method": "unpruned", "steps": steps}
 
 
@@ -154,7 +169,7 @@ def finished_run(run_dir: str, settings: dict) -> dict | None:
             report["pruned_test"]["hyps"] = f.read().split("\n")[:-1]
     except (OSError, ValueError, KeyError):
         return None
-    print(f"\n== {prune.describe(report)}: finished before with the same settings, reused from {run_dir}")
+    print(f"\n== {describe(report)}: finished before with the same settings, reused from {run_dir}")
     return report
 
 
@@ -198,7 +213,7 @@ def compare(reports: list[dict], original: dict, data) -> list[dict]:
           + (f"{'vs unpruned (p)':>19}" if control else ""))
     for r in sorted(reports, key=lambda r: (-r["heads"], r["method"] != "l0")):
         hyps = r["pruned_test"]["hyps"]
-        row = {"run": prune.describe(r), "heads": r["heads"], "val_bleu": r["pruned_validation"]["bleu"],
+        row = {"run": describe(r), "heads": r["heads"], "val_bleu": r["pruned_validation"]["bleu"],
                "test_bleu": r["pruned_test"]["bleu"],
                "vs_original": paired_bootstrap(original["test"]["hyps"], hyps, refs)}
         if r["heads"] in l0_at and l0_at[r["heads"]] is not r:
@@ -276,7 +291,8 @@ def main() -> None:
                 report["speed"] = speed_of({"original": unpruned, "pruned": pruned.to(rt.device)}, data, rt,
                                            speed_repeats)
             report["settings"] = settings
-            report = prune.finish(pruned, keep, report, original, source, data, opts, run_dir, rt)
+            report = prune.finish(pruned, keep, report, original, source, data, opts, run_dir, rt, describe(report),
+                                  "trained on" if report["method"] == "unpruned" else "pruned")
             if "speed" in report:
                 print_speed(report)
         reports.append(report)
@@ -284,7 +300,7 @@ def main() -> None:
     for lam, k in runs_l0:
         run_once(f"lambda_{lam:g}" if k is None else f"l0_{k}_heads",
                  run_settings(opts, original, "l0", **({"lambda": lam} if k is None else {"heads": k})),
-                 lambda run_dir: prune.run_l0(source, data, opts, run_dir, rt, lam, k, l0_finetune))
+                 lambda run_dir: run_l0(source, data, opts, run_dir, rt, lam, k))
     for k in targets or sorted({r["heads"] for r in reports}, reverse=True):
         chosen = []
         if "importance" in methods:
@@ -305,7 +321,7 @@ def main() -> None:
     if roles:
         summary["kept_vs_removed"] = {}
         for k in sorted({r["heads"] for r in reports if r["method"] != "unpruned"}, reverse=True):
-            kept = {prune.describe(r): r["kept_heads_index"] for r in reports if r["heads"] == k}
+            kept = {describe(r): r["kept_heads_index"] for r in reports if r["heads"] == k}
             path = head_analysis.plot_heads(os.path.join(base, f"heads_{k}.png"), summary["roles"],
                                             importance, kept)
             print(f"what the heads do, and which {k} each method kept: {path}")
