@@ -407,8 +407,11 @@ def take_snapshot(model, data, cfg: dict, step: int) -> None:
                   cfg["average_last"])
 
 
-def write_average(data, cfg: dict, rt: Runtime, log) -> None:
-    """avg.pt: the mean weights of the run's last average_last snapshots, validated like the run itself."""
+def write_average(model, data, cfg: dict, rt: Runtime, log, step: int) -> None:
+    """avg.pt at the end of a run: the mean weights of its last average_last snapshots (the final
+    weights, at `step`, the last of them), validated like the run itself."""
+    if step % (cfg["average_every"] or cfg["eval_interval"]):
+        take_snapshot(model, data, cfg, step)
     steps, paths = zip(*snapshots(cfg["out_dir"])[-cfg["average_last"]:])
     averaged = average_checkpoints(list(paths))
     save_checkpoint(os.path.join(cfg["out_dir"], "avg.pt"), averaged)

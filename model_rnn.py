@@ -31,20 +31,24 @@ class RNNConfig:
     src_vocab: int
     tgt_vocab: int
     pad_id: int                       # padding id of the source vocabulary
-    emb_dim: int = 256                # embedding width
-    hidden_size: int = 512            # GRU state width
+    emb_dim: int = 256                # RNN: embedding width
+    hidden_size: int = 512            # RNN: GRU state width
     n_enc_layer: int = 2
     n_dec_layer: int = 2
-    bidirectional: bool = False       # encoder reads both directions (outputs are 2 x hidden_size)
-    attention: str = "none"           # 'none' | 'dot' | 'additive'
-    bottleneck: str = "sutskever"     # attention='none': 'sutskever' (the summary starts the decoder)
-                                      # | 'cho' (it also enters every decoder step and the readout)
-    reverse_source: bool = False      # read each source sentence backwards (Sutskever et al. 2014)
+    bidirectional: bool = False       # RNN: the encoder reads the source in both directions (outputs 2 x hidden_size)
+    attention: str = "none"           # RNN: 'none' (one summary vector), 'dot' (Luong), 'additive' (Bahdanau)
+    bottleneck: str = "sutskever"     # RNN without attention: 'sutskever' (the summary starts the decoder), 'cho' (also every step)
+    reverse_source: bool = False      # RNN: read each source sentence backwards (Sutskever et al. 2014)
     dropout: float = 0.1
     tie_output: bool = True           # output layer shares the target embedding (needs a projection to emb_dim)
     share_src_tgt: bool = False       # one embedding for source and target (joint vocabulary)
-    teacher_forcing: float = 1.0      # probability of feeding the true previous token in training
-    embed_scale: bool = True          # multiply embeddings by sqrt(emb_dim) on the way in (see __init__)
+    teacher_forcing: float = 1.0      # RNN: probability of feeding the true previous token in training
+    embed_scale: bool = True          # RNN: embeddings times sqrt(emb_dim) as GRU input (__init__ says why)
+
+
+# the fields that are train.py knobs of their own (python train.py -h); it sets the others
+KNOBS = ("emb_dim", "hidden_size", "bidirectional", "attention", "bottleneck", "reverse_source", "teacher_forcing",
+         "embed_scale")
 
 
 class Memory(NamedTuple):

@@ -25,14 +25,14 @@ from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataConfig, DataError, load_data
 from decoding import evaluate
 from loss import sequence_loss
-from model_rnn import RNNConfig, Seq2SeqRNN
+from model_rnn import KNOBS as rnn_knobs, RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
 from speed import speed_up
 
 # -----------------------------------------------------------------------------
 # knobs: defaults here, overridden by config/<name>.py, then by --key=value; python train.py -h
 # lists them all. The data knobs (dataset, tokenizer, vocab_size, max_len, batch_tokens, ...) are
-# the fields of data.DataConfig, declared there.
+# the fields of data.DataConfig, the GRU's (emb_dim, hidden_size, attention, ...) model_rnn.KNOBS.
 out_dir = "out"  # run folder: ckpt.pt (latest), best.pt (best validation BLEU), log.jsonl, plots.png, avg.pt
 init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a checkpoint path to fine-tune
 overwrite = False  # a new run may replace the run out_dir holds (otherwise it is refused)
@@ -55,14 +55,6 @@ inner_dropout = True  # Transformer: dropout on attention weights and the feed-f
 pre_norm = True  # LayerNorm before each sub-layer (stable); False = post-LN as in Vaswani et al.
 tie_embeddings = "all"  # 'all' (source = target = output, needs joint_vocab), 'output' or 'none'
 attn_impl = "auto"  # 'auto' (math on a CPU, sdpa elsewhere), 'math' (explicit softmax), 'sdpa' (fused kernels)
-emb_dim = 256  # RNN embedding width
-hidden_size = 512  # RNN GRU state width
-bidirectional = False  # RNN encoder reads the source in both directions
-attention = "none"  # RNN attention: 'none' (one summary vector), 'dot' (Luong), 'additive' (Bahdanau)
-bottleneck = "sutskever"  # RNN without attention: 'sutskever' (the summary starts the decoder), 'cho' (also every step)
-reverse_source = False  # RNN: read each source sentence backwards (Sutskever et al. 2014)
-teacher_forcing = 1.0  # RNN: probability of feeding the true previous token in training
-embed_scale = True  # RNN: embeddings times sqrt(emb_dim) as GRU input (model_rnn.py says why)
 # optimisation: AdamW with a one-cycle learning rate
 learning_rate = 1e-3  # peak learning rate
 min_lr = 1e-5  # learning rate at the end of the decay
@@ -81,7 +73,8 @@ average_last = 0  # > 1: at the end, also write avg.pt, the mean weights of the 
 average_every = 0  # steps between the snapshots kept for averaging, in out_dir/snapshots (0 = eval_interval)
 overfit_batches = 0  # debugging: > 0 trains on the first N batches only, unshuffled, no dropout or smoothing
 # -----------------------------------------------------------------------------
-DEFAULTS = {**asdict(DataConfig()), **{k: v for k, v in globals().items() if k in knob_names(globals())}}
+RNN_DEFAULTS = {f.name: f.default for f in fields(RNNConfig) if f.name in rnn_knobs}
+DEFAULTS = {**asdict(DataConfig()), **RNN_DEFAULTS, **{k: v for k, v in globals().items() if k in knob_names(globals())}}
 MAX_BAD_STEPS = 10       # a run stops after this many non-finite steps in a row
 
 
@@ -331,9 +324,6 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     model.train()
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":
         check_initial_loss(raw, batches.next(0, 0)[0], pad_id, data.tgt_tok.vocab_size, rt, log)
-    if run.step == 0 and cfg["overfit_batches"]:
-        log.say(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, "
-                "dropout 0 and label smoothing 0: the loss should fall near zero")
     t_start = time.time() - 60 * run.minutes
     with StopSignals() as signals:
         while True:
@@ -377,9 +367,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         improved = validate(raw, data, cfg, rt, run, log, penalty_values())
         save(improved)
     if cfg["average_last"] > 1 and rt.master:
-        if run.step % snapshot_every:
-            take_snapshot(raw, data, cfg, run.step)             # the final weights are the last snapshot
-        write_average(data, cfg, rt, log)
+        write_average(raw, data, cfg, rt, log, run.step)
     return run
 
 
@@ -402,17 +390,15 @@ def build_model(cfg: dict, src_tok, tgt_tok, verbose: bool = True):
                                              attn_dropout=inner, ff_dropout=inner, pre_norm=cfg["pre_norm"],
                                              attn_impl=cfg["attn_impl"]), verbose))
     if cfg["arch"] == "rnn":
-        return speed_up(Seq2SeqRNN(RNNConfig(**shared, emb_dim=cfg["emb_dim"], hidden_size=cfg["hidden_size"],
-                                    bidirectional=cfg["bidirectional"], attention=cfg["attention"],
-                                    bottleneck=cfg["bottleneck"], reverse_source=cfg["reverse_source"],
-                                    teacher_forcing=cfg["teacher_forcing"], embed_scale=cfg["embed_scale"]), verbose))
+        return speed_up(Seq2SeqRNN(RNNConfig(**shared, **{k: cfg[k] for k in rnn_knobs}), verbose))
     raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
 
 
 def main(argv: list[str] | None = None, make_optimizer=make_optimizer) -> RunState:
     """Train as the knobs say. make_optimizer(model, cfg): the optimizer to train with (tools/lion.py passes Lion's)."""
     cfg = dict(DEFAULTS)
-    given = configure(cfg, argv, doc_files=(__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")))
+    here = os.path.dirname(os.path.abspath(__file__))
+    given = configure(cfg, argv, doc_files=(__file__, os.path.join(here, "data.py"), os.path.join(here, "model_rnn.py")))
     resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if cfg["init_from"] == "resume" else None
     if resume is not None:
         cfg = resumed_config(DEFAULTS, given, resume, cfg["out_dir"])
@@ -435,6 +421,9 @@ def main(argv: list[str] | None = None, make_optimizer=make_optimizer) -> RunSta
         model = build_model(cfg, data.src_tok, data.tgt_tok, verbose=rt.master)
     if rt.master:
         print(f"device {rt.device}, dtype {rt.dtype}, {rt.world_size} process(es)")
+    if rt.master and cfg["overfit_batches"]:
+        print(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, dropout 0 and "
+              "label smoothing 0: the loss should fall near zero")
     model.to(rt.device)
     try:
         run = train_loop(rt.wrap(model), make_optimizer(model, cfg), data, cfg, rt, resume)
