@@ -168,10 +168,10 @@ def heads_kept(keep: dict, kinds: list[str]) -> int:
 
 
 def finish(pruned, keep: dict, report: dict, original: dict, source: dict, data, opts: dict, run_dir: str,
-           rt: Runtime, title: str = "", last_row: str = "pruned") -> dict:
+           rt: Runtime, name=None, last_row: str = "pruned") -> dict:
     """Score the pruned model, save it as pruned.pt, then its report (prune_report.json, written last:
-    its presence marks a finished run) and test translations; print the report (print_report's
-    title and last_row; the title describe(report) unless given)."""
+    its presence marks a finished run) and test translations; print the report, titled
+    name(report) (describe unless given), the pruned model's row labelled last_row."""
     pruned.to(rt.device).eval()
     report.update(heads=heads_kept(keep, opts["gate_types"]), gate_attn=opts["gate_types"],
                   original_validation=original["validation"], original_test=original["test"],
@@ -187,7 +187,7 @@ def finish(pruned, keep: dict, report: dict, original: dict, source: dict, data,
         f.write("\n".join(report["pruned_test"]["hyps"]) + "\n")
     with open(os.path.join(run_dir, "prune_report.json"), "w") as f:
         json.dump(without_hyps(report), f, indent=1)
-    print_report(report, keep, pruned.cfg.n_head, title or describe(report), last_row)
+    print_report(report, keep, pruned.cfg.n_head, (name or describe)(report), last_row)
     return report
 
 

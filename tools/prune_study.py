@@ -291,7 +291,7 @@ def main() -> None:
                 report["speed"] = speed_of({"original": unpruned, "pruned": pruned.to(rt.device)}, data, rt,
                                            speed_repeats)
             report["settings"] = settings
-            report = prune.finish(pruned, keep, report, original, source, data, opts, run_dir, rt, describe(report),
+            report = prune.finish(pruned, keep, report, original, source, data, opts, run_dir, rt, describe,
                                   "trained on" if report["method"] == "unpruned" else "pruned")
             if "speed" in report:
                 print_speed(report)
