@@ -112,9 +112,12 @@ def test_a_head_gate_scales_each_head_and_comes_off_again():
     assert torch.equal(model(src, tgt), base) and attn.head_gate is None
 
 
-def test_an_attention_without_heads_adds_its_output_bias_alone():
-    model = tiny(enc_self_heads=[0, 2], dec_cross_heads=[2, 0])
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_an_attention_without_heads_adds_its_output_bias_alone(impl):
+    model = tiny(enc_self_heads=[0, 2], dec_self_heads=[2, 0], dec_cross_heads=[2, 0], attn_impl=impl)
     src, tgt = batch()
+    assert torch.allclose(model(src, tgt), tiny(enc_self_heads=[0, 2], dec_self_heads=[2, 0], dec_cross_heads=[2, 0],
+                                                attn_impl="math")(src, tgt), atol=1e-5)
     attn = model.encoder[0].self_attn
     with torch.no_grad():
         attn.out_proj.bias.normal_()
