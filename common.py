@@ -152,12 +152,9 @@ class Runtime:
         """The model in DistributedDataParallel under torchrun; as it is for one process."""
         if self.world_size == 1:
             return model
-        # a pruned model's empty weights (an attention with no head left) have nothing to learn: frozen,
-        # so that DDP does not wait for their gradients; other parts may get none (the encoder, if no
-        # cross-attention head is left): DDP must then look for unused parameters at every step
+        # a pruned model can leave whole parts without gradient (the encoder, if no cross-attention
+        # head is left): DDP must then look for unused parameters at every step
         pruned = any(p.numel() == 0 for p in model.parameters())
-        for p in model.parameters():
-            p.requires_grad_(p.requires_grad and p.numel() > 0)
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device] if self.device_type == "cuda" else None, find_unused_parameters=pruned)
 
@@ -332,12 +329,36 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def model_of(kind: str, model_config: dict, verbose: bool = False):
+    """A new model of a checkpoint's kind and model config, with speed.py's stand-ins; in a pruned
+    Transformer, what an attention with no head left cannot learn is frozen (freeze_pruned_away)."""
+    model_class, config_class = MODELS[kind]
+    with warnings.catch_warnings():     # empty weights (an attention with no head left): a no-op to initialise
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        model = speed_up(model_class(config_class(**model_config), verbose))
+    if kind == "transformer":
+        freeze_pruned_away(model)
+    return model
+
+
+def freeze_pruned_away(model) -> None:
+    """An attention whose heads were all pruned adds its output bias alone: its empty weights, and
+    with pre-LN the LayerNorm before it, get no gradient. They are frozen, so that the optimizer
+    holds no state for them (the optimizer states of pruned runs stay the same shape) and DDP does
+    not wait for their gradients."""
+    pairs = [(layer.self_attn, layer.res_attn) for layer in model.encoder]
+    pairs += [pair for layer in model.decoder for pair in ((layer.self_attn, layer.res_self),
+                                                            (layer.cross_attn, layer.res_cross))]
+    for attn, residual in pairs:
+        if attn.n_head == 0:
+            for p in attn.parameters():
+                p.requires_grad_(p.numel() > 0)                # out_proj's bias still learns
+            residual.norm.requires_grad_(not residual.pre_norm)
+
+
 def model_from_checkpoint(ckpt: dict, verbose: bool = False):
     """(model with its weights and speed.py's stand-ins, source tokenizer, target tokenizer) from a checkpoint."""
-    model_class, config_class = MODELS[ckpt["kind"]]
-    with warnings.catch_warnings():     # a pruned model's empty attention weights: their initialisation is a no-op
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-        model = speed_up(model_class(config_class(**ckpt["model_config"]), verbose))
+    model = model_of(ckpt["kind"], ckpt["model_config"], verbose)
     if ckpt.get("gated"):
         attach_gates(model, ckpt["gated"])
     try:

@@ -19,19 +19,18 @@ distillation: tools/prune_study.py. Leaves out: pruning feed-forward units or la
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict
 
 import torch
 
 from common import (Runtime, checkpoint_of, claim_run_dir, data_of_checkpoint, load_checkpoint, model_from_checkpoint,
+                    model_of,
                     save_checkpoint, setup)
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataError
 from decoding import score, translate
 from gates import STEERS, L0Penalty, attach_gates, eval_gates
-from model_transformer import Transformer, TransformerConfig
-from speed import speed_up
+from model_transformer import Transformer
 from train import make_optimizer, run_progress, train_loop
 
 # -----------------------------------------------------------------------------
@@ -73,9 +72,7 @@ def prune_heads(model, gate_values: dict) -> tuple[Transformer, dict]:
                    for i, m in enumerate(modules[kind])] for kind in modules}
     cfg = {**asdict(model.cfg), "enc_self_heads": [len(k) for k in keep["enc"]],
            "dec_self_heads": [len(k) for k in keep["dec"]], "dec_cross_heads": [len(k) for k in keep["cross"]]}
-    with warnings.catch_warnings():        # an attention with no head left has empty weights: nothing to initialise
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-        pruned = speed_up(Transformer(TransformerConfig(**cfg), verbose=False))
+    pruned = model_of("transformer", cfg)
     state = {k: v for k, v in model.state_dict().items() if "head_gate" not in k}
     prefix = {id(m): name for name, m in model.named_modules()}
     for kind in modules:

@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None, make_optimizer=make_optimizer) -> RunSta
         model = build_model(cfg, data.src_tok, data.tgt_tok, verbose=rt.master)
     if rt.master:
         print(f"device {rt.device}, dtype {rt.dtype}, {rt.world_size} process(es)")
-    if rt.master and cfg["overfit_batches"]:
+    if rt.master and cfg["overfit_batches"] and resume is None:
         print(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, dropout 0 and "
               "label smoothing 0: the loss should fall near zero")
     model.to(rt.device)

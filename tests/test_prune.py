@@ -129,3 +129,22 @@ def test_ddp_trains_a_model_whose_attention_layers_were_pruned_away(tmp_path):
             assert out["update"] == "done"
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_a_pruned_model_freezes_exactly_what_gets_no_gradient(pre_norm):
+    """Built from its checkpoint config, a pruned model freezes the empty weights of an attention
+    without heads (and, with pre-LN, the norm before it): the parameters a training step leaves at
+    a zero gradient, so the optimizer holds no state for them, as in the runs that wrote earlier
+    checkpoints."""
+    from common import model_of
+    cfg = dict(src_vocab=V, tgt_vocab=V, pad_id=PAD, d_model=32, n_head=4, n_enc_layer=2, n_dec_layer=2, d_ff=64,
+               dropout=0.0, pre_norm=pre_norm, enc_self_heads=[2, 0], dec_self_heads=[0, 4], dec_cross_heads=[4, 0])
+    torch.manual_seed(0)
+    plain = Transformer(TransformerConfig(**cfg), verbose=False)
+    src, tgt = batch()
+    plain(src, tgt).logsumexp(-1).sum().backward()
+    no_gradient = {n for n, p in plain.named_parameters() if not p.grad.any()}
+    frozen = {n for n, p in model_of("transformer", cfg).named_parameters() if not p.requires_grad}
+    assert frozen == no_gradient and "encoder.1.self_attn.out_proj.bias" not in frozen
+    assert ("encoder.1.res_attn.norm.weight" in frozen) == pre_norm
