@@ -23,9 +23,9 @@ from dataclasses import asdict
 
 import torch
 
-from common import (Runtime, checkpoint_of, claim_run_dir, data_of_checkpoint, load_checkpoint, model_from_checkpoint,
-                    model_of,
-                    save_checkpoint, setup)
+from checkpoint import (checkpoint_of, claim_run_dir, data_of_checkpoint, load_checkpoint, model_from_checkpoint,
+                        model_of, save_checkpoint)
+from common import Runtime, setup
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataError
 from decoding import score, translate

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from common import data_of_checkpoint, load_checkpoint, model_from_checkpoint, setup
+from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
+from common import setup
 from configurator import ConfigError, configure, main_guard
 from data import DataConfig, DataError
 from decoding import beam_search, greedy, max_target_len, score, strip_special, translate_nbest

@@ -1,6 +1,6 @@
 """
 Speed on a CPU: faster stand-ins for two parts of model_transformer.py, computing what they
-compute. train.py and the checkpoint loader (common.py) put them into every model they build:
+compute. train.py and the checkpoint loader (checkpoint.py) put them into every model they build:
 
     model = speed_up(model)       # in place; returns the model
 

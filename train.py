@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from batching import TrainBatches
-from common import (RunLog, Runtime, StepLog, StopSignals, checkpoint_of, claim_run_dir, load_checkpoint,
-                    model_from_checkpoint, plot_log, printable, progress_bar, resumed_config, save_checkpoint, setup,
-                    take_snapshot, write_average)
+from checkpoint import (checkpoint_of, claim_run_dir, load_checkpoint, model_from_checkpoint, resumed_config,
+                        save_checkpoint, take_snapshot, write_average)
+from common import RunLog, Runtime, StepLog, StopSignals, plot_log, printable, progress_bar, setup
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataConfig, DataError, load_data
 from decoding import evaluate

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from common import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError
 from helpers import ROOT, TINY, run, train_records
 

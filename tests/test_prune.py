@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prune
-from common import RUN_FILES
+from checkpoint import RUN_FILES
 from gates import attach_gates, eval_gates
 from helpers import TINY, run
 from model_transformer import Transformer, TransformerConfig
@@ -137,7 +137,7 @@ def test_a_pruned_model_freezes_exactly_what_gets_no_gradient(pre_norm):
     without heads (and, with pre-LN, the norm before it): the parameters a training step leaves at
     a zero gradient, so the optimizer holds no state for them, as in the runs that wrote earlier
     checkpoints."""
-    from common import model_of
+    from checkpoint import model_of
     cfg = dict(src_vocab=V, tgt_vocab=V, pad_id=PAD, d_model=32, n_head=4, n_enc_layer=2, n_dec_layer=2, d_ff=64,
                dropout=0.0, pre_norm=pre_norm, enc_self_heads=[2, 0], dec_self_heads=[0, 4], dec_cross_heads=[4, 0])
     torch.manual_seed(0)

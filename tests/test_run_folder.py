@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from common import RUN_FILES
+from checkpoint import RUN_FILES
 from helpers import ROOT, TINY, run, train_records
 
 RUN = [*TINY, "--eval_interval=4", "--eval_sentences=5"]
@@ -55,7 +55,7 @@ def test_overwrite_replaces_the_whole_run_and_a_run_writes_only_run_files(traine
 def test_a_second_run_into_a_live_runs_folder_is_refused_and_a_killed_run_blocks_nothing(trained, tmp_path):
     folder = copy_of(trained, tmp_path)
     # a process that claims the folder as train.py does, then stays alive
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.claim_run_dir(sys.argv[1], "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.claim_run_dir(sys.argv[1], "
                                "False); print('claimed', flush=True); time.sleep(120)", str(folder)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -60,7 +60,7 @@ def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_gr
     final = train_records(tmp_path, "eval")[-1]
     assert final["bleu"] > 95, final
 
-    from common import data_of_checkpoint, load_checkpoint, model_from_checkpoint
+    from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
     from decoding import translate_nbest
     checkpoint = load_checkpoint(str(tmp_path / "best.pt"))
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)
@@ -153,7 +153,7 @@ def test_a_lower_cased_model_reads_its_input_lower_cased(tmp_path):
     run("train.py", *TINY, f"--dataset={folder}", "--dataset_config=", "--src_lang=en", "--tgt_lang=xx",
         "--tokenizer=bpe", "--vocab_size=300", "--lowercase=True", f"--out_dir={tmp_path}", "--max_iters=2",
         "--eval_interval=2", "--eval_sentences=5")
-    from common import load_checkpoint
+    from checkpoint import load_checkpoint
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["data_config"]["lowercase"] is True
     outputs = [run("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--text={text}").stdout
                for text in ("The cat sees a dog", "THE CAT SEES A DOG", "the cat sees a dog")]
@@ -180,7 +180,7 @@ def test_a_checkpoint_resumes_under_another_precision(tmp_path):
     (torch.load(map_location='cpu')); the optimizer moves its state to wherever the model is."""
     common = [*TINY, f"--out_dir={tmp_path}", "--eval_interval=4", "--eval_sentences=5"]
     run("train.py", *common, "--dtype=float16", "--max_iters=4")
-    from common import load_checkpoint
+    from checkpoint import load_checkpoint
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["scaler"]["scale"] > 0
     run("train.py", *common, "--init_from=resume", "--dtype=bfloat16", "--max_iters=8")
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["scaler"] is None
@@ -345,7 +345,7 @@ def test_early_stopping_and_the_average_of_the_last_snapshots(tmp_path):
     assert "early stopping: no better validation BLEU in 2 evaluations" in out.stdout
     evals = train_records(tmp_path, "eval")
     assert [r["step"] for r in evals] == [2, 4, 6] and all("bleu_lc" in r for r in evals)
-    from common import average_checkpoints, load_checkpoint, snapshots
+    from checkpoint import average_checkpoints, load_checkpoint, snapshots
     kept = snapshots(str(tmp_path))
     assert [s for s, _ in kept] == [3, 6]                       # every 3 steps, the last 2 kept; 6 = the end
     assert not (tmp_path / "snapshots" / "step_0000001.pt").exists()     # a new run averages only its own

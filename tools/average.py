@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
-from common import average_checkpoints, save_checkpoint  # noqa: E402
+from checkpoint import average_checkpoints, save_checkpoint  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
 
 average = ""  # checkpoints to average: comma-separated paths or globs

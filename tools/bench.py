@@ -43,7 +43,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 import train  # noqa: E402
-from common import Runtime, data_of_checkpoint, load_checkpoint, model_from_checkpoint, setup  # noqa: E402
+from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
+from common import Runtime, setup  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
 from batching import collate, make_batches  # noqa: E402
 from data import DataConfig, DataError, load_data  # noqa: E402

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 import prune  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
-from common import claim_run_dir, model_from_checkpoint  # noqa: E402
+from checkpoint import claim_run_dir, model_from_checkpoint  # noqa: E402
 from data import DataError, Split  # noqa: E402
 from decoding import length_sorted_batches, translate  # noqa: E402
 from tools import heads as head_analysis  # noqa: E402
