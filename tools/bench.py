@@ -43,15 +43,12 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 import train  # noqa: E402
-from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
+from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint, model_of  # noqa: E402
 from common import Runtime, setup  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
 from batching import collate, make_batches  # noqa: E402
 from data import DataConfig, DataError, load_data  # noqa: E402
 from decoding import beam_search, greedy, length_sorted_batches, max_target_len, score, strip_special  # noqa: E402
-from model_rnn import RNNConfig, Seq2SeqRNN  # noqa: E402
-from model_transformer import Transformer, TransformerConfig  # noqa: E402
-from speed import speed_up  # noqa: E402
 from tools.baselines import Marian, TorchTransformer, torch_loss  # noqa: E402
 from tools.reference import greedy_uncached  # noqa: E402
 
@@ -187,14 +184,14 @@ def load_config(path: str) -> dict:
 
 
 def build(name: str, model_cfg: dict, rnn_model_cfg: dict, bos_id: int, eos_id: int) -> nn.Module:
-    """The model of a row; this project's with speed.py's stand-ins, as train.py builds them."""
+    """The model of a row; this project's as its checkpoints are loaded (with speed.py's stand-ins)."""
     if name in (OURS, OURS_TORCH_LOSS):
-        return speed_up(Transformer(TransformerConfig(**model_cfg), verbose=False))
+        return model_of("transformer", model_cfg)
     if name == "torch.nn.Transformer":
         return TorchTransformer(model_cfg)
     if name == MARIAN:
         return Marian(model_cfg, bos_id, eos_id)
-    return speed_up(Seq2SeqRNN(RNNConfig(**rnn_model_cfg), verbose=False))
+    return model_of("rnn", rnn_model_cfg)
 
 
 OURS, MARIAN = "this project, Transformer", "MarianMT (transformers)"
