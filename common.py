@@ -66,11 +66,23 @@ def place(device: str, env: dict, n_gpus: int) -> Placement:
     return Placement(device, rank, local_rank, world_size, "nccl" if device.startswith("cuda") else "gloo")
 
 
-def pick_dtype(dtype: str, device_type: str, capability: tuple[int, int] | None = None) -> str:
-    """'auto' -> 'bfloat16' on CPUs and on GPUs of compute capability 8.0+ (A100, H100), 'float16'
-    (with loss scaling) on older GPUs (T4, V100), which would emulate bf16 slowly."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX, e.g. Intel Sapphire
+    Rapids, AMD Zen 4). Without them bf16 matrix products fall back to a plain loop: on an AVX2 AMD EPYC
+    a training step ran 38x slower in bf16 than in fp32 (docs/performance.md)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def pick_dtype(dtype: str, device_type: str, capability: tuple[int, int] | None = None,
+               cpu_bf16: bool = True) -> str:
+    """'auto' -> 'bfloat16' on GPUs of compute capability 8.0+ (A100, H100) and on CPUs with bf16
+    instructions (cpu_bf16), 'float16' (with loss scaling) on older GPUs (T4, V100), which would
+    emulate bf16 slowly, 'float32' on other CPUs."""
     if dtype == "auto":
-        return "bfloat16" if device_type == "cpu" or (capability or (0, 0)) >= (8, 0) else "float16"
+        if device_type == "cpu":
+            return "bfloat16" if cpu_bf16 else "float32"
+        return "bfloat16" if (capability or (0, 0)) >= (8, 0) else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype='{dtype}' is not known: use auto, float32, bfloat16 or float16")
     return dtype
@@ -158,7 +170,12 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
     if p.world_size > 1 and not dist.is_initialized():
         # the others wait in a collective while process 0 validates: NCCL's default 10 minutes can be too short
         dist.init_process_group(p.backend, timeout=datetime.timedelta(minutes=60))
-    return Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability), p.rank, p.world_size)
+    cpu_bf16 = p.device != "cpu" or cpu_has_bf16()
+    rt = Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability, cpu_bf16), p.rank, p.world_size)
+    if rt.device_type == "cpu" and rt.dtype != "float32" and not cpu_bf16 and rt.master:
+        print(f"warning: dtype={rt.dtype} on a CPU without bf16/fp16 instructions (AVX512-BF16, AMX): matrix "
+              "products fall back to a slow loop (38x slower than float32 on an AVX2 CPU); use --dtype=float32")
+    return rt
 
 class StopSignals:
     """While training runs, SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) only note their

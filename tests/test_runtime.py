@@ -38,7 +38,8 @@ def test_impossible_placements_are_one_clear_error(knob, env, n_gpus, message):
 
 
 def test_auto_precision_is_bf16_where_the_hardware_has_it_and_fp16_on_older_gpus():
-    assert pick_dtype("auto", "cpu") == "bfloat16"
+    assert pick_dtype("auto", "cpu", cpu_bf16=True) == "bfloat16"    # AVX512-BF16 or AMX
+    assert pick_dtype("auto", "cpu", cpu_bf16=False) == "float32"    # AVX2 only: bf16 is a slow loop there
     assert pick_dtype("auto", "cuda", (9, 0)) == "bfloat16"      # H100
     assert pick_dtype("auto", "cuda", (8, 0)) == "bfloat16"      # A100
     assert pick_dtype("auto", "cuda", (7, 5)) == "float16"       # T4: emulates bf16
