@@ -291,6 +291,25 @@ def count_bad_step(run: RunState, lr: float, out: dict, log: RunLog) -> None:
 # -----------------------------------------------------------------------------
 # the training loop
 
+def loop_step(model, optimizer, scaler, batches: TrainBatches, run: RunState, epochs: float, cfg: dict,
+              rt: Runtime, penalty=None) -> tuple[float, list, dict]:
+    """One turn of the loop: set the schedule's learning rate, seed this step's random draws, take
+    the next grad_accum batches (run.epoch and run.batch_in_epoch move on), train_step. Returns
+    (lr, the CPU batches, train_step's report)."""
+    lr = lr_at(run_progress(run.step, epochs, run.minutes, cfg), cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    # a step's random draws (dropout, teacher forcing, gate noise) come from a seed of (seed,
+    # process, step): a resumed run draws what the uninterrupted one drew, with no state to save
+    torch.manual_seed(hash((cfg["seed"], rt.rank, run.step)) % 2**63)
+    micro_batches = []
+    for _ in range(cfg["grad_accum"]):
+        batch, run.epoch, run.batch_in_epoch = batches.next(run.epoch, run.batch_in_epoch)
+        micro_batches.append(batch)
+    return lr, micro_batches, train_step(model, optimizer, scaler, micro_batches, batches.data.tgt_tok.pad_id, cfg,
+                                         rt, penalty)
+
+
 def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | None = None, penalty=None) -> RunState:
     """Train from scratch, or from where the checkpoint `resume` stopped, until a limit, early
     stopping or a signal; return where the run stands. Every eval_interval steps and at the end:
@@ -333,17 +352,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
                 else stop_reason(run, epochs, cfg)
             if stop:
                 break
-            lr = lr_at(run_progress(run.step, epochs, run.minutes, cfg), cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            # a step's random draws (dropout, teacher forcing, gate noise) come from a seed of (seed,
-            # process, step): a resumed run draws what the uninterrupted one drew, with no state to save
-            torch.manual_seed(hash((cfg["seed"], rt.rank, run.step)) % 2**63)
-            micro_batches = []
-            for _ in range(cfg["grad_accum"]):
-                batch, run.epoch, run.batch_in_epoch = batches.next(run.epoch, run.batch_in_epoch)
-                micro_batches.append(batch)
-            out = train_step(model, optimizer, scaler, micro_batches, pad_id, cfg, rt, penalty)
+            lr, micro_batches, out = loop_step(model, optimizer, scaler, batches, run, epochs, cfg, rt, penalty)
             if out["update"] == "skipped":
                 count_bad_step(run, lr, out, log)
                 continue

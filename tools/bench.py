@@ -4,6 +4,7 @@ Benchmarks that print ratios against a baseline measured in the same run, on the
 
     python tools/bench.py --bench=decode --ckpt=out/multi30k/best.pt --dataset=../shared/data/multi30k_en_de
     python tools/bench.py --bench=train --dataset=../shared/data/multi30k_en_de   # needs requirements-bench.txt
+    python tools/bench.py --bench=loop --dataset=../shared/data/multi30k_en_de --dtype=bfloat16
     python tools/bench.py --bench=generate --dataset=../shared/data/multi30k_en_de              # the same
     python tools/bench.py --bench=quality --dataset=../shared/data/multi30k_en_de --minutes=10   # the same
 
@@ -19,6 +20,9 @@ train: training-step throughput (target tokens/s) of train.py's own train_step (
     project's models loss.py; one more row runs our Transformer with F.cross_entropy to show the
     model's share apart. Also model FLOP utilisation (matmul FLOPs counted by torch over a
     2048x2048 matmul measured in the same run) and peak memory of each.
+loop: train.py's loop (train.loop_step on the run's own batches, new shapes every step, plus the
+    step log's bookkeeping) against the fixed-batch step of `train`, in turns step by step on one
+    model; --profile_steps=N then profiles N turns of the loop.
 generate: decoding speed of this project's cached greedy vs MarianMT's generate(), untrained,
     every sentence forced to the same length so both do the same steps.
 quality: this project's Transformer and MarianMT trained for `minutes` each on the same batches,
@@ -44,23 +48,25 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 import train  # noqa: E402
 from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint, model_of  # noqa: E402
-from common import Runtime, setup  # noqa: E402
+from common import RunLog, Runtime, StepLog, setup  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
-from batching import collate, make_batches  # noqa: E402
+from batching import TrainBatches, collate, make_batches  # noqa: E402
 from data import DataConfig, DataError, load_data  # noqa: E402
 from decoding import beam_search, greedy, length_sorted_batches, max_target_len, score, strip_special  # noqa: E402
 from tools.baselines import Marian, TorchTransformer, torch_loss  # noqa: E402
 from tools.reference import greedy_uncached  # noqa: E402
 
 # -----------------------------------------------------------------------------
-bench = "decode"  # which benchmark: 'decode', 'train', 'generate' or 'quality'
+bench = "decode"  # which benchmark: 'decode', 'train', 'loop', 'generate' or 'quality'
 minutes = 10.0  # quality: training budget per model
 marian_lr = 5e-4  # quality: MarianMT's peak learning rate (0 = the config's); post-LN layers did not learn at 1.5e-3
 ckpt = "out/multi30k/best.pt"  # decode: checkpoint to decode with
 config = "config/transformer_multi30k.py"  # train: the Transformer's model, data and batch settings
 rnn_config = "config/rnn_attn_en_de.py"  # train: the GRU's model settings
-steps = 10  # train: timed optimizer steps per model and repeat (after warmup_steps untimed ones)
-warmup_steps = 3  # train: untimed steps first (allocator, kernel selection)
+steps = 10  # train, loop: timed optimizer steps per model and repeat (after warmup_steps untimed ones)
+warmup_steps = 3  # train, loop: untimed steps first (allocator, kernel selection)
+loop_rounds = 4  # loop: steps per repeat = loop_rounds x (warmup_steps + steps), the fixed batches cycled
+profile_steps = 0  # loop: > 0 profiles that many turns of the loop afterwards (torch.profiler) and prints the table
 dtypes = "float32,bfloat16"  # train: comma-separated
 dataset = ""  # a local folder to read instead of the checkpoint's dataset (no network)
 split = "test"  # split whose sources are translated
@@ -324,6 +330,72 @@ def bench_train() -> dict:
             "machine": platform.processor() or platform.machine(), "results": results}
 
 
+def bench_loop() -> dict:
+    """train.py's loop against its own fixed-batch step, in turns on one model: the loop's turn
+    (train.loop_step on the run's own batches, epoch after epoch, plus the step log's bookkeeping)
+    and the fixed-batch step of --bench=train (train_step cycling over the first few batches)."""
+    cfg = load_config(config)
+    data = load_data(DataConfig.of(cfg), verbose=False)
+    rt = setup(device, dtype)
+    tok, sp = data.tgt_tok, data.splits["train"]
+    torch.manual_seed(cfg["seed"])
+    model = train.build_model(cfg, data.src_tok, tok, verbose=False).to(rt.device).train()
+    optimizer = train.make_optimizer(model, cfg)
+    fixed = [collate(sp, i, data.src_tok, tok) for i in
+             make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"])[:warmup_steps + steps]]
+    batches, state = TrainBatches(data, cfg["batch_tokens"], cfg["seed"]), train.RunState()
+    steps_log = StepLog(RunLog("", enabled=False), data.src_tok.pad_id, tok.pad_id)
+    tokens = {LOOP: [], FIXED: []}                  # target tokens of every call, in call order
+
+    def run(method: str, i: int) -> list:
+        if method == FIXED:
+            out = train.train_step(model, optimizer, None, [fixed[i % len(fixed)]], tok.pad_id, cfg, rt)
+        else:
+            epochs = batches.epochs_done(state.epoch, state.batch_in_epoch)
+            lr, micro_batches, out = train.loop_step(model, optimizer, None, batches, state, epochs, cfg, rt)
+            state.step += 1
+            steps_log.add(state, lr, out, micro_batches, 0.0)
+        tokens[method].append(out["tokens"])
+        return []
+
+    n = len(fixed) * loop_rounds
+    print(f"{n} steps of each, {warmup_steps} untimed, {repeats} repeats")
+    seconds, _ = in_turns([LOOP, FIXED], run, list(range(n)), untimed=warmup_steps)
+    rows = {}
+    for m in (LOOP, FIXED):
+        per_repeat = [sum(tokens[m][r * n + warmup_steps:(r + 1) * n]) for r in range(repeats)]
+        rates = [t / s for t, s in zip(per_repeat, seconds[m])]
+        rows[m] = {"tokens_per_s": statistics.median(rates), "all_tokens_per_s": rates, "all_seconds": seconds[m]}
+    profile = profile_loop(model, optimizer, batches, state, cfg, rt) if profile_steps else None
+    ratio = rows[FIXED]["tokens_per_s"] / rows[LOOP]["tokens_per_s"]
+    print(f"\n{config}, {rt.dtype} on {rt.device}, {torch.get_num_threads()} threads, {cfg['batch_tokens']} "
+          f"tokens per batch, median of {repeats}")
+    print("| method | target tokens/s |\n|---|---|")
+    for m, row in rows.items():
+        print(f"| {m} | {row['tokens_per_s']:,.0f} |")
+    print(f"the fixed-batch step is {ratio:.2f}x as fast as the loop")
+    return {"bench": "loop", "config": config, "dtype": rt.dtype, "device": rt.device, "steps": n,
+            "threads": torch.get_num_threads(), "repeats": repeats, "methods": rows, "fixed_over_loop": ratio,
+            "profile": profile, "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+
+
+LOOP, FIXED = "train.py's loop (its own batches)", "fixed-batch step (--bench=train)"
+
+
+def profile_loop(model, optimizer, batches, run, cfg: dict, rt: Runtime) -> str:
+    """torch.profiler over profile_steps turns of the loop: the operators that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(profile_steps):
+            epochs = batches.epochs_done(run.epoch, run.batch_in_epoch)
+            train.loop_step(model, optimizer, None, batches, run, epochs, cfg, rt)
+            run.step += 1
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    print(table)
+    return table
+
+
 def marian_generate(model: Marian, src: torch.Tensor, limit: int, beams: int, eos_id: int) -> list[list[int]]:
     """Hugging Face generate() with greedy (beams=1) or beam search; ids without the start token."""
     out = model.model.generate(input_ids=src, attention_mask=src != model.pad_id, num_beams=beams,
@@ -439,7 +511,7 @@ def main() -> None:
     configure(globals(), doc_files=(__file__,))
     if threads > 0:
         torch.set_num_threads(threads)
-    benches = {"decode": bench_decode, "train": bench_train, "generate": bench_generate, "quality": bench_quality}
+    benches = {"decode": bench_decode, "train": bench_train, "loop": bench_loop, "generate": bench_generate, "quality": bench_quality}
     if bench not in benches:
         raise ConfigError(f"bench='{bench}' is not known: use one of {', '.join(benches)}")
     path = out_json or f"bench_{bench}.json"
