@@ -128,14 +128,16 @@ class Runtime:
             dist.all_reduce(t)
         return t
 
-    def agree(self, minutes: float, stop: bool) -> tuple[float, bool]:
-        """Process 0's clock and any process's stop request, the same on every process, so that all
-        stop at the same step (none leaves while another waits for it in a collective)."""
+    def agree(self, clocks: list[float], stop: bool) -> tuple[list[float], bool]:
+        """Process 0's clocks and any process's stop request, the same on every process, so that all
+        follow one schedule and stop at the same step (none leaves while another waits for it in a
+        collective)."""
         if self.world_size == 1:
-            return minutes, stop
-        shared = torch.tensor([minutes if self.master else 0.0, float(stop)], dtype=torch.float64, device=self.device)
-        minutes, stops = self.all_sum(shared).tolist()
-        return minutes, stops > 0
+            return clocks, stop
+        shared = torch.tensor([*(c if self.master else 0.0 for c in clocks), float(stop)], dtype=torch.float64,
+                              device=self.device)
+        *clocks, stops = self.all_sum(shared).tolist()
+        return clocks, stops > 0
 
     def from_master(self, values: list[float]) -> list[float]:
         """Process 0's values on every process."""

@@ -86,7 +86,9 @@ class RunState:
     step: int = 0               # optimizer steps taken
     epoch: int = 0              # the pass over the training data in progress (from 0)
     batch_in_epoch: int = 0     # batches of that epoch already taken
-    minutes: float = 0.0        # training time so far (process 0's clock)
+    minutes: float = 0.0        # wall-clock time so far, validation included (process 0's clock)
+    train_minutes: float = 0.0  # of it, the time spent in training steps
+    time_progress: float = 0.0  # the schedule's clock under max_minutes, in [0, 1] (advance_clock)
     best_bleu: float = -1.0     # best validation BLEU so far
     evals_without_gain: int = 0  # evaluations since the best one (the run stops at patience)
     bad_steps: int = 0          # non-finite steps in a row (the run stops at MAX_BAD_STEPS)
@@ -117,12 +119,36 @@ def lr_at(progress: float, cfg: dict) -> float:
     return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * x))
 
 
-def run_progress(step: int, epochs: float, minutes: float, cfg: dict) -> float:
-    """How far the run is, in [0, 1]: the furthest of the limits that are set."""
+def run_progress(step: int, epochs: float, time_progress: float, cfg: dict) -> float:
+    """How far the run is, in [0, 1]: the furthest of the limits that are set (time_progress: the
+    share of max_minutes, as advance_clock counts it)."""
     parts = [step / cfg["max_iters"] if cfg["max_iters"] else 0.0,
              epochs / cfg["max_epochs"] if cfg["max_epochs"] else 0.0,
-             minutes / cfg["max_minutes"] if cfg["max_minutes"] else 0.0]
+             time_progress if cfg["max_minutes"] else 0.0]
     return min(1.0, max(parts))
+
+
+def advance_clock(run: RunState, minutes: float, train_minutes: float, cfg: dict) -> None:
+    """Move the run's clocks on to `minutes` of wall-clock time, `train_minutes` of them spent in
+    training steps. Under max_minutes the schedule's clock p moves with training time only, at the
+    rate that brings it to 1 when the budget runs out:
+
+        p += (1 - p) * dt / (dt + left)
+        left = (max_minutes - minutes - e * (step % N) / N) / (1 + e / (N * s))
+
+    dt: training minutes since the last call; left: the training time still to come, which is the
+    wall clock left less the validations to come (every N = eval_interval steps, each as long as
+    the mean one so far, e; s: the mean step). Between validations left falls as fast as training
+    time passes and across one it stays, so the learning rate has no step at a validation. Without
+    validations p = minutes / max_minutes."""
+    if cfg["max_minutes"]:
+        N, evals = cfg["eval_interval"], run.step // cfg["eval_interval"]
+        e = (minutes - train_minutes) / evals if evals else 0.0
+        s = train_minutes / max(run.step, 1)
+        left = (cfg["max_minutes"] - minutes - e * (run.step % N) / N) / (1 + e / (N * s) if e else 1.0)
+        dt = train_minutes - run.train_minutes
+        run.time_progress = min(1.0, run.time_progress + (1 - run.time_progress) * dt / max(dt + max(left, 0.0), 1e-9))
+    run.minutes, run.train_minutes = minutes, train_minutes
 
 
 def stop_reason(run: RunState, epochs: float, cfg: dict) -> str:
@@ -264,7 +290,7 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, ex
     return improved
 
 
-def resume_state(optimizer, scaler, resume: dict) -> RunState:
+def resume_state(optimizer, scaler, resume: dict, cfg: dict) -> RunState:
     """Load the optimizer moments and fp16 loss scale of the checkpoint `resume`; return where its run stood."""
     try:
         optimizer.load_state_dict(resume["optimizer"])
@@ -273,7 +299,13 @@ def resume_state(optimizer, scaler, resume: dict) -> RunState:
                           "start a new run from it instead: --init_from=PATH") from None
     if scaler is not None and resume.get("scaler"):
         scaler.load_state_dict(resume["scaler"])
-    return RunState(**{f.name: resume[f.name] for f in fields(RunState) if f.name in resume})
+    run = RunState(**{f.name: resume[f.name] for f in fields(RunState) if f.name in resume})
+    if "time_progress" not in resume or resume["train_config"]["max_minutes"] != cfg["max_minutes"]:
+        # a checkpoint from before advance_clock, or a new budget (--max_minutes=60 to extend a run):
+        # the schedule goes on as if the run had been planned for this budget from the start
+        run.train_minutes = resume.get("train_minutes", run.minutes)
+        run.time_progress = min(1.0, run.minutes / cfg["max_minutes"]) if cfg["max_minutes"] else 0.0
+    return run
 
 
 class Diverged(Exception):
@@ -296,7 +328,7 @@ def loop_step(model, optimizer, scaler, batches: TrainBatches, run: RunState, ep
     """One turn of the loop: set the schedule's learning rate, seed this step's random draws, take
     the next grad_accum batches (run.epoch and run.batch_in_epoch move on), train_step. Returns
     (lr, the CPU batches, train_step's report)."""
-    lr = lr_at(run_progress(run.step, epochs, run.minutes, cfg), cfg)
+    lr = lr_at(run_progress(run.step, epochs, run.time_progress, cfg), cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     # a step's random draws (dropout, teacher forcing, gate noise) come from a seed of (seed,
@@ -321,7 +353,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
     raw, pad_id, scaler = getattr(model, "module", model), data.tgt_tok.pad_id, rt.grad_scaler()
-    run = RunState() if resume is None else resume_state(optimizer, scaler, resume)
+    run = RunState() if resume is None else resume_state(optimizer, scaler, resume, cfg)
     batches = TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"], rt.rank, rt.world_size)
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
@@ -343,21 +375,24 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     model.train()
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":
         check_initial_loss(raw, batches.next(0, 0)[0], pad_id, data.tgt_tok.vocab_size, rt, log)
-    t_start = time.time() - 60 * run.minutes
+    t_start, train_seconds = time.time() - 60 * run.minutes, 60 * run.train_minutes
     with StopSignals() as signals:
         while True:
-            run.minutes, signalled = rt.agree((time.time() - t_start) / 60, bool(signals.received))
+            clocks, signalled = rt.agree([(time.time() - t_start) / 60, train_seconds / 60], bool(signals.received))
+            advance_clock(run, *clocks, cfg)
             epochs = batches.epochs_done(run.epoch, run.batch_in_epoch)
             stop = f"received {signals.received or 'a signal (on another process)'}" if signalled \
                 else stop_reason(run, epochs, cfg)
             if stop:
                 break
+            step_started = time.time()
             lr, micro_batches, out = loop_step(model, optimizer, scaler, batches, run, epochs, cfg, rt, penalty)
+            train_seconds += time.time() - step_started
             if out["update"] == "skipped":
                 count_bad_step(run, lr, out, log)
                 continue
             run.step, run.bad_steps = run.step + 1, 0
-            steps_log.add(run, lr, out, micro_batches, run_progress(run.step, epochs, run.minutes, cfg))
+            steps_log.add(run, lr, out, micro_batches, run_progress(run.step, epochs, run.time_progress, cfg))
             if run.step % cfg["log_interval"] == 0 or run.step == 1:
                 steps_log.write(run, epochs, lr, out, penalty_values())
             if cfg["average_last"] > 1 and rt.master and run.step % snapshot_every == 0:

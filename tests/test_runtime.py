@@ -53,4 +53,4 @@ def test_loss_scaling_only_for_fp16():
     assert Runtime("cpu", "float16").grad_scaler() is not None
     assert Runtime("cpu", "bfloat16").grad_scaler() is None and Runtime("cpu", "float32").grad_scaler() is None
     one = Runtime("cpu", "float32")
-    assert one.agree(1.5, False) == (1.5, False) and one.master
+    assert one.agree([1.5, 1.2], False) == ([1.5, 1.2], False) and one.master

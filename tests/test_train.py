@@ -38,8 +38,50 @@ def test_one_cycle_schedule():
 
 def test_progress_takes_the_furthest_limit():
     cfg = dict(max_iters=100, max_epochs=0, max_minutes=10.0)
-    assert train.run_progress(50, 3.0, 1.0, cfg) == 0.5
-    assert train.run_progress(10, 3.0, 6.0, cfg) == 0.6
+    assert train.run_progress(50, 3.0, 0.1, cfg) == 0.5
+    assert train.run_progress(10, 3.0, 0.6, cfg) == 0.6
+    assert train.run_progress(10, 3.0, 0.6, {**cfg, "max_minutes": 0.0}) == 0.1   # no time limit: no time progress
+
+
+def test_the_time_clock_moves_with_training_only_and_ends_on_the_budget():
+    """Steps of 1 s, a 7 s validation every 45 steps, a 10-minute budget: the clock p moves by about
+    the same amount at every step, also at the step after a validation (the wall clock would jump by
+    8 steps' worth there), and it reaches 1 as the wall clock reaches the budget."""
+    cfg = dict(max_minutes=10.0, eval_interval=45)
+    run, wall, train_time, gains = train.RunState(), 0.0, 0.0, []
+    while wall < 600:                                  # as train_loop: the clocks, a step, maybe a validation
+        before = run.time_progress
+        wall, train_time, run.step = wall + 1, train_time + 1, run.step + 1
+        if run.step % 45 == 0:
+            wall += 7                                                # validation: wall clock only
+        train.advance_clock(run, wall / 60, train_time / 60, cfg)
+        gains.append(run.time_progress - before)
+    assert run.time_progress == pytest.approx(1.0)
+    # the first validation shows what validations cost: from then on the clock runs 52/45 as fast
+    assert gains[:44] == pytest.approx([1 / 600] * 44)
+    # (counting the validations to come as a fraction, the clock reaches 1 up to one validation's
+    # time early: here 3 steps before the end)
+    assert gains[44:-4] == pytest.approx([gains[44]] * len(gains[44:-4]), rel=0.01) and gains[-4] < gains[44]
+    assert gains[44] == pytest.approx(1 / 600 * 52 / 45, rel=0.02)
+    assert run.minutes == pytest.approx(wall / 60) and run.train_minutes == pytest.approx(train_time / 60)
+    plain = train.RunState()
+    for t in (1, 2, 3):                                              # without validation: p = minutes / budget
+        train.advance_clock(plain, t, t, cfg)
+        assert plain.time_progress == pytest.approx(t / 10)
+
+
+def test_a_validation_leaves_no_step_in_the_learning_rate(tmp_path):
+    """A wall-clock budget with validations that take much longer than a step: the learning rate
+    (all warm-up, so linear in the schedule's clock) rises by about the same amount at the step after
+    a validation as at any other, and still nears its peak when the budget runs out."""
+    run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_minutes=0.08", "--eval_interval=25",
+        "--eval_sentences=200", "--warmup_frac=1.0", "--learning_rate=1e-3")
+    records, evals = train_records(tmp_path), {r["step"] for r in train_records(tmp_path, "eval")}
+    rises = {r["step"]: r["lr"] - q["lr"] for q, r in zip(records, records[1:]) if r["step"] == q["step"] + 1}
+    after_eval = [rises[s + 1] for s in evals if s + 1 in rises]
+    typical = sorted(rises.values())[len(rises) // 2]
+    assert len(after_eval) >= 2 and max(after_eval) < 4 * typical
+    assert records[-1]["lr"] > 0.9e-3 and records[-1]["minutes"] < 0.08 * 1.1
 
 
 def test_overfit_one_batch_drives_loss_near_zero(tmp_path):
