@@ -1,6 +1,7 @@
 """
-Speed on a CPU: faster stand-ins for two parts of model_transformer.py, computing what they
-compute. train.py and the checkpoint loader (checkpoint.py) put them into every model they build:
+Speed: faster stand-ins for two parts of model_transformer.py, computing what they compute, and
+the choice of attention kernels on a GPU. train.py and the checkpoint loader (checkpoint.py) put
+them into every model they build:
 
     model = speed_up(model)       # in place; returns the model
 
@@ -10,6 +11,7 @@ compute. train.py and the checkpoint loader (checkpoint.py) put them into every 
 - StackedProjections for MultiHeadAttention: the q, k, v (or k, v) projections as one matrix
   product with the weights stacked, one pass over x and one bf16 cast of it instead of three
   (1.15x fp32, 1.2x bf16 per training step).
+- On CUDA, F.scaled_dot_product_attention without its cuDNN backend (see speed_up).
 The figures are docs/performance.md's; tests/test_speed.py checks each stand-in against the
 plain module. Leaves out: torch.compile, CUDA graphs (tried: docs/performance.md).
 """
@@ -69,6 +71,11 @@ def speed_up(model: nn.Module) -> nn.Module:
     of the same p, every MultiHeadAttention a StackedProjections (its class changes; its
     parameters, hooks and state dict stay). Parameters and outputs are unchanged; only the
     random draws of dropout differ from nn.Dropout's."""
+    # On CUDA, PyTorch 2.11 sends SDPA with a padding mask to cuDNN first, which builds an execution
+    # plan for every new (batch, length) shape, ~0.4 s forward and ~0.5 s backward; bucketed batches
+    # and the growing decoding cache bring new shapes all the time. Flash and memory-efficient
+    # attention need no plan. (A process-wide switch; on a CPU it changes nothing.)
+    torch.backends.cuda.enable_cudnn_sdp(False)
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Dropout:

@@ -1,6 +1,7 @@
 """The CUDA path, where a GPU is present (every test here is skipped without one): the toy task
 in every precision and attention implementation, both GRU attentions, cached = uncached decoding,
-SDPA = explicit softmax, bf16 and fp32 loss curves, and a run moving between CPU and GPU.
+SDPA = explicit softmax, no cuDNN attention, bf16 and fp32 loss curves, and a run moving between
+CPU and GPU.
 
     python -m pytest tests/test_cuda.py -m "slow or not slow"     # on a machine with a GPU
 """
@@ -50,6 +51,20 @@ def test_cached_decoding_and_sdpa_agree_with_the_references_on_cuda():
     math_logits = model(src, tgt)
     model.set_attention_impl("sdpa")
     assert torch.allclose(model(src, tgt), math_logits, atol=1e-4)
+
+
+def test_attention_on_cuda_never_goes_to_cudnn_which_plans_every_new_shape():
+    from torch.profiler import profile
+    from model_transformer import Transformer, TransformerConfig
+    from speed import speed_up
+    cfg = TransformerConfig(src_vocab=50, tgt_vocab=50, pad_id=0, d_model=64, n_head=4, dropout=0.0, attn_impl="sdpa")
+    model = speed_up(Transformer(cfg, verbose=False)).cuda()
+    src, tgt = torch.randint(3, 50, (8, 11), device="cuda"), torch.randint(3, 50, (8, 9), device="cuda")
+    src[3, 7:] = 0                                                  # a padding mask: cuDNN's first pick in 2.11
+    with profile() as prof, torch.autocast("cuda", dtype=torch.bfloat16):
+        model(src, tgt).float().sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert any("scaled_dot_product" in n for n in names) and not any("cudnn_attention" in n for n in names), names
 
 
 def test_bf16_follows_the_fp32_loss_curve_on_cuda(tmp_path):

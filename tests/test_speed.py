@@ -90,3 +90,10 @@ def test_fast_dropout_in_the_model_drops_at_the_same_rate():
     assert not torch.equal(fast(src, tgt), fast(src, tgt))            # dropout is on in training
     fast.eval()
     assert torch.allclose(fast(src, tgt), plain.eval()(src, tgt), atol=1e-6)   # and off in evaluation
+
+
+def test_a_model_built_for_speed_leaves_cudnn_out_of_gpu_attention():
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    plain_and_fast()
+    assert not torch.backends.cuda.cudnn_sdp_enabled()      # flash / memory-efficient: no plan per shape
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
