@@ -275,11 +275,14 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, ex
     whether BLEU improved."""
     improved = False
     if rt.master:
+        started = time.time()
         ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"])
+        seconds = time.time() - started
         log.record("eval", f"eval step {run.step}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, BLEU {ev['bleu']:.2f}"
-                   f" (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} ({ev['sentences']} sentences)"
-                   + printable(extra, ", "), step=run.step, val_loss=ev["loss"], ppl=ev["ppl"], bleu=ev["bleu"],
-                   bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], examples=ev["examples"], **extra)
+                   f" (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} ({ev['sentences']} sentences, "
+                   f"{seconds:.1f} s)" + printable(extra, ", "), step=run.step, val_loss=ev["loss"], ppl=ev["ppl"],
+                   bleu=ev["bleu"], bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], seconds=seconds, examples=ev["examples"],
+                   **extra)
         for ex in ev["examples"]:
             log.say(f"  src: {ex['src']}\n  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
         improved = ev["bleu"] > run.best_bleu

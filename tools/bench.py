@@ -68,6 +68,7 @@ warmup_steps = 3  # train, loop: untimed steps first (allocator, kernel selectio
 loop_rounds = 4  # loop: steps per repeat = loop_rounds x (warmup_steps + steps), the fixed batches cycled
 profile_steps = 0  # loop: > 0 profiles that many turns of the loop afterwards (torch.profiler) and prints the table
 dtypes = "float32,bfloat16"  # train: comma-separated
+models = "ours,ours_ce,torch,marian,gru"  # train: the rows, comma-separated (ours first: the ratios are against it)
 dataset = ""  # a local folder to read instead of the checkpoint's dataset (no network)
 split = "test"  # split whose sources are translated
 batch_size = 64  # sentences per batch
@@ -202,7 +203,8 @@ def build(name: str, model_cfg: dict, rnn_model_cfg: dict, bos_id: int, eos_id: 
 
 OURS, MARIAN = "this project, Transformer", "MarianMT (transformers)"
 OURS_TORCH_LOSS = "this project, Transformer, F.cross_entropy"   # ours with the baselines' loss
-MODELS = [OURS, OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN, "this project, GRU + attention"]
+MODELS = {"ours": OURS, "ours_ce": OURS_TORCH_LOSS, "torch": "torch.nn.Transformer", "marian": MARIAN,
+          "gru": "this project, GRU + attention"}      # the `models` knob's names -> the rows
 
 
 def step(name: str, model, optimizer, batch: tuple, pad_id: int, cfg: dict, rt: Runtime) -> dict:
@@ -269,7 +271,10 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
 
 
 def bench_train() -> dict:
-    cfg, rnn_cfg = load_config(config), load_config(rnn_config)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if names[:1] != ["ours"] or not set(names) <= set(MODELS):
+        raise ConfigError(f"models='{models}': 'ours' first, then any of {', '.join(list(MODELS)[1:])}")
+    cfg, rnn_cfg = load_config(config), load_config(rnn_config if "gru" in names else config)
     data = load_data(DataConfig.of(cfg), verbose=False)
     if DataConfig.of(rnn_cfg) != DataConfig.of(cfg):
         raise ConfigError(f"{rnn_config} and {config} must use the same data settings (tokenizer, vocab, batches)")
@@ -278,13 +283,13 @@ def bench_train() -> dict:
     batches = [collate(sp, i, data.src_tok, tok) for i in idx]
     n_tokens = sum(int((b[2] != tok.pad_id).sum()) for b in batches[warmup_steps:])
     model_cfg = asdict(train.build_model(cfg, data.src_tok, tok, verbose=False).cfg)
-    rnn_model_cfg = asdict(train.build_model(rnn_cfg, data.src_tok, tok, verbose=False).cfg)
+    rnn_model_cfg = asdict(train.build_model(rnn_cfg, data.src_tok, tok, verbose=False).cfg) if "gru" in names else {}
     results = {}
     for dtype_name in [d.strip() for d in dtypes.split(",") if d.strip()]:
         rt = setup(device, dtype_name)
         dev = rt.device
         runs = {}
-        for name in MODELS:
+        for name in (MODELS[m] for m in names):
             torch.manual_seed(0)
             model = build(name, model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id).to(dev).train()
             runs[name] = (model, make_optimizer(model, cfg))
