@@ -70,6 +70,18 @@ def test_the_time_clock_moves_with_training_only_and_ends_on_the_budget():
         assert plain.time_progress == pytest.approx(t / 10)
 
 
+def test_a_resumed_run_keeps_its_clock_and_a_new_budget_or_an_older_checkpoint_restarts_it():
+    model = torch.nn.Linear(2, 2)
+    optimizer = make_optimizer(model, dict(weight_decay=0.0, learning_rate=1e-3))
+    saved = dict(optimizer=optimizer.state_dict(), train_config=dict(max_minutes=10.0), step=50, minutes=4.0,
+                 train_minutes=3.0, time_progress=0.35)
+    resume = lambda ckpt, budget: train.resume_state(optimizer, None, ckpt, dict(max_minutes=budget))  # noqa: E731
+    assert resume(saved, 10.0).time_progress == 0.35 and resume(saved, 10.0).train_minutes == 3.0
+    assert resume(saved, 20.0).time_progress == pytest.approx(0.2)   # --max_minutes=20: as if planned so
+    older = {k: v for k, v in saved.items() if k not in ("train_minutes", "time_progress")}
+    assert resume(older, 10.0).time_progress == pytest.approx(0.4) and resume(older, 10.0).train_minutes == 4.0
+
+
 def test_a_validation_leaves_no_step_in_the_learning_rate(tmp_path):
     """A wall-clock budget with validations that take much longer than a step: the learning rate
     (all warm-up, so linear in the schedule's clock) rises by about the same amount at the step after
