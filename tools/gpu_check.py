@@ -37,6 +37,7 @@ device = "cuda"  # where everything runs ('cpu' only to try the script itself)
 dtypes = "bfloat16,float16"  # the step bench's precisions
 bench_steps = 20  # the step bench's timed steps per model and repeat
 decode_batch = 128  # sentences per batch when decoding the test split
+decode_sentences = 0  # the test split's first N sentences are decoded (0 = all)
 beam = 5  # the beam size measured beside greedy
 train_args = ""  # more train.py arguments for the main config, space-separated (e.g. --batch_tokens=16000)
 parts = "tests,bench,train,decode"  # which parts run, comma-separated
@@ -108,20 +109,22 @@ def check_decode() -> dict:
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint, verbose=False)
     model.to(rt.device).eval()
     test = data_of_checkpoint(checkpoint, dataset, verbose=False).splits["test"]
+    n = len(test) if decode_sentences <= 0 else min(decode_sentences, len(test))
+    sources, references = test.src_text[:n], test.tgt_text[:n]
     rows = {}
     for name, b in (("greedy", 1), (f"beam {beam}", beam)):
         for when in ("cold", "warm"):                  # cold: this process has not decoded this way yet
             if rt.device_type == "cuda":
                 torch.cuda.synchronize()
             started = time.time()
-            hyps = translate(model, src_tok, tgt_tok, test.src_text, beam=b, batch_size=decode_batch,
+            hyps = translate(model, src_tok, tgt_tok, sources, beam=b, batch_size=decode_batch,
                              device=rt.device, amp=rt.amp)
             if rt.device_type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.time() - started
             rows[f"{name}, {when}"] = {"seconds": seconds, "sentences_per_s": len(hyps) / seconds,
-                                       "bleu": score(hyps, test.tgt_text)["bleu"]}
-    return {"ok": True, "sentences": len(test.src_text), "dtype": rt.dtype, "decoding": rows}
+                                       "bleu": score(hyps, references)["bleu"]}
+    return {"ok": True, "sentences": n, "dtype": rt.dtype, "decoding": rows}
 
 
 CHECKS = {"tests": check_tests, "bench": check_bench, "train": check_train, "decode": check_decode}
