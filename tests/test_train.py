@@ -209,9 +209,9 @@ def test_a_lower_cased_model_reads_its_input_lower_cased(tmp_path):
         "--eval_interval=2", "--eval_sentences=5")
     from checkpoint import load_checkpoint
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["data_config"]["lowercase"] is True
-    outputs = [run("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--text={text}").stdout
-               for text in ("The cat sees a dog", "THE CAT SEES A DOG", "the cat sees a dog")]
-    assert outputs[0] == outputs[1] == outputs[2]
+    outputs = run("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
+                  stdin="The cat sees a dog\nTHE CAT SEES A DOG\nthe cat sees a dog\n").stdout.splitlines()
+    assert len(outputs) == 3 and outputs[0] == outputs[1] == outputs[2]
     # comparing it with a model trained on cased text would score the two on different text
     cased = load_checkpoint(str(tmp_path / "ckpt.pt"))
     cased["data_config"]["lowercase"] = False
