@@ -1,5 +1,5 @@
 """
-The GPU path checked in one command, about 8 minutes on one H100/H200: tests/test_cuda.py; the
+The GPU path checked in one command, sized for about 8 minutes on one H100/H200: tests/test_cuda.py; the
 training step against torch.nn.Transformer and MarianMT in bf16 and fp16 (tools/bench.py
 --bench=train at the main config's sizes); the main config trained for a few minutes (first-epoch
 and steady tokens/s, validation times and BLEU); greedy and beam decoding of its test split, cold
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # -----------------------------------------------------------------------------
 dataset = ""  # a local folder with train.jsonl for the main config ('' = the config's own dataset)
 config = "config/transformer_en_it.py"  # the main job
-minutes = 3.0  # its training budget (train.py's max_minutes)
+minutes = 2.0  # its training budget (train.py's max_minutes)
 device = "cuda"  # where everything runs ('cpu' only to try the script itself)
 dtypes = "bfloat16,float16"  # the step bench's precisions
 bench_steps = 20  # the step bench's timed steps per model and repeat
