@@ -1,10 +1,10 @@
 """
-The GPU path checked in one command, sized for about 8 minutes on one H100/H200: tests/test_cuda.py; the
-training step against torch.nn.Transformer and MarianMT in bf16 and fp16 (tools/bench.py
---bench=train at the main config's sizes); the main config trained for a few minutes (first-epoch
-and steady tokens/s, validation times and BLEU); greedy and beam decoding of its test split, cold
-(the first pass in this process) and warm (the same pass again). One table at the end; every
-part's output in out_dir, the figures in out_dir/gpu_check.json.
+The GPU path checked in one command, sized for about 8 minutes on one H100/H200:
+tests/test_cuda.py; the training step against torch.nn.Transformer and MarianMT in bf16 and
+fp16 (tools/bench.py --bench=train at the main config's sizes); the main config trained for 2
+minutes (first-epoch and steady tokens/s, validation times and BLEU); greedy and beam decoding of
+its test split, cold (the first pass in this process) and warm (the same pass again). One table
+at the end; every part's output in out_dir, the figures in out_dir/gpu_check.json.
 
     python tools/gpu_check.py --dataset=data/europarl_en_it      # a folder: a GPU machine may have no hub access
 
