@@ -24,9 +24,10 @@ class ConfigError(ValueError):
 
 
 def knob_names(namespace: dict) -> list[str]:
-    """The knobs of a script: its public module-level values of a simple type."""
+    """The knobs of a script: its public module-level values of a simple type, but not its
+    constants (NAMES_IN_CAPITALS)."""
     return [k for k, v in namespace.items()
-            if not k.startswith("_") and type(v) in (bool, int, float, str)]
+            if not k.startswith("_") and not k.isupper() and type(v) in (bool, int, float, str)]
 
 
 def knob_comments(*paths: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ from configurator import ConfigError, configure
 
 def knobs():
     return {"n_layer": 3, "learning_rate": 1e-3, "compile": False, "dataset": "toy:copy", "l0_lambda": 0.05,
-            "_private": 1, "helper": print}
+            "_private": 1, "helper": print, "A_CONSTANT": "row name"}
 
 
 def test_command_line_overrides_with_types():
@@ -93,4 +93,4 @@ def test_help_lists_knobs_with_defaults_and_comments(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "n_layer = 3" in out and "# layers in encoder and decoder" in out
     assert "learning_rate = 0.001" in out and "peak learning rate" in out
-    assert "_private" not in out and "helper" not in out
+    assert "_private" not in out and "helper" not in out and "A_CONSTANT" not in out

@@ -27,8 +27,6 @@ from common import setup  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
 from decoding import score, translate  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # -----------------------------------------------------------------------------
 dataset = ""  # a local folder with train.jsonl for the main config ('' = the config's own dataset)
 config = "config/transformer_en_it.py"  # the main job
@@ -51,7 +49,8 @@ def shell(name: str, args: list[str], timeout: float) -> tuple[bool, str, float]
     its output, seconds)."""
     started = time.time()
     try:
-        out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run([sys.executable, *args], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             capture_output=True, text=True, timeout=timeout)
         ok, text = out.returncode == 0, out.stdout + out.stderr
     except subprocess.TimeoutExpired as e:
         ok, text = False, f"{e.stdout or ''}{e.stderr or ''}\n(stopped after {timeout:.0f} s)"
@@ -137,7 +136,7 @@ def table(results: dict) -> list[str]:
         rows.append(("tests/test_cuda.py", "result", results["tests"]["summary"] or "failed"))
     if "bench" in results:
         for dt, tps in results["bench"].get("tokens_per_s", {"(failed)": {}}).items():
-            ours = tps.get(OURS, float("nan"))
+            ours = tps.get("this project, Transformer", float("nan"))
             for m, rate in tps.items():
                 rows.append((f"step bench, {dt}", m, f"{rate:,.0f} target tok/s, ours {ours / rate:.2f}x"))
     if "train" in results:
@@ -160,8 +159,6 @@ def table(results: dict) -> list[str]:
             rows.append(("decoding", "failed", r["why"]))
     return [f"| {a} | {b} | {c} |" for a, b, c in rows]
 
-
-OURS = "this project, Transformer"
 
 
 def main() -> None:
