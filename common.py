@@ -69,7 +69,7 @@ def place(device: str, env: dict, n_gpus: int) -> Placement:
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX, e.g. Intel Sapphire
     Rapids, AMD Zen 4). Without them bf16 matrix products fall back to a plain loop: on an AVX2 AMD EPYC
-    a training step ran 38x slower in bf16 than in fp32 (docs/performance.md)."""
+    a training step ran 40x slower in bf16 than in fp32 (docs/performance.md)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -176,7 +176,7 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
     rt = Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability, cpu_bf16), p.rank, p.world_size)
     if rt.device_type == "cpu" and rt.dtype != "float32" and not cpu_bf16 and rt.master:
         print(f"warning: dtype={rt.dtype} on a CPU without bf16/fp16 instructions (AVX512-BF16, AMX): matrix "
-              "products fall back to a slow loop (38x slower than float32 on an AVX2 CPU); use --dtype=float32")
+              "products fall back to a slow loop (40x slower than float32 on an AVX2 CPU); use --dtype=float32")
     return rt
 
 class StopSignals:
