@@ -128,7 +128,8 @@ def gate_and_remove(source: dict, data, opts: dict, run_dir: str, rt: Runtime, l
     gates = attach_gates(model, opts["gate_types"])
     model.to(rt.device)                                  # with its new gates
     limits, start = run_limits(opts), time.perf_counter()
-    progress = lambda: run_progress(penalty.steps, 0.0, (time.perf_counter() - start) / 60, limits)  # noqa: E731
+    elapsed_share = lambda: (time.perf_counter() - start) / 60 / max(limits["max_minutes"], 1e-9)  # noqa: E731
+    progress = lambda: run_progress(penalty.steps, 0.0, elapsed_share(), limits)  # noqa: E731
     penalty = L0Penalty(gates, lam, opts["gate_lr"] / opts["learning_rate"], target, progress, opts["target_ramp"],
                         opts["target_steer"])
     what = f"lambda {lam:g}" if target is None else f"a target of {target} heads"
