@@ -356,9 +356,7 @@ def bench_loop() -> dict:
         if method == FIXED:
             out = train.train_step(model, optimizer, None, [fixed[i % len(fixed)]], tok.pad_id, cfg, rt)
         else:
-            epochs = batches.epochs_done(state.epoch, state.batch_in_epoch)
-            lr, micro_batches, out = train.loop_step(model, optimizer, None, batches, state, epochs, cfg, rt)
-            state.step += 1
+            lr, micro_batches, out = loop_turn(model, optimizer, batches, state, cfg, rt)
             steps_log.add(state, lr, out, micro_batches, 0.0)
         tokens[method].append(out["tokens"])
         return []
@@ -387,15 +385,21 @@ def bench_loop() -> dict:
 LOOP, FIXED = "train.py's loop (its own batches)", "fixed-batch step (--bench=train)"
 
 
+def loop_turn(model, optimizer, batches, run, cfg: dict, rt: Runtime) -> tuple:
+    """One turn of train.py's loop as train_loop takes it: (lr, the CPU batches, train_step's report)."""
+    turn = train.loop_step(model, optimizer, None, batches, run, batches.epochs_done(run.epoch, run.batch_in_epoch),
+                           cfg, rt)
+    run.step += 1
+    return turn
+
+
 def profile_loop(model, optimizer, batches, run, cfg: dict, rt: Runtime) -> str:
     """torch.profiler over profile_steps turns of the loop: the operators that take the time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device_type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(profile_steps):
-            epochs = batches.epochs_done(run.epoch, run.batch_in_epoch)
-            train.loop_step(model, optimizer, None, batches, run, epochs, cfg, rt)
-            run.step += 1
+            loop_turn(model, optimizer, batches, run, cfg, rt)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     print(table)
     return table
