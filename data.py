@@ -133,8 +133,29 @@ def _rows_to_pairs(rows: list, cfg: DataConfig, where: str) -> tuple[list[tuple[
     return pairs, bad
 
 
-def _datasets():
-    import datasets  # imported only when needed: it is slow to import, and .jsonl folders do not use it
+def _read_json(path: str) -> list:
+    """A .json file: one JSON array of rows, or JSON lines (what `Dataset.to_json` writes)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        return _read_jsonl(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"could not read '{path}': {e}. A .json file must hold one JSON array of rows or one "
+                        "JSON object per line.") from None
+    if not isinstance(rows, list):
+        raise DataError(f"'{path}' holds one {type(rows).__name__}: it must be an array of rows or one row per line")
+    return rows
+
+
+def _datasets(why: str):
+    try:
+        import datasets  # imported only when needed: it is slow to import, and .jsonl folders do not use it
+    except ImportError:
+        raise DataError(f"{why} needs the datasets package, which is not installed here: pip install "
+                        "datasets, or give a local folder of .jsonl files (--dataset=FOLDER)") from None
     datasets.disable_progress_bars()
     return datasets
 
@@ -146,21 +167,23 @@ def load_raw_pairs(cfg: DataConfig) -> tuple[dict[str, list[tuple[str, str]]], d
     if os.path.isdir(cfg.dataset):
         tables = {}
         for split, path in _local_split_files(cfg.dataset).items():
-            if path.endswith(".jsonl"):
-                tables[split] = _read_jsonl(path)
+            if not path.endswith(".parquet"):
+                tables[split] = _read_jsonl(path) if path.endswith(".jsonl") else _read_json(path)
                 continue
-            builder = "parquet" if path.endswith(".parquet") else "json"
-            datasets = _datasets()
+            datasets = _datasets(f"reading '{path}'")
             try:
-                tables[split] = datasets.load_dataset(builder, data_files=path, split="train").to_list()
+                tables[split] = datasets.load_dataset("parquet", data_files=path, split="train").to_list()
             except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in many types
-                raise DataError(f"could not read '{path}': {type(e).__name__}: {e}. A .json file must hold "
-                                f"JSON objects, a .parquet file a table.") from None
+                raise DataError(f"could not read '{path}': {type(e).__name__}: {e}. A .parquet file must "
+                                "hold a table.") from None
     elif cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.count("/") > 1:  # a path, not owner/name
         raise DataError(f"dataset folder '{cfg.dataset}' does not exist (working directory: {os.getcwd()})")
     else:
         try:
-            loaded = _datasets().load_dataset(cfg.dataset, cfg.dataset_config or None)
+            loaded = _datasets(f"loading '{cfg.dataset}' from the Hugging Face hub").load_dataset(
+                cfg.dataset, cfg.dataset_config or None)
+        except DataError:
+            raise
         except Exception as e:  # noqa: BLE001 - ConnectionError, OfflineModeIsEnabled, hub 404s, ...
             raise _hub_error(cfg, e) from None
         tables = {}

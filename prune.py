@@ -263,6 +263,11 @@ def plot_gates(out_dir: str, history: list, gate_types: list[str], n_head: int) 
 def setup_run(opts: dict) -> tuple:
     """Check the knobs and name the run folder (opts["run_dir"]); load the checkpoint, its data and
     model: (source, data, model, rt)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # the gates would have to be trained in step on every process and the pruned model written
+        # once; runs take minutes on one GPU, so pruning stays a one-process script
+        raise ConfigError(f"prune.py runs in one process, and torchrun started {os.environ['WORLD_SIZE']}: run it "
+                          "with python (on one GPU: CUDA_VISIBLE_DEVICES=0 python prune.py ...)")
     opts["gate_types"] = [t.strip() for t in opts["gate_attn"].split(",") if t.strip()]
     opts["run_dir"] = opts["out_dir"] or os.path.join(os.path.dirname(opts["ckpt"]) or ".",
                                                       f"prune_{'_'.join(opts['gate_types'])}")

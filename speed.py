@@ -1,26 +1,23 @@
 """
-Speed: faster stand-ins for two parts of model_transformer.py, computing what they compute, and
-the choice of attention kernels on a GPU. train.py and the checkpoint loader (checkpoint.py) put
-them into every model they build:
+Speed: a faster stand-in for nn.Dropout, computing what it computes, and the choice of attention
+kernels on a GPU. train.build_model and the checkpoint loader (checkpoint.py) apply it to every
+model they build, where the call is in plain sight:
 
     model = speed_up(model)       # in place; returns the model
 
 - FastDropout for nn.Dropout: one 64-bit random number serves four elements, read as four
   16-bit integers (~3x cheaper than F.dropout on this CPU, where one random number per element
   was 16-36% of a training step). On a GPU F.dropout is one fused kernel and is used.
-- StackedProjections for MultiHeadAttention: the q, k, v (or k, v) projections as one matrix
-  product with the weights stacked, one pass over x and one bf16 cast of it instead of three
-  (1.15x fp32, 1.2x bf16 per training step).
 - On CUDA, F.scaled_dot_product_attention without its cuDNN backend (see speed_up).
-The figures are docs/performance.md's; tests/test_speed.py checks each stand-in against the
-plain module. Leaves out: torch.compile, CUDA graphs (tried: docs/performance.md).
+The other speed trick, the q/k/v projections as one matrix product, is written into
+model_transformer.py's MultiHeadAttention.project. The figures are docs/performance.md's;
+tests/test_speed.py checks each against the plain code. Leaves out: torch.compile, CUDA graphs
+(tried: docs/performance.md).
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from model_transformer import MultiHeadAttention
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -47,30 +44,10 @@ class FastDropout(nn.Module):
         return fast_dropout(x, self.p, self.training)
 
 
-class StackedProjections(MultiHeadAttention):
-    """MultiHeadAttention whose projections of one input run as one product (same weights, same
-    state dict). A single position (one cached decoding step) keeps the three products apart:
-    stacking the weights every step costs more than it saves there."""
-
-    def stacked(self, x: torch.Tensor, layers: list[nn.Linear]) -> list[torch.Tensor]:
-        if x.shape[1] == 1:
-            return [self.split_heads(layer(x)) for layer in layers]
-        weight = torch.cat([layer.weight for layer in layers])            # (len(layers) * H*Dh, D)
-        bias = torch.cat([layer.bias for layer in layers])
-        return [self.split_heads(t) for t in F.linear(x, weight, bias).chunk(len(layers), dim=-1)]
-
-    def project_qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.stacked(x, [self.q_proj, self.k_proj, self.v_proj])
-
-    def project_kv(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.stacked(x, [self.k_proj, self.v_proj])
-
-
 def speed_up(model: nn.Module) -> nn.Module:
-    """Swap this file's stand-ins into a model, in place: every nn.Dropout becomes a FastDropout
-    of the same p, every MultiHeadAttention a StackedProjections (its class changes; its
-    parameters, hooks and state dict stay). Parameters and outputs are unchanged; only the
-    random draws of dropout differ from nn.Dropout's."""
+    """In place, every nn.Dropout module of the model becomes a FastDropout of the same p (the
+    module is replaced; parameters and state dict stay). Outputs are unchanged; only the random
+    draws of dropout differ from nn.Dropout's."""
     # On CUDA, PyTorch 2.11 sends SDPA with a padding mask to cuDNN first, which builds an execution
     # plan for every new (batch, length) shape, ~0.4 s forward and ~0.5 s backward; bucketed batches
     # and the growing decoding cache bring new shapes all the time. Flash and memory-efficient
@@ -80,6 +57,4 @@ def speed_up(model: nn.Module) -> nn.Module:
         for name, child in module.named_children():
             if type(child) is nn.Dropout:
                 setattr(module, name, FastDropout(child.p))
-        if type(module) is MultiHeadAttention:
-            module.__class__ = StackedProjections
     return model

@@ -362,7 +362,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         raise DataError("the training split gives no batches (fewer batches than processes?)")
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None,
                  resume_step=run.step if resume is not None else None)
-    steps_log = StepLog(log, data.src_tok.pad_id, pad_id)
+    steps_log = StepLog(log, data.src_tok.pad_id, pad_id, rt.device_type)
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
     snapshot_every = cfg["average_every"] or cfg["eval_interval"]
 
@@ -433,12 +433,16 @@ def build_model(cfg: dict, src_tok, tgt_tok, verbose: bool = True):
                   tie_output=cfg["tie_embeddings"] != "none", share_src_tgt=cfg["tie_embeddings"] == "all")
     if cfg["arch"] == "transformer":
         inner = cfg["dropout"] if cfg["inner_dropout"] else 0.0
-        return speed_up(Transformer(TransformerConfig(**shared, d_model=cfg["d_model"], n_head=cfg["n_head"], d_ff=cfg["d_ff"],
-                                             attn_dropout=inner, ff_dropout=inner, pre_norm=cfg["pre_norm"],
-                                             attn_impl=cfg["attn_impl"]), verbose))
-    if cfg["arch"] == "rnn":
-        return speed_up(Seq2SeqRNN(RNNConfig(**shared, **{k: cfg[k] for k in rnn_knobs}), verbose))
-    raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
+        model = Transformer(TransformerConfig(**shared, d_model=cfg["d_model"], n_head=cfg["n_head"], d_ff=cfg["d_ff"],
+                                              attn_dropout=inner, ff_dropout=inner, pre_norm=cfg["pre_norm"],
+                                              attn_impl=cfg["attn_impl"]), verbose)
+    elif cfg["arch"] == "rnn":
+        model = Seq2SeqRNN(RNNConfig(**shared, **{k: cfg[k] for k in rnn_knobs}), verbose)
+    else:
+        raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
+    # speed.py: each nn.Dropout becomes FastDropout (same dropout, cheaper random numbers on a CPU);
+    # on CUDA, attention skips cuDNN's kernels, which plan anew for every batch shape
+    return speed_up(model)
 
 
 def main(argv: list[str] | None = None, make_optimizer=make_optimizer) -> RunState:
@@ -460,7 +464,8 @@ def main(argv: list[str] | None = None, make_optimizer=make_optimizer) -> RunSta
     if rt.master:                           # refuse to write over another run, or beside a live one
         claim_run_dir(cfg["out_dir"], resume is None, cfg["overwrite"], "continue it with --init_from=resume, ",
                       "" if source is None else cfg["init_from"])
-    data = load_data(DataConfig.of(cfg), verbose=rt.master)
+    with rt.master_first():                 # one process builds the data cache, the others read it
+        data = load_data(DataConfig.of(cfg), verbose=rt.master)
     torch.manual_seed(cfg["seed"])
     if source is not None:                  # resume, or fine-tune a checkpoint (e.g. a pruned model)
         model, data.src_tok, data.tgt_tok = model_from_checkpoint(source, verbose=rt.master)

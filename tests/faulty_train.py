@@ -10,6 +10,7 @@ MODE says where the N-th call (counted from 1 in this process) goes wrong:
     nan_once    only training loss call N returns NaN
     disk_full   the N-th checkpoint write fails with ENOSPC (no space left on device)
     skew_clock  every process but process 0 sees its clock N seconds ahead (for torchrun runs)
+    count_builds  (N unused) each process says when it builds the data instead of reading the cache
 Each process prints the step it stopped at when train.py returns.
 """
 import errno
@@ -82,6 +83,14 @@ elif mode == "skew_clock":
     if os.environ.get("RANK", "0") != "0":
         real_time = time.time
         time.time = lambda: real_time() + n
+elif mode == "count_builds":
+    import data
+    real_build = data.build_data
+
+    def build_data(*args, **kwargs):
+        print(f"process {os.environ.get('RANK', 0)} builds the data", flush=True)
+        return real_build(*args, **kwargs)
+    data.build_data = build_data
 else:
     raise SystemExit(f"unknown mode {mode}")
 

@@ -148,6 +148,34 @@ def test_parquet_folder(tmp_path):
     assert pairs["train"][0] == ("a cat", "A CAT") and len(pairs["train"]) == 50
 
 
+def without_datasets(monkeypatch):
+    """This process as on a machine where the datasets package is not installed."""
+    monkeypatch.setitem(sys.modules, "datasets", None)        # `import datasets` now raises ImportError
+
+
+@pytest.mark.parametrize("layout", ["lines", "array"])
+def test_a_json_folder_is_read_without_the_datasets_package(tmp_path, monkeypatch, layout):
+    without_datasets(monkeypatch)
+    folder = tmp_path / "j"
+    folder.mkdir()
+    rows = [{"translation": {"en": f"a cat {i}", "xx": f"A CAT {i}"}} for i in range(5)]
+    text = json.dumps(rows) if layout == "array" else "".join(json.dumps(r) + "\n" for r in rows)
+    (folder / "train.json").write_text(text)
+    pairs, _ = D.load_raw_pairs(cfg_for(str(folder), tmp_path))
+    assert pairs["train"] == [(f"a cat {i}", f"A CAT {i}") for i in range(5)]
+
+
+def test_parquet_or_the_hub_without_the_datasets_package_is_one_clear_line(tmp_path, monkeypatch):
+    without_datasets(monkeypatch)
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    (folder / "train.parquet").write_bytes(b"PAR1")
+    with pytest.raises(D.DataError, match=r"reading '.*train.parquet' needs the datasets package.*pip install"):
+        D.load_raw_pairs(cfg_for(str(folder), tmp_path))
+    with pytest.raises(D.DataError, match="from the Hugging Face hub needs the datasets package"):
+        D.load_raw_pairs(cfg_for("Helsinki-NLP/opus_books", tmp_path))
+
+
 @pytest.mark.parametrize("setup, pattern", [
     ("no_train", "has no train.jsonl"),
     ("missing_dir", "does not exist"),

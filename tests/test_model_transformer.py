@@ -131,6 +131,22 @@ def test_an_attention_without_heads_adds_its_output_bias_alone(impl):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_an_attention_without_heads_never_calls_the_fused_kernel(monkeypatch):
+    """On CUDA, PyTorch builds from before 2026 crash in flash attention's check of H = 0."""
+    import model_transformer
+    sdpa = F.scaled_dot_product_attention
+
+    def no_empty_heads(q, *args, **kwargs):
+        assert q.shape[1] > 0, "SDPA called with H = 0"
+        return sdpa(q, *args, **kwargs)
+    monkeypatch.setattr(model_transformer.F, "scaled_dot_product_attention", no_empty_heads)
+    model = tiny(enc_self_heads=[0, 2], dec_self_heads=[2, 0], dec_cross_heads=[0, 2], attn_impl="sdpa")
+    src, tgt = batch()
+    src[1, 5:] = PAD
+    model(src, tgt).sum().backward()
+    assert greedy(model, src, BOS, EOS, PAD, 8)[0].shape[0] == 3
+
+
 def test_tied_and_shared_embeddings():
     model = tiny(share_src_tgt=True)
     assert model.out_proj.weight is model.tgt_embed.weight is model.src_embed.weight

@@ -148,3 +148,19 @@ def test_a_pruned_model_freezes_exactly_what_gets_no_gradient(pre_norm):
     frozen = {n for n, p in model_of("transformer", cfg).named_parameters() if not p.requires_grad}
     assert frozen == no_gradient and "encoder.1.self_attn.out_proj.bias" not in frozen
     assert ("encoder.1.res_attn.norm.weight" in frozen) == pre_norm
+
+
+@pytest.mark.slow      # ~10 s: torchrun with two processes
+def test_under_torchrun_prune_refuses_in_one_line_before_writing_anything(toy_model, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    out_dir = tmp_path / "pruned"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "prune.py", f"--ckpt={toy_model}", f"--out_dir={out_dir}", "--max_iters=4"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("prune.py runs in one process, and torchrun started 2" in e for e in errors), out.stderr
+    assert not out_dir.exists()                     # (torchrun's own traceback follows: its child failed)

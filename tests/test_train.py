@@ -290,6 +290,32 @@ def test_two_processes_match_one_process_with_the_same_global_batch_and_resume(t
     assert other.returncode == 2 and "trained with 2 process(es)" in other.stderr   # 1 process would take other batches
 
 
+@pytest.mark.slow      # ~10 s: torchrun with two processes
+def test_under_torchrun_process_0_builds_the_data_cache_and_the_others_read_it(tmp_path):
+    tiny = [a for a in TINY if not a.startswith("--cache_dir")]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "tests/faulty_train.py", "count_builds", "0", *tiny, f"--cache_dir={tmp_path / 'cache'}",
+                          "--max_iters=1", "--eval_interval=1", "--eval_sentences=5", f"--out_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [line for line in out.stdout.splitlines() if "builds the data" in line] == ["process 0 builds the data"]
+    assert len(os.listdir(tmp_path / "cache")) == 1                # one cache file, no temporary one left
+
+
+def test_ddp_does_not_resend_buffers_before_every_forward(tmp_path):
+    import torch.distributed as dist
+
+    from common import Runtime
+    from model_transformer import Transformer, TransformerConfig
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = Transformer(TransformerConfig(src_vocab=20, tgt_vocab=20, pad_id=0, d_model=16, n_head=2), verbose=False)
+        ddp = Runtime("cpu", "float32", rank=0, world_size=2).wrap(model)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and not ddp.broadcast_buffers
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow      # ~15 s: torchrun with two processes
 def test_process_0s_clock_stops_every_process_at_the_same_step(tmp_path):
     """Process 1's clock runs 10 minutes ahead: were each process to decide from its own clock,
