@@ -1,7 +1,9 @@
 """The CUDA path, where a GPU is present (every test here is skipped without one): the toy task
-in every precision and attention implementation, both GRU attentions, cached = uncached decoding,
-SDPA = explicit softmax, no cuDNN attention, bf16 and fp32 loss curves, and a run moving between
-CPU and GPU.
+in every precision and attention implementation, both GRU attentions in every precision, cached =
+uncached decoding, SDPA = explicit softmax, no cuDNN attention, fp16 loss scaling through an
+overflow, an attention without heads, bf16 and fp32 loss curves, exact resume, and a run moving
+between CPU and GPU. Where the logic is not CUDA's own, a CPU test checks it too (test_train.py,
+test_model_transformer.py, test_model_rnn.py).
 
     python -m pytest tests/test_cuda.py -m "slow or not slow"     # on a machine with a GPU
 """
@@ -26,9 +28,10 @@ def test_the_toy_task_is_solved_on_cuda_in_every_precision(tmp_path, dtype, attn
     assert train_records(tmp_path, "eval")[-1]["bleu"] > 95
 
 
-@pytest.mark.parametrize("attention", ["dot", "additive"])
-def test_gru_with_attention_learns_the_toy_task_on_cuda(tmp_path, attention):
-    run("train.py", *TINY, "--device=cuda", "--arch=rnn", "--emb_dim=32", "--n_enc_layer=1", "--n_dec_layer=1",
+@pytest.mark.parametrize("attention, dtype", [("dot", "float32"), ("additive", "float32"), ("dot", "bfloat16"),
+                                              ("additive", "float16")])
+def test_gru_with_attention_learns_the_toy_task_on_cuda(tmp_path, attention, dtype):
+    run("train.py", *TINY, "--device=cuda", f"--dtype={dtype}", "--arch=rnn", "--emb_dim=32", "--n_enc_layer=1", "--n_dec_layer=1",
         f"--attention={attention}", "--hidden_size=96", "--bidirectional", "--max_iters=300", "--learning_rate=1e-2",
         "--warmup_frac=0.05", "--dropout=0", "--batch_tokens=3000", "--eval_interval=300", "--eval_sentences=100",
         f"--out_dir={tmp_path}")
@@ -65,6 +68,62 @@ def test_attention_on_cuda_never_goes_to_cudnn_which_plans_every_new_shape():
         model(src, tgt).float().sum().backward()
     names = {e.key for e in prof.key_averages()}
     assert any("scaled_dot_product" in n for n in names) and not any("cudnn_attention" in n for n in names), names
+
+
+def tiny_on_cuda(dtype: str, **heads):
+    """A tiny Transformer on the GPU (fused attention), its optimizer, the run's Runtime and one CPU batch."""
+    from common import Runtime
+    from model_transformer import Transformer, TransformerConfig
+    from train import DEFAULTS, make_optimizer
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(src_vocab=12, tgt_vocab=12, pad_id=0, d_model=16, n_head=2, n_enc_layer=1,
+                                          n_dec_layer=1, d_ff=32, dropout=0.0, attn_impl="sdpa", **heads),
+                        verbose=False).cuda()
+    src, tgt_in, tgt_out = (torch.randint(3, 12, (4, 5)) for _ in range(3))
+    src[1, 3:], tgt_out[0, 3:] = 0, 0                                    # some padding
+    return model, make_optimizer(model, DEFAULTS), Runtime("cuda", dtype), [(src, tgt_in, tgt_out)]
+
+
+def test_fp16_loss_scaling_on_cuda_skips_an_overflow_then_updates():
+    from train import DEFAULTS, train_step
+    model, optimizer, rt, batches = tiny_on_cuda("float16")
+    scaler = rt.grad_scaler()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hook = model.out_proj.weight.register_hook(lambda g: g * float("inf"))   # scaled gradients overflow
+    out = train_step(model, optimizer, scaler, batches, 0, DEFAULTS, rt)
+    hook.remove()
+    assert out["update"] == "overflow" and math.isfinite(out["loss"]) and scaler.get_scale() == 2.0 ** 15
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())    # nothing updated
+    assert [train_step(model, optimizer, scaler, batches, 0, DEFAULTS, rt)["update"] for _ in range(3)] == ["done"] * 3
+    assert not torch.equal(before["out_proj.weight"], model.out_proj.weight)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_an_attention_without_heads_trains_and_decodes_on_cuda(dtype):
+    from decoding import beam_search, greedy
+    from train import DEFAULTS, train_step
+    model, optimizer, rt, batches = tiny_on_cuda(dtype, enc_self_heads=[0], dec_cross_heads=[0])
+    out = train_step(model, optimizer, rt.grad_scaler(), batches, 0, DEFAULTS, rt)
+    assert out["update"] == "done" and math.isfinite(out["gnorm"])
+    model.eval()
+    src = batches[0][0].cuda()
+    with rt.amp:
+        hyps = greedy(model, src, 1, 2, 0, 9)[0]
+        beams = beam_search(model, src, 1, 2, 9, beam=1, alpha=0.0)
+    assert [h[0][0] for h in beams] == [[t for t in row if t not in (0, 2)][:len(b[0][0])]
+                                       for row, b in zip(hyps.tolist(), beams)]
+
+
+def test_a_run_resumed_on_cuda_continues_the_uninterrupted_one(tmp_path):
+    # a constant learning rate: the first half's max_iters=4 would otherwise give it another schedule
+    common = [*TINY, "--device=cuda", "--max_iters=8", "--eval_interval=4", "--eval_sentences=5", "--dropout=0.1",
+              "--warmup_frac=0", "--learning_rate=2e-3", "--min_lr=2e-3"]
+    run("train.py", *common, f"--out_dir={tmp_path / 'straight'}")
+    run("train.py", *common, f"--out_dir={tmp_path / 'resumed'}", "--max_iters=4")
+    run("train.py", *common, f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume")
+    straight, resumed = ({r["step"]: r["loss"] for r in train_records(tmp_path / d)} for d in ("straight", "resumed"))
+    assert list(resumed) == list(range(1, 9))
+    assert all(resumed[s] == pytest.approx(straight[s], rel=1e-4) for s in straight), (straight, resumed)
 
 
 def test_bf16_follows_the_fp32_loss_curve_on_cuda(tmp_path):

@@ -15,14 +15,16 @@ decode: on a checkpoint's test split, in batches of `batch_size` sentences sorte
 train: training-step throughput (target tokens/s) of train.py's own train_step (forward, loss,
     backward, gradient norms, clipping, AdamW step) on the same fixed Multi30k batches for this
     project's Transformer, torch.nn.Transformer and Hugging Face MarianMT built at the same sizes
-    (no weights downloaded), and this project's GRU with attention; fp32 and bf16 autocast. The
+    (no weights downloaded; left out with a note where transformers is missing), and this
+    project's GRU with attention; fp32 and bf16 autocast, or fp16 with train.py's loss scaling. The
     baselines use F.cross_entropy with label smoothing (the loss their users write), this
     project's models loss.py; one more row runs our Transformer with F.cross_entropy to show the
     model's share apart. Also model FLOP utilisation (matmul FLOPs counted by torch over a
     2048x2048 matmul measured in the same run) and peak memory of each.
-loop: train.py's loop (train.loop_step on the run's own batches, new shapes every step, plus the
-    step log's bookkeeping) against the fixed-batch step of `train`, in turns step by step on one
-    model; --profile_steps=N then profiles N turns of the loop.
+loop: train.py's loop (train.loop_step on the run's own batches, new shapes every step, the
+    schedule's clocks moved on as train_loop moves them, plus the step log's bookkeeping) against
+    the fixed-batch step of `train`, in turns step by step on one model; the loop's learning rate
+    of every turn goes to out_json. --profile_steps=N then profiles N turns of the loop.
 generate: decoding speed of this project's cached greedy vs MarianMT's generate(), untrained,
     every sentence forced to the same length so both do the same steps.
 quality: this project's Transformer and MarianMT trained for `minutes` each on the same batches,
@@ -68,7 +70,7 @@ warmup_steps = 3  # train, loop: untimed steps first (allocator, kernel selectio
 loop_rounds = 4  # loop: steps per repeat = loop_rounds x (warmup_steps + steps), the fixed batches cycled
 profile_steps = 0  # loop: > 0 profiles that many turns of the loop afterwards (torch.profiler) and prints the table
 dtypes = "float32,bfloat16"  # train: comma-separated
-models = "ours,ours_ce,torch,marian,gru"  # train: the rows, comma-separated (ours first: the ratios are against it)
+models = "ours,ours_ce,torch,marian,gru"  # train: the rows, comma-separated, ours first (the ratios are against it)
 dataset = ""  # a local folder to read instead of the checkpoint's dataset (no network)
 split = "test"  # split whose sources are translated
 batch_size = 64  # sentences per batch
@@ -207,19 +209,21 @@ MODELS = {"ours": OURS, "ours_ce": OURS_TORCH_LOSS, "torch": "torch.nn.Transform
           "gru": "this project, GRU + attention"}      # the `models` knob's names -> the rows
 
 
-def step(name: str, model, optimizer, batch: tuple, pad_id: int, cfg: dict, rt: Runtime) -> dict:
+def step(name: str, model, optimizer, batch: tuple, pad_id: int, cfg: dict, rt: Runtime,
+         scaler: torch.amp.GradScaler | None = None) -> dict:
     """One optimizer step on one batch. This project's models take train.py's own train_step; the
     baselines the same work with the loss their users write (F.cross_entropy): forward, loss,
-    backward, then train.py's update (gradient norms, clipping, the optimizer's step)."""
+    backward, then train.py's update (gradient norms, clipping, the optimizer's step). scaler:
+    fp16's loss scaling (rt.grad_scaler(), one per model), as train.py runs fp16."""
     if name not in (OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN):
-        return train.train_step(model, optimizer, None, [batch], pad_id, cfg, rt)
+        return train.train_step(model, optimizer, scaler, [batch], pad_id, cfg, rt)
     src, tgt_in, tgt_out = rt.to_device(*batch)
     n_tok = (tgt_out != pad_id).sum().to(torch.float32)
     with rt.amp:
         logits = model(src, tgt_in)
     loss = torch_loss(logits, tgt_out, pad_id, cfg["label_smoothing"]) / n_tok
-    loss.backward()
-    return train.update(model, optimizer, None, loss.detach(), n_tok, cfg, rt)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return train.update(model, optimizer, scaler, loss.detach(), n_tok, cfg, rt)
 
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -236,14 +240,14 @@ def matmul_peak(dev: str, dtype_name: str, n: int = 2048) -> float:
     return 2 * n ** 3 / statistics.median([timed(lambda: a @ b)[0] for _ in range(5)])
 
 
-def step_flops(name: str, model, optimizer, rt: Runtime, batches, pad_id: int, cfg: dict) -> int:
+def step_flops(name: str, model, optimizer, scaler, rt: Runtime, batches, pad_id: int, cfg: dict) -> int:
     """Matrix-product FLOPs of training steps over `batches`, counted by torch's FlopCounterMode
     (matmuls and attention, forward and backward; element-wise work and the optimizer are not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         for b in batches:
-            step(name, model, optimizer, b, pad_id, cfg, rt)              # (no matrix product in a loss)
+            step(name, model, optimizer, b, pad_id, cfg, rt, scaler)      # (no matrix product in a loss)
     return counter.get_total_flops()
 
 
@@ -260,9 +264,9 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
     else:
         before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     model = build(name, model_cfg, rnn_model_cfg, bos_id, eos_id).to(dev).train()
-    optimizer = make_optimizer(model, cfg)
+    optimizer, scaler = make_optimizer(model, cfg), rt.grad_scaler()
     for b in batches:
-        step(name, model, optimizer, b, pad_id, cfg, rt)
+        step(name, model, optimizer, b, pad_id, cfg, rt, scaler)
     if dev.startswith("cuda"):
         return torch.cuda.max_memory_allocated() - before
     # VmHWM: this process's peak resident set (ru_maxrss would also count the parent's, kept across exec)
@@ -270,10 +274,25 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
     return peak_kib * 1024 - before
 
 
+def importable(names: list[str]) -> tuple[list[str], list[str]]:
+    """The rows that can run here, and a note for each left out: MarianMT needs transformers
+    (requirements-bench.txt), which a GPU machine may lack; the other rows are still worth having."""
+    if "marian" not in names:
+        return names, []
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        note = f"{MARIAN} left out: transformers cannot be imported ({e}); pip install -r requirements-bench.txt"
+        print(note)
+        return [n for n in names if n != "marian"], [note]
+    return names, []
+
+
 def bench_train() -> dict:
     names = [m.strip() for m in models.split(",") if m.strip()]
     if names[:1] != ["ours"] or not set(names) <= set(MODELS):
         raise ConfigError(f"models='{models}': 'ours' first, then any of {', '.join(list(MODELS)[1:])}")
+    names, notes = importable(names)
     cfg, rnn_cfg = load_config(config), load_config(rnn_config if "gru" in names else config)
     data = load_data(DataConfig.of(cfg), verbose=False)
     if DataConfig.of(rnn_cfg) != DataConfig.of(cfg):
@@ -292,19 +311,19 @@ def bench_train() -> dict:
         for name in (MODELS[m] for m in names):
             torch.manual_seed(0)
             model = build(name, model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id).to(dev).train()
-            runs[name] = (model, make_optimizer(model, cfg))
+            runs[name] = (model, make_optimizer(model, cfg), rt.grad_scaler())   # a scaler under fp16 only
 
         def run(name: str, batch: tuple) -> list:
-            model, optimizer = runs[name]
-            step(name, model, optimizer, batch, tok.pad_id, cfg, rt)
+            model, optimizer, scaler = runs[name]
+            step(name, model, optimizer, batch, tok.pad_id, cfg, rt, scaler)
             return []
         print(f"{dtype_name}: {steps} timed steps of every model")
         seconds, _ = in_turns(runs, run, batches, untimed=warmup_steps)  # in turns step by step
         peak = matmul_peak(dev, dtype_name)
         mp = multiprocessing.get_context("spawn")
         rows = {}
-        for name, (model, optimizer) in runs.items():
-            flops = step_flops(name, model, optimizer, rt, batches[warmup_steps:], tok.pad_id, cfg)
+        for name, (model, optimizer, scaler) in runs.items():
+            flops = step_flops(name, model, optimizer, scaler, rt, batches[warmup_steps:], tok.pad_id, cfg)
             median = statistics.median(seconds[name])
             args = (model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id, batches[:2], tok.pad_id, cfg, dev)
             if dev.startswith("cuda"):
@@ -330,9 +349,10 @@ def bench_train() -> dict:
                   f"{ratio:.2f}x as fast | {row['flop_per_s'] / 1e9:.0f} | {row['mfu']:.1%} | "
                   f"{row['peak_memory_bytes'] / 2**20:,.0f} MiB |")
         print(f"| {dtype_name} | (matmul peak, 2048x2048) | | | | {res['matmul_peak_flop_per_s'] / 1e9:.0f} | 100% | |")
+    print("\n".join(notes))
     return {"bench": "train", "config": config, "rnn_config": rnn_config, "steps": steps, "target_tokens": n_tokens,
             "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "results": results}
+            "machine": platform.processor() or platform.machine(), "notes": notes, "results": results}
 
 
 def bench_loop() -> dict:
@@ -345,19 +365,23 @@ def bench_loop() -> dict:
     tok, sp = data.tgt_tok, data.splits["train"]
     torch.manual_seed(cfg["seed"])
     model = train.build_model(cfg, data.src_tok, tok, verbose=False).to(rt.device).train()
-    optimizer = train.make_optimizer(model, cfg)
+    optimizer, scaler = train.make_optimizer(model, cfg), rt.grad_scaler()
     fixed = [collate(sp, i, data.src_tok, tok) for i in
              make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"])[:warmup_steps + steps]]
     batches, state = TrainBatches(data, cfg["batch_tokens"], cfg["seed"]), train.RunState()
     steps_log = StepLog(RunLog("", enabled=False), data.src_tok.pad_id, tok.pad_id)
     tokens = {LOOP: [], FIXED: []}                  # target tokens of every call, in call order
+    lrs = []                                        # the learning rate of every turn of the loop
 
     def run(method: str, i: int) -> list:
         if method == FIXED:
-            out = train.train_step(model, optimizer, None, [fixed[i % len(fixed)]], tok.pad_id, cfg, rt)
+            out = train.train_step(model, optimizer, scaler, [fixed[i % len(fixed)]], tok.pad_id, cfg, rt)
         else:
-            lr, micro_batches, out = loop_turn(model, optimizer, batches, state, cfg, rt)
-            steps_log.add(state, lr, out, micro_batches, 0.0)
+            lr, micro_batches, out = loop_turn(model, optimizer, scaler, batches, state, cfg, rt)
+            lrs.append(lr)
+            progress = train.run_progress(state.step, batches.epochs_done(state.epoch, state.batch_in_epoch),
+                                          state.time_progress, cfg)
+            steps_log.add(state, lr, out, micro_batches, progress)
         tokens[method].append(out["tokens"])
         return []
 
@@ -369,37 +393,45 @@ def bench_loop() -> dict:
         per_repeat = [sum(tokens[m][r * n + warmup_steps:(r + 1) * n]) for r in range(repeats)]
         rates = [t / s for t, s in zip(per_repeat, seconds[m])]
         rows[m] = {"tokens_per_s": statistics.median(rates), "all_tokens_per_s": rates, "all_seconds": seconds[m]}
-    profile = profile_loop(model, optimizer, batches, state, cfg, rt) if profile_steps else None
+    profile = profile_loop(model, optimizer, scaler, batches, state, cfg, rt) if profile_steps else None
     ratio = rows[FIXED]["tokens_per_s"] / rows[LOOP]["tokens_per_s"]
     print(f"\n{config}, {rt.dtype} on {rt.device}, {torch.get_num_threads()} threads, {cfg['batch_tokens']} "
           f"tokens per batch, median of {repeats}")
     print("| method | target tokens/s |\n|---|---|")
     for m, row in rows.items():
         print(f"| {m} | {row['tokens_per_s']:,.0f} |")
-    print(f"the fixed-batch step is {ratio:.2f}x as fast as the loop")
+    print(f"the fixed-batch step is {ratio:.2f}x as fast as the loop; the loop's learning rate went from "
+          f"{lrs[0]:.2e} to {lrs[-1]:.2e}")
     return {"bench": "loop", "config": config, "dtype": rt.dtype, "device": rt.device, "steps": n,
             "threads": torch.get_num_threads(), "repeats": repeats, "methods": rows, "fixed_over_loop": ratio,
-            "profile": profile, "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+            "lrs": lrs, "profile": profile, "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
 
 
 LOOP, FIXED = "train.py's loop (its own batches)", "fixed-batch step (--bench=train)"
 
 
-def loop_turn(model, optimizer, batches, run, cfg: dict, rt: Runtime) -> tuple:
-    """One turn of train.py's loop as train_loop takes it: (lr, the CPU batches, train_step's report)."""
-    turn = train.loop_step(model, optimizer, None, batches, run, batches.epochs_done(run.epoch, run.batch_in_epoch),
+def loop_turn(model, optimizer, scaler, batches, run, cfg: dict, rt: Runtime) -> tuple:
+    """One turn of train.py's loop as train_loop takes it: (lr, the CPU batches, train_step's report).
+    The run's clocks move on by the loop's own time (the fixed-batch turns between are not the
+    loop's): under max_minutes the schedule's clock is that time, and without it every step would
+    train at lr_at(0) = 0."""
+    started = time.perf_counter()
+    turn = train.loop_step(model, optimizer, scaler, batches, run, batches.epochs_done(run.epoch, run.batch_in_epoch),
                            cfg, rt)
-    run.step += 1
+    run.step += turn[2]["update"] != "skipped"      # as train_loop counts steps
+    loop_minutes = run.train_minutes + (time.perf_counter() - started) / 60
+    train.advance_clock(run, loop_minutes, loop_minutes, cfg)
     return turn
 
 
-def profile_loop(model, optimizer, batches, run, cfg: dict, rt: Runtime) -> str:
+def profile_loop(model, optimizer, scaler, batches, run, cfg: dict, rt: Runtime) -> str:
     """torch.profiler over profile_steps turns of the loop: the operators that take the time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device_type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(profile_steps):
-            loop_turn(model, optimizer, batches, run, cfg, rt)
+            loop_turn(model, optimizer, scaler, batches, run, cfg, rt)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     print(table)
     return table
@@ -467,7 +499,7 @@ def bench_quality() -> dict:
     for name in (OURS, MARIAN):
         torch.manual_seed(cfg["seed"])
         model = build(name, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).train()
-        optimizer = make_optimizer(model, cfg)
+        optimizer, scaler = make_optimizer(model, cfg), rt.grad_scaler()
         schedule = dict(cfg, learning_rate=marian_lr) if name == MARIAN and marian_lr > 0 else cfg
         t0, step, epoch = time.time(), 0, 0
         while (time.time() - t0) / 60 < minutes:
@@ -477,7 +509,7 @@ def bench_quality() -> dict:
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = train.lr_at(elapsed / minutes, schedule)
-                step(name, model, optimizer, collate(sp, idx, data.src_tok, tok), tok.pad_id, cfg, rt)
+                step(name, model, optimizer, collate(sp, idx, data.src_tok, tok), tok.pad_id, cfg, rt, scaler)
                 step += 1
                 if step % 100 == 0:
                     print(f"{name}: step {step}, {elapsed:.1f} min")
