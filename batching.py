@@ -44,9 +44,9 @@ def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int, 
     pools = [order[i:i + pool_size] for i in range(0, len(order), pool_size)] if shuffle else [order]
     batches = []
     for pool in pools:
-        # sort by target length, then by source length in a snake order: ascending for even
-        # target lengths, descending for odd ones, so a batch that straddles two target lengths
-        # does not jump from the longest source back to the shortest (stable: ties keep the shuffle)
+        # sort by target length, then source length in a snake order, up for even target lengths and
+        # down for odd: (t, s) = (4, 2) (4, 9) (5, 9) (5, 3), so a batch that straddles two target
+        # lengths does not jump from the longest source back to the shortest (ties keep the shuffle)
         snake = np.where(tgt_lens[pool] % 2 == 0, src_lens[pool], -src_lens[pool])
         pool = pool[np.lexsort((snake, tgt_lens[pool]))]
         start, max_s, max_t = 0, 0, 0

@@ -4,7 +4,7 @@ Turning a trained model into translations, for every model that has the shared i
 
     greedy(model, src, ...)          the most likely token at each step, with the model's cache
     beam_search(model, src, ...)     the `beam` best prefixes at each step, GNMT length penalty
-    translate(model, tokenizers, sentences)   raw text in, raw text out, in input order
+    translate(model, src_tok, tgt_tok, sentences)   raw text in, raw text out, in input order
     evaluate(model, data, ...)       loss and BLEU/chrF on a split (train.py's validation)
     score(hypotheses, references)    sacreBLEU, cased and lower-cased, and chrF
 
@@ -84,9 +84,9 @@ def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int
     are among the best 2 * beam: at most beam extensions end in <eos>, one per live hypothesis).
     With beam = 1 and alpha = 0 this is exactly greedy decoding. A sentence is done when no live
     hypothesis can still beat its nbest-th finished one: a live score can only fall with more
-    tokens, so its best possible ranking score is its current score over the largest penalty
-    still reachable. (Stopping when the top beam ends is wrong once alpha > 0: a longer
-    hypothesis may still overtake it.)
+    tokens, so it ranks at best its score over the largest penalty still reachable (alpha 0.6,
+    max_len 20: a live -2.1 ranks at best -2.1 / lp(20) = -0.89, above a finished -0.95). Stopping
+    when the top beam ends is wrong once alpha > 0: a longer hypothesis may still overtake it.
     Finished sentences leave the batch, so a long sentence does not keep short ones computing.
     """
     assert 1 <= nbest <= beam, f"nbest={nbest} must be between 1 and beam={beam}"
@@ -106,7 +106,7 @@ def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int
         A, V = len(sentence), logits.shape[-1]
         logp = logits.float().log_softmax(dim=-1).view(A, K, V)
         top, flat = (scores[:, :, None] + logp).view(A, K * V).topk(2 * K, dim=1)  # (A, 2K) best first
-        origin, token = flat // V, flat % V                                     # which beam, which token
+        origin, token = flat // V, flat % V             # flat k * V + v: beam k, token v (V = 5: 7 -> 1, 2)
         ends = token == eos_id
         for a, j in ends[:, :K].nonzero().tolist():  # <eos> among the K best: a finished hypothesis
             if top[a, j] > float("-inf"):

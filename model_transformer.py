@@ -1,7 +1,7 @@
 """
 The encoder-decoder Transformer of "Attention Is All You Need" (Vaswani et al. 2017), written
 out so every step is visible: embeddings scaled by sqrt(D), sinusoidal positions, multi-head
-attention with explicit q/k/v projections, padding and causal masks, feed-forward blocks,
+attention (its q/k/v projections one stacked product), padding and causal masks, feed-forward blocks,
 residuals with pre-LN (default) or post-LN (the paper's) placement, tied embeddings, and the
 key/value cache that makes decoding one token at a time cheap.
 
@@ -11,9 +11,9 @@ The interface shared with model_rnn.py, all that train.py and decoding.py call:
     logits = model.decode(tgt_in, memory)                # (B, T, V) for a given encoder memory
     logits, cache = model.decode_step(y, memory, cache)  # one target step, cache=None at start
     maps = model.attention_maps(src, tgt_in)             # {panel title: (B, T, S)} for plots
-Chapters plug in from outside: speed.py swaps in faster modules that compute the same, and the
-pruning chapter gates heads through a hook on each attention's out_proj (gates.py) and builds
-models with fewer heads per layer (the *_heads fields), down to none.
+Chapters plug in from outside: speed.py replaces nn.Dropout with a cheaper one, and the pruning
+chapter gates heads through a hook on each attention's out_proj (gates.py) and builds models
+with fewer heads per layer (the *_heads fields), down to none.
 Leaves out: relative positions, mixture-of-experts, beam search (decoding.py).
 """
 
@@ -64,7 +64,7 @@ class MultiHeadAttention(nn.Module):
     (queries, keys and values from one sequence; causal in the decoder) and cross-attention (the
     decoder's queries over the encoder's output)."""
 
-    def __init__(self, d_model: int, n_head: int, head_dim: int, dropout: float):
+    def __init__(self, d_model: int, n_head: int, head_dim: int, dropout: float, impl: str = "auto"):
         super().__init__()
         self.n_head, self.head_dim = n_head, head_dim
         self.q_proj = nn.Linear(d_model, n_head * head_dim)
@@ -72,7 +72,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_head * head_dim)
         self.out_proj = nn.Linear(n_head * head_dim, d_model)
         self.dropout = nn.Dropout(dropout)            # on the attention weights
-        self.impl = "auto"                            # TransformerConfig.attn_impl
+        self.impl = impl                              # TransformerConfig.attn_impl
         self.record_weights = False                   # keep the weights of the last call (for plots)
         self.last_weights: torch.Tensor | None = None  # (B, H, T, S) when record_weights is on
 
@@ -81,10 +81,9 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, L, self.n_head, self.head_dim).transpose(1, 2)   # (B, L, H*Dh) -> (B, H, L, Dh)
 
     def project(self, x: torch.Tensor, projections: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
-        """x (B, L, D) -> one (B, H, L, Dh) tensor per projection (q, k, v or k, v). They run as one
-        matrix product with the weights stacked, one pass over x instead of three (a training step
-        1.15x as fast in fp32, 1.2x in bf16); a single position (a cached decoding step) keeps them
-        apart, where stacking the weights every step costs more than it saves."""
+        """x (B, L, D) -> one (B, H, L, Dh) tensor per projection (q, k, v or k, v), as one product with
+        the weights stacked (a training step 1.15x as fast in fp32, 1.2x in bf16); one position (a
+        cached decoding step) keeps them apart: stacking every step would cost more than it saves."""
         if x.shape[1] == 1:
             return [self.split_heads(proj(x)) for proj in projections]
         weight = torch.cat([proj.weight for proj in projections])             # (n * H*Dh, D)
@@ -124,8 +123,7 @@ class MultiHeadAttention(nn.Module):
         """q (B, H, T, Dh) over k, v (B, H, S, Dh) -> (B, T, D): the heads side by side, then out_proj."""
         B, H, T, Dh = q.shape
         impl = self.impl if self.impl != "auto" else ("math" if q.device.type == "cpu" else "sdpa")
-        # H = 0 (every head pruned: out_proj adds its bias alone) takes the explicit path: fused
-        # kernels of PyTorch builds before 2026 divide by the head count on CUDA
+        # H = 0 (all heads pruned: out_proj adds its bias alone) is explicit: fused CUDA kernels fail on it
         if impl == "sdpa" and H > 0 and not self.record_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  dropout_p=self.dropout.p if self.training else 0.0)
@@ -173,7 +171,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig, n_self: int):
         super().__init__()
         Dh = cfg.d_model // cfg.n_head
-        self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.attn_dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.attn_dropout, cfg.attn_impl)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.ff_dropout)
         self.res_attn = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
         self.res_ff = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
@@ -187,8 +185,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig, n_self: int, n_cross: int):
         super().__init__()
         Dh = cfg.d_model // cfg.n_head
-        self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.attn_dropout)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, n_cross, Dh, cfg.attn_dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, n_self, Dh, cfg.attn_dropout, cfg.attn_impl)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, n_cross, Dh, cfg.attn_dropout, cfg.attn_impl)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.ff_dropout)
         self.res_self = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
         self.res_cross = Residual(cfg.d_model, cfg.dropout, cfg.pre_norm)
@@ -213,6 +211,8 @@ class Transformer(nn.Module):
             raise ValueError(f"d_model={cfg.d_model} must be divisible by n_head={cfg.n_head}")
         if cfg.share_src_tgt and cfg.src_vocab != cfg.tgt_vocab:
             raise ValueError("share_src_tgt needs one joint vocabulary (joint_vocab=True)")
+        if cfg.attn_impl not in ("auto", "sdpa", "math"):
+            raise ValueError(f"attn_impl='{cfg.attn_impl}' is not known: use 'auto', 'sdpa' or 'math'")
         self.cfg = cfg
         heads = lambda given, n: list(given) or [cfg.n_head] * n   # noqa: E731
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab, cfg.d_model)
@@ -227,7 +227,6 @@ class Transformer(nn.Module):
         self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
         self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
         self.out_proj = nn.Linear(cfg.d_model, cfg.tgt_vocab, bias=False)
-        self.set_attention_impl(cfg.attn_impl)
         self.apply(self._init_weights)
         if cfg.tie_output:
             self.out_proj.weight = self.tgt_embed.weight
@@ -235,9 +234,9 @@ class Transformer(nn.Module):
             print(f"Transformer: {self.num_params() / 1e6:.2f}M parameters")
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Embeddings ~ N(0, D^-1/2): times sqrt(D) they enter at unit scale, and as the (tied)
-        # output projection they give logits of about unit variance, so the loss at step 0 is
-        # close to ln V (uniform guessing) instead of far above it.
+        # Embeddings ~ normal with standard deviation D^-1/2 (variance 1/D): times sqrt(D) they enter
+        # at unit scale, and as the (tied) output projection they give logits of about unit variance,
+        # so the loss at step 0 is close to ln V (uniform guessing) instead of far above it.
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.cfg.d_model ** -0.5)
         elif isinstance(module, nn.Linear):
@@ -276,13 +275,6 @@ class Transformer(nn.Module):
         return {f"layer {i + 1} head {h + 1}": w[:, h]
                 for i, w in enumerate(self.attention_weights(src, tgt_in)["cross"]) for h in range(w.shape[1])}
 
-    def set_attention_impl(self, impl: str) -> None:
-        if impl not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attn_impl='{impl}' is not known: use 'auto', 'sdpa' or 'math'")
-        for modules in self.attention_modules().values():
-            for m in modules:
-                m.impl = impl
-
     def embed(self, table: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         x = table(ids) * math.sqrt(self.cfg.d_model)                     # (B, L, D)
         return self.embed_dropout(x + self.positions[start:start + ids.shape[1]])
@@ -296,7 +288,7 @@ class Transformer(nn.Module):
         return self.enc_norm(x), src_mask
 
     def decode(self, tgt_in: torch.Tensor, memory: tuple, cache: dict | None = None) -> torch.Tensor:
-        """tgt_in (B, T) -> logits (B, T, V); with a cache, tgt_in holds only the new positions."""
+        """tgt_in (B, T) -> logits (B, T, V); with a cache, tgt_in is the one new position (T = 1)."""
         enc_out, src_mask = memory
         start = cache.get("length", 0) if cache is not None else 0
         y = self.embed(self.tgt_embed, tgt_in, start)
@@ -311,10 +303,11 @@ class Transformer(nn.Module):
         return self.decode(tgt_in, self.encode(src))
 
     def decode_step(self, y: torch.Tensor, memory: tuple, cache: dict | None) -> tuple[torch.Tensor, dict]:
-        """One step: y (B,) the previous target token -> logits (B, V) and the grown cache.
+        """One step: y (B,) the previous token -> logits (B, V), and the cache grown (a step costs O(T), not O(T^2)):
 
-        The cache holds every layer's self-attention keys/values of the steps so far and the
-        cross-attention keys/values of the encoder output, so each step costs O(T), not O(T^2).
+            {"length": t,                               positions decoded so far
+             i: {"self":  {"k": ..., "v": ...},         decoder layer i: (B, H, t, Dh) of the steps so far
+                 "cross": {"k": ..., "v": ...}}}        and (B, H, S, Dh) of the encoder output, made once
         """
         cache = {} if cache is None else cache
         return self.decode(y[:, None], memory, cache)[:, -1], cache

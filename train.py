@@ -2,10 +2,10 @@
 Train a translation model: `python train.py config/transformer_multi30k.py [--key=value ...]`.
 
 Read top to bottom: the knobs, where a run stands (RunState), the learning-rate schedule, one
-optimizer step (train_step), validation, the loop that sequences them (train_loop), and main(),
-which builds the model. One loop serves both models and prune.py's gate training (a penalty added
-to the loss). Early failures show: the step-0 loss beside ln(V), gradient norms per side, loss
-spikes, non-finite steps, an overfit-one-batch mode. Leaves out: moving averages, curricula.
+optimizer step (train_step), validation, the loop (train_loop), and main(), which builds the model.
+One loop serves both models and prune.py's gate training (a penalty added to the loss). Early
+failures show: the step-0 loss beside ln(V), gradient norms per side, loss spikes, non-finite
+steps, an overfit-one-batch mode. Leaves out: moving averages, curricula.
 """
 
 import contextlib
@@ -42,7 +42,7 @@ eval_sentences = 500  # validation sentences translated for BLEU (0 = all)
 plot = True  # draw plots.png (loss, learning rate, gradient norm, BLEU) from log.jsonl at the end
 seed = 1337  # seeds the weights, dropout and batch order
 device = "auto"  # 'auto' (a GPU if there is one), 'cpu', 'cuda', 'cuda:1', ...
-dtype = "auto"  # 'auto' (bf16 on CPUs and on GPUs from A100 on, fp16 on older GPUs), 'bfloat16', 'float16', 'float32'
+dtype = "auto"  # 'float32', 'bfloat16', 'float16' or 'auto': bf16 on A100+ GPUs and bf16 CPUs, fp16 on older GPUs, else fp32
 # model
 arch = "transformer"  # 'transformer' (model_transformer.py) or 'rnn' (model_rnn.py)
 d_model = 256  # Transformer width D
@@ -130,17 +130,18 @@ def run_progress(step: int, epochs: float, time_progress: float, cfg: dict) -> f
 
 def advance_clock(run: RunState, minutes: float, train_minutes: float, cfg: dict) -> None:
     """Move the run's clocks on to `minutes` of wall-clock time, `train_minutes` of them spent in
-    training steps. Under max_minutes the schedule's clock p moves with training time only, at the
-    rate that brings it to 1 when the budget runs out:
+    training steps. Under max_minutes the schedule's clock p moves with training time only, each
+    call by the share of the way still to go that this call's training time is of what remains:
 
         p += (1 - p) * dt / (dt + left)
         left = (max_minutes - minutes - e * (step % N) / N) / (1 + e / (N * s))
 
-    dt: training minutes since the last call; left: the training time still to come, which is the
-    wall clock left less the validations to come (every N = eval_interval steps, each as long as
-    the mean one so far, e; s: the mean step). Between validations left falls as fast as training
-    time passes and across one it stays, so the learning rate has no step at a validation. Without
-    validations p = minutes / max_minutes."""
+    dt: training minutes since the last call; left: the training minutes still to come, from wall
+    clock left = left + e * (step % N + left / s) / N (validations to come, every N = eval_interval
+    steps, each as long as the mean one so far, e; s: the mean step). Without validations p =
+    minutes / max_minutes: at 10.1 of 30 minutes, dt = 0.1, left = 19.9: p moves 0.1 / 20 of the
+    20/30 still to go, 10/30 -> 10.1/30. Between validations left falls as fast as training time
+    passes, across one it stays: no step in the learning rate."""
     if cfg["max_minutes"]:
         N, evals = cfg["eval_interval"], run.step // cfg["eval_interval"]
         e = (minutes - train_minutes) / evals if evals else 0.0
@@ -223,8 +224,7 @@ def update(model, optimizer, scaler, loss_sum: torch.Tensor, n_tok: torch.Tensor
     without the penalty), `tokens`, the gradient norms before clipping (`gnorm`, `gnorm_enc`,
     `gnorm_dec`), and `update`: 'done'; 'skipped' (a non-finite loss, or non-finite gradients that
     loss scaling cannot explain: a bad step); or 'overflow' (fp16 loss scaling overflowed: routine
-    while the scaler finds its scale; it skips the update and lowers the scale). Everything is read
-    back from the device once."""
+    while the scaler finds its scale, it skips the update and lowers the scale). One read-back."""
     raw = getattr(model, "module", model)       # the model itself, also when DDP wraps it
     if scaler is not None:
         scaler.unscale_(optimizer)                  # the true gradients, for the norms and clipping
@@ -334,8 +334,8 @@ def loop_step(model, optimizer, scaler, batches: TrainBatches, run: RunState, ep
     lr = lr_at(run_progress(run.step, epochs, run.time_progress, cfg), cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    # a step's random draws (dropout, teacher forcing, gate noise) come from a seed of (seed,
-    # process, step): a resumed run draws what the uninterrupted one drew, with no state to save
+    # a step's random draws (dropout; the GRU's teacher forcing, prune.py's gate noise) come from a seed
+    # of (seed, process, step): a resumed run draws what the uninterrupted one drew, no state to save
     torch.manual_seed(hash((cfg["seed"], rt.rank, run.step)) % 2**63)
     micro_batches = []
     for _ in range(cfg["grad_accum"]):
@@ -349,10 +349,9 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     """Train from scratch, or from where the checkpoint `resume` stopped, until a limit, early
     stopping or a signal; return where the run stands. Every eval_interval steps and at the end:
     validate, write ckpt.pt (and best.pt when BLEU improved); on a signal, write ckpt.pt and stop.
-
-    model may be wrapped in DDP; optimizer: make_optimizer's, or any whose param groups may carry an
-    `lr_scale` multiplier of the schedule's rate. penalty (prune.py's L0 gates): a callable whose
-    tensor is added to every step's loss, with log(step) giving {name: value} for the log."""
+    model may be wrapped in DDP; the optimizer's param groups may carry an `lr_scale` multiplier
+    of the schedule's rate. penalty (prune.py's L0 gates): a callable whose tensor is added to
+    every step's loss, with log(step) giving {name: value} for the log."""
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
     raw, pad_id, scaler = getattr(model, "module", model), data.tgt_tok.pad_id, rt.grad_scaler()
@@ -440,13 +439,11 @@ def build_model(cfg: dict, src_tok, tgt_tok, verbose: bool = True):
         model = Seq2SeqRNN(RNNConfig(**shared, **{k: cfg[k] for k in rnn_knobs}), verbose)
     else:
         raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
-    # speed.py: each nn.Dropout becomes FastDropout (same dropout, cheaper random numbers on a CPU);
-    # on CUDA, attention skips cuDNN's kernels, which plan anew for every batch shape
-    return speed_up(model)
+    return speed_up(model)      # speed.py: nn.Dropout -> FastDropout (same dropout, cheaper on a CPU); no cuDNN attention
 
 
-def main(argv: list[str] | None = None, make_optimizer=make_optimizer) -> RunState:
-    """Train as the knobs say. make_optimizer(model, cfg): the optimizer to train with (tools/lion.py passes Lion's)."""
+def main(argv: list[str] | None = None) -> RunState:
+    """Train as the knobs say."""
     cfg = dict(DEFAULTS)
     here = os.path.dirname(os.path.abspath(__file__))
     given = configure(cfg, argv, doc_files=(__file__, os.path.join(here, "data.py"), os.path.join(here, "model_rnn.py")))

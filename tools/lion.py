@@ -61,8 +61,9 @@ def make_lion(model, cfg: dict, lr_scale: dict | None = None, betas: tuple = (0.
 def main() -> None:
     ours = [a for a in sys.argv[1:] if a.split("=")[0] in ("--beta1", "--beta2")]
     configure(globals(), ours, doc_files=(__file__,))
-    train.main([a for a in sys.argv[1:] if a not in ours],
-               make_optimizer=lambda model, cfg: make_lion(model, cfg, betas=(beta1, beta2)))
+    # train.main builds its optimizer with train.make_optimizer: this process's one is Lion
+    train.make_optimizer = lambda model, cfg, lr_scale=None: make_lion(model, cfg, lr_scale, (beta1, beta2))
+    train.main([a for a in sys.argv[1:] if a not in ours])
 
 
 if __name__ == "__main__":
