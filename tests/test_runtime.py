@@ -1,5 +1,7 @@
 """common.py: which device, precision and process group a run gets, as pure functions of the
 knobs, the environment torchrun sets and the hardware (faked here: no GPU is needed)."""
+import os
+
 import pytest
 
 from configurator import ConfigError
@@ -54,3 +56,16 @@ def test_loss_scaling_only_for_fp16():
     assert Runtime("cpu", "bfloat16").grad_scaler() is None and Runtime("cpu", "float32").grad_scaler() is None
     one = Runtime("cpu", "float32")
     assert one.agree([1.5, 1.2], False) == ([1.5, 1.2], False) and one.master
+
+
+def test_onednn_keeps_few_compiled_kernels_unless_the_user_says_otherwise():
+    """oneDNN keeps a kernel per matrix shape (bf16 on AMX CPUs): capped at 16 before any product runs."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    read = [sys.executable, "-c", "import os, train; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"]
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    assert subprocess.run(read, capture_output=True, text=True, cwd=ROOT, env=env).stdout.strip() == "16"
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "64"
+    assert subprocess.run(read, capture_output=True, text=True, cwd=ROOT, env=env).stdout.strip() == "64"
