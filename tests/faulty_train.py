@@ -9,12 +9,14 @@ MODE says where the N-th call (counted from 1 in this process) goes wrong:
     nan_loss    training loss calls N, N+1, ... return NaN (every step from then on is non-finite)
     nan_once    only training loss call N returns NaN
     disk_full   the N-th checkpoint write fails with ENOSPC (no space left on device)
-    skew_clock  every process but process 0 sees its clock N seconds ahead (for torchrun runs)
+    skew_clock  every process but process 0 sees its clock N seconds ahead (for torchrun runs);
+                each process prints the learning rate of every step it took
     count_builds  (N unused) each process says when it builds the data instead of reading the cache
 Each process prints the step it stopped at when train.py returns.
 """
 import errno
 import io
+import json
 import os
 import signal
 import sys
@@ -83,6 +85,13 @@ elif mode == "skew_clock":
     if os.environ.get("RANK", "0") != "0":
         real_time = time.time
         time.time = lambda: real_time() + n
+    real_loop_step, learning_rates = train.loop_step, []
+
+    def loop_step(*args, **kwargs):
+        lr, *rest = real_loop_step(*args, **kwargs)
+        learning_rates.append(lr)
+        return (lr, *rest)
+    train.loop_step = loop_step
 elif mode == "count_builds":
     import data
     real_build = data.build_data
@@ -97,6 +106,8 @@ else:
 
 def main():
     run = train.main()
+    if mode == "skew_clock":
+        print(f"process {os.environ.get('RANK', 0)} learning rates {json.dumps(learning_rates)}", flush=True)
     print(f"process {os.environ.get('RANK', 0)} stopped at step {run.step}", flush=True)
 
 

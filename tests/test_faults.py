@@ -55,22 +55,33 @@ def test_sigkill_in_a_step_in_evaluation_and_in_a_checkpoint_write_loses_nothing
     assert got == expected                                        # bit-identical, dropout included
 
 
-@pytest.mark.slow      # ~8 s; the SIGINT/SIGTERM handler shares its save-and-stop path with max_bad_steps
-def test_sigterm_saves_and_exits_cleanly_then_resumes(straight, tmp_path):
+def stop_with(sig: signal.Signals, straight, out_dir) -> None:
+    """Send `sig` to a training run once it is under way: it finishes the step in flight, saves,
+    exits with code 0 saying how to go on, and resumes onto the uninterrupted run's losses."""
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--max_iters=12", "--eval_interval=4",
-                             f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             f"--out_dir={out_dir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     for line in proc.stdout:                                      # wait until training is under way
         if line.startswith("step      5"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "received SIGTERM" in out and "--init_from=resume" in out
-    stopped_at = load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
+    assert f"received {sig.name}" in out and "continue with --init_from=resume" in out and "Traceback" not in err
+    stopped_at = load_checkpoint(str(out_dir / "ckpt.pt"))["step"]
     assert 5 <= stopped_at < 12                                   # the step in flight was finished and saved
-    run("train.py", *TINY, "--max_iters=12", f"--out_dir={tmp_path}", "--init_from=resume")
-    assert losses(tmp_path) == losses(straight)
+    run("train.py", *TINY, "--max_iters=12", f"--out_dir={out_dir}", "--init_from=resume")
+    assert losses(out_dir) == losses(straight)
+
+
+@pytest.mark.slow      # ~8 s; the SIGINT/SIGTERM handler shares its save-and-stop path with max_bad_steps
+def test_sigterm_saves_and_exits_cleanly_then_resumes(straight, tmp_path):
+    stop_with(signal.SIGTERM, straight, tmp_path)
+
+
+@pytest.mark.slow      # ~8 s, as SIGTERM's
+def test_ctrl_c_saves_and_exits_like_sigterm_then_resumes(straight, tmp_path):
+    stop_with(signal.SIGINT, straight, tmp_path)
 
 
 @pytest.mark.slow      # ~5 s; test_save_checkpoint_never_leaves_a_partial_file checks the same in-process
@@ -102,8 +113,11 @@ def test_repeated_non_finite_steps_stop_the_run_with_advice(tmp_path):
                  f"--out_dir={tmp_path}")
     assert out.returncode == 1
     assert "step 4: non-finite loss or gradient, update skipped (2 in a row)" in out.stdout
-    assert "10 non-finite steps in a row at step 4" in out.stdout   # train.MAX_BAD_STEPS
-    assert "lower learning_rate" in out.stdout and "dtype=float32" in out.stdout
+    stop = [line for line in out.stdout.splitlines() if line.startswith("stopping: ")]
+    assert len(stop) == 1 and "10 non-finite steps in a row at step 4" in stop[0]   # train.MAX_BAD_STEPS
+    # the step's learning rate (TINY's constant 2e-3) and gradient norm (NaN with the loss), and advice
+    assert "lr 2.00e-03" in stop[0] and "gradient norm nan" in stop[0]
+    assert "lower learning_rate" in stop[0] and "grad_clip=1" in stop[0] and "dtype=float32" in stop[0]
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2   # the last good state is kept
 
 

@@ -8,7 +8,7 @@ import torch
 import prune
 from checkpoint import RUN_FILES
 from gates import attach_gates, eval_gates
-from helpers import TINY, run
+from helpers import TINY, run, train_records
 from model_transformer import Transformer, TransformerConfig
 
 V, PAD = 20, 0
@@ -84,6 +84,25 @@ def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
     again = run("prune.py", f"--ckpt={toy_model}", "--lambda=1", *PRUNE, f"--out_dir={tmp_path / 'p'}", check=False)
     assert again.returncode == 2 and "--overwrite=True" in again.stderr and "Traceback" not in again.stderr
     assert (tmp_path / "p" / "pruned.pt").read_bytes() == pruned
+
+
+@pytest.mark.slow      # ~25 s: 9 s of gating, 9 s of fine-tuning, six translations of two splits
+def test_under_max_minutes_the_head_count_aimed_at_ramps_over_the_share_of_the_budget(toy_model, tmp_path):
+    """--heads=2 of the 8 encoder heads in 0.15 minutes: the count aimed at falls from 8 to 2 over
+    the first target_ramp = 0.5 of the budget, by the clock's share of it. (Minutes where the share
+    is due would give a ramp 1 / 0.15 times too slow here, and one that ends after a minute in
+    budgets over a minute.)"""
+    budget, ramp = 0.15, 0.5
+    run("prune.py", f"--ckpt={toy_model}", "--heads=2", "--max_iters=0", f"--max_minutes={budget}", "--log_interval=10",
+        "--eval_interval=100000", "--eval_sentences=5", "--dtype=float32", f"--out_dir={tmp_path}")
+    records = train_records(tmp_path)                            # the gating run's (the fine-tuning's: finetune/)
+    aims = [r["aim"] for r in records]
+    assert aims[0] > 2 + 1 and aims[-1] == 2                     # well above K early, K by the end
+    assert all(a >= b for a, b in zip(aims, aims[1:]))
+    for r in records:
+        # prune.py's clock starts before the loop's (which the records' minutes read): ahead, never behind
+        share = min(1.0, r["minutes"] / budget / ramp)
+        assert r["aim"] <= 8 - 6 * share + 0.05, (r["step"], r["minutes"], r["aim"])
 
 
 def test_keeping_k_heads_keeps_the_k_most_open_gates_and_a_closed_one_at_full_weight():

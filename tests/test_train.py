@@ -1,18 +1,22 @@
-"""train.py and sample.py end to end on toy data: schedule, overfitting, exact resume, CLI; one
-optimizer step in-process: loss scaling, bad steps, one read-back from the device."""
+"""train.py and sample.py end to end on toy data: schedule (under max_minutes on a clock the test
+moves), the log line, overfitting, exact resume, CLI; one optimizer step in-process: loss scaling,
+bad steps, half precision, one read-back from the device."""
+import io
 import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import train
-from configurator import ConfigError
+from configurator import ConfigError, knob_names
 from loss import sequence_loss
 from train import make_optimizer
 from helpers import ROOT, TINY, run, train_records
@@ -82,18 +86,74 @@ def test_a_resumed_run_keeps_its_clock_and_a_new_budget_or_an_older_checkpoint_r
     assert resume(older, 10.0).time_progress == pytest.approx(0.4) and resume(older, 10.0).train_minutes == 4.0
 
 
-def test_a_validation_leaves_no_step_in_the_learning_rate(tmp_path):
-    """A wall-clock budget with validations that take much longer than a step: the learning rate
-    (all warm-up, so linear in the schedule's clock) rises by about the same amount at the step after
-    a validation as at any other, and still nears its peak when the budget runs out."""
-    run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_minutes=0.05", "--eval_interval=20",
-        "--eval_sentences=200", "--warmup_frac=1.0", "--learning_rate=1e-3")
-    records, evals = train_records(tmp_path), {r["step"] for r in train_records(tmp_path, "eval")}
-    rises = {r["step"]: r["lr"] - q["lr"] for q, r in zip(records, records[1:]) if r["step"] == q["step"] + 1}
-    after_eval = [rises[s + 1] for s in evals if s + 1 in rises]
-    typical = sorted(rises.values())[len(rises) // 2]
-    assert len(after_eval) >= 2 and max(after_eval) < 4 * typical
-    assert records[-1]["lr"] > 0.9e-3 and records[-1]["minutes"] < 0.05 * 1.1
+class FakeClock:
+    """train.py's clock (its time.time), moved by the test alone: each training step takes `step`
+    seconds and each validation `validation` seconds, however fast or busy this machine is. After
+    ctrl_c_during(N), a Ctrl-C arrives during step N (train.StopSignals as train_loop sees it)."""
+
+    def __init__(self, monkeypatch, step: float = 1.0, validation: float = 5.0):
+        self.monkeypatch, self.now, self.steps, self.stop_at = monkeypatch, 0.0, 0, None
+        loop_step, evaluate = train.loop_step, train.evaluate
+
+        def timed_step(*args, **kwargs):
+            self.now, self.steps = self.now + step, self.steps + 1
+            return loop_step(*args, **kwargs)
+
+        def timed_evaluate(*args, **kwargs):
+            self.now += validation
+            return evaluate(*args, **kwargs)
+        monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: self.now))
+        monkeypatch.setattr(train, "loop_step", timed_step)
+        monkeypatch.setattr(train, "evaluate", timed_evaluate)
+
+    def ctrl_c_during(self, step: int | None) -> None:
+        clock, self.steps, self.stop_at = self, 0, step
+
+        class Signals:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                pass
+
+            @property
+            def received(self) -> str:
+                return "SIGINT" if clock.stop_at is not None and clock.steps >= clock.stop_at else ""
+        self.monkeypatch.setattr(train, "StopSignals", Signals)
+
+
+def test_a_validation_leaves_no_step_in_the_learning_rate(tmp_path, monkeypatch):
+    """A 1-minute budget of 1 s steps with a 5 s validation every 10 steps, on a clock the test
+    moves: the learning rate (all warm-up, so linear in the schedule's clock) rises by as much at
+    the step after a validation as at the step before it. After the first one, which shows what
+    validations cost, it rises 1.6x as fast from then on; the wall clock's share of the budget would
+    rise 6x at every validation (5 s of validation + 1 s of training)."""
+    FakeClock(monkeypatch, step=1.0, validation=5.0)
+    state = train.main([*TINY, f"--out_dir={tmp_path}", "--max_minutes=1", "--eval_interval=10", "--eval_sentences=5",
+                        "--warmup_frac=1.0", "--learning_rate=1e-3"])
+    lr = {r["step"]: r["lr"] for r in train_records(tmp_path)}
+    rise = {s: lr[s] - lr[s - 1] for s in lr if s - 1 in lr}
+    first, *later = [r["step"] for r in train_records(tmp_path, "eval") if r["step"] + 1 in rise]
+    assert first == 10 and len(later) >= 2
+    assert rise[first] < rise[first + 1] < 2 * rise[first]
+    assert [rise[s + 1] for s in later] == pytest.approx([rise[s] for s in later], rel=0.01)
+    assert 1.0 <= state.minutes < 1.0 + 6 / 60 and lr[state.step] > 0.95e-3   # the budget spent, the peak reached
+
+
+def test_a_run_resumed_under_max_minutes_keeps_its_schedule(tmp_path, monkeypatch):
+    """Stopped by Ctrl-C at step 15 of a 1-minute budget (on a clock the test moves, as above) and
+    resumed, a run takes the learning rates of the uninterrupted run, step by step: the schedule goes
+    on where it stood, neither back to the warm-up nor restarted over the budget."""
+    clock = FakeClock(monkeypatch)
+    knobs = [*TINY, "--max_minutes=1", "--eval_interval=10", "--eval_sentences=5"]
+    train.main([*knobs, f"--out_dir={tmp_path / 'straight'}"])
+    clock.ctrl_c_during(15)
+    assert train.main([*knobs, f"--out_dir={tmp_path / 'resumed'}"]).step == 15
+    clock.ctrl_c_during(None)
+    train.main([f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume"])
+    straight, resumed = ({r["step"]: r["lr"] for r in train_records(tmp_path / d)} for d in ("straight", "resumed"))
+    assert list(resumed) == list(straight) and len(straight) > 30
+    assert list(resumed.values()) == pytest.approx(list(straight.values()), rel=1e-9, abs=0)
 
 
 def test_overfit_one_batch_drives_loss_near_zero(tmp_path):
@@ -196,7 +256,38 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert len(lines) == 3 and lines[1] == ""                  # empty input line -> empty output line
 
 
-def test_a_lower_cased_model_reads_its_input_lower_cased(tmp_path):
+def shown(line: str, pattern: str) -> list[float]:
+    """The numbers a printed line shows in `pattern`'s groups ("12,345" -> 12345.0)."""
+    return [float(x.replace(",", "")) for x in re.search(pattern, line).groups()]
+
+
+def test_every_log_line_has_both_sides_gradient_norms_lr_speed_padding_and_memory(tmp_path, capsys):
+    """What README promises of every log line, as log.jsonl keeps it and as it is printed: the
+    gradient norm of encoder and decoder apart and their total (gnorm = hypot of the two sides),
+    the learning rate the step took, tokens/s, padding, peak memory, the loss."""
+    train.main([*TINY, f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=6", "--eval_sentences=5"])
+    records = train_records(tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"step +\d+ \|", line)]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and len(lines) == 6
+    assert any(r["pad"] > 0 for r in records)                 # (the toy task's batches are mostly unpadded)
+    cfg = {**train.DEFAULTS, "max_iters": 6}                  # TINY keeps the default schedule
+    for r, line in zip(records, lines):
+        assert r["gnorm_enc"] > 0 and r["gnorm_dec"] > 0
+        assert r["gnorm"] == pytest.approx(math.hypot(r["gnorm_enc"], r["gnorm_dec"]), rel=1e-5)
+        assert r["lr"] == pytest.approx(train.lr_at((r["step"] - 1) / 6, cfg), rel=1e-9, abs=0)
+        assert r["tok_per_s"] > 0 and 0 <= r["pad"] < 1 and r["peak_gb"] > 0 and 0 < r["loss"] < 10
+        # the printed line shows the record's values, rounded
+        assert shown(line, r"^step +(\d+) ") == [r["step"]]
+        assert shown(line, r"\| loss ([\d.]+) \|") == pytest.approx([r["loss"]], abs=5e-5)
+        assert shown(line, r"\| lr ([\d.e+-]+) \|") == pytest.approx([r["lr"]], rel=5e-3)
+        assert shown(line, r"\| gnorm ([\d.]+) \(enc ([\d.]+) dec ([\d.]+)\)") == pytest.approx(
+            [r["gnorm"], r["gnorm_enc"], r["gnorm_dec"]], abs=5e-3)
+        assert shown(line, r"\| ([\d,]+) tok/s") == pytest.approx([r["tok_per_s"]], abs=0.5)
+        assert shown(line, r"\| pad ([\d.]+)%") == pytest.approx([100 * r["pad"]], abs=0.05)
+        assert shown(line, r"\| peak ([\d.]+) GB") == pytest.approx([r["peak_gb"]], abs=5e-3)
+
+
+def test_a_lower_cased_model_reads_its_input_lower_cased(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "corpus"
     folder.mkdir()
     words, rng = "the cat sees a dog in the park".split(), random.Random(0)
@@ -209,13 +300,31 @@ def test_a_lower_cased_model_reads_its_input_lower_cased(tmp_path):
         "--eval_interval=2", "--eval_sentences=5")
     from checkpoint import load_checkpoint
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["data_config"]["lowercase"] is True
-    outputs = run("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
-                  stdin="The cat sees a dog\nTHE CAT SEES A DOG\nthe cat sees a dog\n").stdout.splitlines()
-    assert len(outputs) == 3 and outputs[0] == outputs[1] == outputs[2]
-    # comparing it with a model trained on cased text would score the two on different text
     cased = load_checkpoint(str(tmp_path / "ckpt.pt"))
-    cased["data_config"]["lowercase"] = False
+    cased["data_config"]["lowercase"] = False                 # the same model, taken for one trained on cased text
     torch.save(cased, tmp_path / "cased.pt")
+    # what the model reads: the source ids sample.py gives its encoder, one row per input line (a model
+    # trained for 2 steps translates every line alike, so its output would show nothing)
+    import sample
+    for knob in knob_names(vars(sample)):                    # sample.main() sets its knobs from sys.argv
+        monkeypatch.setattr(sample, knob, getattr(sample, knob))
+    read, model_from_checkpoint = [], sample.model_from_checkpoint
+
+    def spied(*args, **kwargs):
+        model, src_tok, tgt_tok = model_from_checkpoint(*args, **kwargs)
+        encode = model.encode
+        model.encode = lambda src: read.extend(src.tolist()) or encode(src)
+        return model, src_tok, tgt_tok
+    monkeypatch.setattr(sample, "model_from_checkpoint", spied)
+    for ckpt in ("ckpt.pt", "cased.pt"):
+        monkeypatch.setattr(sys, "argv", ["sample.py", f"--ckpt={tmp_path / ckpt}", "--dtype=float32"])
+        monkeypatch.setattr(sys, "stdin", io.StringIO("The Cat sees a dog\nTHE CAT SEES A DOG\nthe cat sees a dog\n"))
+        sample.main()
+    lowered, kept = read[:3], read[3:]
+    assert len(capsys.readouterr().out.splitlines()) == 6 and len(kept) == 3
+    assert lowered[0] == lowered[1] == lowered[2]
+    assert len({tuple(row) for row in kept}) == 3             # the spy sees case where the model does
+    # comparing it with a model trained on cased text would score the two on different text
     out = run("tools/compare.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--split=validation",
               f"--compare={tmp_path / 'cased.pt'}", check=False)
     assert out.returncode == 2 and "trained on lower-cased text" in out.stderr and "Traceback" not in out.stderr
@@ -242,6 +351,20 @@ def test_a_checkpoint_resumes_under_another_precision(tmp_path):
     assert "dtype float16" in out.stdout
     assert [r["step"] for r in train_records(tmp_path)] == list(range(1, 13))
     assert all(math.isfinite(r["loss"]) for r in train_records(tmp_path))
+
+
+# test_cuda.py's bf16 curve on a CPU; no skip without bf16 instructions: a width-32 model's bf16
+# steps, emulated there, take 2x fp32's (AVX2 EPYC), not the 40x of real widths
+@pytest.mark.slow      # ~20 s: 200 steps in fp32, 200 in bf16
+def test_bf16_follows_the_fp32_loss_curve_on_a_cpu(tmp_path):
+    common = [*TINY, "--max_iters=200", "--eval_interval=200", "--log_interval=20", "--learning_rate=3e-3",
+              "--dropout=0"]
+    run("train.py", *common, "--dtype=float32", f"--out_dir={tmp_path / 'fp32'}")
+    out = run("train.py", *common, "--dtype=bfloat16", f"--out_dir={tmp_path / 'bf16'}")
+    assert "dtype bfloat16" in out.stdout
+    fp32, bf16 = ([r["loss"] for r in train_records(tmp_path / d) if r["step"] >= 100] for d in ("fp32", "bf16"))
+    assert len(fp32) == len(bf16) == 6 and fp32 != bf16                    # bf16 did round differently
+    assert all(abs(a - b) < 0.15 * a + 0.05 for a, b in zip(fp32, bf16)), (fp32, bf16)
 
 
 # misspelled knobs ("Did you mean") are checked in-process in test_configurator.py
@@ -319,7 +442,8 @@ def test_ddp_does_not_resend_buffers_before_every_forward(tmp_path):
 @pytest.mark.slow      # ~15 s: torchrun with two processes
 def test_process_0s_clock_stops_every_process_at_the_same_step(tmp_path):
     """Process 1's clock runs 10 minutes ahead: were each process to decide from its own clock,
-    process 1 would stop at once while process 0 waited for it in a collective."""
+    process 1 would stop at once while process 0 waited for it in a collective. Both follow one
+    learning rate, step by step (the schedule's clock moves with process 0's training time)."""
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "tests/faulty_train.py", "skew_clock", "600", *TINY, "--max_minutes=0.05",
                              "--eval_interval=100000", "--eval_sentences=5", f"--out_dir={tmp_path}"],
@@ -333,6 +457,10 @@ def test_process_0s_clock_stops_every_process_at_the_same_step(tmp_path):
     stops = sorted(line for line in stdout.splitlines() if "stopped at step" in line)
     assert len(stops) == 2 and stops[0].split()[-1] == stops[1].split()[-1], stops
     assert int(stops[0].split()[-1]) > 1                       # it trained (for process 0's 3 seconds)
+    rates = {line.split()[1]: json.loads(line.split(" learning rates ")[1]) for line in stdout.splitlines()
+             if " learning rates " in line}
+    assert set(rates) == {"0", "1"} and len(rates["0"]) == int(stops[0].split()[-1])
+    assert rates["0"] == rates["1"]                            # bit for bit
 
 
 def test_loss_spike_is_flagged_once_the_mean_is_built():
@@ -351,13 +479,14 @@ def test_loss_spike_is_flagged_once_the_mean_is_built():
 
 # --- one optimizer step, in-process ---------------------------------------------------------
 
-def tiny_step(dtype):
-    """A tiny Transformer, its optimizer, a run on the CPU in `dtype` and one batch."""
+def tiny_step(dtype, **config):
+    """A tiny Transformer (config: more TransformerConfig fields), its optimizer, a run on the CPU in
+    `dtype` and one batch."""
     from model_transformer import Transformer, TransformerConfig
     from common import Runtime
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(src_vocab=12, tgt_vocab=12, pad_id=0, d_model=16, n_head=2, n_enc_layer=1,
-                                          n_dec_layer=1, d_ff=32, dropout=0.0), verbose=False)
+                                          n_dec_layer=1, d_ff=32, dropout=0.0, **config), verbose=False)
     src, tgt_in, tgt_out = (torch.randint(3, 12, (4, 5)) for _ in range(3))
     tgt_out[0, 3:] = 0                                                   # some padding
     return model, make_optimizer(model, train.DEFAULTS), Runtime("cpu", dtype), [(src, tgt_in, tgt_out)]
@@ -388,6 +517,47 @@ def test_fp16_overflow_is_routine_and_a_non_finite_loss_is_a_bad_step(monkeypatc
     hook = fp32[0].out_proj.weight.register_hook(lambda g: g * float("inf"))
     assert train.train_step(*fp32[:2], None, fp32[3], 0, train.DEFAULTS, fp32[2])["update"] == "skipped"
     hook.remove()
+
+
+# test_cuda.py's half-precision tests, on a CPU: autocast's casts are the same code on either device
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_an_attention_without_heads_trains_and_decodes_under_autocast_on_a_cpu(dtype):
+    from decoding import beam_search, greedy
+    model, optimizer, rt, batches = tiny_step(dtype, enc_self_heads=[0], dec_cross_heads=[0], attn_impl="sdpa")
+    src = batches[0][0]
+    src[1, 3:] = 0                                                       # a padded source
+    with rt.amp:
+        assert model(src, batches[0][1]).dtype == getattr(torch, dtype)   # it runs in half precision
+    out = train.train_step(model, optimizer, rt.grad_scaler(), batches, 0, train.DEFAULTS, rt)
+    assert out["update"] in ("done", "overflow") and math.isfinite(out["loss"])
+    model.eval()
+    with rt.amp:
+        hyps = greedy(model, src, 1, 2, 0, 9)[0]
+        beams = beam_search(model, src, 1, 2, 9, beam=1, alpha=0.0)
+    assert [h[0][0] for h in beams] == [[t for t in row if t not in (0, 2)][:len(b[0][0])]
+                                       for row, b in zip(hyps.tolist(), beams)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("attention", ["dot", "additive"])
+def test_a_gru_with_attention_learns_under_autocast_on_a_cpu(attention, dtype):
+    """A few steps on one padded batch: finite losses that fall, the logits in half precision, fp16
+    through its loss scaling."""
+    from common import Runtime
+    from model_rnn import RNNConfig, Seq2SeqRNN
+    torch.manual_seed(0)
+    model = Seq2SeqRNN(RNNConfig(src_vocab=12, tgt_vocab=12, pad_id=0, emb_dim=16, hidden_size=24, n_enc_layer=1,
+                                 n_dec_layer=1, attention=attention, bidirectional=True, dropout=0.0), verbose=False)
+    rt, cfg = Runtime("cpu", dtype), {**train.DEFAULTS, "learning_rate": 1e-2}
+    src, tgt_in, tgt_out = (torch.randint(3, 12, (4, 6)) for _ in range(3))
+    src[1, 3:], tgt_in[0, 4:], tgt_out[0, 4:] = 0, 0, 0                 # padding on both sides
+    with rt.amp:
+        assert model(src, tgt_in).dtype == getattr(torch, dtype)
+    optimizer, scaler = make_optimizer(model, cfg), rt.grad_scaler()
+    outs = [train.train_step(model, optimizer, scaler, [(src, tgt_in, tgt_out)], 0, cfg, rt) for _ in range(8)]
+    assert all(math.isfinite(o["loss"]) and o["update"] in ("done", "overflow") for o in outs)
+    assert [o["update"] for o in outs].count("done") >= 6 and outs[-1]["loss"] < outs[0]["loss"] - 0.5
 
 
 def test_a_training_step_reads_values_back_from_the_device_once(monkeypatch):

@@ -1,6 +1,7 @@
 """
 How long the read is: the files README's reading order names (every `name.py` in backticks in
-its section "Read the code in this order", in two parts: "### The core" and "### Chapters"),
+the table rows of its section "Read the code in this order", in two parts: "### The core" and
+"### Chapters"; the prose around the tables may name other files, nanoGPT's among them),
 their lines per part and in all, the longest functions on that path, how many knobs each script
 has, and README's own length. README's line counts come from this table.
 
@@ -22,8 +23,8 @@ readme = "README.md"  # the README whose reading order is measured (relative to 
 
 
 def reading_order(path: str) -> dict[str, list[str]]:
-    """{part: the .py files named in backticks in it, in order} for the parts ('### The core',
-    '### Chapters') of the README section that starts with '## Read the code'."""
+    """{part: the .py files named in backticks in its table rows, in order} for the parts ('### The
+    core', '### Chapters') of the README section that starts with '## Read the code'."""
     text = open(path, encoding="utf-8").read()
     section = re.search(r"^## Read the code.*?$(.*?)(?=^## )", text, re.S | re.M)
     if section is None:
@@ -31,7 +32,8 @@ def reading_order(path: str) -> dict[str, list[str]]:
     parts = {}
     for title, body in re.findall(r"^### (.+?)$(.*?)(?=^### |\Z)", section.group(1), re.S | re.M):
         seen = [name for names in parts.values() for name in names]
-        named = re.findall(r"`([\w/]+\.py)`", body)       # in order, once each, in the first part naming them
+        rows = "\n".join(line for line in body.splitlines() if line.startswith("|"))
+        named = re.findall(r"`([\w/]+\.py)`", rows)       # in order, once each, in the first part naming them
         parts[title.strip()] = [name for name in dict.fromkeys(named) if name not in seen]
     if not parts:
         raise SystemExit(f"{path}: the section '## Read the code ...' has no '### ' parts (The core, Chapters)")
