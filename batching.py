@@ -19,7 +19,6 @@ import torch
 LENGTH_POOL = 65536
 
 
-
 def batch_cost(n: int, max_src: int, max_tgt: int) -> int:
     """Tokens a batch occupies once padded: n sentences x (longest source + longest target)."""
     return n * (max_src + max_tgt)

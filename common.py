@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import ConfigError
+from diagnostics import StepChecks, Symptoms
 
 # oneDNN (bf16 matrix products on CPUs with AMX) keeps a compiled kernel for each new matrix shape,
 # up to 1,024, and bucketed batches bring new shapes all the time: on a 2-core Sapphire Rapids a
@@ -233,7 +234,7 @@ class RunLog:
 
     def __init__(self, out_dir: str, enabled: bool, bar=None, resume_step: int | None = None):
         self.path = os.path.join(out_dir, "log.jsonl")
-        self.enabled, self.bar = enabled, bar
+        self.enabled, self.bar, self.symptoms = enabled, bar, Symptoms()
         if not enabled or not os.path.exists(self.path):
             return
         kept = []
@@ -252,11 +253,18 @@ class RunLog:
             (self.bar.write if self.bar is not None else print)(text)
 
     def record(self, kind: str, line: str, **values) -> None:
-        """Print `line`; append {"kind": kind, **values} to log.jsonl (lists and dicts go there only)."""
+        """Print `line`; append {"kind": kind, **values} to log.jsonl (lists and dicts go there only);
+        then the warnings that the record calls for (Symptoms)."""
         self.say(line)
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"kind": kind, **values}) + "\n")
+            for name, text in self.symptoms(kind, values):
+                self.warn(name, text, values.get("step", 0))
+
+    def warn(self, name: str, text: str, step: int = 0) -> None:
+        """A diagnostic: "warning: TEXT" in the log, {"kind": "warning", "name": NAME, ...} in log.jsonl."""
+        self.record("warning", f"warning: {text}", name=name, step=step, text=text)
 
 
 def printable(extra: dict, sep: str) -> str:
@@ -308,11 +316,14 @@ class StepLog:
     memory, fp16 overflows, and what the run adds (prune.py: its gates); the progress bar; loss spikes, a step
     whose loss exceeds 2x the running mean of those before it (SpikeWatch). One spike is noise;
     spikes that repeat, or a loss that stays up after one, call for a lower learning rate, more
-    warm-up or clipping."""
+    warm-up or clipping. Given the model (and overfit = overfit_batches), it has StepChecks look
+    at the weights at each log line, and at each batch in overfit mode (diagnostics.py)."""
 
-    def __init__(self, log: RunLog, src_pad: int, tgt_pad: int, device_type: str = "cpu"):
+    def __init__(self, log: RunLog, src_pad: int, tgt_pad: int, device_type: str = "cpu", model=None,
+                 overfit: int = 0):
         self.log, self.src_pad, self.tgt_pad, self.spikes = log, src_pad, tgt_pad, SpikeWatch(2.0)
-        self.device_type = device_type
+        self.device_type, self.overfit = device_type, overfit
+        self.checks = StepChecks(log, model if log.enabled else None)
         self.restart()
 
     def restart(self) -> None:
@@ -328,9 +339,11 @@ class StepLog:
             self.cells += src.numel() + tgt_in.numel()
         running = self.spikes(out["loss"])
         if running is not None:
-            self.log.say(f"warning: loss spike at step {run.step}: {out['loss']:.3f}, running mean {running:.3f} "
-                         f"(lr {lr:.2e}, gradient norm {out['gnorm']:.2f}). If it repeats or the loss stays "
-                         "up: lower learning_rate, longer warmup_frac, grad_clip=1.")
+            self.log.warn("loss_spike", f"loss spike at step {run.step}: {out['loss']:.3f}, running mean {running:.3f} "
+                          f"(lr {lr:.2e}, gradient norm {out['gnorm']:.2f}). If it repeats or the loss stays "
+                          "up: lower learning_rate, longer warmup_frac, grad_clip=1.", run.step)
+        if self.overfit:
+            self.checks.same_batches(run, batches)
         if self.log.bar is not None:
             self.log.bar.n = round(100 * progress, 1)
             self.log.bar.refresh()
@@ -347,6 +360,7 @@ class StepLog:
                         f"{rec['tok_per_s']:,.0f} tok/s | pad {rec['pad']:.1%} | peak {rec['peak_gb']:.2f} GB | "
                         f"{run.minutes:.1f} min"
                         + printable(extra, " | "), **rec)
+        self.checks.at_log_line(run.step, lr)
         self.restart()
 
     @contextlib.contextmanager
@@ -384,3 +398,4 @@ class SpikeWatch:
             weight = min(self.decay, 1 - 1 / self.seen)      # a plain average until ~100 steps
             self.mean = weight * self.mean + (1 - weight) * loss
         return self.mean if spike else None
+

@@ -231,9 +231,8 @@ def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, spli
     model.train(was_training)
     loss = loss_sum / max(n_tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": scores["bleu"], "bleu_lc": scores["bleu_lc"],
-            "chrf": scores["chrf"],
-            "sentences": n, "examples": [{"src": sp.src_text[i], "ref": sp.tgt_text[i], "hyp": hyps[i]}
-                                         for i in range(min(n_examples, n))]}
+            "chrf": scores["chrf"], "sentences": n, "examples": [{"src": sp.src_text[i], "ref": sp.tgt_text[i],
+                                                                   "hyp": hyps[i]} for i in range(min(n_examples, n))]}
 
 
 def score(hypotheses: list[str], references: list[str]) -> dict:

@@ -5,7 +5,7 @@ Read top to bottom: the knobs, where a run stands (RunState), the learning-rate 
 optimizer step (train_step), validation, the loop (train_loop), and main(), which builds the model.
 One loop serves both models and prune.py's gate training (a penalty added to the loss). Early
 failures show: the step-0 loss beside ln(V), gradient norms per side, loss spikes, non-finite
-steps, an overfit-one-batch mode. Leaves out: moving averages, curricula.
+steps, classic bugs by name (diagnostics.py), an overfit mode. Leaves out: moving averages, curricula.
 """
 
 import contextlib
@@ -24,6 +24,7 @@ from common import RunLog, Runtime, StepLog, StopSignals, plot_log, printable, p
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataConfig, DataError, load_data
 from decoding import evaluate
+from diagnostics import probe_model
 from loss import sequence_loss
 from model_rnn import KNOBS as rnn_knobs, RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
@@ -265,8 +266,8 @@ def check_initial_loss(model, batch: tuple, pad_id: int, vocab_size: int, rt: Ru
     log.record("init", f"step 0: loss {loss:.3f}, ln(V) = {ln_v:.3f} ({loss - ln_v:+.2f} nats)",
                step=0, loss=loss, ln_v=ln_v)
     if abs(loss - ln_v) > 1.0:
-        log.say("warning: the initial loss is more than 1 nat away from ln(V): check the weight "
-                "initialisation, the output layer and the loss masking")
+        log.warn("initial_loss", "the initial loss is more than 1 nat away from ln(V): check the weight "
+                 "initialisation, the output layer and the loss masking")
 
 
 def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, extra: dict) -> bool:
@@ -316,10 +317,10 @@ class Diverged(Exception):
 
 
 def count_bad_step(run: RunState, lr: float, out: dict, log: RunLog) -> None:
-    run.bad_steps += 1
-    log.say(f"step {run.step + 1}: non-finite loss or gradient, update skipped ({run.bad_steps} in a row)")
+    run.bad_steps, step = run.bad_steps + 1, run.step + 1
+    log.warn("non_finite", f"step {step}: non-finite loss or gradient, update skipped ({run.bad_steps} in a row)", step)
     if run.bad_steps >= MAX_BAD_STEPS:
-        raise Diverged(f"{run.bad_steps} non-finite steps in a row at step {run.step + 1} (lr {lr:.2e}, gradient "
+        raise Diverged(f"{run.bad_steps} non-finite steps in a row at step {step} (lr {lr:.2e}, gradient "
                        f"norm {out['gnorm']}). Try a lower learning_rate, grad_clip=1, or dtype=float32.")
 
 
@@ -361,7 +362,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         raise DataError("the training split gives no batches (fewer batches than processes?)")
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None,
                  resume_step=run.step if resume is not None else None)
-    steps_log = StepLog(log, data.src_tok.pad_id, pad_id, rt.device_type)
+    steps_log = StepLog(log, data.src_tok.pad_id, pad_id, rt.device_type, raw, cfg["overfit_batches"])
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
     snapshot_every = cfg["average_every"] or cfg["eval_interval"]
 
@@ -377,6 +378,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     model.train()
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":
         check_initial_loss(raw, batches.next(0, 0)[0], pad_id, data.tgt_tok.vocab_size, rt, log)
+        probe_model(raw, batches.next(0, 0)[0], sequence_loss, data, log)    # masks, the loss, attention, dropout
     t_start, train_seconds = time.time() - 60 * run.minutes, 60 * run.train_minutes
     with StopSignals() as signals:
         while True:

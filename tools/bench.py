@@ -7,6 +7,7 @@ Benchmarks that print ratios against a baseline measured in the same run, on the
     python tools/bench.py --bench=loop --dataset=../shared/data/multi30k_en_de --dtype=bfloat16
     python tools/bench.py --bench=generate --dataset=../shared/data/multi30k_en_de              # the same
     python tools/bench.py --bench=quality --dataset=../shared/data/multi30k_en_de --minutes=10   # the same
+    python tools/bench.py --bench=diagnostics --dataset=../shared/data/multi30k_en_de           # the same
 
 decode: on a checkpoint's test split, in batches of `batch_size` sentences sorted by length,
     greedy without a cache (the decoder re-reads the whole prefix every step) vs greedy with the
@@ -31,14 +32,20 @@ quality: this project's Transformer and MarianMT trained for `minutes` each on t
     schedule shape and optimizer (MarianMT at its own peak learning rate, `marian_lr`), then
     test BLEU and decoding speed (our greedy and beam search vs MarianMT's generate with the
     same settings).
+diagnostics: what the diagnostics that name bugs (docs/debugging.md) cost against train.py's step
+    on the config's own batches: the probes before step 1 (once a run), the step log's checks at a
+    log line (kept gradients, the weights' norm), its batch check (every step, in overfit mode
+    only), Symptoms on a record.
 Results are printed as a table and written to `out_json`.
 """
 
 import json
+import math
 import multiprocessing
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 import sys
@@ -55,18 +62,20 @@ from configurator import ConfigError, configure, main_guard  # noqa: E402
 from batching import TrainBatches, collate, make_batches  # noqa: E402
 from data import DataConfig, DataError, load_data  # noqa: E402
 from decoding import beam_search, greedy, length_sorted_batches, max_target_len, score, strip_special  # noqa: E402
+from diagnostics import probe_model  # noqa: E402
+from loss import sequence_loss  # noqa: E402
 from tools.baselines import Marian, TorchTransformer, torch_loss  # noqa: E402
 from tools.reference import greedy_uncached  # noqa: E402
 
 # -----------------------------------------------------------------------------
-bench = "decode"  # which benchmark: 'decode', 'train', 'loop', 'generate' or 'quality'
+bench = "decode"  # which benchmark: 'decode', 'train', 'loop', 'generate', 'quality' or 'diagnostics'
 minutes = 10.0  # quality: training budget per model
 marian_lr = 5e-4  # quality: MarianMT's peak learning rate (0 = the config's); post-LN layers did not learn at 1.5e-3
 ckpt = "out/multi30k/best.pt"  # decode: checkpoint to decode with
-config = "config/transformer_multi30k.py"  # train: the Transformer's model, data and batch settings
+config = "config/transformer_multi30k.py"  # train, loop, diagnostics: the Transformer's model, data and batch settings
 rnn_config = "config/rnn_attn_en_de.py"  # train: the GRU's model settings
-steps = 10  # train, loop: timed optimizer steps per model and repeat (after warmup_steps untimed ones)
-warmup_steps = 3  # train, loop: untimed steps first (allocator, kernel selection)
+steps = 10  # train, loop, diagnostics: timed optimizer steps per model and repeat (after warmup_steps untimed ones)
+warmup_steps = 3  # train, loop, diagnostics: untimed steps first (allocator, kernel selection)
 loop_rounds = 4  # loop: steps per repeat = loop_rounds x (warmup_steps + steps), the fixed batches cycled
 profile_steps = 0  # loop: > 0 profiles that many turns of the loop afterwards (torch.profiler) and prints the table
 dtypes = "float32,bfloat16"  # train: comma-separated
@@ -548,11 +557,60 @@ def bench_quality() -> dict:
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
 
 
+def bench_diagnostics() -> dict:
+    """The diagnostics' cost against train.py's step: each check timed after every turn of the loop
+    (the median of `steps`), the probes once before the first; per step, a check of a log line
+    counts 1 / log_interval of its time."""
+    cfg = load_config(config)
+    data = load_data(DataConfig.of(cfg), verbose=False)
+    rt = setup(device, dtype)
+    torch.manual_seed(cfg["seed"])
+    model = train.build_model(cfg, data.src_tok, data.tgt_tok, verbose=False).to(rt.device).train()
+    optimizer, scaler = train.make_optimizer(model, cfg), rt.grad_scaler()
+    batches, state = TrainBatches(data, cfg["batch_tokens"], cfg["seed"]), train.RunState()
+    first, at_first = batches.next(0, 0)[0], train.RunState()
+    with tempfile.TemporaryDirectory() as folder:
+        log = RunLog(folder, True)
+        steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, model, overfit=1)
+        probe_seconds = timed(lambda: probe_model(model, first, sequence_loss, data, log))[0]
+        log.symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
+        names = ("step", "gradients_kept", "weights_grow", "overfit_batches_change", "symptoms")
+        seconds = {name: [] for name in names}
+        for i in range(warmup_steps + steps):
+            sec, (lr, _, out) = timed(lambda: loop_turn(model, optimizer, scaler, batches, state, cfg, rt))
+            record = {"step": state.step, "loss": out["loss"], "lr": lr}
+            checks = {"step": lambda: None, "gradients_kept": lambda: steps_log.checks.gradients_cleared(state.step),
+                      "weights_grow": lambda: steps_log.checks.weight_growth(state.step, lr),
+                      "overfit_batches_change": lambda: steps_log.checks.same_batches(at_first, [first]),
+                      "symptoms": lambda: log.symptoms("train", record)}
+            for name, check in checks.items():
+                if i >= warmup_steps:
+                    seconds[name].append(sec if name == "step" else timed(check)[0])
+    step = statistics.median(seconds.pop("step"))
+    every = {"gradients_kept": cfg["log_interval"], "weights_grow": cfg["log_interval"], "overfit_batches_change": 1,
+             "symptoms": cfg["log_interval"]}
+    rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step}}
+    for name, times in seconds.items():
+        per_call = statistics.median(times)
+        rows[name] = {"when": f"every {every[name]} step(s)", "seconds": per_call,
+                      "per_step": per_call / every[name] / step}
+    print(f"\n{config}, {rt.dtype} on {rt.device}, {torch.get_num_threads()} threads: a training step takes "
+          f"{step:.3f} s (median of {steps}); log_interval {cfg['log_interval']}")
+    print("| diagnostic | runs | seconds per call | cost |\n|---|---|---:|---:|")
+    for name, row in rows.items():
+        cost = f"{row['steps']:.2f} steps" if "steps" in row else f"{row['per_step']:.4%} of a step"
+        print(f"| {name} | {row['when']} | {row['seconds']:.6f} | {cost} |")
+    return {"bench": "diagnostics", "config": config, "dtype": rt.dtype, "device": rt.device, "step_seconds": step,
+            "rows": rows, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
+
+
 def main() -> None:
     configure(globals(), doc_files=(__file__,))
     if threads > 0:
         torch.set_num_threads(threads)
-    benches = {"decode": bench_decode, "train": bench_train, "loop": bench_loop, "generate": bench_generate, "quality": bench_quality}
+    benches = {"decode": bench_decode, "train": bench_train, "loop": bench_loop, "generate": bench_generate,
+               "quality": bench_quality, "diagnostics": bench_diagnostics}
     if bench not in benches:
         raise ConfigError(f"bench='{bench}' is not known: use one of {', '.join(benches)}")
     path = out_json or f"bench_{bench}.json"

@@ -134,7 +134,9 @@ def plot_runs(runs: list, path: str, x: str = "step", title: str = "") -> str:
             style = "o-" if kind == "eval" else "-"       # few validation points: show each one
             ax.plot(xs, ys, style, color=colours(i % colours.N), markersize=3, linewidth=1.3)
             drawn += [y for y in ys if math.isfinite(y)]
-        if log_scale and any(y > 0 for y in drawn):
+        positive = [y for y in drawn if y > 0]
+        # a loss far above the others' (one that starts 75x ln(V)) would flatten them all: log scale
+        if positive and (log_scale or "loss" in key and max(positive) > 50 * min(positive)):
             ax.set_yscale("log")
             ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))   # 0.2 0.5 1 2 5: few, plain labels
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))

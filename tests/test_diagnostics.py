@@ -1,0 +1,183 @@
+"""The diagnostics that name classic bugs in train.py's log (docs/debugging.md): each fires on its
+symptom, as a printed warning and a "warning" record of log.jsonl, and stays silent on a healthy
+model or signal. In-process, on tiny models (diagnostics.py): the probes of an untrained model before step 1
+(probe_model), the checks at the step log's lines (StepChecks, through common.StepLog), those of
+the records (Symptoms, through common.RunLog)."""
+import json
+import math
+import os
+import types
+
+import pytest
+import torch
+
+import decoding
+import train
+from batching import TrainBatches
+from common import RunLog, StepLog
+from data import DataConfig, load_data
+from diagnostics import Symptoms, attention_spread, probe_model
+from loss import sequence_loss
+from model_transformer import MultiHeadAttention, Transformer
+
+
+class Warnings:
+    """Stands in for RunLog: keeps the names of the warnings."""
+    def __init__(self):
+        self.names = []
+
+    def warn(self, name, text, step=0):
+        self.names.append(name)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(DataConfig(dataset="toy:reverse", tokenizer="char", cache_dir=os.environ["NMT_TEST_CACHE"]),
+                     verbose=False)
+
+
+def tiny(data, **knobs):
+    """An untrained tiny model of train.py's knobs (TINY's sizes), in training mode, and a first batch."""
+    cfg = dict(train.DEFAULTS, tie_embeddings="none", d_model=32, n_head=2, n_enc_layer=2, n_dec_layer=2, d_ff=64,
+               dropout=0.1, **knobs)
+    torch.manual_seed(0)
+    model = train.build_model(cfg, data.src_tok, data.tgt_tok, verbose=False).train()
+    return model, TrainBatches(data, 400, 0).next(0, 0)[0]
+
+
+def probe(model, batch, data, loss_fn=sequence_loss) -> list[str]:
+    log = Warnings()
+    probe_model(model, batch, loss_fn, data, log)
+    return log.names
+
+
+@pytest.mark.parametrize("arch", ["transformer", "rnn"])
+def test_the_probes_are_silent_on_a_healthy_untrained_model(data, arch):
+    model, batch = tiny(data, arch=arch, attention="dot", bidirectional=True, emb_dim=32, hidden_size=32)
+    assert probe(model, batch, data) == []
+    assert model.training                                       # it leaves the model as it found it
+
+
+def test_each_probe_names_its_bug(data, monkeypatch):
+    model, batch = tiny(data)
+    attend = MultiHeadAttention.attend
+    monkeypatch.setattr(MultiHeadAttention, "attend", lambda self, q, k, v, mask=None, causal=False:
+                        attend(self, q, k, v, mask, False))                 # no causal mask
+    assert probe(model, batch, data) == ["causal_mask"]
+    monkeypatch.setattr(MultiHeadAttention, "attend", lambda self, q, k, v, mask=None, causal=False:
+                        attend(self, q * math.sqrt(q.shape[-1]), k, v, mask, causal))   # no 1 / sqrt(Dh)
+    assert probe(model, batch, data) == ["attention_scale"]
+    monkeypatch.undo()
+    encode = Transformer.encode
+    monkeypatch.setattr(Transformer, "encode", lambda self, src: (encode(self, src)[0], None))   # no source mask
+    assert probe(model, batch, data) == ["padding_mask"]
+    monkeypatch.undo()
+    counts_pads = lambda logits, tgt_out, pad_id, eps: sequence_loss(logits, tgt_out, -1, eps)    # noqa: E731
+    assert probe(model, batch, data, counts_pads) == ["padding_in_loss"]
+    translate_nbest = decoding.translate_nbest
+
+    def without_eval(model, *args, **kwargs):                                # model.eval() forgotten
+        monkeypatch.setattr(model, "eval", lambda: model, raising=False)
+        return translate_nbest(model, *args, **kwargs)
+    monkeypatch.setattr(decoding, "translate_nbest", without_eval)
+    assert probe(model, batch, data) == ["dropout_in_decoding"]
+
+
+def test_attention_spread_is_the_scores_standard_deviation():
+    scores = torch.tensor([[0.0, 1.0, 2.0, -1e9]])                          # the last key masked
+    weights = {"enc": [scores.softmax(-1).masked_fill(scores < -1e8, 0.0)[None, None]]}   # (1, 1, 1, 4)
+    assert attention_spread(weights) == pytest.approx(1.0, abs=1e-5)       # std of 0, 1, 2
+    assert attention_spread({"enc": [torch.ones(1, 1, 1, 1)]}) == 0.0      # one key: nothing to spread
+
+
+def records(kind_values):
+    symptoms, said = Symptoms(), []
+    for kind, values in kind_values:
+        said += [name for name, _ in symptoms(kind, values)]
+    return said
+
+
+def test_a_loss_stuck_near_ln_v_after_the_warm_up_is_named_once():
+    ln_v = math.log(15)
+    start = [("init", {"step": 0, "loss": 3.0, "ln_v": ln_v})]
+    lrs = [0.0, 3e-3, 2.8e-3, 2.5e-3, 2e-3]                                # up, then falling
+    learning = [("train", {"step": s, "loss": loss, "lr": lr})
+                for s, loss, lr in zip((1, 50, 100, 150, 200), (3.0, 1.9, 1.4, 1.2, 1.0), lrs)]
+    stuck = [("train", {"step": s, "loss": 2.4, "lr": lr}) for s, lr in zip((1, 50, 100, 150, 200), lrs)]
+    assert records(start + learning) == []
+    assert records(start + stuck) == ["loss_stuck"]                         # at step 100, once
+    warming = [("train", {"step": s, "loss": 2.4, "lr": s * 1e-5}) for s in (1, 100, 200)]
+    assert records(start + warming) == []                                   # still warming up
+    assert records(stuck) == []                                             # a resumed run: no step-0 record
+
+
+def test_a_low_validation_loss_with_a_bleu_near_zero_is_named():
+    evals = lambda loss, bleu: [("eval", {"step": 100, "val_loss": loss, "bleu": bleu})]   # noqa: E731
+    assert records(evals(0.1, 0.0)) == ["teacher_forcing_leak"]
+    assert records(evals(0.1, 99.4)) == []                                  # the toy task solved
+    assert records(evals(2.0, 1.0)) == []                                   # early in a run
+
+
+def step_log(tmp_path, model, overfit=0):
+    log = RunLog(str(tmp_path), True)
+    return StepLog(log, 0, 0, "cpu", model, overfit), log
+
+
+def run_at(step, batch_in_epoch=1):
+    return types.SimpleNamespace(step=step, epoch=step, batch_in_epoch=batch_in_epoch, minutes=0.0)
+
+
+def warned(log) -> list[str]:
+    if not os.path.exists(log.path):
+        return []
+    with open(log.path) as f:
+        return [r["name"] for r in map(json.loads, f) if r["kind"] == "warning"]
+
+
+OUT = dict(loss=2.0, tokens=10, update="done", gnorm=1.0, gnorm_enc=0.5, gnorm_dec=0.5)
+
+
+def test_the_step_log_names_kept_gradients_and_weights_that_grow(data, tmp_path):
+    model, batch = tiny(data)
+    steps, log = step_log(tmp_path, model)
+    for step in (1, 50):
+        steps.add(run_at(step), 1e-3, OUT, [batch], 0.1)
+        steps.write(run_at(step), 0.0, 1e-3, OUT, {})
+    assert warned(log) == []                                                # healthy: no gradient, same size
+    next(model.parameters()).grad = torch.ones_like(next(model.parameters()))   # zero_grad() forgotten
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.6)                                                     # far too large updates
+    steps.add(run_at(100), 1e-3, OUT, [batch], 0.2)
+    steps.write(run_at(100), 0.0, 1e-3, OUT, {})
+    assert warned(log) == ["gradients_kept", "weights_grow"]
+    steps.add(run_at(150), 1e-3, OUT, [batch], 0.3)
+    steps.write(run_at(150), 0.0, 1e-3, OUT, {})
+    assert warned(log) == ["gradients_kept", "weights_grow"]                # each once
+
+
+def test_overfit_mode_names_a_batch_that_changes(data, tmp_path):
+    batches = TrainBatches(data, 400, 0)
+    first, other = batches.next(0, 0)[0], batches.next(0, 1)[0]
+    steps, log = step_log(tmp_path, None, overfit=1)
+    for step in range(1, 4):
+        steps.add(run_at(step), 1e-3, OUT, [first], 0.1)
+    assert warned(log) == []
+    steps.add(run_at(4), 1e-3, OUT, [other], 0.1)
+    assert warned(log) == ["overfit_batches_change"]
+    steps, log = step_log(tmp_path / "b", None)                             # not in overfit mode: batches change
+    for step, b in enumerate((first, other), 1):
+        steps.add(run_at(step), 1e-3, OUT, [b], 0.1)
+    assert warned(log) == []
+
+
+def test_a_warning_is_a_line_and_a_record(tmp_path, capsys):
+    log = RunLog(str(tmp_path), True)
+    log.warn("loss_stuck", "the loss has not moved", 7)
+    assert capsys.readouterr().out == "warning: the loss has not moved\n"
+    with open(log.path) as f:
+        assert json.loads(f.read()) == {"kind": "warning", "name": "loss_stuck", "step": 7,
+                                        "text": "the loss has not moved"}
+    log.record("eval", "eval step 8", step=8, val_loss=0.05, bleu=0.0)      # a record that calls for a warning
+    with open(log.path) as f:
+        assert [r["kind"] for r in map(json.loads, f)] == ["warning", "eval", "warning"]
