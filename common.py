@@ -398,4 +398,3 @@ class SpikeWatch:
             weight = min(self.decay, 1 - 1 / self.seen)      # a plain average until ~100 steps
             self.mean = weight * self.mean + (1 - weight) * loss
         return self.mean if spike else None
-

@@ -2,7 +2,7 @@
 in every precision and attention implementation, both GRU attentions in every precision, cached =
 uncached decoding, SDPA = explicit softmax, no cuDNN attention, fp16 loss scaling through an
 overflow, an attention without heads, bf16 and fp32 loss curves, exact resume, and a run moving
-between CPU and GPU. Where the logic is not CUDA's own, a CPU test checks it too (test_train.py,
+between CPU and GPU. Where the logic is not CUDA's own, a CPU test checks it too (test_train.py, test_train_step.py,
 test_model_transformer.py, test_model_rnn.py).
 
     python -m pytest tests/test_cuda.py -m "slow or not slow"     # on a machine with a GPU

@@ -1,14 +1,12 @@
 """train.py and sample.py end to end on toy data: schedule (under max_minutes on a clock the test
-moves), the log line, overfitting, exact resume, CLI; one optimizer step in-process: loss scaling,
-bad steps, half precision, one read-back from the device."""
+moves), the log line, overfitting, exact resume, CLI, early stopping and averaging. One optimizer
+step in-process: test_train_step.py; several processes: test_processes.py."""
 import io
 import json
 import math
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import types
 
@@ -17,9 +15,8 @@ import torch
 
 import train
 from configurator import ConfigError, knob_names
-from loss import sequence_loss
 from train import make_optimizer
-from helpers import ROOT, TINY, run, train_records
+from helpers import TINY, run, train_records
 
 def test_one_cycle_schedule():
     cfg = dict(learning_rate=1e-3, min_lr=1e-5, warmup_frac=0.3, decay="cosine")
@@ -385,84 +382,6 @@ def test_the_data_knobs_are_train_knobs_declared_once_in_data_config():
     assert not any(hasattr(train, k) for k in asdict(DataConfig()))
 
 
-@pytest.mark.slow      # ~20 s: five training processes
-def test_two_processes_match_one_process_with_the_same_global_batch_and_resume(tmp_path):
-    """torchrun with 2 CPU processes (gloo) == 1 process accumulating the same 2 batches per step;
-    a 2-process run stopped at step 3 and resumed with torchrun continues exactly."""
-    common = [*TINY, "--dropout=0.1", "--max_iters=5", "--eval_interval=5", "--eval_sentences=5",
-              "--warmup_frac=0", "--learning_rate=2e-3", "--min_lr=2e-3"]
-
-    def torchrun(*args):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "train.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert out.returncode == 0, out.stdout + out.stderr
-    run("train.py", *common, "--dropout=0.0", f"--out_dir={tmp_path / 'one'}", "--grad_accum=2")
-    torchrun(*common, "--dropout=0.0", f"--out_dir={tmp_path / 'two'}")
-    one = {r["step"]: r["loss"] for r in train_records(tmp_path / "one")}
-    two = {r["step"]: r["loss"] for r in train_records(tmp_path / "two")}
-    assert list(two) == list(range(1, 6))                # only rank 0 wrote the log, once per step
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-4), step
-    torchrun(*common, f"--out_dir={tmp_path / 'straight'}")
-    torchrun(*common, f"--out_dir={tmp_path / 'resumed'}", "--max_iters=3")
-    assert not os.path.exists(tmp_path / "resumed" / "ckpt.pt.tmp")
-    torchrun(f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume", "--max_iters=5")
-    straight = {r["step"]: r["loss"] for r in train_records(tmp_path / "straight")}
-    assert {r["step"]: r["loss"] for r in train_records(tmp_path / "resumed")} == straight
-    other = run("train.py", f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume", "--max_iters=8", check=False)
-    assert other.returncode == 2 and "trained with 2 process(es)" in other.stderr   # 1 process would take other batches
-
-
-@pytest.mark.slow      # ~10 s: torchrun with two processes
-def test_under_torchrun_process_0_builds_the_data_cache_and_the_others_read_it(tmp_path):
-    tiny = [a for a in TINY if not a.startswith("--cache_dir")]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "tests/faulty_train.py", "count_builds", "0", *tiny, f"--cache_dir={tmp_path / 'cache'}",
-                          "--max_iters=1", "--eval_interval=1", "--eval_sentences=5", f"--out_dir={tmp_path / 'run'}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert [line for line in out.stdout.splitlines() if "builds the data" in line] == ["process 0 builds the data"]
-    assert len(os.listdir(tmp_path / "cache")) == 1                # one cache file, no temporary one left
-
-
-def test_ddp_does_not_resend_buffers_before_every_forward(tmp_path):
-    import torch.distributed as dist
-
-    from common import Runtime
-    from model_transformer import Transformer, TransformerConfig
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        model = Transformer(TransformerConfig(src_vocab=20, tgt_vocab=20, pad_id=0, d_model=16, n_head=2), verbose=False)
-        ddp = Runtime("cpu", "float32", rank=0, world_size=2).wrap(model)
-        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and not ddp.broadcast_buffers
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow      # ~15 s: torchrun with two processes
-def test_process_0s_clock_stops_every_process_at_the_same_step(tmp_path):
-    """Process 1's clock runs 10 minutes ahead: were each process to decide from its own clock,
-    process 1 would stop at once while process 0 waited for it in a collective. Both follow one
-    learning rate, step by step (the schedule's clock moves with process 0's training time)."""
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "tests/faulty_train.py", "skew_clock", "600", *TINY, "--max_minutes=0.05",
-                             "--eval_interval=100000", "--eval_sentences=5", f"--out_dir={tmp_path}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:                          # a process waits forever for the other
-        os.killpg(proc.pid, signal.SIGKILL)                    # (torchrun's workers too)
-        raise
-    assert proc.returncode == 0, stdout + stderr
-    stops = sorted(line for line in stdout.splitlines() if "stopped at step" in line)
-    assert len(stops) == 2 and stops[0].split()[-1] == stops[1].split()[-1], stops
-    assert int(stops[0].split()[-1]) > 1                       # it trained (for process 0's 3 seconds)
-    rates = {line.split()[1]: json.loads(line.split(" learning rates ")[1]) for line in stdout.splitlines()
-             if " learning rates " in line}
-    assert set(rates) == {"0", "1"} and len(rates["0"]) == int(stops[0].split()[-1])
-    assert rates["0"] == rates["1"]                            # bit for bit
-
-
 def test_loss_spike_is_flagged_once_the_mean_is_built():
     import numpy as np
     from common import SpikeWatch
@@ -476,113 +395,6 @@ def test_loss_spike_is_flagged_once_the_mean_is_built():
     assert watch(2.1) is None and watch(7.0) is not None   # the spike did not raise the mean
     assert SpikeWatch(0.0, warmup=0)(100.0) is None     # factor 0 = off
 
-
-# --- one optimizer step, in-process ---------------------------------------------------------
-
-def tiny_step(dtype, **config):
-    """A tiny Transformer (config: more TransformerConfig fields), its optimizer, a run on the CPU in
-    `dtype` and one batch."""
-    from model_transformer import Transformer, TransformerConfig
-    from common import Runtime
-    torch.manual_seed(0)
-    model = Transformer(TransformerConfig(src_vocab=12, tgt_vocab=12, pad_id=0, d_model=16, n_head=2, n_enc_layer=1,
-                                          n_dec_layer=1, d_ff=32, dropout=0.0, **config), verbose=False)
-    src, tgt_in, tgt_out = (torch.randint(3, 12, (4, 5)) for _ in range(3))
-    tgt_out[0, 3:] = 0                                                   # some padding
-    return model, make_optimizer(model, train.DEFAULTS), Runtime("cpu", dtype), [(src, tgt_in, tgt_out)]
-
-
-def test_fp16_overflow_is_routine_and_a_non_finite_loss_is_a_bad_step(monkeypatch):
-    model, optimizer, rt, batches = tiny_step("float16")                # fp16 autocast + GradScaler, on a CPU
-    scaler = rt.grad_scaler()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    hook = model.out_proj.weight.register_hook(lambda g: g * float("inf"))   # the loss stays finite
-    out = train.train_step(model, optimizer, scaler, batches, 0, train.DEFAULTS, rt)
-    hook.remove()
-    assert out["update"] == "overflow" and math.isfinite(out["loss"]) and not math.isfinite(out["gnorm"])
-    assert scaler.get_scale() == 2.0 ** 15                             # halved from 2^16 ...
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # ... and nothing updated
-    monkeypatch.setattr(train, "sequence_loss", lambda *args: sequence_loss(*args) * float("nan"))
-    out = train.train_step(model, optimizer, scaler, batches, 0, train.DEFAULTS, rt)
-    monkeypatch.undo()
-    assert out["update"] == "skipped"
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    out = train.train_step(model, optimizer, scaler, batches, 0, train.DEFAULTS, rt)
-    assert out["update"] == "done" and not torch.equal(before["out_proj.weight"], model.out_proj.weight)
-    scaler.update(new_scale=0.5)                                       # overflowing when scaled *down*:
-    hook = model.out_proj.weight.register_hook(lambda g: g * float("inf"))   # not fp16's range, a bad step
-    assert train.train_step(model, optimizer, scaler, batches, 0, train.DEFAULTS, rt)["update"] == "skipped"
-    hook.remove()
-    fp32 = tiny_step("float32")                                         # no loss scaling: infinite gradients are bad
-    hook = fp32[0].out_proj.weight.register_hook(lambda g: g * float("inf"))
-    assert train.train_step(*fp32[:2], None, fp32[3], 0, train.DEFAULTS, fp32[2])["update"] == "skipped"
-    hook.remove()
-
-
-# test_cuda.py's half-precision tests, on a CPU: autocast's casts are the same code on either device
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_an_attention_without_heads_trains_and_decodes_under_autocast_on_a_cpu(dtype):
-    from decoding import beam_search, greedy
-    model, optimizer, rt, batches = tiny_step(dtype, enc_self_heads=[0], dec_cross_heads=[0], attn_impl="sdpa")
-    src = batches[0][0]
-    src[1, 3:] = 0                                                       # a padded source
-    with rt.amp:
-        assert model(src, batches[0][1]).dtype == getattr(torch, dtype)   # it runs in half precision
-    out = train.train_step(model, optimizer, rt.grad_scaler(), batches, 0, train.DEFAULTS, rt)
-    assert out["update"] in ("done", "overflow") and math.isfinite(out["loss"])
-    model.eval()
-    with rt.amp:
-        hyps = greedy(model, src, 1, 2, 0, 9)[0]
-        beams = beam_search(model, src, 1, 2, 9, beam=1, alpha=0.0)
-    assert [h[0][0] for h in beams] == [[t for t in row if t not in (0, 2)][:len(b[0][0])]
-                                       for row, b in zip(hyps.tolist(), beams)]
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("attention", ["dot", "additive"])
-def test_a_gru_with_attention_learns_under_autocast_on_a_cpu(attention, dtype):
-    """A few steps on one padded batch: finite losses that fall, the logits in half precision, fp16
-    through its loss scaling."""
-    from common import Runtime
-    from model_rnn import RNNConfig, Seq2SeqRNN
-    torch.manual_seed(0)
-    model = Seq2SeqRNN(RNNConfig(src_vocab=12, tgt_vocab=12, pad_id=0, emb_dim=16, hidden_size=24, n_enc_layer=1,
-                                 n_dec_layer=1, attention=attention, bidirectional=True, dropout=0.0), verbose=False)
-    rt, cfg = Runtime("cpu", dtype), {**train.DEFAULTS, "learning_rate": 1e-2}
-    src, tgt_in, tgt_out = (torch.randint(3, 12, (4, 6)) for _ in range(3))
-    src[1, 3:], tgt_in[0, 4:], tgt_out[0, 4:] = 0, 0, 0                 # padding on both sides
-    with rt.amp:
-        assert model(src, tgt_in).dtype == getattr(torch, dtype)
-    optimizer, scaler = make_optimizer(model, cfg), rt.grad_scaler()
-    outs = [train.train_step(model, optimizer, scaler, [(src, tgt_in, tgt_out)], 0, cfg, rt) for _ in range(8)]
-    assert all(math.isfinite(o["loss"]) and o["update"] in ("done", "overflow") for o in outs)
-    assert [o["update"] for o in outs].count("done") >= 6 and outs[-1]["loss"] < outs[0]["loss"] - 0.5
-
-
-def test_a_training_step_reads_values_back_from_the_device_once(monkeypatch):
-    model, optimizer, rt, batches = tiny_step("float32")
-    reads = []
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda t, *a, _real=real, _name=name: (reads.append(_name), _real(t, *a))[1])
-    out = train.train_step(model, optimizer, None, batches * 2, 0, train.DEFAULTS, rt)   # two micro-batches
-    monkeypatch.undo()
-    assert reads == ["tolist"] and out["update"] == "done"
-    assert out["tokens"] == 2 * int((batches[0][2] != 0).sum())
-
-
-def test_initial_loss_check_warns_for_overconfident_first_guesses(tmp_path, capsys):
-    from common import RunLog
-    model, _, rt, batches = tiny_step("float32")
-    log = RunLog(str(tmp_path), True)
-    train.check_initial_loss(model, batches[0], 0, 12, rt, log)
-    assert "step 0: loss" in capsys.readouterr().out                     # an honest start: no warning
-    with torch.no_grad():
-        model.tgt_embed.weight.mul_(10)                                   # tied: logits 10x too large
-    train.check_initial_loss(model, batches[0], 0, 12, rt, log)
-    assert "more than 1 nat away from ln(V)" in capsys.readouterr().out
 
 
 def test_early_stopping_and_the_average_of_the_last_snapshots(tmp_path):
