@@ -25,8 +25,7 @@ def batch_cost(n: int, max_src: int, max_tgt: int) -> int:
 
 
 def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int, *, shuffle: bool = True,
-                 seed: int = 0, epoch: int = 0, pool_size: int = LENGTH_POOL,
-                 rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+                 seed: int = 0, epoch: int = 0, pool_size: int = LENGTH_POOL) -> list[np.ndarray]:
     """Group sentence indices into batches of at most `batch_tokens` padded tokens.
 
     Lengths are of the ids as stored; the source gains <eos> and the target <bos>/<eos> at
@@ -35,7 +34,6 @@ def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int, 
     lengths -> little padding; sentences of equal lengths keep their shuffled order, so the
     batches differ every epoch), then the batch order is shuffled. Without shuffle: one fixed length-sorted order, the same every epoch.
     A sentence longer than the whole budget gets a batch of its own.
-    Distributed: rank r takes batches r, r + world_size, ..., and every rank gets the same count.
     """
     src_lens, tgt_lens = np.asarray(src_lens) + 1, np.asarray(tgt_lens) + 1
     rng = np.random.default_rng([seed, epoch])
@@ -58,8 +56,7 @@ def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int, 
         batches.append(pool[start:])
     if shuffle:
         rng.shuffle(batches)
-    per_rank = len(batches) // world_size if world_size > 1 else len(batches)
-    return batches[rank::world_size][:per_rank]
+    return batches
 
 
 def padding_fraction(split, batches: list[np.ndarray]) -> float:
@@ -96,21 +93,18 @@ class TrainBatches:
     names a batch, so a resumed run takes exactly the batch the interrupted one would have taken.
     overfit_batches > 0: the first N batches only, unshuffled, every epoch alike."""
 
-    def __init__(self, data, batch_tokens: int, seed: int, overfit_batches: int = 0, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, data, batch_tokens: int, seed: int, overfit_batches: int = 0):
         self.data, self.batch_tokens, self.seed, self.overfit = data, batch_tokens, seed, overfit_batches
-        self.rank, self.world_size = rank, world_size
         self.epoch, self.batches = -1, []
 
     def of_epoch(self, epoch: int) -> list:
-        """This process's batches of one epoch (arrays of sentence indices), made once per epoch."""
+        """The batches of one epoch (arrays of sentence indices), made once per epoch."""
         if epoch != self.epoch:
             sp = self.data.splits["train"]
             if self.overfit:
                 self.batches = make_batches(sp.src_lens, sp.tgt_lens, self.batch_tokens, shuffle=False)[:self.overfit]
-            else:                            # a new order every epoch; process r takes every world_size-th batch
-                self.batches = make_batches(sp.src_lens, sp.tgt_lens, self.batch_tokens, seed=self.seed, epoch=epoch,
-                                            rank=self.rank, world_size=self.world_size)
+            else:                            # a new order every epoch
+                self.batches = make_batches(sp.src_lens, sp.tgt_lens, self.batch_tokens, seed=self.seed, epoch=epoch)
             self.epoch = epoch
         return self.batches
 

@@ -19,10 +19,8 @@ from dataclasses import asdict
 
 import torch
 
-from common import Runtime
 from configurator import ConfigError
-from data import DataConfig, load_data
-from decoding import evaluate
+from data import DataConfig
 from gates import attach_gates, gated_types
 from model_rnn import RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
@@ -213,14 +211,6 @@ def model_from_checkpoint(ckpt: dict, verbose: bool = False):
     return model, src_tok, tgt_tok
 
 
-def data_of_checkpoint(ckpt: dict, dataset: str = "", verbose: bool = True):
-    """The tokenized splits a checkpoint was trained on; `dataset` replaces their location (a local
-    folder when the original was a hub name or another machine's path)."""
-    cfg = DataConfig.of(ckpt["data_config"])
-    cfg.dataset = dataset or cfg.dataset
-    return load_data(cfg, verbose=verbose)
-
-
 def keep_snapshot(out_dir: str, checkpoint: dict, step: int, keep: int) -> None:
     """Write the weights to out_dir/snapshots/step_<step>.pt for averaging; delete all but the last
     `keep`, and any of later steps (left by a killed run that is now resumed from an earlier step)."""
@@ -266,17 +256,11 @@ def take_snapshot(model, data, cfg: dict, step: int) -> None:
                   cfg["average_last"])
 
 
-def write_average(model, data, cfg: dict, rt: Runtime, log, step: int) -> None:
-    """avg.pt at the end of a run: the mean weights of its last average_last snapshots (the final
-    weights, at `step`, the last of them), validated like the run itself."""
+def write_average(model, data, cfg: dict, step: int) -> dict:
+    """avg.pt at the end of a run, the mean weights of its last average_last snapshots (the final
+    weights, at `step`, the last of them); returns it."""
     if step % (cfg["average_every"] or cfg["eval_interval"]):
         take_snapshot(model, data, cfg, step)
-    steps, paths = zip(*snapshots(cfg["out_dir"])[-cfg["average_last"]:])
-    averaged = average_checkpoints(list(paths))
+    averaged = average_checkpoints([path for _, path in snapshots(cfg["out_dir"])[-cfg["average_last"]:]])
     save_checkpoint(os.path.join(cfg["out_dir"], "avg.pt"), averaged)
-    ev = evaluate(model_from_checkpoint(averaged)[0].to(rt.device), data, cfg["batch_tokens"], rt.device, rt.amp,
-                  n_sentences=cfg["eval_sentences"])
-    log.record("average", f"avg.pt, the mean of {len(paths)} snapshots (steps {steps[0]}-{steps[-1]}): val loss "
-               f"{ev['loss']:.3f}, BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f}",
-               step=steps[-1], snapshots=len(paths), val_loss=ev["loss"], bleu=ev["bleu"], bleu_lc=ev["bleu_lc"],
-               chrf=ev["chrf"])
+    return averaged

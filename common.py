@@ -1,30 +1,26 @@
 """
-The plumbing every script shares (nanochat's common.py idea): where a run executes (device,
-precision, the processes of torchrun), what it does on a signal, and what it reports while it
-runs (the log line, log.jsonl, plots). What it leaves on disk: checkpoint.py.
+The plumbing every script shares (nanochat's common.py idea), at the bottom of the house: it
+imports no concept above it. Which device and precision a process takes (`place`, `pick_dtype`;
+runtime.setup puts them together), and what a run reports while it runs: the log line and
+log.jsonl (RunLog), the step log's line every log_interval steps (StepLog), plots.png.
 
-    rt = setup(device="auto", dtype="auto")      # the GPU if there is one; bf16 where the hardware has it
-    with rt.amp:                                 # autocast in the run's precision (nothing for fp32)
-        logits = model(*rt.to_device(src, tgt_in))
+    log = RunLog("out/run", enabled=True)
+    log.record("eval", "eval step 500: BLEU 31.2", step=500, bleu=31.2)   # printed, and a line of log.jsonl
 
-Leaves out: Apple MPS, TPUs, model or pipeline parallelism.
+Leaves out: Apple MPS, TPUs, TensorBoard.
 """
 
 import contextlib
-import datetime
 import json
 import os
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from configurator import ConfigError
-from diagnostics import StepChecks, Symptoms
 
 # oneDNN (bf16 matrix products on CPUs with AMX) keeps a compiled kernel for each new matrix shape,
 # up to 1,024, and bucketed batches bring new shapes all the time: on a 2-core Sapphire Rapids a
@@ -96,132 +92,6 @@ def pick_dtype(dtype: str, device_type: str, capability: tuple[int, int] | None 
     return dtype
 
 
-@dataclass
-class Runtime:
-    """The device, precision and processes of a run, as `setup` decided them."""
-    device: str
-    dtype: str              # 'float32', 'bfloat16' or 'float16'
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def device_type(self) -> str:
-        return self.device.split(":")[0]
-
-    @property
-    def master(self) -> bool:
-        """Process 0 logs, evaluates and writes checkpoints."""
-        return self.rank == 0
-
-    @property
-    def amp(self):
-        """The autocast context of the run's precision (nothing for fp32)."""
-        if self.dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
-
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """fp16's narrow range needs loss scaling (small gradients would underflow); bf16 and fp32 do not."""
-        return torch.amp.GradScaler(self.device_type) if self.dtype == "float16" else None
-
-    def to_device(self, *tensors: torch.Tensor) -> tuple:
-        """CPU tensors to the run's device; on a GPU through pinned memory, without waiting."""
-        if self.device_type == "cpu":
-            return tensors
-        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over all processes, in place (one process: unchanged)."""
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return t
-
-    def agree(self, clocks: list[float], stop: bool) -> tuple[list[float], bool]:
-        """Process 0's clocks and any process's stop request, the same on every process, so that all
-        follow one schedule and stop at the same step (none leaves while another waits for it in a
-        collective)."""
-        if self.world_size == 1:
-            return clocks, stop
-        shared = torch.tensor([*(c if self.master else 0.0 for c in clocks), float(stop)], dtype=torch.float64,
-                              device=self.device)
-        *clocks, stops = self.all_sum(shared).tolist()
-        return clocks, stops > 0
-
-    def from_master(self, values: list[float]) -> list[float]:
-        """Process 0's values on every process."""
-        if self.world_size == 1:
-            return values
-        shared = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.broadcast(shared, src=0)
-        return shared.tolist()
-
-    def wrap(self, model):
-        """The model in DistributedDataParallel under torchrun; as it is for one process."""
-        if self.world_size == 1:
-            return model
-        # a pruned model can leave whole parts without gradient (the encoder, if no cross-attention
-        # head is left): DDP must then look for unused parameters at every step
-        pruned = any(p.numel() == 0 for p in model.parameters())
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device] if self.device_type == "cuda" else None, find_unused_parameters=pruned)
-        # DDP would re-send every buffer from process 0 before each forward; the only one here is the
-        # Transformer's table of positions (8 MiB at D=512), the same everywhere. (Set after building:
-        # PyTorch 2.13 renames the argument, and the attribute works in every version.)
-        ddp.broadcast_buffers = False
-        return ddp
-
-    @contextlib.contextmanager
-    def master_first(self):
-        """Process 0 runs the block first and the others after it: process 0 learns the tokenizer and
-        writes the data cache, the others read that cache instead of all writing the same file at once."""
-        if self.world_size > 1 and not self.master:
-            dist.barrier()
-        yield
-        if self.world_size > 1 and self.master:
-            dist.barrier()
-
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Decide device and precision for this process and, under torchrun, join the process group."""
-    p = place(device, dict(os.environ), torch.cuda.device_count())
-    capability = None
-    if p.device.startswith("cuda"):
-        torch.cuda.set_device(p.device if ":" in p.device else 0)   # before NCCL: it uses the current device
-        capability = torch.cuda.get_device_capability()
-    if p.world_size > 1 and not dist.is_initialized():
-        # the others wait in a collective while process 0 validates: NCCL's default 10 minutes can be too short
-        dist.init_process_group(p.backend, timeout=datetime.timedelta(minutes=60))
-    cpu_bf16 = p.device != "cpu" or cpu_has_bf16()
-    rt = Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability, cpu_bf16), p.rank, p.world_size)
-    if rt.device_type == "cpu" and rt.dtype != "float32" and not cpu_bf16 and rt.master:
-        print(f"warning: dtype={rt.dtype} on a CPU without bf16/fp16 instructions (AVX512-BF16, AMX): matrix "
-              "products fall back to a slow loop (40x slower than float32 on an AVX2 CPU); use --dtype=float32")
-    return rt
-
-class StopSignals:
-    """While training runs, SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) only note their
-    name: the loop finishes the step in flight, saves and exits, instead of losing the run."""
-
-    def __init__(self):
-        self.received, self.previous = "", {}
-
-    def __enter__(self) -> "StopSignals":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):           # not in the main thread: keep the default
-                self.previous[sig] = signal.signal(sig, self.note)
-        return self
-
-    def note(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
 # -----------------------------------------------------------------------------
 # what a run reports
 
@@ -230,11 +100,13 @@ class RunLog:
 
     resume_step: the step of the checkpoint a run resumes from. The killed run logged steps after
     it (and maybe half a line); they will be run again, so they are dropped and every step is
-    logged once. None: a new run, which starts a new log."""
+    logged once. None: a new run, which starts a new log. watchers: callables that look at each
+    record, (kind, values) -> [(warning name, text)], warned about after it (train.py gives it
+    diagnostics.Symptoms)."""
 
-    def __init__(self, out_dir: str, enabled: bool, bar=None, resume_step: int | None = None):
+    def __init__(self, out_dir: str, enabled: bool, bar=None, resume_step: int | None = None, watchers=()):
         self.path = os.path.join(out_dir, "log.jsonl")
-        self.enabled, self.bar, self.symptoms = enabled, bar, Symptoms()
+        self.enabled, self.bar, self.watchers = enabled, bar, list(watchers)
         if not enabled or not os.path.exists(self.path):
             return
         kept = []
@@ -249,18 +121,19 @@ class RunLog:
         os.replace(self.path + ".tmp", self.path)
 
     def say(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
+        if self.enabled:    # (flushed: a pipe would otherwise hold the lines back until the run ends)
+            (self.bar.write if self.bar is not None else print)(text, **({} if self.bar is not None else {"flush": True}))
 
     def record(self, kind: str, line: str, **values) -> None:
         """Print `line`; append {"kind": kind, **values} to log.jsonl (lists and dicts go there only);
-        then the warnings that the record calls for (Symptoms)."""
+        then the warnings that the watchers find in it."""
         self.say(line)
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"kind": kind, **values}) + "\n")
-            for name, text in self.symptoms(kind, values):
-                self.warn(name, text, values.get("step", 0))
+            for watch in self.watchers:
+                for name, text in watch(kind, values):
+                    self.warn(name, text, values.get("step", 0))
 
     def warn(self, name: str, text: str, step: int = 0) -> None:
         """A diagnostic: "warning: TEXT" in the log, {"kind": "warning", "name": NAME, ...} in log.jsonl."""
@@ -312,18 +185,17 @@ def plot_log(out_dir: str) -> str:
 
 class StepLog:
     """The log line of every log_interval-th step: the mean loss since the last line, the last
-    step's gradient norms (all, encoder side, decoder side), target tokens/s, padding, peak
-    memory, fp16 overflows, and what the run adds (prune.py: its gates); the progress bar; loss spikes, a step
-    whose loss exceeds 2x the running mean of those before it (SpikeWatch). One spike is noise;
-    spikes that repeat, or a loss that stays up after one, call for a lower learning rate, more
-    warm-up or clipping. Given the model (and overfit = overfit_batches), it has StepChecks look
-    at the weights at each log line, and at each batch in overfit mode (diagnostics.py)."""
+    step's gradient norms (all, encoder side, decoder side), target tokens/s (this process's),
+    padding, peak memory, fp16 overflows, and what the run adds (prune.py: its gates); the progress
+    bar; loss spikes, a step whose loss exceeds 2x the running mean of those before it (SpikeWatch).
+    One spike is noise; spikes that repeat, or a loss that stays up after one, call for a lower
+    learning rate, more warm-up or clipping. checks: an object with at_step(run, batches) and
+    at_log_line(step, lr), called after every step and every log line (train.py gives it
+    diagnostics.StepChecks)."""
 
-    def __init__(self, log: RunLog, src_pad: int, tgt_pad: int, device_type: str = "cpu", model=None,
-                 overfit: int = 0):
+    def __init__(self, log: RunLog, src_pad: int, tgt_pad: int, device_type: str = "cpu", checks=None):
         self.log, self.src_pad, self.tgt_pad, self.spikes = log, src_pad, tgt_pad, SpikeWatch(2.0)
-        self.device_type, self.overfit = device_type, overfit
-        self.checks = StepChecks(log, model if log.enabled else None)
+        self.device_type, self.checks = device_type, checks
         self.restart()
 
     def restart(self) -> None:
@@ -342,8 +214,8 @@ class StepLog:
             self.log.warn("loss_spike", f"loss spike at step {run.step}: {out['loss']:.3f}, running mean {running:.3f} "
                           f"(lr {lr:.2e}, gradient norm {out['gnorm']:.2f}). If it repeats or the loss stays "
                           "up: lower learning_rate, longer warmup_frac, grad_clip=1.", run.step)
-        if self.overfit:
-            self.checks.same_batches(run, batches)
+        if self.checks is not None:
+            self.checks.at_step(run, batches)
         if self.log.bar is not None:
             self.log.bar.n = round(100 * progress, 1)
             self.log.bar.refresh()
@@ -360,7 +232,8 @@ class StepLog:
                         f"{rec['tok_per_s']:,.0f} tok/s | pad {rec['pad']:.1%} | peak {rec['peak_gb']:.2f} GB | "
                         f"{run.minutes:.1f} min"
                         + printable(extra, " | "), **rec)
-        self.checks.at_log_line(run.step, lr)
+        if self.checks is not None:
+            self.checks.at_log_line(run.step, lr)
         self.restart()
 
     @contextlib.contextmanager

@@ -344,19 +344,23 @@ def _source_fingerprint(cfg: DataConfig) -> list:
     return [cfg.dataset]
 
 
-def cache_path(cfg: DataConfig) -> str:
+def cache_path(cfg: DataConfig, tokenizers: tuple | None = None) -> str:
     """The cache file: keyed by everything the tokenized splits depend on (not batch_tokens)."""
     key = {k: v for k, v in asdict(cfg).items() if k not in ("batch_tokens", "cache_dir")}
     key.update(version=CACHE_VERSION, source=_source_fingerprint(cfg), abspath=os.path.abspath(cfg.dataset))
+    if tokenizers is not None:      # given, not learned: the splits depend on them
+        key["tokenizers"] = hashlib.sha1(repr(pair_state(*tokenizers)).encode()).hexdigest()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(os.path.normpath(cfg.dataset)))
     return os.path.join(cfg.cache_dir, f"{name}-{cfg.src_lang}-{cfg.tgt_lang}-{digest}.pt")
 
 
-def load_data(cfg: DataConfig, verbose: bool = True) -> Data:
-    """Load, carve, clean and tokenize `cfg.dataset`, reusing the on-disk cache when it matches."""
+def load_data(cfg: DataConfig, verbose: bool = True, tokenizers: tuple | None = None) -> Data:
+    """Load, carve, clean and tokenize `cfg.dataset`, reusing the on-disk cache when it matches.
+    tokenizers: (source, target) to tokenize with, instead of learning them from the data (a run
+    from a checkpoint reads any corpus with the checkpoint's own: unseen text becomes bytes or <unk>)."""
     log = print if verbose else (lambda *a, **k: None)
-    path = cache_path(cfg) if cfg.cache_dir else ""
+    path = cache_path(cfg, tokenizers) if cfg.cache_dir else ""
     if path and os.path.exists(path):
         t0 = time.time()
         state = torch.load(path, weights_only=True)
@@ -364,7 +368,7 @@ def load_data(cfg: DataConfig, verbose: bool = True) -> Data:
         data = Data(src_tok, tgt_tok, {k: Split.from_state(v) for k, v in state["splits"].items()}, state["report"])
         log(f"data: loaded tokenized splits from cache {path} in {time.time() - t0:.1f}s")
         return data
-    data = build_data(cfg, log)
+    data = build_data(cfg, log, tokenizers)
     if path:
         os.makedirs(cfg.cache_dir, exist_ok=True)
         state = {"tokenizers": pair_state(data.src_tok, data.tgt_tok),
@@ -376,7 +380,7 @@ def load_data(cfg: DataConfig, verbose: bool = True) -> Data:
     return data
 
 
-def build_data(cfg: DataConfig, log=print) -> Data:
+def build_data(cfg: DataConfig, log=print, tokenizers: tuple | None = None) -> Data:
     """The pipeline of this file's docstring, without the cache: load the pairs, carve validation
     and test out of train where the corpus lacks them, drop empty pairs (and, from train, pairs
     too long to ever fit), lower-case if asked, learn the tokenizer(s) on train, tokenize every
@@ -412,13 +416,17 @@ def build_data(cfg: DataConfig, log=print) -> Data:
     t0 = time.time()
     train_src = [s for s, _ in raw["train"]]
     train_tgt = [t for _, t in raw["train"]]
-    if cfg.joint_vocab:
+    if tokenizers is not None:
+        src_tok, tgt_tok = tokenizers
+        log(f"data: the checkpoint's tokenizers, vocab {src_tok.vocab_size:,}/{tgt_tok.vocab_size:,}")
+    elif cfg.joint_vocab:
         src_tok = tgt_tok = train_tokenizer(cfg.tokenizer, train_src + train_tgt, cfg.vocab_size)
     else:
         src_tok = train_tokenizer(cfg.tokenizer, train_src, cfg.vocab_size)
         tgt_tok = train_tokenizer(cfg.tokenizer, train_tgt, cfg.vocab_size)
-    log(f"data: learned {cfg.tokenizer} tokenizer(s), vocab {src_tok.vocab_size:,}/{tgt_tok.vocab_size:,} "
-        f"in {time.time() - t0:.1f}s")
+    if tokenizers is None:
+        log(f"data: learned {cfg.tokenizer} tokenizer(s), vocab {src_tok.vocab_size:,}/{tgt_tok.vocab_size:,} "
+            f"in {time.time() - t0:.1f}s")
 
     splits = {}
     for split, pairs in raw.items():
@@ -444,3 +452,12 @@ def build_data(cfg: DataConfig, log=print) -> Data:
         raise DataError(f"the validation split of {cfg.dataset} is empty: give it a validation.jsonl (a split carved "
                         f"out of train gets 5% of its distinct source sentences, so those need at least 20)")
     return Data(src_tok, tgt_tok, splits, report)
+
+
+def data_of_checkpoint(ckpt: dict, dataset: str = "", verbose: bool = True) -> Data:
+    """The splits a checkpoint (checkpoint.py's dict) was trained on, tokenized with its tokenizers;
+    `dataset` replaces their location (a local folder when the original was a hub name or another
+    machine's path)."""
+    cfg = DataConfig.of(ckpt["data_config"])
+    cfg.dataset = dataset or cfg.dataset
+    return load_data(cfg, verbose=verbose, tokenizers=pair_from_state(ckpt["tokenizers"]))

@@ -75,30 +75,35 @@ def length_penalty(length: int, alpha: float) -> float:
 @torch.no_grad()
 def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int, beam: int = 5,
                 alpha: float = 0.6, nbest: int = 1) -> list[list[tuple[list[int], float]]]:
-    """src (B, S) -> for each sentence its `nbest` best hypotheses as (token ids without <bos>
-    and <eos>, sum of token log-probabilities with <eos>), best first under the length penalty.
+    """src (B, S) -> for each sentence its `nbest` best hypotheses as (token ids without <bos> and
+    <eos>, the sum of their token log-probabilities: with <eos> for a hypothesis that ended, without
+    for one still going at max_len), best first under the length penalty.
 
-    All sentences are decoded together as B * beam rows. Each step extends every live
-    hypothesis by every token and ranks the extensions per sentence; those among the best beam
-    that end in <eos> are filed as finished, and the best beam that do not end carry on (they
-    are among the best 2 * beam: at most beam extensions end in <eos>, one per live hypothesis).
-    With beam = 1 and alpha = 0 this is exactly greedy decoding. A sentence is done when no live
-    hypothesis can still beat its nbest-th finished one: a live score can only fall with more
-    tokens, so it ranks at best its score over the largest penalty still reachable (alpha 0.6,
-    max_len 20: a live -2.1 ranks at best -2.1 / lp(20) = -0.89, above a finished -0.95). Stopping
-    when the top beam ends is wrong once alpha > 0: a longer hypothesis may still overtake it.
-    Finished sentences leave the batch, so a long sentence does not keep short ones computing.
+    The sentences are decoded together, K = beam rows each, one row per live hypothesis; row
+    a * K + k is beam k of active sentence a, in memory, cache and prefixes alike. At each step:
+
+        scores (A, K) + log p (A, K, V)  ->  per sentence the 2K best of its K * V extensions
+            e.g. K = 2, V = 5: flat index 7 = beam 1, token 2; its parent row a * K + 1
+        those among the K best that end in <eos>  ->  finished[sentence], with their score / lp
+        the K best that do not end (there are at least K among 2K: at most K end, one per beam)
+            ->  the next step's rows: each takes its parent row's cache and prefix, plus its token
+        a sentence is done when no live hypothesis can still beat its nbest-th finished one;
+            done sentences leave every tensor, so a long sentence does not keep short ones computing
+
+    A live score can only fall with more tokens, so it ranks at best at its score over the largest
+    length penalty still reachable (alpha 0.6, max_len 20: a live -2.1 ranks at best -2.1 / lp(20)
+    = -0.89, above a finished -0.95). Stopping when the top beam ends would be wrong once alpha > 0:
+    a longer hypothesis may still overtake it. With beam = 1 and alpha = 0 this is greedy decoding.
     """
     assert 1 <= nbest <= beam, f"nbest={nbest} must be between 1 and beam={beam}"
     B, K, dev = src.shape[0], beam, src.device
     lp = lambda n: length_penalty(n, alpha)                                     # noqa: E731
-    memory = select_rows(model.encode(src), torch.arange(B, device=dev).repeat_interleave(K))
+    memory = select_rows(model.encode(src), torch.arange(B, device=dev).repeat_interleave(K))   # K rows each
     sentence = list(range(B))                       # the original index of each active sentence
-    finished: list[list[tuple[float, list[int], float]]] = [[] for _ in range(B)]
-    # the cumulative log-probability of each beam; only the first beam is live at the start
-    scores = torch.full((B, K), float("-inf"), device=dev)
-    scores[:, 0] = 0.0
-    tokens = torch.empty(B * K, 0, dtype=torch.long, device=dev)               # prefixes so far
+    finished: list[list[tuple[float, list[int], float]]] = [[] for _ in range(B)]   # (score / lp, ids, score)
+    scores = torch.full((B, K), float("-inf"), device=dev)      # each beam's sum of log-probabilities;
+    scores[:, 0] = 0.0                                          # at the start only beam 0 is live
+    tokens = torch.empty(B * K, 0, dtype=torch.long, device=dev)               # (A*K, t-1) prefixes so far
     y = torch.full((B * K,), bos_id, dtype=torch.long, device=dev)
     cache = None
     for t in range(1, max_len + 1):                 # t = length of the hypotheses after this step
@@ -106,39 +111,41 @@ def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int
         A, V = len(sentence), logits.shape[-1]
         logp = logits.float().log_softmax(dim=-1).view(A, K, V)
         top, flat = (scores[:, :, None] + logp).view(A, K * V).topk(2 * K, dim=1)  # (A, 2K) best first
-        origin, token = flat // V, flat % V             # flat k * V + v: beam k, token v (V = 5: 7 -> 1, 2)
+        parent = torch.arange(A, device=dev)[:, None] * K + flat // V           # (A, 2K) the row extended
+        token = flat % V
         ends = token == eos_id
-        for a, j in ends[:, :K].nonzero().tolist():  # <eos> among the K best: a finished hypothesis
+        for a, j in ends[:, :K].nonzero().tolist():     # <eos> among the K best: a finished hypothesis
             if top[a, j] > float("-inf"):
-                prefix = tokens[a * K + origin[a, j]].tolist()
-                finished[sentence[a]].append((top[a, j].item() / lp(t), prefix, top[a, j].item()))
-        keep = ends.int().argsort(dim=1, stable=True)[:, :K]                    # the K best not ending
-        scores, token = top.gather(1, keep), token.gather(1, keep)
-        rows = (torch.arange(A, device=dev)[:, None] * K + origin.gather(1, keep)).view(-1)
-        tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
-        # which sentences are done: nothing live can beat their nbest-th finished hypothesis
-        best_reachable = (scores[:, 0] / max(lp(t + 1), lp(max_len))).tolist()
-        active = []
-        for a, b in enumerate(sentence):
-            ranked = sorted(finished[b], key=lambda h: -h[0])
-            done = len(ranked) >= nbest and ranked[nbest - 1][0] >= best_reachable[a]
-            if t == max_len and not done:           # out of steps: the live ones count as they are
-                finished[b].extend((s / lp(t), tokens[a * K + k].tolist(), s)
-                                   for k, s in enumerate(scores[a].tolist()) if s > float("-inf"))
-            elif not done:
-                active.append(a)
+                finished[sentence[a]].append((top[a, j].item() / lp(t), tokens[parent[a, j]].tolist(), top[a, j].item()))
+        keep = ends.int().argsort(dim=1, stable=True)[:, :K]        # the K best not ending (stable: best first)
+        scores, token, parent = top.gather(1, keep), token.gather(1, keep), parent.gather(1, keep)   # (A, K)
+        done = [sentence_done(finished[sentence[a]], scores[a], t, max_len, nbest, lp) for a in range(A)]
+        if t == max_len:                            # out of steps: the live hypotheses count as they are
+            for a in (a for a in range(A) if not done[a]):
+                finished[sentence[a]].extend((s / lp(t), tokens[parent[a, k]].tolist() + [token[a, k].item()], s)
+                                             for k, s in enumerate(scores[a].tolist()) if s > float("-inf"))
+            break
+        active = [a for a in range(A) if not done[a]]
         if not active:
             break
-        if len(active) < A:                         # drop finished sentences from every tensor
+        if len(active) < A:                         # done sentences leave the batch
             keep_sent = torch.tensor(active, device=dev)
-            keep_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).view(-1)
-            memory = select_rows(memory, keep_rows)
-            rows, tokens = rows.view(A, K)[keep_sent].view(-1), tokens[keep_rows]
-            scores, token = scores[keep_sent], token[keep_sent]
+            scores, token, parent = scores[keep_sent], token[keep_sent], parent[keep_sent]
             sentence = [sentence[a] for a in active]
+        rows = parent.view(-1)                      # (A'*K,) the row each live hypothesis extends
+        tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
         cache = select_rows(cache, rows)
+        if len(active) < A:                         # a sentence's K memory rows are alike: any of its rows serves
+            memory = select_rows(memory, rows)
         y = token.view(-1)
     return [[(ids, raw) for _, ids, raw in sorted(hyps, key=lambda h: -h[0])[:nbest]] for hyps in finished]
+
+
+def sentence_done(finished: list, live_scores: torch.Tensor, t: int, max_len: int, nbest: int, lp) -> bool:
+    """Whether no live hypothesis of a sentence can beat its nbest-th finished one: the best live score
+    (live_scores[0]) over the largest length penalty still reachable, against that finished score."""
+    ranked = sorted((h[0] for h in finished), reverse=True)
+    return len(ranked) >= nbest and ranked[nbest - 1] >= (live_scores[0] / max(lp(t + 1), lp(max_len))).item()
 
 
 def strip_special(ids: list[int], eos_id: int) -> list[int]:

@@ -3,18 +3,43 @@ Diagnostics: the warnings of train.py's log that name a classic seq2seq bug, eac
 cause and its fix. Each is a printed line "warning: ..." and a record {"kind": "warning", "name":
 ...} of log.jsonl (common.RunLog.warn). Three kinds, by when they look:
 
-    probe_model   before step 1: the untrained model and the loss, on a few sentences of the first batch
+    check_initial_loss, probe_model   before step 1: the untrained model and the loss, on the first batch
     StepChecks    at every log line: the weights and their gradients; in overfit mode, every batch
     Symptoms      at every record of the log: the loss against ln(V), validation loss against BLEU
+train.py wires them in: probe_model in train_loop, StepChecks into common.StepLog, Symptoms into
+common.RunLog (which call them without importing this file).
 
 docs/debugging.md has the bug each one names (tools/bugs.py puts them in on purpose) and what they
 cost: the probes about one training step, once; the others under 0.2% of a step. Leaves out:
 statistics of activations, a learning-rate finder, checks of the data pipeline.
 """
 
+import math
+
 import torch
 
 from decoding import translate
+
+
+@torch.no_grad()
+def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
+    """An untrained model should be as unsure as uniform guessing: loss close to ln(V) (with logits of
+    unit variance, ~0.5 nats above it whatever V is). Far above: over-confident first guesses (weights
+    too large, a wrong output layer); below: the model sees the word it must predict (a leaking mask)
+    or the loss is divided by the wrong count. docs/robustness.md says why the tolerance is 1 nat.
+    Logs an "init" record (step 0's loss and ln(V)), which Symptoms reads."""
+    pad_id, device = data.tgt_tok.pad_id, next(model.parameters()).device
+    model.eval()
+    src, tgt_in, tgt_out = (t.to(device) for t in batch)
+    with amp:
+        loss = (loss_fn(model(src, tgt_in), tgt_out, pad_id, 0.0) / (tgt_out != pad_id).sum()).item()
+    model.train()
+    ln_v = math.log(data.tgt_tok.vocab_size)
+    log.record("init", f"step 0: loss {loss:.3f}, ln(V) = {ln_v:.3f} ({loss - ln_v:+.2f} nats)",
+               step=0, loss=loss, ln_v=ln_v)
+    if abs(loss - ln_v) > 1.0:
+        log.warn("initial_loss", "the initial loss is more than 1 nat away from ln(V): check the weight "
+                 "initialisation, the output layer and the loss masking")
 
 
 @torch.no_grad()
@@ -80,25 +105,28 @@ def attention_spread(weights: dict[str, list[torch.Tensor]]) -> float:
 
 
 class StepChecks:
-    """What common.StepLog has checked at each log line (model: None = nothing) and, in overfit
-    mode, at each step; each warning once per run:
+    """What common.StepLog has checked at each log line and, in overfit mode (overfit > 0), at each
+    step; each warning once per run:
       gradients_kept          a parameter still holds a gradient after the update
       weights_grow            in the first 500 steps, the weight matrices grew to 1.5x their norm
       overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's"""
 
-    def __init__(self, log, model=None):
-        self.log, self.warned, self.first_norm, self.first_batches = log, set(), 0.0, {}
-        self.params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    def __init__(self, log, model, overfit: int = 0):
+        self.log, self.overfit, self.warned, self.first_norm, self.first_batches = log, overfit, set(), 0.0, {}
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
     def warn_once(self, name: str, text: str, step: int) -> None:
         if name not in self.warned:
             self.warned.add(name)
             self.log.warn(name, text, step)
 
+    def at_step(self, run, batches: list) -> None:
+        if self.overfit:
+            self.same_batches(run, batches)
+
     def at_log_line(self, step: int, lr: float) -> None:
-        if self.params:
-            self.gradients_cleared(step)
-            self.weight_growth(step, lr)
+        self.gradients_cleared(step)
+        self.weight_growth(step, lr)
 
     def gradients_cleared(self, step: int) -> None:
         """After the update, no parameter should hold a gradient (train.update ends with zero_grad)."""

@@ -8,8 +8,8 @@ clipped binary-concrete distribution, so it is exactly 0 or exactly 1 with non-z
 and still differentiable in log_alpha; the expected number of open gates (the L0 norm) is a
 smooth function of log_alpha that a penalty pushes down (L0Penalty: lambda x L0, or a term
 that steers the expected count to K heads). attach_gates puts one gate per head on a model's
-attention modules (set_head_gate: a hook on each out_proj); prune.py trains them. Leaves out: gates on other
-units (neurons, layers).
+attention modules (set_head_gate: a forward pre-hook on each out_proj); prune.py trains them.
+Leaves out: gates on other units (neurons, layers).
 """
 
 import math

@@ -12,7 +12,7 @@ The interface shared with model_rnn.py, all that train.py and decoding.py call:
     logits, cache = model.decode_step(y, memory, cache)  # one target step, cache=None at start
     maps = model.attention_maps(src, tgt_in)             # {panel title: (B, T, S)} for plots
 Chapters plug in from outside: speed.py replaces nn.Dropout with a cheaper one, and the pruning
-chapter gates heads through a hook on each attention's out_proj (gates.py) and builds models
+chapter gates heads through a forward pre-hook on each attention's out_proj (gates.py) and builds models
 with fewer heads per layer (the *_heads fields), down to none.
 Leaves out: relative positions, mixture-of-experts, beam search (decoding.py).
 """
@@ -94,14 +94,15 @@ class MultiHeadAttention(nn.Module):
                        cache: dict | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D), each position attending to the positions of x itself: those that
         mask (B, 1, 1, T) allows (the encoder: real tokens), or with causal itself and those before it
-        (the decoder). While decoding, cache holds the keys and values of the steps so far, and this
-        step's are appended to it."""
+        (the decoder). While decoding (Transformer.decode_step), x is the one new position and cache
+        {"k", "v"} holds the keys and values of the positions before it: this position's are appended,
+        and it attends to them all, with no causal mask (there is no future in the cache to hide)."""
         q, k, v = self.project(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, Dh) each
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)   # (B, H, t, Dh)
             cache["k"], cache["v"] = k, v
-            causal = False                            # the cache holds only the past: nothing to hide
+            causal = False
         return self.attend(q, k, v, mask, causal)
 
     def cross_attention(self, y: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
@@ -194,9 +195,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, y: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
                 cache: dict | None = None) -> torch.Tensor:
-        self_cache = cross_cache = None
-        if cache is not None:
-            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
         y = self.res_self(y, lambda h: self.self_attn.self_attention(h, causal=True, cache=self_cache))
         y = self.res_cross(y, lambda h: self.cross_attn.cross_attention(h, memory, src_mask, cross_cache))
         return self.res_ff(y, self.ff)
@@ -288,12 +287,13 @@ class Transformer(nn.Module):
         return self.enc_norm(x), src_mask
 
     def decode(self, tgt_in: torch.Tensor, memory: tuple, cache: dict | None = None) -> torch.Tensor:
-        """tgt_in (B, T) -> logits (B, T, V); with a cache, tgt_in is the one new position (T = 1)."""
+        """tgt_in (B, T) -> logits (B, T, V); with a cache (decode_step's), tgt_in is the one new
+        position (T = 1), whose position in the sentence is the number of positions decoded so far."""
         enc_out, src_mask = memory
-        start = cache.get("length", 0) if cache is not None else 0
+        start = cache["length"] if cache is not None else 0
         y = self.embed(self.tgt_embed, tgt_in, start)
         for i, layer in enumerate(self.decoder):
-            y = layer(y, enc_out, src_mask, None if cache is None else cache.setdefault(i, {}))
+            y = layer(y, enc_out, src_mask, cache["layers"][i] if cache is not None else None)
         if cache is not None:
             cache["length"] = start + tgt_in.shape[1]
         return self.out_proj(self.dec_norm(y))                            # (B, T, V)
@@ -303,11 +303,14 @@ class Transformer(nn.Module):
         return self.decode(tgt_in, self.encode(src))
 
     def decode_step(self, y: torch.Tensor, memory: tuple, cache: dict | None) -> tuple[torch.Tensor, dict]:
-        """One step: y (B,) the previous token -> logits (B, V), and the cache grown (a step costs O(T), not O(T^2)):
+        """One step: y (B,) the previous token -> logits (B, V), and the cache grown (a step costs O(T), not O(T^2)).
+        The whole cache, made here at the first step (cache=None) and filled by the attentions:
 
-            {"length": t,                               positions decoded so far
-             i: {"self":  {"k": ..., "v": ...},         decoder layer i: (B, H, t, Dh) of the steps so far
-                 "cross": {"k": ..., "v": ...}}}        and (B, H, S, Dh) of the encoder output, made once
+            {"length": t,                                     positions decoded so far (decode)
+             "layers": [{"self":  {"k": ..., "v": ...},       per decoder layer: (B, H, t, Dh) of the
+                         "cross": {"k": ..., "v": ...}}]}     steps so far (self_attention), and (B, H, S, Dh)
+                                                              of the encoder output, made once (cross_attention)
         """
-        cache = {} if cache is None else cache
+        if cache is None:
+            cache = {"length": 0, "layers": [{"self": {}, "cross": {}} for _ in self.decoder]}
         return self.decode(y[:, None], memory, cache)[:, -1], cache

@@ -23,14 +23,14 @@ from dataclasses import asdict
 
 import torch
 
-from checkpoint import (checkpoint_of, claim_run_dir, data_of_checkpoint, load_checkpoint, model_from_checkpoint,
+from checkpoint import (checkpoint_of, claim_run_dir, load_checkpoint, model_from_checkpoint,
                         model_of, save_checkpoint)
-from common import Runtime, setup
 from configurator import ConfigError, configure, knob_names, main_guard
-from data import DataError
+from data import DataError, data_of_checkpoint
 from decoding import score, translate
 from gates import STEERS, L0Penalty, attach_gates, eval_gates
 from model_transformer import Transformer
+from runtime import Runtime, setup
 from train import make_optimizer, run_progress, train_loop
 
 # -----------------------------------------------------------------------------

@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
-from common import setup
+from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, configure, main_guard
-from data import DataConfig, DataError
+from data import DataConfig, DataError, data_of_checkpoint
 from decoding import beam_search, greedy, max_target_len, score, strip_special, translate_nbest
+from runtime import setup
 
 # -----------------------------------------------------------------------------
 ckpt = "out/transformer_en_it/best.pt"  # checkpoint written by train.py or prune.py

@@ -1,14 +1,14 @@
 """
 Train a translation model: `python train.py config/transformer_multi30k.py [--key=value ...]`.
 
-Read top to bottom: the knobs, where a run stands (RunState), the learning-rate schedule, one
-optimizer step (train_step), validation, the loop (train_loop), and main(), which builds the model.
-One loop serves both models and prune.py's gate training (a penalty added to the loss). Early
-failures show: the step-0 loss beside ln(V), gradient norms per side, loss spikes, non-finite
-steps, classic bugs by name (diagnostics.py), an overfit mode. Leaves out: moving averages, curricula.
+Read top to bottom: the knobs, where a run stands (RunState), the one-cycle schedule, one optimizer
+step (train_step, update), validation, the loop (train_loop), build_model and main(). It is the loop
+of one process in fp32 or bf16: what several processes, fp16, a time budget, Ctrl-C and exact resume
+add comes from runtime.py, a chapter, through `rt` and `clock`; each call's comment names the plain
+line it is on one process. prune.py trains its gates with this loop (a penalty added to the loss).
+Leaves out: moving averages of the weights during training, curricula.
 """
 
-import contextlib
 import math
 import os
 import sys
@@ -20,15 +20,17 @@ import torch
 from batching import TrainBatches
 from checkpoint import (checkpoint_of, claim_run_dir, load_checkpoint, model_from_checkpoint, resumed_config,
                         save_checkpoint, take_snapshot, write_average)
-from common import RunLog, Runtime, StepLog, StopSignals, plot_log, printable, progress_bar, setup
+from common import RunLog, StepLog, plot_log, printable, progress_bar
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataConfig, DataError, load_data
 from decoding import evaluate
-from diagnostics import probe_model
+from diagnostics import StepChecks, Symptoms, check_initial_loss, probe_model
 from loss import sequence_loss
 from model_rnn import KNOBS as rnn_knobs, RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
+from runtime import Runtime, setup
 from speed import speed_up
+from tokenizer import pair_from_state
 
 # -----------------------------------------------------------------------------
 # knobs: defaults here, overridden by config/<name>.py, then by --key=value; python train.py -h
@@ -77,19 +79,21 @@ overfit_batches = 0  # debugging: > 0 trains on the first N batches only, unshuf
 RNN_DEFAULTS = {f.name: f.default for f in fields(RNNConfig) if f.name in rnn_knobs}
 DEFAULTS = {**asdict(DataConfig()), **RNN_DEFAULTS, **{k: v for k, v in globals().items() if k in knob_names(globals())}}
 MAX_BAD_STEPS = 10       # a run stops after this many non-finite steps in a row
+POSITIVE = ("batch_tokens", "d_model", "n_head", "n_enc_layer", "n_dec_layer", "d_ff", "grad_accum", "log_interval",
+            "eval_interval", "vocab_size", "max_len")      # knobs refused at 0 or below
 
 
 @dataclass
 class RunState:
     """Where a run stands. A checkpoint stores these fields beside weights and optimizer moments,
     and they are all a resumed run needs: the learning rate is a function of them, the batch
-    order of (seed, epoch), and each step's random draws are seeded from (seed, rank, step)."""
+    order of (seed, epoch), and each step's random draws are seeded from (seed, process, step)."""
     step: int = 0               # optimizer steps taken
     epoch: int = 0              # the pass over the training data in progress (from 0)
     batch_in_epoch: int = 0     # batches of that epoch already taken
-    minutes: float = 0.0        # wall-clock time so far, validation included (process 0's clock)
+    minutes: float = 0.0        # wall-clock time so far, validation included
     train_minutes: float = 0.0  # of it, the time spent in training steps
-    time_progress: float = 0.0  # the schedule's clock under max_minutes, in [0, 1] (advance_clock)
+    time_progress: float = 0.0  # the schedule's clock under max_minutes, in [0, 1] (runtime.advance_clock)
     best_bleu: float = -1.0     # best validation BLEU so far
     evals_without_gain: int = 0  # evaluations since the best one (the run stops at patience)
     bad_steps: int = 0          # non-finite steps in a row (the run stops at MAX_BAD_STEPS)
@@ -122,35 +126,11 @@ def lr_at(progress: float, cfg: dict) -> float:
 
 def run_progress(step: int, epochs: float, time_progress: float, cfg: dict) -> float:
     """How far the run is, in [0, 1]: the furthest of the limits that are set (time_progress: the
-    share of max_minutes, as advance_clock counts it)."""
+    share of max_minutes, as the run's clock counts it)."""
     parts = [step / cfg["max_iters"] if cfg["max_iters"] else 0.0,
              epochs / cfg["max_epochs"] if cfg["max_epochs"] else 0.0,
              time_progress if cfg["max_minutes"] else 0.0]
     return min(1.0, max(parts))
-
-
-def advance_clock(run: RunState, minutes: float, train_minutes: float, cfg: dict) -> None:
-    """Move the run's clocks on to `minutes` of wall-clock time, `train_minutes` of them spent in
-    training steps. Under max_minutes the schedule's clock p moves with training time only, each
-    call by the share of the way still to go that this call's training time is of what remains:
-
-        p += (1 - p) * dt / (dt + left)
-        left = (max_minutes - minutes - e * (step % N) / N) / (1 + e / (N * s))
-
-    dt: training minutes since the last call; left: the training minutes still to come, from wall
-    clock left = left + e * (step % N + left / s) / N (validations to come, every N = eval_interval
-    steps, each as long as the mean one so far, e; s: the mean step). Without validations p =
-    minutes / max_minutes: at 10.1 of 30 minutes, dt = 0.1, left = 19.9: p moves 0.1 / 20 of the
-    20/30 still to go, 10/30 -> 10.1/30. Between validations left falls as fast as training time
-    passes, across one it stays: no step in the learning rate."""
-    if cfg["max_minutes"]:
-        N, evals = cfg["eval_interval"], run.step // cfg["eval_interval"]
-        e = (minutes - train_minutes) / evals if evals else 0.0
-        s = train_minutes / max(run.step, 1)
-        left = (cfg["max_minutes"] - minutes - e * (run.step % N) / N) / (1 + e / (N * s) if e else 1.0)
-        dt = train_minutes - run.train_minutes
-        run.time_progress = min(1.0, run.time_progress + (1 - run.time_progress) * dt / max(dt + max(left, 0.0), 1e-9))
-    run.minutes, run.train_minutes = minutes, train_minutes
 
 
 def stop_reason(run: RunState, epochs: float, cfg: dict) -> str:
@@ -186,7 +166,9 @@ def make_optimizer(model, cfg: dict, lr_scale: dict | None = None) -> torch.opti
 
 
 def grad_norms(model) -> torch.Tensor:
-    """(3,) gradient L2 norms: all, encoder side (parameters named enc*/src*), decoder side. On the device."""
+    """(3,) gradient L2 norms: all, encoder side, decoder side. The encoder side is the parameters
+    named enc*/src*; an embedding shared by source and target (tie_embeddings='all') is registered
+    as tgt_embed, so it counts on the decoder side. On the device."""
     sides = {"enc": [], "dec": []}
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -196,120 +178,66 @@ def grad_norms(model) -> torch.Tensor:
     return torch.stack([torch.hypot(enc, dec), enc, dec])
 
 
-def train_step(model, optimizer, scaler, micro_batches: list, pad_id: int, cfg: dict, rt: Runtime,
-               penalty=None) -> dict:
-    """One optimizer step over this process's `grad_accum` micro-batches of the global batch:
-    forward, loss and backward for each, then update(). penalty: a callable whose tensor is added
-    to the loss (prune.py's L0 penalty on its gates)."""
+def train_step(model, optimizer, micro_batches: list, pad_id: int, cfg: dict, rt: Runtime, penalty=None) -> dict:
+    """One optimizer step over the `grad_accum` micro-batches of a batch: forward, loss and backward
+    for each (their gradients add up), then update(). The loss is the mean over the target tokens
+    of all of them. penalty: a callable whose tensor is added to the loss (prune.py's L0 penalty on
+    its gates)."""
     smoothing = 0.0 if cfg["overfit_batches"] else cfg["label_smoothing"]
-    # divide by the target tokens of the whole global batch, as one process taking all of it would
-    n_tok = rt.all_sum(sum((b[2] != pad_id).sum() for b in micro_batches).to(rt.device, torch.float32))
+    # the batch's target tokens (rt.mean: the count itself on one process; with several, their mean)
+    n_tok = rt.mean(sum((b[2] != pad_id).sum() for b in micro_batches).to(rt.device, torch.float32))
     loss_sum = torch.zeros((), device=rt.device)
     for i, batch in enumerate(micro_batches):
         src, tgt_in, tgt_out = rt.to_device(*batch)
-        last = i == len(micro_batches) - 1          # DDP: average gradients once, after the last
-        with model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext():
-            with rt.amp:
-                logits = model(src, tgt_in)                                   # (B, T, V)
-            share = sequence_loss(logits, tgt_out, pad_id, smoothing) / n_tok   # of the batch mean
-            loss_sum += share.detach()
-            # DDP averages gradients over processes; * world_size makes them the global batch mean's
-            loss = share * rt.world_size + (penalty() if penalty is not None and i == 0 else 0.0)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-    return update(model, optimizer, scaler, loss_sum, n_tok, cfg, rt)
+        with rt.amp:                                                  # bf16 autocast; nothing in fp32
+            logits = model(src, tgt_in)                               # (B, T, V)
+        loss = sequence_loss(logits, tgt_out, pad_id, smoothing) / n_tok   # this micro-batch's share of the mean
+        loss_sum += loss.detach()
+        if penalty is not None and i == 0:
+            loss = loss + penalty()
+        rt.backward(loss)                                             # loss.backward()
+    return update(model, optimizer, loss_sum, n_tok, cfg, rt)
 
 
-def update(model, optimizer, scaler, loss_sum: torch.Tensor, n_tok: torch.Tensor, cfg: dict, rt: Runtime) -> dict:
-    """The step's second half, once the gradients are in: unscale (fp16), gradient norms, clipping,
-    the optimizer's update. Returns `loss` (label-smoothed, per target token of the global batch,
-    without the penalty), `tokens`, the gradient norms before clipping (`gnorm`, `gnorm_enc`,
-    `gnorm_dec`), and `update`: 'done'; 'skipped' (a non-finite loss, or non-finite gradients that
-    loss scaling cannot explain: a bad step); or 'overflow' (fp16 loss scaling overflowed: routine
-    while the scaler finds its scale, it skips the update and lowers the scale). One read-back."""
-    raw = getattr(model, "module", model)       # the model itself, also when DDP wraps it
-    if scaler is not None:
-        scaler.unscale_(optimizer)                  # the true gradients, for the norms and clipping
-    norms = grad_norms(raw)
-    loss, tokens, gnorm, gnorm_enc, gnorm_dec = torch.cat([rt.all_sum(loss_sum)[None], n_tok[None], norms]).tolist()
+def update(model, optimizer, loss_sum: torch.Tensor, n_tok: torch.Tensor, cfg: dict, rt: Runtime) -> dict:
+    """The step's second half, once the gradients are in: gradient norms, clipping, the optimizer's
+    update. Returns `loss` (label-smoothed, per target token, without the penalty), `tokens`, the
+    gradient norms before clipping (`gnorm`, `gnorm_enc`, `gnorm_dec`), and `update`: 'done', or
+    'skipped' (a non-finite loss or gradient: the weights stay as they were; a bad step). (fp16
+    adds 'overflow', runtime.Runtime.skip.) One read-back from the device."""
+    rt.finish_backward(model, optimizer)                              # nothing (runtime.py: processes, fp16)
+    norms = grad_norms(model)
+    loss, tokens, gnorm, gnorm_enc, gnorm_dec = torch.cat([rt.mean(loss_sum)[None], n_tok[None], norms]).tolist()
     report = dict(loss=loss, tokens=int(tokens), gnorm=gnorm, gnorm_enc=gnorm_enc, gnorm_dec=gnorm_dec)
-    if not math.isfinite(loss) or (scaler is None and not math.isfinite(gnorm)):
-        report["update"] = "skipped"
-        if scaler is not None:
-            scaler.update()                         # unscale_ saw the infs: the scale goes down
+    if math.isfinite(loss) and math.isfinite(gnorm):
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg["grad_clip"], norms[0])
+        report["update"] = rt.step(optimizer)                         # optimizer.step(); 'done'
     else:
-        if math.isfinite(gnorm) and cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grads_with_norm_(raw.parameters(), cfg["grad_clip"], norms[0])
-        if scaler is not None:
-            scaler.step(optimizer)                  # skips the update if the scaled gradients overflowed
-            scaler.update()
-        else:
-            optimizer.step()
-        report["update"] = "done" if math.isfinite(gnorm) else "overflow"
-        if report["update"] == "overflow" and scaler.get_scale() < 1.0:   # overflowing even scaled down
-            report["update"] = "skipped"
+        report["update"] = rt.skip(optimizer, loss)                   # 'skipped'
     optimizer.zero_grad(set_to_none=True)
     return report
 
 
-@torch.no_grad()
-def check_initial_loss(model, batch: tuple, pad_id: int, vocab_size: int, rt: Runtime, log: RunLog) -> None:
-    """An untrained model should be as unsure as uniform guessing: loss close to ln(V) (with logits of
-    unit variance, ~0.5 nats above it whatever V is). Far above: over-confident first guesses (weights
-    too large, a wrong output layer); below: the model sees the word it must predict (a leaking mask)
-    or the loss is divided by the wrong count. docs/robustness.md says why the tolerance is 1 nat."""
-    model.eval()
-    src, tgt_in, tgt_out = rt.to_device(*batch)
-    with rt.amp:
-        loss = (sequence_loss(model(src, tgt_in), tgt_out, pad_id, 0.0) / (tgt_out != pad_id).sum()).item()
-    model.train()
-    ln_v = math.log(vocab_size)
-    log.record("init", f"step 0: loss {loss:.3f}, ln(V) = {ln_v:.3f} ({loss - ln_v:+.2f} nats)",
-               step=0, loss=loss, ln_v=ln_v)
-    if abs(loss - ln_v) > 1.0:
-        log.warn("initial_loss", "the initial loss is more than 1 nat away from ln(V): check the weight "
-                 "initialisation, the output layer and the loss masking")
-
-
-def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, extra: dict) -> bool:
-    """Process 0 scores the validation split (loss, greedy BLEU and chrF) and logs it with a few
-    translations; then run.best_bleu and run.evals_without_gain agree on every process. Returns
-    whether BLEU improved."""
-    improved = False
-    if rt.master:
-        started = time.time()
-        ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"])
-        seconds = time.time() - started
-        log.record("eval", f"eval step {run.step}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, BLEU {ev['bleu']:.2f}"
-                   f" (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} ({ev['sentences']} sentences, "
-                   f"{seconds:.1f} s)" + printable(extra, ", "), step=run.step, val_loss=ev["loss"], ppl=ev["ppl"],
-                   bleu=ev["bleu"], bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], seconds=seconds, examples=ev["examples"],
-                   **extra)
-        for ex in ev["examples"]:
-            log.say(f"  src: {ex['src']}\n  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
-        improved = ev["bleu"] > run.best_bleu
+def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, extra: dict,
+             kind: str = "eval") -> bool:
+    """Score the validation split (loss, greedy BLEU and chrF), log it with a few translations, and
+    keep the best BLEU in `run`. Returns whether BLEU improved. kind 'average': avg.pt's score."""
+    started = time.time()
+    ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"])
+    seconds = time.time() - started
+    what = f"eval step {run.step}" if kind == "eval" else f"avg.pt, the mean of {extra['snapshots']} snapshots"
+    log.record(kind, f"{what}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, BLEU {ev['bleu']:.2f} (lower-cased "
+               f"{ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} ({ev['sentences']} sentences, {seconds:.1f} s)"
+               + printable(extra, ", "), step=run.step, val_loss=ev["loss"], ppl=ev["ppl"], bleu=ev["bleu"],
+               bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], seconds=seconds, examples=ev["examples"], **extra)
+    for ex in ev["examples"]:
+        log.say(f"  src: {ex['src']}\n  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
+    improved = ev["bleu"] > run.best_bleu
+    if kind == "eval":
         run.best_bleu = max(run.best_bleu, ev["bleu"])
         run.evals_without_gain = 0 if improved else run.evals_without_gain + 1
-    run.best_bleu, evals = rt.from_master([run.best_bleu, run.evals_without_gain])
-    run.evals_without_gain = int(evals)
     return improved
-
-
-def resume_state(optimizer, scaler, resume: dict, cfg: dict) -> RunState:
-    """Load the optimizer moments and fp16 loss scale of the checkpoint `resume`; return where its run stood."""
-    try:
-        optimizer.load_state_dict(resume["optimizer"])
-    except ValueError as e:
-        raise ConfigError(f"the checkpoint's optimizer state does not fit this model's parameters ({e}); "
-                          "start a new run from it instead: --init_from=PATH") from None
-    if scaler is not None and resume.get("scaler"):
-        scaler.load_state_dict(resume["scaler"])
-    run = RunState(**{f.name: resume[f.name] for f in fields(RunState) if f.name in resume})
-    if "time_progress" not in resume or resume["train_config"]["max_minutes"] != cfg["max_minutes"]:
-        # a checkpoint from before advance_clock, or a new budget (--max_minutes=60 to extend a run):
-        # the schedule goes on as if the run had been planned for this budget from the start
-        run.train_minutes = resume.get("train_minutes", run.minutes)
-        run.time_progress = min(1.0, run.minutes / cfg["max_minutes"]) if cfg["max_minutes"] else 0.0
-    return run
 
 
 class Diverged(Exception):
@@ -327,71 +255,68 @@ def count_bad_step(run: RunState, lr: float, out: dict, log: RunLog) -> None:
 # -----------------------------------------------------------------------------
 # the training loop
 
-def loop_step(model, optimizer, scaler, batches: TrainBatches, run: RunState, epochs: float, cfg: dict,
-              rt: Runtime, penalty=None) -> tuple[float, list, dict]:
+def loop_step(model, optimizer, batches: TrainBatches, run: RunState, epochs: float, cfg: dict, rt: Runtime,
+              penalty=None) -> tuple[float, list, dict]:
     """One turn of the loop: set the schedule's learning rate, seed this step's random draws, take
     the next grad_accum batches (run.epoch and run.batch_in_epoch move on), train_step. Returns
     (lr, the CPU batches, train_step's report)."""
     lr = lr_at(run_progress(run.step, epochs, run.time_progress, cfg), cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    # a step's random draws (dropout; the GRU's teacher forcing, prune.py's gate noise) come from a seed
-    # of (seed, process, step): a resumed run draws what the uninterrupted one drew, no state to save
+    # a step's random draws (dropout; the GRU's teacher forcing, prune.py's gate noise) come from a seed of
+    # (seed, process, step): a resumed run draws what the uninterrupted one drew, with no state to save.
+    # (Python's hash of a tuple of ints is the same in every process and run; of strings it is not.)
     torch.manual_seed(hash((cfg["seed"], rt.rank, run.step)) % 2**63)
     micro_batches = []
     for _ in range(cfg["grad_accum"]):
         batch, run.epoch, run.batch_in_epoch = batches.next(run.epoch, run.batch_in_epoch)
         micro_batches.append(batch)
-    return lr, micro_batches, train_step(model, optimizer, scaler, micro_batches, batches.data.tgt_tok.pad_id, cfg,
-                                         rt, penalty)
+    return lr, micro_batches, train_step(model, optimizer, micro_batches, batches.data.tgt_tok.pad_id, cfg, rt,
+                                         penalty)
 
 
 def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | None = None, penalty=None) -> RunState:
     """Train from scratch, or from where the checkpoint `resume` stopped, until a limit, early
     stopping or a signal; return where the run stands. Every eval_interval steps and at the end:
     validate, write ckpt.pt (and best.pt when BLEU improved); on a signal, write ckpt.pt and stop.
-    model may be wrapped in DDP; the optimizer's param groups may carry an `lr_scale` multiplier
-    of the schedule's rate. penalty (prune.py's L0 gates): a callable whose tensor is added to
-    every step's loss, with log(step) giving {name: value} for the log."""
+    The optimizer's param groups may carry an `lr_scale` multiplier of the schedule's rate. penalty
+    (prune.py's L0 gates): a callable whose tensor is added to every step's loss, with
+    log(step) giving {name: value} for the log. Process 0 (rt.master) logs, validates and saves."""
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
-    raw, pad_id, scaler = getattr(model, "module", model), data.tgt_tok.pad_id, rt.grad_scaler()
-    run = RunState() if resume is None else resume_state(optimizer, scaler, resume, cfg)
-    batches = TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"], rt.rank, rt.world_size)
+    pad_id = data.tgt_tok.pad_id
+    run = rt.start(optimizer, cfg, resume, RunState)      # RunState(), or where `resume` stopped
+    batches = rt.share(TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"]))
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None,
-                 resume_step=run.step if resume is not None else None)
-    steps_log = StepLog(log, data.src_tok.pad_id, pad_id, rt.device_type, raw, cfg["overfit_batches"])
+                 resume_step=run.step if resume is not None else None, watchers=[Symptoms()])
+    checks = StepChecks(log, model, cfg["overfit_batches"]) if rt.master else None    # diagnostics.py
+    steps_log = StepLog(log, data.src_tok.pad_id, pad_id, rt.device_type, checks)
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
     snapshot_every = cfg["average_every"] or cfg["eval_interval"]
 
     def save(improved: bool = False) -> None:       # process 0 writes ckpt.pt, and best.pt if BLEU improved
         if rt.master:
-            state = checkpoint_of(raw, data.src_tok, data.tgt_tok, cfg, optimizer=optimizer.state_dict(),
-                                  scaler=scaler.state_dict() if scaler is not None else None,
-                                  world_size=rt.world_size, **asdict(run))
+            state = checkpoint_of(model, data.src_tok, data.tgt_tok, cfg, optimizer=optimizer.state_dict(),
+                                  **rt.state(), **asdict(run))      # (runtime.py's: the fp16 scale, processes)
             save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
             if improved and penalty is None:        # (with a penalty the best BLEU comes before it bites)
                 save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), state)
 
     model.train()
-    if run.step == 0 and rt.master and cfg["init_from"] == "scratch":
-        check_initial_loss(raw, batches.next(0, 0)[0], pad_id, data.tgt_tok.vocab_size, rt, log)
-        probe_model(raw, batches.next(0, 0)[0], sequence_loss, data, log)    # masks, the loss, attention, dropout
-    t_start, train_seconds = time.time() - 60 * run.minutes, 60 * run.train_minutes
-    with StopSignals() as signals:
+    if run.step == 0 and rt.master and cfg["init_from"] == "scratch":    # diagnostics.py, before step 1:
+        check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log, rt.amp)   # loss ~ ln(V)?
+        probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log)    # masks, the loss, attention, dropout
+    with rt.clock(run, cfg) as clock:           # runtime.py: time budget; Ctrl-C and SIGTERM only noted
         while True:
-            clocks, signalled = rt.agree([(time.time() - t_start) / 60, train_seconds / 60], bool(signals.received))
-            advance_clock(run, *clocks, cfg)
+            signalled = clock.tick(run)         # run.minutes moved on; 'received SIGINT' after a Ctrl-C
             epochs = batches.epochs_done(run.epoch, run.batch_in_epoch)
-            stop = f"received {signals.received or 'a signal (on another process)'}" if signalled \
-                else stop_reason(run, epochs, cfg)
+            stop = signalled or stop_reason(run, epochs, cfg)
             if stop:
                 break
-            step_started = time.time()
-            lr, micro_batches, out = loop_step(model, optimizer, scaler, batches, run, epochs, cfg, rt, penalty)
-            train_seconds += time.time() - step_started
+            with clock.training():
+                lr, micro_batches, out = loop_step(model, optimizer, batches, run, epochs, cfg, rt, penalty)
             if out["update"] == "skipped":
                 count_bad_step(run, lr, out, log)
                 continue
@@ -400,11 +325,10 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
             if run.step % cfg["log_interval"] == 0 or run.step == 1:
                 steps_log.write(run, epochs, lr, out, penalty_values())
             if cfg["average_last"] > 1 and rt.master and run.step % snapshot_every == 0:
-                take_snapshot(raw, data, cfg, run.step)         # before validating: a kill between redoes both
+                take_snapshot(model, data, cfg, run.step)      # before validating: a kill between redoes both
             if run.step % cfg["eval_interval"] == 0:
                 with steps_log.paused():                        # tokens/s: training time only
-                    improved = validate(raw, data, cfg, rt, run, log, penalty_values())
-                    save(improved)
+                    save(rt.master and validate(model, data, cfg, rt, run, log, penalty_values()))
     steps_log.close()
     log.say(f"stopping: {stop}")
     if signalled:
@@ -412,10 +336,11 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         log.say(f"saved {os.path.join(cfg['out_dir'], 'ckpt.pt')}; continue with --init_from=resume")
         return run
     if run.step % cfg["eval_interval"]:                           # the final evaluation and checkpoint
-        improved = validate(raw, data, cfg, rt, run, log, penalty_values())
-        save(improved)
-    if cfg["average_last"] > 1 and rt.master:
-        write_average(raw, data, cfg, rt, log, run.step)
+        save(rt.master and validate(model, data, cfg, rt, run, log, penalty_values()))
+    if cfg["average_last"] > 1 and rt.master:                     # avg.pt: the mean of the last snapshots
+        averaged = write_average(model, data, cfg, run.step)
+        validate(model_from_checkpoint(averaged)[0].to(rt.device), data, cfg, rt, run, log,
+                 {"snapshots": len(averaged["averaged"])}, kind="average")
     return run
 
 
@@ -432,16 +357,17 @@ def build_model(cfg: dict, src_tok, tgt_tok, verbose: bool = True):
     shared = dict(src_vocab=src_tok.vocab_size, tgt_vocab=tgt_tok.vocab_size, pad_id=src_tok.pad_id,
                   n_enc_layer=cfg["n_enc_layer"], n_dec_layer=cfg["n_dec_layer"], dropout=cfg["dropout"],
                   tie_output=cfg["tie_embeddings"] != "none", share_src_tgt=cfg["tie_embeddings"] == "all")
-    if cfg["arch"] == "transformer":
-        inner = cfg["dropout"] if cfg["inner_dropout"] else 0.0
+    if cfg["arch"] not in ("transformer", "rnn"):
+        raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
+    inner = cfg["dropout"] if cfg["inner_dropout"] else 0.0
+    try:                        # (the constructors check their knobs: d_model divisible by n_head, ...)
         model = Transformer(TransformerConfig(**shared, d_model=cfg["d_model"], n_head=cfg["n_head"], d_ff=cfg["d_ff"],
                                               attn_dropout=inner, ff_dropout=inner, pre_norm=cfg["pre_norm"],
-                                              attn_impl=cfg["attn_impl"]), verbose)
-    elif cfg["arch"] == "rnn":
-        model = Seq2SeqRNN(RNNConfig(**shared, **{k: cfg[k] for k in rnn_knobs}), verbose)
-    else:
-        raise ConfigError(f"arch='{cfg['arch']}' is not known: use 'transformer' or 'rnn'")
-    return speed_up(model)      # speed.py: nn.Dropout -> FastDropout (same dropout, cheaper on a CPU); no cuDNN attention
+                                              attn_impl=cfg["attn_impl"]), verbose) if cfg["arch"] == "transformer" \
+            else Seq2SeqRNN(RNNConfig(**shared, **{k: cfg[k] for k in rnn_knobs}), verbose)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return speed_up(model)      # speed.py: nn.Dropout -> FastDropout (the same dropout, cheaper on a CPU)
 
 
 def main(argv: list[str] | None = None) -> RunState:
@@ -452,22 +378,24 @@ def main(argv: list[str] | None = None) -> RunState:
     resume = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if cfg["init_from"] == "resume" else None
     if resume is not None:
         cfg = resumed_config(DEFAULTS, given, resume, cfg["out_dir"])
-    if cfg["overfit_batches"]:
-        cfg["dropout"] = 0.0
+    if bad := [k for k in POSITIVE if cfg[k] <= 0]:
+        raise ConfigError(f"{bad[0]}={cfg[bad[0]]} must be positive (python train.py -h shows its default)")
     rt = setup(cfg["device"], cfg["dtype"])
-    if resume is not None and resume.get("world_size", 1) != rt.world_size:
-        raise ConfigError(f"the run in {cfg['out_dir']} trained with {resume.get('world_size', 1)} process(es), and "
-                          f"{rt.world_size} would take other batches: resume with as many, or start a new run from "
-                          f"its checkpoint with --init_from={os.path.join(cfg['out_dir'], 'ckpt.pt')}")
+    # a run from a checkpoint (resume, or fine-tuning one, e.g. a pruned model) takes its model and tokenizers
     source = resume if resume is not None or cfg["init_from"] == "scratch" else load_checkpoint(cfg["init_from"])
     if rt.master:                           # refuse to write over another run, or beside a live one
-        claim_run_dir(cfg["out_dir"], resume is None, cfg["overwrite"], "continue it with --init_from=resume, ",
-                      "" if source is None else cfg["init_from"])
-    with rt.master_first():                 # one process builds the data cache, the others read it
-        data = load_data(DataConfig.of(cfg), verbose=rt.master)
+        claim_run_dir(cfg["out_dir"], new_run=resume is None, overwrite=cfg["overwrite"],
+                      hint="continue it with --init_from=resume, ", start="" if source is None else cfg["init_from"])
+    tokenizers = pair_from_state(source["tokenizers"]) if source is not None else None
+    with rt.master_first():                 # (process 0 first: it writes the data cache that the others read)
+        data = load_data(DataConfig.of(cfg), verbose=rt.master, tokenizers=tokenizers)
+    if cfg["overfit_batches"]:              # overfitting: no dropout, also in a checkpoint's model
+        cfg["dropout"] = 0.0
+        source = source and {**source, "model_config": {k: 0.0 if "dropout" in k else v
+                                                        for k, v in source["model_config"].items()}}
     torch.manual_seed(cfg["seed"])
-    if source is not None:                  # resume, or fine-tune a checkpoint (e.g. a pruned model)
-        model, data.src_tok, data.tgt_tok = model_from_checkpoint(source, verbose=rt.master)
+    if source is not None:
+        model = model_from_checkpoint(source, verbose=rt.master)[0]
     else:
         model = build_model(cfg, data.src_tok, data.tgt_tok, verbose=rt.master)
     if rt.master:
@@ -477,7 +405,7 @@ def main(argv: list[str] | None = None) -> RunState:
               "label smoothing 0: the loss should fall near zero")
     model.to(rt.device)
     try:
-        run = train_loop(rt.wrap(model), make_optimizer(model, cfg), data, cfg, rt, resume)
+        run = train_loop(model, make_optimizer(model, cfg), data, cfg, rt, resume)
     except Diverged as reason:
         if rt.master:
             print(f"stopping: {reason}")

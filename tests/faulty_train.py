@@ -9,7 +9,7 @@ MODE says where the N-th call (counted from 1 in this process) goes wrong:
     nan_loss    training loss calls N, N+1, ... return NaN (every step from then on is non-finite)
     nan_once    only training loss call N returns NaN
     disk_full   the N-th checkpoint write fails with ENOSPC (no space left on device)
-    skew_clock  every process but process 0 sees its clock N seconds ahead (for torchrun runs);
+    skew_clock  every process but process 0 sees its clock run N times as fast (for torchrun runs);
                 each process prints the learning rate of every step it took
     count_builds  (N unused) each process says when it builds the data instead of reading the cache
 Each process prints the step it stopped at when train.py returns.
@@ -83,8 +83,8 @@ elif mode in ("kill_save", "disk_full"):
     torch.save = save
 elif mode == "skew_clock":
     if os.environ.get("RANK", "0") != "0":
-        real_time = time.time
-        time.time = lambda: real_time() + n
+        real_time, started = time.time, time.time()
+        time.time = lambda: started + (real_time() - started) * n
     real_loop_step, learning_rates = train.loop_step, []
 
     def loop_step(*args, **kwargs):

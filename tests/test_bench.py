@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from common import Runtime
+from runtime import Runtime
 from helpers import CACHE, ROOT, run
 from tools import bench
 
@@ -25,7 +25,7 @@ def loop_lrs(tmp_path, extra_config: str) -> list[float]:
 @pytest.mark.parametrize("budget", [pytest.param("max_iters = 600\n", marks=pytest.mark.slow, id="max_iters"),
                                     pytest.param("max_iters = 0\nmax_minutes = 0.5\n", id="max_minutes")])
 def test_the_loop_bench_warms_the_learning_rate_up_as_train_py_does(tmp_path, budget):
-    # under max_minutes the schedule's clock is train.advance_clock's: a loop that never moves it
+    # under max_minutes the schedule's clock is runtime.advance_clock's: a loop that never moves it
     # trains every step at lr_at(0) = 0
     lrs = loop_lrs(tmp_path, budget)
     assert len(lrs) == 4 and lrs[0] == 0.0                    # 1 untimed + 3 timed turns; step 0 is at lr 0
@@ -46,10 +46,9 @@ def test_the_fp16_step_bench_goes_through_the_grad_scaler(name):
     train_cfg = dict(label_smoothing=0.1, grad_clip=1.0, grad_accum=1, overfit_batches=0, weight_decay=0.01)
     torch.manual_seed(0)
     model = bench.build(name, cfg, {}, 1, 2)
-    rt = Runtime("cpu", "float16")
     # a scale so large that fp16 gradients overflow: the scaler skips the update and halves itself
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
+    rt = Runtime("cpu", "float16", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 100))
     before = [p.detach().clone() for p in model.parameters()]
-    out = bench.step(name, model, bench.make_optimizer(model, train_cfg), tiny_batch(), 0, train_cfg, rt, scaler)
-    assert out["update"] in ("overflow", "skipped") and scaler.get_scale() == 2.0 ** 99
+    out = bench.step(name, model, bench.make_optimizer(model, train_cfg), tiny_batch(), 0, train_cfg, rt)
+    assert out["update"] in ("overflow", "skipped") and rt.scaler.get_scale() == 2.0 ** 99
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -73,29 +73,31 @@ def test_attention_on_cuda_never_goes_to_cudnn_which_plans_every_new_shape():
 
 def tiny_on_cuda(dtype: str, **heads):
     """A tiny Transformer on the GPU (fused attention), its optimizer, the run's Runtime and one CPU batch."""
-    from common import Runtime
     from model_transformer import Transformer, TransformerConfig
-    from train import DEFAULTS, make_optimizer
+    from runtime import Runtime
+    from train import DEFAULTS, RunState, make_optimizer
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(src_vocab=12, tgt_vocab=12, pad_id=0, d_model=16, n_head=2, n_enc_layer=1,
                                           n_dec_layer=1, d_ff=32, dropout=0.0, attn_impl="sdpa", **heads),
                         verbose=False).cuda()
     src, tgt_in, tgt_out = (torch.randint(3, 12, (4, 5)) for _ in range(3))
     src[1, 3:], tgt_out[0, 3:] = 0, 0                                    # some padding
-    return model, make_optimizer(model, DEFAULTS), Runtime("cuda", dtype), [(src, tgt_in, tgt_out)]
+    optimizer, rt = make_optimizer(model, DEFAULTS), Runtime("cuda", dtype)
+    rt.start(optimizer, DEFAULTS, None, RunState)                          # as train_loop: fp16's scaler
+    return model, optimizer, rt, [(src, tgt_in, tgt_out)]
 
 
 def test_fp16_loss_scaling_on_cuda_skips_an_overflow_then_updates():
     from train import DEFAULTS, train_step
     model, optimizer, rt, batches = tiny_on_cuda("float16")
-    scaler = rt.grad_scaler()
+    scaler = rt.scaler
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = model.out_proj.weight.register_hook(lambda g: g * float("inf"))   # scaled gradients overflow
-    out = train_step(model, optimizer, scaler, batches, 0, DEFAULTS, rt)
+    out = train_step(model, optimizer, batches, 0, DEFAULTS, rt)
     hook.remove()
     assert out["update"] == "overflow" and math.isfinite(out["loss"]) and scaler.get_scale() == 2.0 ** 15
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())    # nothing updated
-    assert [train_step(model, optimizer, scaler, batches, 0, DEFAULTS, rt)["update"] for _ in range(3)] == ["done"] * 3
+    assert [train_step(model, optimizer, batches, 0, DEFAULTS, rt)["update"] for _ in range(3)] == ["done"] * 3
     assert not torch.equal(before["out_proj.weight"], model.out_proj.weight)
 
 
@@ -104,8 +106,10 @@ def test_an_attention_without_heads_trains_and_decodes_on_cuda(dtype):
     from decoding import beam_search, greedy
     from train import DEFAULTS, train_step
     model, optimizer, rt, batches = tiny_on_cuda(dtype, enc_self_heads=[0], dec_cross_heads=[0])
-    out = train_step(model, optimizer, rt.grad_scaler(), batches, 0, DEFAULTS, rt)
-    assert out["update"] == "done" and math.isfinite(out["gnorm"])
+    before = model.encoder[0].ff.up.weight.detach().clone()
+    outs = [train_step(model, optimizer, batches, 0, DEFAULTS, rt) for _ in range(4)]
+    assert "done" in [o["update"] for o in outs] and all(math.isfinite(o["loss"]) for o in outs)
+    assert not torch.equal(before, model.encoder[0].ff.up.weight)
     model.eval()
     src = batches[0][0].cuda()
     with rt.amp:

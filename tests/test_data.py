@@ -286,11 +286,20 @@ def test_no_shuffle_gives_the_same_batches_every_epoch():
 
 
 def test_distributed_shares_are_disjoint_and_equal():
+    """runtime.py's share of each of 3 processes: as many batches each, no sentence in two shares,
+    every batch of the epoch but the last few (fewer than 3) in one."""
+    import types
+
+    from runtime import ShareOfBatches
     src, tgt = lengths()
-    shares = [B.make_batches(src, tgt, 2000, seed=3, rank=r, world_size=3) for r in range(3)]
-    assert len({len(s) for s in shares}) == 1
+    split = types.SimpleNamespace(src_lens=np.array(src), tgt_lens=np.array(tgt))
+    data = types.SimpleNamespace(splits={"train": split})
+    every = B.make_batches(src, tgt, 2000, seed=3, epoch=1)
+    shares = [ShareOfBatches(data, 2000, 3, 0, r, 3).of_epoch(1) for r in range(3)]
+    assert len({len(s) for s in shares}) == 1 and 3 * len(shares[0]) > len(every) - 3
     seen = [set(np.concatenate(s).tolist()) for s in shares]
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert [b.tolist() for b in shares[1]] == [b.tolist() for b in every[1::3][:len(shares[1])]]
 
 
 def test_length_grouping_cuts_padding():

@@ -2,7 +2,7 @@
 symptom, as a printed warning and a "warning" record of log.jsonl, and stays silent on a healthy
 model or signal. In-process, on tiny models (diagnostics.py): the probes of an untrained model before step 1
 (probe_model), the checks at the step log's lines (StepChecks, through common.StepLog), those of
-the records (Symptoms, through common.RunLog)."""
+the records (Symptoms, through common.RunLog), wired in as train_loop wires them."""
 import json
 import math
 import os
@@ -16,7 +16,7 @@ import train
 from batching import TrainBatches
 from common import RunLog, StepLog
 from data import DataConfig, load_data
-from diagnostics import Symptoms, attention_spread, probe_model
+from diagnostics import StepChecks, Symptoms, attention_spread, probe_model
 from loss import sequence_loss
 from model_transformer import MultiHeadAttention, Transformer
 
@@ -119,8 +119,9 @@ def test_a_low_validation_loss_with_a_bleu_near_zero_is_named():
 
 
 def step_log(tmp_path, model, overfit=0):
+    """The step log with the diagnostics' checks, as train_loop wires them."""
     log = RunLog(str(tmp_path), True)
-    return StepLog(log, 0, 0, "cpu", model, overfit), log
+    return StepLog(log, 0, 0, "cpu", StepChecks(log, model, overfit)), log
 
 
 def run_at(step, batch_in_epoch=1):
@@ -159,20 +160,21 @@ def test_the_step_log_names_kept_gradients_and_weights_that_grow(data, tmp_path)
 def test_overfit_mode_names_a_batch_that_changes(data, tmp_path):
     batches = TrainBatches(data, 400, 0)
     first, other = batches.next(0, 0)[0], batches.next(0, 1)[0]
-    steps, log = step_log(tmp_path, None, overfit=1)
+    model = tiny(data)[0]
+    steps, log = step_log(tmp_path, model, overfit=1)
     for step in range(1, 4):
         steps.add(run_at(step), 1e-3, OUT, [first], 0.1)
     assert warned(log) == []
     steps.add(run_at(4), 1e-3, OUT, [other], 0.1)
     assert warned(log) == ["overfit_batches_change"]
-    steps, log = step_log(tmp_path / "b", None)                             # not in overfit mode: batches change
+    steps, log = step_log(tmp_path / "b", model)                            # not in overfit mode: batches change
     for step, b in enumerate((first, other), 1):
         steps.add(run_at(step), 1e-3, OUT, [b], 0.1)
     assert warned(log) == []
 
 
 def test_a_warning_is_a_line_and_a_record(tmp_path, capsys):
-    log = RunLog(str(tmp_path), True)
+    log = RunLog(str(tmp_path), True, watchers=[Symptoms()])
     log.warn("loss_stuck", "the loss has not moved", 7)
     assert capsys.readouterr().out == "warning: the loss has not moved\n"
     with open(log.path) as f:

@@ -125,27 +125,34 @@ def test_a_head_count_and_a_lambda_together_or_an_unknown_steer_are_refused():
     assert out.returncode == 2 and "gate_attn='encoder' is not known" in out.stderr
 
 
-def test_ddp_trains_a_model_whose_attention_layers_were_pruned_away(tmp_path):
+def test_several_processes_train_a_model_whose_attention_layers_were_pruned_away(tmp_path):
     """A layer with no heads left keeps empty weights (and, with pre-LN, a norm whose output
-    nothing reads): DDP fails at its second step when a trainable parameter gets no gradient."""
+    nothing reads): averaging the gradients over processes (runtime.average_gradients, here in a
+    1-process gloo group that takes the several-process path) must leave a parameter that no
+    process gave a gradient without one, and train the rest."""
     import torch.distributed as dist
 
     import train
-    from common import Runtime
-    from train import make_optimizer
+    from runtime import Runtime, average_gradients
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(src_vocab=V, tgt_vocab=V, pad_id=PAD, d_model=32, n_head=4, n_enc_layer=2,
                                           n_dec_layer=2, d_ff=64, dropout=0.0, enc_self_heads=[2, 0],
                                           dec_self_heads=[0, 4], dec_cross_heads=[4, 0]), verbose=False)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        rt = Runtime("cpu", "float32", rank=0, world_size=1)
-        optimizer = make_optimizer(model, train.DEFAULTS)
+        rt = Runtime("cpu", "float32", rank=0, world_size=2)      # (2: the all_reduce path; the group has 1)
+        optimizer = train.make_optimizer(model, train.DEFAULTS)
+        rt.start(optimizer, train.DEFAULTS, None, train.RunState)
         src, tgt = batch()
         for _ in range(3):
-            out = train.train_step(wrapped, optimizer, None, [(src, tgt, tgt)], PAD, train.DEFAULTS, rt)
-            assert out["update"] == "done"
+            before = model.encoder[0].ff.up.weight.detach().clone()
+            out = train.train_step(model, optimizer, [(src, tgt, tgt)], PAD, train.DEFAULTS, rt)
+            assert out["update"] == "done" and not torch.equal(before, model.encoder[0].ff.up.weight)
+        used, unused = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        used(torch.ones(1, 2)).sum().backward()
+        own = used.weight.grad.clone()
+        average_gradients(torch.nn.ModuleList([used, unused]), 2)   # the group's sum is this process's alone
+        assert torch.equal(used.weight.grad, own / 2) and unused.weight.grad is None   # none made up
     finally:
         dist.destroy_process_group()
 

@@ -109,8 +109,9 @@ def test_prune_sweep_draws_the_tradeoff_and_refuses_to_plot_absent_heads(toy_mod
 
 
 def test_distill_trains_on_the_original_models_translations_made_once(toy_model, tmp_path, monkeypatch):
-    from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
-    from common import setup
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from data import data_of_checkpoint
+    from runtime import setup
     source = load_checkpoint(str(toy_model))
     data, rt, model = data_of_checkpoint(source, ""), setup("cpu", "float32"), model_from_checkpoint(source)[0]
     sp, calls = data.splits["train"], []

@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 
+import runtime
 import train
 from configurator import ConfigError, knob_names
 from train import make_optimizer
@@ -55,7 +56,7 @@ def test_the_time_clock_moves_with_training_only_and_ends_on_the_budget():
         wall, train_time, run.step = wall + 1, train_time + 1, run.step + 1
         if run.step % 45 == 0:
             wall += 7                                                # validation: wall clock only
-        train.advance_clock(run, wall / 60, train_time / 60, cfg)
+        runtime.advance_clock(run, wall / 60, train_time / 60, cfg)
         gains.append(run.time_progress - before)
     assert run.time_progress == pytest.approx(1.0)
     # the first validation shows what validations cost: from then on the clock runs 52/45 as fast
@@ -67,7 +68,7 @@ def test_the_time_clock_moves_with_training_only_and_ends_on_the_budget():
     assert run.minutes == pytest.approx(wall / 60) and run.train_minutes == pytest.approx(train_time / 60)
     plain = train.RunState()
     for t in (1, 2, 3):                                              # without validation: p = minutes / budget
-        train.advance_clock(plain, t, t, cfg)
+        runtime.advance_clock(plain, t, t, cfg)
         assert plain.time_progress == pytest.approx(t / 10)
 
 
@@ -76,7 +77,8 @@ def test_a_resumed_run_keeps_its_clock_and_a_new_budget_or_an_older_checkpoint_r
     optimizer = make_optimizer(model, dict(weight_decay=0.0, learning_rate=1e-3))
     saved = dict(optimizer=optimizer.state_dict(), train_config=dict(max_minutes=10.0), step=50, minutes=4.0,
                  train_minutes=3.0, time_progress=0.35)
-    resume = lambda ckpt, budget: train.resume_state(optimizer, None, ckpt, dict(max_minutes=budget))  # noqa: E731
+    rt = runtime.Runtime("cpu", "float32")
+    resume = lambda ckpt, budget: rt.start(optimizer, dict(max_minutes=budget), ckpt, train.RunState)  # noqa: E731
     assert resume(saved, 10.0).time_progress == 0.35 and resume(saved, 10.0).train_minutes == 3.0
     assert resume(saved, 20.0).time_progress == pytest.approx(0.2)   # --max_minutes=20: as if planned so
     older = {k: v for k, v in saved.items() if k not in ("train_minutes", "time_progress")}
@@ -84,9 +86,9 @@ def test_a_resumed_run_keeps_its_clock_and_a_new_budget_or_an_older_checkpoint_r
 
 
 class FakeClock:
-    """train.py's clock (its time.time), moved by the test alone: each training step takes `step`
-    seconds and each validation `validation` seconds, however fast or busy this machine is. After
-    ctrl_c_during(N), a Ctrl-C arrives during step N (train.StopSignals as train_loop sees it)."""
+    """The run's clock (runtime.py's time.time), moved by the test alone: each training step takes
+    `step` seconds and each validation `validation` seconds, however fast or busy this machine is.
+    After ctrl_c_during(N), a Ctrl-C arrives during step N (runtime.StopSignals as the clock sees it)."""
 
     def __init__(self, monkeypatch, step: float = 1.0, validation: float = 5.0):
         self.monkeypatch, self.now, self.steps, self.stop_at = monkeypatch, 0.0, 0, None
@@ -99,7 +101,7 @@ class FakeClock:
         def timed_evaluate(*args, **kwargs):
             self.now += validation
             return evaluate(*args, **kwargs)
-        monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: self.now))
+        monkeypatch.setattr(runtime, "time", types.SimpleNamespace(time=lambda: self.now))
         monkeypatch.setattr(train, "loop_step", timed_step)
         monkeypatch.setattr(train, "evaluate", timed_evaluate)
 
@@ -116,7 +118,7 @@ class FakeClock:
             @property
             def received(self) -> str:
                 return "SIGINT" if clock.stop_at is not None and clock.steps >= clock.stop_at else ""
-        self.monkeypatch.setattr(train, "StopSignals", Signals)
+        self.monkeypatch.setattr(runtime, "StopSignals", Signals)
 
 
 def test_a_validation_leaves_no_step_in_the_learning_rate(tmp_path, monkeypatch):
@@ -171,7 +173,8 @@ def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_gr
     final = train_records(tmp_path, "eval")[-1]
     assert final["bleu"] > 95, final
 
-    from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from data import data_of_checkpoint
     from decoding import translate_nbest
     checkpoint = load_checkpoint(str(tmp_path / "best.pt"))
     model, src_tok, tgt_tok = model_from_checkpoint(checkpoint)

@@ -39,6 +39,7 @@ diagnostics: what the diagnostics that name bugs (docs/debugging.md) cost agains
 Results are printed as a table and written to `out_json`.
 """
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -56,14 +57,15 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 import train  # noqa: E402
-from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint, model_of  # noqa: E402
-from common import RunLog, Runtime, StepLog, setup  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint, model_of  # noqa: E402
+from common import RunLog, StepLog  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
 from batching import TrainBatches, collate, make_batches  # noqa: E402
-from data import DataConfig, DataError, load_data  # noqa: E402
+from data import DataConfig, DataError, data_of_checkpoint, load_data  # noqa: E402
 from decoding import beam_search, greedy, length_sorted_batches, max_target_len, score, strip_special  # noqa: E402
-from diagnostics import probe_model  # noqa: E402
+from diagnostics import StepChecks, Symptoms, probe_model  # noqa: E402
 from loss import sequence_loss  # noqa: E402
+from runtime import Runtime, advance_clock, setup  # noqa: E402
 from tools.baselines import Marian, TorchTransformer, torch_loss  # noqa: E402
 from tools.reference import greedy_uncached  # noqa: E402
 
@@ -218,21 +220,27 @@ MODELS = {"ours": OURS, "ours_ce": OURS_TORCH_LOSS, "torch": "torch.nn.Transform
           "gru": "this project, GRU + attention"}      # the `models` knob's names -> the rows
 
 
-def step(name: str, model, optimizer, batch: tuple, pad_id: int, cfg: dict, rt: Runtime,
-         scaler: torch.amp.GradScaler | None = None) -> dict:
+def step(name: str, model, optimizer, batch: tuple, pad_id: int, cfg: dict, rt: Runtime) -> dict:
     """One optimizer step on one batch. This project's models take train.py's own train_step; the
     baselines the same work with the loss their users write (F.cross_entropy): forward, loss,
-    backward, then train.py's update (gradient norms, clipping, the optimizer's step). scaler:
-    fp16's loss scaling (rt.grad_scaler(), one per model), as train.py runs fp16."""
+    backward, then train.py's update (gradient norms, clipping, the optimizer's step). rt: the
+    model's own (own_runtime), whose fp16 loss scaler is the model's, as train.py runs fp16."""
     if name not in (OURS_TORCH_LOSS, "torch.nn.Transformer", MARIAN):
-        return train.train_step(model, optimizer, scaler, [batch], pad_id, cfg, rt)
+        return train.train_step(model, optimizer, [batch], pad_id, cfg, rt)
     src, tgt_in, tgt_out = rt.to_device(*batch)
     n_tok = (tgt_out != pad_id).sum().to(torch.float32)
     with rt.amp:
         logits = model(src, tgt_in)
     loss = torch_loss(logits, tgt_out, pad_id, cfg["label_smoothing"]) / n_tok
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    return train.update(model, optimizer, scaler, loss.detach(), n_tok, cfg, rt)
+    rt.backward(loss)
+    return train.update(model, optimizer, loss.detach(), n_tok, cfg, rt)
+
+
+def own_runtime(rt: Runtime, optimizer, cfg: dict) -> Runtime:
+    """A copy of rt for one model and its optimizer, as train_loop starts it (in fp16, a loss scaler of its own)."""
+    own = dataclasses.replace(rt)
+    own.start(optimizer, cfg, None, train.RunState)
+    return own
 
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -249,14 +257,14 @@ def matmul_peak(dev: str, dtype_name: str, n: int = 2048) -> float:
     return 2 * n ** 3 / statistics.median([timed(lambda: a @ b)[0] for _ in range(5)])
 
 
-def step_flops(name: str, model, optimizer, scaler, rt: Runtime, batches, pad_id: int, cfg: dict) -> int:
+def step_flops(name: str, model, optimizer, rt: Runtime, batches, pad_id: int, cfg: dict) -> int:
     """Matrix-product FLOPs of training steps over `batches`, counted by torch's FlopCounterMode
     (matmuls and attention, forward and backward; element-wise work and the optimizer are not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         for b in batches:
-            step(name, model, optimizer, b, pad_id, cfg, rt, scaler)      # (no matrix product in a loss)
+            step(name, model, optimizer, b, pad_id, cfg, rt)      # (no matrix product in a loss)
     return counter.get_total_flops()
 
 
@@ -273,9 +281,10 @@ def peak_memory(name: str, dtype_name: str, args: tuple) -> int:
     else:
         before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     model = build(name, model_cfg, rnn_model_cfg, bos_id, eos_id).to(dev).train()
-    optimizer, scaler = make_optimizer(model, cfg), rt.grad_scaler()
+    optimizer = make_optimizer(model, cfg)
+    rt = own_runtime(rt, optimizer, cfg)
     for b in batches:
-        step(name, model, optimizer, b, pad_id, cfg, rt, scaler)
+        step(name, model, optimizer, b, pad_id, cfg, rt)
     if dev.startswith("cuda"):
         return torch.cuda.max_memory_allocated() - before
     # VmHWM: this process's peak resident set (ru_maxrss would also count the parent's, kept across exec)
@@ -320,19 +329,20 @@ def bench_train() -> dict:
         for name in (MODELS[m] for m in names):
             torch.manual_seed(0)
             model = build(name, model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id).to(dev).train()
-            runs[name] = (model, make_optimizer(model, cfg), rt.grad_scaler())   # a scaler under fp16 only
+            optimizer = make_optimizer(model, cfg)
+            runs[name] = (model, optimizer, own_runtime(rt, optimizer, cfg))   # a scaler of its own under fp16
 
         def run(name: str, batch: tuple) -> list:
-            model, optimizer, scaler = runs[name]
-            step(name, model, optimizer, batch, tok.pad_id, cfg, rt, scaler)
+            model, optimizer, own = runs[name]
+            step(name, model, optimizer, batch, tok.pad_id, cfg, own)
             return []
         print(f"{dtype_name}: {steps} timed steps of every model")
         seconds, _ = in_turns(runs, run, batches, untimed=warmup_steps)  # in turns step by step
         peak = matmul_peak(dev, dtype_name)
         mp = multiprocessing.get_context("spawn")
         rows = {}
-        for name, (model, optimizer, scaler) in runs.items():
-            flops = step_flops(name, model, optimizer, scaler, rt, batches[warmup_steps:], tok.pad_id, cfg)
+        for name, (model, optimizer, own) in runs.items():
+            flops = step_flops(name, model, optimizer, own, batches[warmup_steps:], tok.pad_id, cfg)
             median = statistics.median(seconds[name])
             args = (model_cfg, rnn_model_cfg, tok.bos_id, tok.eos_id, batches[:2], tok.pad_id, cfg, dev)
             if dev.startswith("cuda"):
@@ -374,7 +384,8 @@ def bench_loop() -> dict:
     tok, sp = data.tgt_tok, data.splits["train"]
     torch.manual_seed(cfg["seed"])
     model = train.build_model(cfg, data.src_tok, tok, verbose=False).to(rt.device).train()
-    optimizer, scaler = train.make_optimizer(model, cfg), rt.grad_scaler()
+    optimizer = train.make_optimizer(model, cfg)
+    rt = own_runtime(rt, optimizer, cfg)
     fixed = [collate(sp, i, data.src_tok, tok) for i in
              make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], seed=cfg["seed"])[:warmup_steps + steps]]
     batches, state = TrainBatches(data, cfg["batch_tokens"], cfg["seed"]), train.RunState()
@@ -384,9 +395,9 @@ def bench_loop() -> dict:
 
     def run(method: str, i: int) -> list:
         if method == FIXED:
-            out = train.train_step(model, optimizer, scaler, [fixed[i % len(fixed)]], tok.pad_id, cfg, rt)
+            out = train.train_step(model, optimizer, [fixed[i % len(fixed)]], tok.pad_id, cfg, rt)
         else:
-            lr, micro_batches, out = loop_turn(model, optimizer, scaler, batches, state, cfg, rt)
+            lr, micro_batches, out = loop_turn(model, optimizer, batches, state, cfg, rt)
             lrs.append(lr)
             progress = train.run_progress(state.step, batches.epochs_done(state.epoch, state.batch_in_epoch),
                                           state.time_progress, cfg)
@@ -402,7 +413,7 @@ def bench_loop() -> dict:
         per_repeat = [sum(tokens[m][r * n + warmup_steps:(r + 1) * n]) for r in range(repeats)]
         rates = [t / s for t, s in zip(per_repeat, seconds[m])]
         rows[m] = {"tokens_per_s": statistics.median(rates), "all_tokens_per_s": rates, "all_seconds": seconds[m]}
-    profile = profile_loop(model, optimizer, scaler, batches, state, cfg, rt) if profile_steps else None
+    profile = profile_loop(model, optimizer, batches, state, cfg, rt) if profile_steps else None
     ratio = rows[FIXED]["tokens_per_s"] / rows[LOOP]["tokens_per_s"]
     print(f"\n{config}, {rt.dtype} on {rt.device}, {torch.get_num_threads()} threads, {cfg['batch_tokens']} "
           f"tokens per batch, median of {repeats}")
@@ -420,27 +431,26 @@ def bench_loop() -> dict:
 LOOP, FIXED = "train.py's loop (its own batches)", "fixed-batch step (--bench=train)"
 
 
-def loop_turn(model, optimizer, scaler, batches, run, cfg: dict, rt: Runtime) -> tuple:
+def loop_turn(model, optimizer, batches, run, cfg: dict, rt: Runtime) -> tuple:
     """One turn of train.py's loop as train_loop takes it: (lr, the CPU batches, train_step's report).
     The run's clocks move on by the loop's own time (the fixed-batch turns between are not the
     loop's): under max_minutes the schedule's clock is that time, and without it every step would
     train at lr_at(0) = 0."""
     started = time.perf_counter()
-    turn = train.loop_step(model, optimizer, scaler, batches, run, batches.epochs_done(run.epoch, run.batch_in_epoch),
-                           cfg, rt)
+    turn = train.loop_step(model, optimizer, batches, run, batches.epochs_done(run.epoch, run.batch_in_epoch), cfg, rt)
     run.step += turn[2]["update"] != "skipped"      # as train_loop counts steps
     loop_minutes = run.train_minutes + (time.perf_counter() - started) / 60
-    train.advance_clock(run, loop_minutes, loop_minutes, cfg)
+    advance_clock(run, loop_minutes, loop_minutes, cfg)
     return turn
 
 
-def profile_loop(model, optimizer, scaler, batches, run, cfg: dict, rt: Runtime) -> str:
+def profile_loop(model, optimizer, batches, run, cfg: dict, rt: Runtime) -> str:
     """torch.profiler over profile_steps turns of the loop: the operators that take the time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device_type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(profile_steps):
-            loop_turn(model, optimizer, scaler, batches, run, cfg, rt)
+            loop_turn(model, optimizer, batches, run, cfg, rt)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     print(table)
     return table
@@ -508,7 +518,8 @@ def bench_quality() -> dict:
     for name in (OURS, MARIAN):
         torch.manual_seed(cfg["seed"])
         model = build(name, model_cfg, None, tok.bos_id, tok.eos_id).to(dev).train()
-        optimizer, scaler = make_optimizer(model, cfg), rt.grad_scaler()
+        optimizer = make_optimizer(model, cfg)
+        own = own_runtime(rt, optimizer, cfg)
         schedule = dict(cfg, learning_rate=marian_lr) if name == MARIAN and marian_lr > 0 else cfg
         t0, step, epoch = time.time(), 0, 0
         while (time.time() - t0) / 60 < minutes:
@@ -518,7 +529,7 @@ def bench_quality() -> dict:
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = train.lr_at(elapsed / minutes, schedule)
-                step(name, model, optimizer, collate(sp, idx, data.src_tok, tok), tok.pad_id, cfg, rt, scaler)
+                step(name, model, optimizer, collate(sp, idx, data.src_tok, tok), tok.pad_id, cfg, own)
                 step += 1
                 if step % 100 == 0:
                     print(f"{name}: step {step}, {elapsed:.1f} min")
@@ -566,23 +577,25 @@ def bench_diagnostics() -> dict:
     rt = setup(device, dtype)
     torch.manual_seed(cfg["seed"])
     model = train.build_model(cfg, data.src_tok, data.tgt_tok, verbose=False).to(rt.device).train()
-    optimizer, scaler = train.make_optimizer(model, cfg), rt.grad_scaler()
+    optimizer = train.make_optimizer(model, cfg)
+    rt = own_runtime(rt, optimizer, cfg)
     batches, state = TrainBatches(data, cfg["batch_tokens"], cfg["seed"]), train.RunState()
     first, at_first = batches.next(0, 0)[0], train.RunState()
     with tempfile.TemporaryDirectory() as folder:
-        log = RunLog(folder, True)
-        steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, model, overfit=1)
+        symptoms = Symptoms()
+        log = RunLog(folder, True, watchers=[symptoms])
+        steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, StepChecks(log, model, 1))
         probe_seconds = timed(lambda: probe_model(model, first, sequence_loss, data, log))[0]
-        log.symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
+        symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
         names = ("step", "gradients_kept", "weights_grow", "overfit_batches_change", "symptoms")
         seconds = {name: [] for name in names}
         for i in range(warmup_steps + steps):
-            sec, (lr, _, out) = timed(lambda: loop_turn(model, optimizer, scaler, batches, state, cfg, rt))
+            sec, (lr, _, out) = timed(lambda: loop_turn(model, optimizer, batches, state, cfg, rt))
             record = {"step": state.step, "loss": out["loss"], "lr": lr}
             checks = {"step": lambda: None, "gradients_kept": lambda: steps_log.checks.gradients_cleared(state.step),
                       "weights_grow": lambda: steps_log.checks.weight_growth(state.step, lr),
                       "overfit_batches_change": lambda: steps_log.checks.same_batches(at_first, [first]),
-                      "symptoms": lambda: log.symptoms("train", record)}
+                      "symptoms": lambda: symptoms("train", record)}
             for name, check in checks.items():
                 if i >= warmup_steps:
                     seconds[name].append(sec if name == "step" else timed(check)[0])

@@ -18,11 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from sacrebleu.metrics import BLEU  # noqa: E402
 from sacrebleu.significance import PairedTest  # noqa: E402
 
-from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
-from common import setup  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
-from data import DataConfig, DataError  # noqa: E402
+from data import DataConfig, DataError, data_of_checkpoint  # noqa: E402
 from decoding import translate  # noqa: E402
+from runtime import setup  # noqa: E402
 from sample import read_lines  # noqa: E402
 
 ckpt = "out/multi30k/best.pt"  # the system: a checkpoint written by train.py or prune.py

@@ -31,10 +31,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the proje
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
-from checkpoint import data_of_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
-from common import setup  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
+from data import data_of_checkpoint  # noqa: E402
 from decoding import score, translate  # noqa: E402
+from runtime import setup  # noqa: E402
 
 # -----------------------------------------------------------------------------
 dataset = ""  # a local folder with train.jsonl for the main config ('' = the config's own dataset)

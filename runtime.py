@@ -1,0 +1,314 @@
+"""
+What a run needs beyond one process training in fp32 or bf16: several processes under torchrun
+(data parallelism), fp16's loss scaling, a wall-clock budget that the learning rate follows,
+Ctrl-C and SIGTERM, exact resume. Read train.py first: its loop is the plain one, and it reaches
+all of this through `rt` (a Runtime) and a RunClock. For one process in fp32 or bf16 each call
+is the plain line beside it:
+
+    rt.backward(loss)                 loss.backward()      fp16: the loss scaled up first
+    rt.finish_backward(optimizer)     nothing              processes: gradients averaged; fp16: unscaled
+    rt.step(optimizer)                optimizer.step()     fp16: through the scaler, which may skip it
+    rt.mean(x)                        x                    processes: the mean over all of them
+    rt.share(batches)                 batches              processes: process r takes batches r, r+N, ...
+    rt.start(optimizer, cfg, resume, RunState)  RunState()  resume: the optimizer and RunState of a checkpoint
+    clock.tick(run)                   run.minutes moved    the schedule's clock under max_minutes; signals
+
+Leaves out: model or pipeline parallelism, overlapping the gradients' exchange with backward
+(DistributedDataParallel does), surviving the loss of a machine.
+"""
+
+import contextlib
+import datetime
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from batching import TrainBatches
+from common import cpu_has_bf16, pick_dtype, place
+from configurator import ConfigError
+
+
+@dataclass
+class Runtime:
+    """The device, precision and processes of a run, as `setup` decided them."""
+    device: str
+    dtype: str              # 'float32', 'bfloat16' or 'float16'
+    rank: int = 0
+    world_size: int = 1
+    scaler: torch.amp.GradScaler | None = None     # fp16's loss scaler, one per training run (start)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def master(self) -> bool:
+        """Process 0 logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def amp(self):
+        """The autocast context of the run's precision (nothing for fp32)."""
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
+
+    def to_device(self, *tensors: torch.Tensor) -> tuple:
+        """CPU tensors to the run's device; on a GPU through pinned memory, without waiting."""
+        if self.device_type == "cpu":
+            return tensors
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+
+    # -------------------------------------------------------------------------
+    # one optimizer step: several processes and fp16
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor over all processes (one process: t itself). train_step divides each
+        process's loss by the mean target-token count, and finish_backward averages the gradients:
+        (1/N) sum_r (loss_r / mean count) = (sum of every process's loss) / (all target tokens),
+        the gradient one process taking the whole batch would compute."""
+        if self.world_size > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world_size
+        return t
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(); in fp16 the loss is multiplied by the scaler's factor first, so that
+        small gradients do not round to 0 in fp16's narrow range (finish_backward divides it out)."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def finish_backward(self, model, optimizer) -> None:
+        """After the last backward of a step: average the gradients over the processes (one
+        all_reduce of them all, flattened), then divide fp16's scale out of them."""
+        if self.world_size > 1:
+            average_gradients(model, self.world_size)
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)     # records whether any gradient is inf/NaN (an overflow)
+
+    def step(self, optimizer) -> str:
+        """optimizer.step() for a step whose loss and gradients are finite: 'done'. fp16: the scaler
+        steps it and may raise its scale."""
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        return "done"
+
+    def skip(self, optimizer, loss: float) -> str:
+        """A step with a non-finite loss or gradient, whose update is left out: 'skipped', a bad step.
+        In fp16, non-finite gradients with a finite loss are an overflow of the scaled loss, routine
+        while the scaler looks for its scale: it lowers the scale and the step is an 'overflow', not a
+        bad step, unless the scale is already below 1 (the gradients overflow even scaled down)."""
+        if self.scaler is None:
+            return "skipped"
+        if math.isfinite(loss):
+            self.scaler.step(optimizer)         # sees the overflow that unscale_ recorded: no update
+        self.scaler.update()                    # the scale halves
+        return "overflow" if math.isfinite(loss) and self.scaler.get_scale() >= 1.0 else "skipped"
+
+    # -------------------------------------------------------------------------
+    # the run
+
+    def share(self, batches: TrainBatches) -> TrainBatches:
+        """This process's share of the training batches (one process: all of them)."""
+        if self.world_size == 1:
+            return batches
+        return ShareOfBatches(batches.data, batches.batch_tokens, batches.seed, batches.overfit, self.rank,
+                              self.world_size)
+
+    def start(self, optimizer, cfg: dict, resume: dict | None, RunState):
+        """The RunState (train.py's) a training run starts from: step 0, or where the checkpoint `resume` stopped,
+        with its optimizer moments and fp16 loss scale loaded (exact resume: the batch order is a
+        function of (seed, epoch), each step's random draws of (seed, process, step), and the learning
+        rate of the RunState). Makes this run's fp16 loss scaler."""
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype == "float16" else None
+        if resume is None:
+            return RunState()
+        if resume.get("world_size", 1) != self.world_size:
+            raise ConfigError(f"the run in {cfg['out_dir']} trained with {resume.get('world_size', 1)} process(es), and "
+                              f"{self.world_size} would take other batches: resume with as many, or start a new run "
+                              f"from its checkpoint with --init_from={os.path.join(cfg['out_dir'], 'ckpt.pt')}")
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except ValueError as e:
+            raise ConfigError(f"the checkpoint's optimizer state does not fit this model's parameters ({e}); "
+                              "start a new run from it instead: --init_from=PATH") from None
+        if self.scaler is not None and resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
+        run = RunState(**{f.name: resume[f.name] for f in fields(RunState) if f.name in resume})
+        if "time_progress" not in resume or resume["train_config"]["max_minutes"] != cfg["max_minutes"]:
+            # a checkpoint from before the schedule's clock, or a new budget (--max_minutes=60 to extend
+            # a run): the schedule goes on as if the run had been planned for this budget from the start
+            run.train_minutes = resume.get("train_minutes", run.minutes)
+            run.time_progress = min(1.0, run.minutes / cfg["max_minutes"]) if cfg["max_minutes"] else 0.0
+        return run
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of this file's machinery, for resume: the fp16 scale, the processes."""
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "world_size": self.world_size}
+
+    def clock(self, run, cfg: dict) -> "RunClock":
+        return RunClock(self, run, cfg)
+
+    @contextlib.contextmanager
+    def master_first(self):
+        """Process 0 runs the block first and the others after it: process 0 learns the tokenizer and
+        writes the data cache, the others read that cache instead of all writing the same file at once."""
+        if self.world_size > 1 and not self.master:
+            dist.barrier()
+        yield
+        if self.world_size > 1 and self.master:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """Decide device and precision for this process and, under torchrun, join the process group."""
+    p = place(device, dict(os.environ), torch.cuda.device_count())
+    capability = None
+    if p.device.startswith("cuda"):
+        torch.cuda.set_device(p.device if ":" in p.device else 0)   # before NCCL: it uses the current device
+        capability = torch.cuda.get_device_capability()
+    if p.world_size > 1 and not dist.is_initialized():
+        # the others wait in a collective while process 0 validates: NCCL's default 10 minutes can be too short
+        dist.init_process_group(p.backend, timeout=datetime.timedelta(minutes=60))
+    cpu_bf16 = p.device != "cpu" or cpu_has_bf16()
+    rt = Runtime(p.device, pick_dtype(dtype, p.device.split(":")[0], capability, cpu_bf16), p.rank, p.world_size)
+    if rt.device_type == "cpu" and rt.dtype != "float32" and not cpu_bf16 and rt.master:
+        print(f"warning: dtype={rt.dtype} on a CPU without bf16/fp16 instructions (AVX512-BF16, AMX): matrix "
+              "products fall back to a slow loop (40x slower than float32 on an AVX2 CPU); use --dtype=float32")
+    return rt
+
+
+def average_gradients(model, world_size: int) -> None:
+    """Every process's gradients replaced by their mean over all processes, in one all_reduce of
+    them laid end to end. A parameter that no process gave a gradient (in a pruned model, an
+    encoder whose cross-attention heads are all gone) keeps none, as on one process: one more
+    number per parameter, 1 where this process has a gradient, tells which."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+                     + [torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)])
+    dist.all_reduce(flat)
+    grads, has_grad = flat[:-len(params)].split([p.numel() for p in params]), flat[-len(params):].tolist()
+    for p, g, some in zip(params, grads, has_grad):
+        if some:
+            p.grad = (g / world_size).view_as(p).to(p.dtype)
+
+
+class ShareOfBatches(TrainBatches):
+    """Process r of N takes batches r, r + N, ... of every epoch's order, and all take as many. In
+    overfit mode every process takes the same first batches."""
+
+    def __init__(self, data, batch_tokens: int, seed: int, overfit: int, rank: int, world_size: int):
+        super().__init__(data, batch_tokens, seed, overfit)
+        self.rank, self.world_size = rank, world_size
+
+    def of_epoch(self, epoch: int) -> list:
+        every = super().of_epoch(epoch)
+        if self.overfit:
+            return every
+        return every[self.rank::self.world_size][:len(every) // self.world_size]
+
+
+# -----------------------------------------------------------------------------
+# the clock of a run: its minutes, the schedule's clock under max_minutes, the signals that stop it
+
+class RunClock:
+    """The loop's clock: `with rt.clock(run, cfg) as clock`, then clock.tick(run) at the top of every
+    turn and `with clock.training():` around each training step. Ctrl-C (SIGINT) and SIGTERM (a
+    scheduler's notice) only note their name while it runs: the loop finishes the step in flight,
+    saves and exits, instead of losing the run. Every process follows process 0's clocks and stops
+    when any process was signalled (none leaves while another waits for it in a collective)."""
+
+    def __init__(self, rt: Runtime, run, cfg: dict):
+        self.rt, self.cfg = rt, cfg
+        self.start, self.train_seconds = time.time() - 60 * run.minutes, 60 * run.train_minutes
+        self.signals = StopSignals()
+
+    def __enter__(self) -> "RunClock":
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.signals.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def training(self):
+        """Time spent inside counts as training time (the schedule's clock moves with it)."""
+        started = time.time()
+        yield
+        self.train_seconds += time.time() - started
+
+    def tick(self, run) -> str:
+        """Move run.minutes, run.train_minutes and run.time_progress on, and take process 0's
+        best_bleu and evals_without_gain (its validation's); return why the run must stop now
+        because of a signal ('received SIGINT'), else ''."""
+        values = [(time.time() - self.start) / 60, self.train_seconds / 60, run.best_bleu, run.evals_without_gain]
+        signalled = self.signals.received
+        if self.rt.world_size > 1:
+            shared = torch.tensor([*(v if self.rt.master else 0.0 for v in values), float(bool(signalled))],
+                                  dtype=torch.float64, device=self.rt.device)
+            dist.all_reduce(shared)
+            *values, stops = shared.tolist()
+            signalled = signalled or ("a signal (on another process)" if stops > 0 else "")
+        minutes, train_minutes, run.best_bleu, evals = values
+        run.evals_without_gain = int(evals)
+        advance_clock(run, minutes, train_minutes, self.cfg)
+        return f"received {signalled}" if signalled else ""
+
+
+def advance_clock(run, minutes: float, train_minutes: float, cfg: dict) -> None:
+    """Move the run's clocks on to `minutes` of wall-clock time, `train_minutes` of them spent in
+    training steps. Under max_minutes the schedule's clock p moves with training time only: each
+    call moves it by the share of the way still to go that this call's training time dt is of the
+    training time still to come, R:
+
+        p += (1 - p) * dt / (dt + R)
+        R = (max_minutes - minutes - e * (step % N) / N) / (1 + e / (N * s))
+
+    R is what is left of the budget once the validations to come are taken out: one every
+    N = eval_interval steps, each as long as the mean one so far (e minutes); s is the mean step.
+    (The minutes left, M = max_minutes - minutes, hold R minutes of training and the validations
+    of its R / s steps: M = R + e * (step % N + R / s) / N; solved for R above.) Without
+    validations p = minutes / max_minutes: at 10.1 of 30 minutes, dt = 0.1 and R = 19.9, so p moves
+    0.1 / 20 of the 20/30 still to go, 10/30 -> 10.1/30. Between validations R falls as fast as
+    training time passes; across one it stays: no step in the learning rate."""
+    if cfg["max_minutes"]:
+        N, evals = cfg["eval_interval"], run.step // cfg["eval_interval"]
+        e = (minutes - train_minutes) / evals if evals else 0.0
+        s = train_minutes / max(run.step, 1)
+        left = (cfg["max_minutes"] - minutes - e * (run.step % N) / N) / (1 + e / (N * s) if e else 1.0)
+        dt = train_minutes - run.train_minutes
+        run.time_progress = min(1.0, run.time_progress + (1 - run.time_progress) * dt / max(dt + max(left, 0.0), 1e-9))
+    run.minutes, run.train_minutes = minutes, train_minutes
+
+
+class StopSignals:
+    """While it is entered, SIGINT and SIGTERM only note their name in `received`."""
+
+    def __init__(self):
+        self.received, self.previous = "", {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):           # not in the main thread: keep the default
+                self.previous[sig] = signal.signal(sig, self.note)
+        return self
+
+    def note(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
