@@ -1,7 +1,8 @@
 """
-Configuration the nanoGPT way: a script's knobs are plain module-level values, a
-`config/<name>.py` file overrides them with plain assignments, and `--key=value` on the
-command line wins last.
+Configuration the nanoGPT way: a script's knobs are plain module-level values (their
+defaults), a `config/<name>.py` file overrides them with plain assignments, and `--key=value`
+on the command line wins last. The overrides go where configure() is told: a script's globals()
+or, as train.py does, a dict holding a copy of the defaults (train.py reads its knobs from it).
 
     python train.py config/transformer_multi30k.py --batch_tokens=4000 --lambda=0.05
 
@@ -126,7 +127,9 @@ def print_help(namespace: dict, known: list[str], doc_files: tuple[str, ...]) ->
 
 def configure(namespace: dict, argv: list[str] | None = None, doc_files: tuple[str, ...] = (),
               strict_file: bool = True) -> dict:
-    """Override the knobs in `namespace` (a script's globals()) from argv; return {key: value} set.
+    """Override the knobs in `namespace` from argv; return {key: value} set. namespace: a script's
+    globals() (sample.py, prune.py), or a dict of its knobs that it reads instead (train.py's cfg,
+    a copy of DEFAULTS: main() can then run more than once in a process, as the tests do).
 
     argv: optional config file path(s), then --key=value pairs; -h/--help prints the knobs
     (their comments are read from `doc_files`) and exits.

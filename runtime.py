@@ -5,13 +5,15 @@ Ctrl-C and SIGTERM, exact resume. Read train.py first: its loop is the plain one
 all of this through `rt` (a Runtime) and a RunClock. For one process in fp32 or bf16 each call
 is the plain line beside it:
 
-    rt.backward(loss)                 loss.backward()      fp16: the loss scaled up first
-    rt.finish_backward(optimizer)     nothing              processes: gradients averaged; fp16: unscaled
-    rt.step(optimizer)                optimizer.step()     fp16: through the scaler, which may skip it
-    rt.mean(x)                        x                    processes: the mean over all of them
-    rt.share(batches)                 batches              processes: process r takes batches r, r+N, ...
-    rt.start(optimizer, cfg, resume, RunState)  RunState()  resume: the optimizer and RunState of a checkpoint
-    clock.tick(run)                   run.minutes moved    the schedule's clock under max_minutes; signals
+    rt.backward(loss)                      loss.backward()     fp16: the loss scaled up first
+    rt.finish_backward(model, optimizer)   nothing             processes: gradients averaged; fp16: unscaled
+    rt.step(optimizer)                     optimizer.step()    fp16: through the scaler
+    rt.skip(optimizer, loss)               'skipped'           fp16: an 'overflow', the scaler's routine
+    rt.mean(x)                             x                   processes: the mean over all of them
+    rt.share(batches)                      batches             processes: process r takes batches r, r+N, ...
+    rt.start(optimizer, cfg, resume, RunState)    RunState()   resume: the checkpoint's RunState and optimizer
+    clock.tick(run)                        run.minutes moved   the schedule's clock under max_minutes; signals
+    count_bad_step(run, lr, out, log)      a warning           ten in a row: stop the run (Diverged)
 
 Leaves out: model or pipeline parallelism, overlapping the gradients' exchange with backward
 (DistributedDataParallel does), surviving the loss of a machine.
@@ -42,6 +44,9 @@ class Runtime:
     world_size: int = 1
     scaler: torch.amp.GradScaler | None = None     # fp16's loss scaler, one per training run (start)
 
+    def __str__(self) -> str:
+        return f"device {self.device}, dtype {self.dtype}, {self.world_size} process(es)"
+
     @property
     def device_type(self) -> str:
         return self.device.split(":")[0]
@@ -64,14 +69,9 @@ class Runtime:
             return tensors
         return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
 
-    # -------------------------------------------------------------------------
-    # one optimizer step: several processes and fp16
-
     def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """The mean of a tensor over all processes (one process: t itself). train_step divides each
-        process's loss by the mean target-token count, and finish_backward averages the gradients:
-        (1/N) sum_r (loss_r / mean count) = (sum of every process's loss) / (all target tokens),
-        the gradient one process taking the whole batch would compute."""
+        """t's mean over the processes. Each divides its loss by the mean target-token count, and the
+        gradients are averaged: (1/N) sum_r loss_r / mean count = (every loss) / (all target tokens)."""
         if self.world_size > 1:
             t = t.clone()
             dist.all_reduce(t)
@@ -79,21 +79,18 @@ class Runtime:
         return t
 
     def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward(); in fp16 the loss is multiplied by the scaler's factor first, so that
-        small gradients do not round to 0 in fp16's narrow range (finish_backward divides it out)."""
+        """loss.backward(); fp16 scales the loss up first, so that small gradients do not round to 0."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def finish_backward(self, model, optimizer) -> None:
-        """After the last backward of a step: average the gradients over the processes (one
-        all_reduce of them all, flattened), then divide fp16's scale out of them."""
+        """After a step's last backward: the gradients averaged over the processes, fp16's scale divided out."""
         if self.world_size > 1:
             average_gradients(model, self.world_size)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)     # records whether any gradient is inf/NaN (an overflow)
 
     def step(self, optimizer) -> str:
-        """optimizer.step() for a step whose loss and gradients are finite: 'done'. fp16: the scaler
-        steps it and may raise its scale."""
+        """optimizer.step() for finite gradients: 'done'. fp16: through the scaler, which may raise its scale."""
         if self.scaler is None:
             optimizer.step()
         else:
@@ -102,19 +99,15 @@ class Runtime:
         return "done"
 
     def skip(self, optimizer, loss: float) -> str:
-        """A step with a non-finite loss or gradient, whose update is left out: 'skipped', a bad step.
-        In fp16, non-finite gradients with a finite loss are an overflow of the scaled loss, routine
-        while the scaler looks for its scale: it lowers the scale and the step is an 'overflow', not a
-        bad step, unless the scale is already below 1 (the gradients overflow even scaled down)."""
+        """No update, for a non-finite loss or gradient: 'skipped', a bad step. In fp16, non-finite gradients
+        of a finite loss are an 'overflow' of the scaled loss, routine while the scaler finds its scale
+        (it halves), unless the scale is already below 1 (they overflow even scaled down)."""
         if self.scaler is None:
             return "skipped"
         if math.isfinite(loss):
             self.scaler.step(optimizer)         # sees the overflow that unscale_ recorded: no update
         self.scaler.update()                    # the scale halves
         return "overflow" if math.isfinite(loss) and self.scaler.get_scale() >= 1.0 else "skipped"
-
-    # -------------------------------------------------------------------------
-    # the run
 
     def share(self, batches: TrainBatches) -> TrainBatches:
         """This process's share of the training batches (one process: all of them)."""
@@ -124,10 +117,10 @@ class Runtime:
                               self.world_size)
 
     def start(self, optimizer, cfg: dict, resume: dict | None, RunState):
-        """The RunState (train.py's) a training run starts from: step 0, or where the checkpoint `resume` stopped,
-        with its optimizer moments and fp16 loss scale loaded (exact resume: the batch order is a
-        function of (seed, epoch), each step's random draws of (seed, process, step), and the learning
-        rate of the RunState). Makes this run's fp16 loss scaler."""
+        """Make this run's fp16 scaler; return the RunState (train.py's) it starts from: step 0, or where the
+        checkpoint `resume` stopped, its optimizer moments and fp16 scale loaded. That is all exact resume
+        needs: the batch order is a function of (seed, epoch), a step's random draws of (seed, process,
+        step), the learning rate of the RunState."""
         self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype == "float16" else None
         if resume is None:
             return RunState()
@@ -151,17 +144,13 @@ class Runtime:
         return run
 
     def state(self) -> dict:
-        """What a checkpoint keeps of this file's machinery, for resume: the fp16 scale, the processes."""
+        """What a checkpoint keeps of this for resume: the fp16 scale, the processes."""
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "world_size": self.world_size}
 
-    def clock(self, run, cfg: dict) -> "RunClock":
-        return RunClock(self, run, cfg)
-
     @contextlib.contextmanager
     def master_first(self):
-        """Process 0 runs the block first and the others after it: process 0 learns the tokenizer and
-        writes the data cache, the others read that cache instead of all writing the same file at once."""
+        """Process 0 runs the block first (it writes the data cache), the others after it (they read it)."""
         if self.world_size > 1 and not self.master:
             dist.barrier()
         yield
@@ -192,10 +181,9 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
 
 
 def average_gradients(model, world_size: int) -> None:
-    """Every process's gradients replaced by their mean over all processes, in one all_reduce of
-    them laid end to end. A parameter that no process gave a gradient (in a pruned model, an
-    encoder whose cross-attention heads are all gone) keeps none, as on one process: one more
-    number per parameter, 1 where this process has a gradient, tells which."""
+    """The gradients replaced by their mean over the processes: one all_reduce of them end to end. A
+    parameter no process gave a gradient (in a pruned model, an encoder without cross-attention heads)
+    keeps none, as on one process: one number per parameter, 1 where this process has one, says which."""
     params = [p for p in model.parameters() if p.requires_grad]
     flat = torch.cat([p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in params]
                      + [torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)])
@@ -207,8 +195,7 @@ def average_gradients(model, world_size: int) -> None:
 
 
 class ShareOfBatches(TrainBatches):
-    """Process r of N takes batches r, r + N, ... of every epoch's order, and all take as many. In
-    overfit mode every process takes the same first batches."""
+    """Process r of N takes batches r, r + N, ... of each epoch, all as many (overfit mode: the same ones)."""
 
     def __init__(self, data, batch_tokens: int, seed: int, overfit: int, rank: int, world_size: int):
         super().__init__(data, batch_tokens, seed, overfit)
@@ -222,26 +209,50 @@ class ShareOfBatches(TrainBatches):
 
 
 # -----------------------------------------------------------------------------
+# bad steps
+
+MAX_BAD_STEPS = 10       # a run stops after this many non-finite steps in a row
+
+
+class Diverged(Exception):
+    """MAX_BAD_STEPS non-finite steps in a row. Nothing is saved: the last checkpoint is the last good state."""
+
+
+def count_bad_step(run, lr: float, out: dict, log) -> None:
+    """A step skipped for a non-finite loss or gradient: warned about, counted in run.bad_steps; too many in a row
+    raise Diverged."""
+    run.bad_steps, step = run.bad_steps + 1, run.step + 1
+    log.warn("non_finite", f"step {step}: non-finite loss or gradient, update skipped ({run.bad_steps} in a row)", step)
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise Diverged(f"{run.bad_steps} non-finite steps in a row at step {step} (lr {lr:.2e}, gradient "
+                       f"norm {out['gnorm']}). Try a lower learning_rate, grad_clip=1, or dtype=float32.")
+
+
+# -----------------------------------------------------------------------------
 # the clock of a run: its minutes, the schedule's clock under max_minutes, the signals that stop it
 
 class RunClock:
-    """The loop's clock: `with rt.clock(run, cfg) as clock`, then clock.tick(run) at the top of every
-    turn and `with clock.training():` around each training step. Ctrl-C (SIGINT) and SIGTERM (a
-    scheduler's notice) only note their name while it runs: the loop finishes the step in flight,
-    saves and exits, instead of losing the run. Every process follows process 0's clocks and stops
-    when any process was signalled (none leaves while another waits for it in a collective)."""
+    """The loop's clock: clock.tick(run) at the top of every turn, `with clock.training():` around each
+    step. While it runs, Ctrl-C (SIGINT) and SIGTERM (a scheduler's notice) only note their name: the
+    loop finishes the step in flight, saves and exits. Every process follows process 0's clocks and
+    stops when any was signalled (none leaves while another waits for it in a collective)."""
 
     def __init__(self, rt: Runtime, run, cfg: dict):
-        self.rt, self.cfg = rt, cfg
+        self.rt, self.cfg, self.received, self.previous = rt, cfg, "", {}
         self.start, self.train_seconds = time.time() - 60 * run.minutes, 60 * run.train_minutes
-        self.signals = StopSignals()
 
     def __enter__(self) -> "RunClock":
-        self.signals.__enter__()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):           # not in the main thread: keep the default
+                self.previous[sig] = signal.signal(sig, self.note)
         return self
 
+    def note(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
     def __exit__(self, *exc) -> None:
-        self.signals.__exit__(*exc)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     @contextlib.contextmanager
     def training(self):
@@ -251,11 +262,10 @@ class RunClock:
         self.train_seconds += time.time() - started
 
     def tick(self, run) -> str:
-        """Move run.minutes, run.train_minutes and run.time_progress on, and take process 0's
-        best_bleu and evals_without_gain (its validation's); return why the run must stop now
-        because of a signal ('received SIGINT'), else ''."""
+        """Move run.minutes, run.train_minutes, run.time_progress on; take process 0's best_bleu and
+        evals_without_gain (its validation's); return 'received SIGINT' (or another signal), else ''."""
         values = [(time.time() - self.start) / 60, self.train_seconds / 60, run.best_bleu, run.evals_without_gain]
-        signalled = self.signals.received
+        signalled = self.received
         if self.rt.world_size > 1:
             shared = torch.tensor([*(v if self.rt.master else 0.0 for v in values), float(bool(signalled))],
                                   dtype=torch.float64, device=self.rt.device)
@@ -277,13 +287,11 @@ def advance_clock(run, minutes: float, train_minutes: float, cfg: dict) -> None:
         p += (1 - p) * dt / (dt + R)
         R = (max_minutes - minutes - e * (step % N) / N) / (1 + e / (N * s))
 
-    R is what is left of the budget once the validations to come are taken out: one every
-    N = eval_interval steps, each as long as the mean one so far (e minutes); s is the mean step.
-    (The minutes left, M = max_minutes - minutes, hold R minutes of training and the validations
-    of its R / s steps: M = R + e * (step % N + R / s) / N; solved for R above.) Without
-    validations p = minutes / max_minutes: at 10.1 of 30 minutes, dt = 0.1 and R = 19.9, so p moves
-    0.1 / 20 of the 20/30 still to go, 10/30 -> 10.1/30. Between validations R falls as fast as
-    training time passes; across one it stays: no step in the learning rate."""
+    The minutes left, M = max_minutes - minutes, hold R minutes of training and the validations of its
+    R / s steps (s: the mean step), one every N = eval_interval steps, each as long as the mean one so
+    far (e): M = R + e * (step % N + R / s) / N, solved for R above. Without validations p = minutes /
+    max_minutes: at 10.1 of 30 minutes, dt = 0.1 and R = 19.9: 10/30 -> 10.1/30. Between validations
+    R falls as fast as training time passes; across one it stays: no step in the learning rate."""
     if cfg["max_minutes"]:
         N, evals = cfg["eval_interval"], run.step // cfg["eval_interval"]
         e = (minutes - train_minutes) / evals if evals else 0.0
@@ -293,22 +301,3 @@ def advance_clock(run, minutes: float, train_minutes: float, cfg: dict) -> None:
         run.time_progress = min(1.0, run.time_progress + (1 - run.time_progress) * dt / max(dt + max(left, 0.0), 1e-9))
     run.minutes, run.train_minutes = minutes, train_minutes
 
-
-class StopSignals:
-    """While it is entered, SIGINT and SIGTERM only note their name in `received`."""
-
-    def __init__(self):
-        self.received, self.previous = "", {}
-
-    def __enter__(self) -> "StopSignals":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):           # not in the main thread: keep the default
-                self.previous[sig] = signal.signal(sig, self.note)
-        return self
-
-    def note(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)

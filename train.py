@@ -28,7 +28,7 @@ from diagnostics import StepChecks, Symptoms, check_initial_loss, probe_model
 from loss import sequence_loss
 from model_rnn import KNOBS as rnn_knobs, RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
-from runtime import Runtime, setup
+from runtime import Diverged, RunClock, Runtime, count_bad_step, setup
 from speed import speed_up
 from tokenizer import pair_from_state
 
@@ -37,7 +37,7 @@ from tokenizer import pair_from_state
 # lists them all. The data knobs (dataset, tokenizer, vocab_size, max_len, batch_tokens, ...) are
 # the fields of data.DataConfig, the GRU's (emb_dim, hidden_size, attention, ...) model_rnn.KNOBS.
 out_dir = "out"  # run folder: ckpt.pt (latest), best.pt (best validation BLEU), log.jsonl, plots.png, avg.pt
-init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a checkpoint path to fine-tune
+init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a checkpoint to fine-tune (with its tokenizers)
 overwrite = False  # a new run may replace the run out_dir holds (otherwise it is refused)
 log_interval = 50  # steps between log lines
 eval_interval = 500  # steps between validation runs (loss, greedy BLEU) and checkpoints
@@ -78,7 +78,6 @@ overfit_batches = 0  # debugging: > 0 trains on the first N batches only, unshuf
 # -----------------------------------------------------------------------------
 RNN_DEFAULTS = {f.name: f.default for f in fields(RNNConfig) if f.name in rnn_knobs}
 DEFAULTS = {**asdict(DataConfig()), **RNN_DEFAULTS, **{k: v for k, v in globals().items() if k in knob_names(globals())}}
-MAX_BAD_STEPS = 10       # a run stops after this many non-finite steps in a row
 POSITIVE = ("batch_tokens", "d_model", "n_head", "n_enc_layer", "n_dec_layer", "d_ff", "grad_accum", "log_interval",
             "eval_interval", "vocab_size", "max_len")      # knobs refused at 0 or below
 
@@ -96,7 +95,7 @@ class RunState:
     time_progress: float = 0.0  # the schedule's clock under max_minutes, in [0, 1] (runtime.advance_clock)
     best_bleu: float = -1.0     # best validation BLEU so far
     evals_without_gain: int = 0  # evaluations since the best one (the run stops at patience)
-    bad_steps: int = 0          # non-finite steps in a row (the run stops at MAX_BAD_STEPS)
+    bad_steps: int = 0          # non-finite steps in a row (the run stops at runtime.MAX_BAD_STEPS)
 
 
 def lr_at(progress: float, cfg: dict) -> float:
@@ -112,8 +111,7 @@ def lr_at(progress: float, cfg: dict) -> float:
     if cfg["decay"] not in ("cosine", "exp", "rsqrt"):
         raise ConfigError(f"decay='{cfg['decay']}' is not known: use one of cosine, exp, rsqrt")
     if cfg["decay"] == "rsqrt" and w <= 0:
-        raise ConfigError("decay='rsqrt' needs a warm-up (lr = peak * sqrt(warmup_frac / progress)): "
-                          "set warmup_frac > 0, e.g. --warmup_frac=0.1")
+        raise ConfigError("decay='rsqrt' needs a warm-up (lr = peak * sqrt(w / p)): set warmup_frac > 0, e.g. 0.1")
     if progress < w:
         return peak * progress / w
     if cfg["decay"] == "rsqrt":
@@ -179,10 +177,9 @@ def grad_norms(model) -> torch.Tensor:
 
 
 def train_step(model, optimizer, micro_batches: list, pad_id: int, cfg: dict, rt: Runtime, penalty=None) -> dict:
-    """One optimizer step over the `grad_accum` micro-batches of a batch: forward, loss and backward
-    for each (their gradients add up), then update(). The loss is the mean over the target tokens
-    of all of them. penalty: a callable whose tensor is added to the loss (prune.py's L0 penalty on
-    its gates)."""
+    """One optimizer step over the grad_accum micro-batches of a batch: forward, loss and backward for each
+    (their gradients add up), then update(). The loss is the mean over the target tokens of all of them.
+    penalty: a callable whose tensor is added to the loss (prune.py's L0 penalty on its gates)."""
     smoothing = 0.0 if cfg["overfit_batches"] else cfg["label_smoothing"]
     # the batch's target tokens (rt.mean: the count itself on one process; with several, their mean)
     n_tok = rt.mean(sum((b[2] != pad_id).sum() for b in micro_batches).to(rt.device, torch.float32))
@@ -200,11 +197,9 @@ def train_step(model, optimizer, micro_batches: list, pad_id: int, cfg: dict, rt
 
 
 def update(model, optimizer, loss_sum: torch.Tensor, n_tok: torch.Tensor, cfg: dict, rt: Runtime) -> dict:
-    """The step's second half, once the gradients are in: gradient norms, clipping, the optimizer's
-    update. Returns `loss` (label-smoothed, per target token, without the penalty), `tokens`, the
-    gradient norms before clipping (`gnorm`, `gnorm_enc`, `gnorm_dec`), and `update`: 'done', or
-    'skipped' (a non-finite loss or gradient: the weights stay as they were; a bad step). (fp16
-    adds 'overflow', runtime.Runtime.skip.) One read-back from the device."""
+    """The step's second half: gradient norms, clipping, the optimizer's update. Returns `loss` (per
+    target token, without the penalty), `tokens`, the norms before clipping (`gnorm`, `gnorm_enc`,
+    `gnorm_dec`) and `update`: 'done', or 'skipped' (a non-finite loss or gradient: no update)."""
     rt.finish_backward(model, optimizer)                              # nothing (runtime.py: processes, fp16)
     norms = grad_norms(model)
     loss, tokens, gnorm, gnorm_enc, gnorm_dec = torch.cat([rt.mean(loss_sum)[None], n_tok[None], norms]).tolist()
@@ -240,18 +235,6 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, ex
     return improved
 
 
-class Diverged(Exception):
-    """MAX_BAD_STEPS non-finite steps in a row. Nothing is saved: the last checkpoint is the last good state."""
-
-
-def count_bad_step(run: RunState, lr: float, out: dict, log: RunLog) -> None:
-    run.bad_steps, step = run.bad_steps + 1, run.step + 1
-    log.warn("non_finite", f"step {step}: non-finite loss or gradient, update skipped ({run.bad_steps} in a row)", step)
-    if run.bad_steps >= MAX_BAD_STEPS:
-        raise Diverged(f"{run.bad_steps} non-finite steps in a row at step {step} (lr {lr:.2e}, gradient "
-                       f"norm {out['gnorm']}). Try a lower learning_rate, grad_clip=1, or dtype=float32.")
-
-
 # -----------------------------------------------------------------------------
 # the training loop
 
@@ -263,25 +246,22 @@ def loop_step(model, optimizer, batches: TrainBatches, run: RunState, epochs: fl
     lr = lr_at(run_progress(run.step, epochs, run.time_progress, cfg), cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    # a step's random draws (dropout; the GRU's teacher forcing, prune.py's gate noise) come from a seed of
-    # (seed, process, step): a resumed run draws what the uninterrupted one drew, with no state to save.
-    # (Python's hash of a tuple of ints is the same in every process and run; of strings it is not.)
+    # a step's random draws (dropout, teacher forcing, gate noise) are seeded from (seed, process, step): a resumed
+    # run draws what the uninterrupted one drew (Python's hash of ints is the same in every run; of strings, not)
     torch.manual_seed(hash((cfg["seed"], rt.rank, run.step)) % 2**63)
     micro_batches = []
     for _ in range(cfg["grad_accum"]):
         batch, run.epoch, run.batch_in_epoch = batches.next(run.epoch, run.batch_in_epoch)
         micro_batches.append(batch)
-    return lr, micro_batches, train_step(model, optimizer, micro_batches, batches.data.tgt_tok.pad_id, cfg, rt,
-                                         penalty)
+    return lr, micro_batches, train_step(model, optimizer, micro_batches, batches.data.tgt_tok.pad_id, cfg, rt, penalty)
 
 
 def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | None = None, penalty=None) -> RunState:
-    """Train from scratch, or from where the checkpoint `resume` stopped, until a limit, early
-    stopping or a signal; return where the run stands. Every eval_interval steps and at the end:
-    validate, write ckpt.pt (and best.pt when BLEU improved); on a signal, write ckpt.pt and stop.
-    The optimizer's param groups may carry an `lr_scale` multiplier of the schedule's rate. penalty
-    (prune.py's L0 gates): a callable whose tensor is added to every step's loss, with
-    log(step) giving {name: value} for the log. Process 0 (rt.master) logs, validates and saves."""
+    """Train from scratch, or from where the checkpoint `resume` stopped, until a limit, early stopping
+    or a signal; return where the run stands. Every eval_interval steps and at the end: validate, write
+    ckpt.pt (and best.pt when BLEU improved); on a signal, write ckpt.pt and stop. Param groups may carry
+    an `lr_scale`; penalty (prune.py's L0 gates): a callable whose tensor joins every step's loss, with
+    log(step) giving {name: value} for the log lines. Process 0 (rt.master) logs, validates and saves."""
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
     pad_id = data.tgt_tok.pad_id
@@ -308,7 +288,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":    # diagnostics.py, before step 1:
         check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log, rt.amp)   # loss ~ ln(V)?
         probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log)    # masks, the loss, attention, dropout
-    with rt.clock(run, cfg) as clock:           # runtime.py: time budget; Ctrl-C and SIGTERM only noted
+    with RunClock(rt, run, cfg) as clock:       # runtime.py: the time budget; Ctrl-C and SIGTERM only noted
         while True:
             signalled = clock.tick(run)         # run.minutes moved on; 'received SIGINT' after a Ctrl-C
             epochs = batches.epochs_done(run.epoch, run.batch_in_epoch)
@@ -393,16 +373,14 @@ def main(argv: list[str] | None = None) -> RunState:
         cfg["dropout"] = 0.0
         source = source and {**source, "model_config": {k: 0.0 if "dropout" in k else v
                                                         for k, v in source["model_config"].items()}}
+        if rt.master and resume is None:
+            print(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, dropout 0 "
+                  "and label smoothing 0: the loss should fall near zero")
     torch.manual_seed(cfg["seed"])
-    if source is not None:
-        model = model_from_checkpoint(source, verbose=rt.master)[0]
-    else:
-        model = build_model(cfg, data.src_tok, data.tgt_tok, verbose=rt.master)
+    model = build_model(cfg, data.src_tok, data.tgt_tok, verbose=rt.master) if source is None \
+        else model_from_checkpoint(source, verbose=rt.master)[0]
     if rt.master:
-        print(f"device {rt.device}, dtype {rt.dtype}, {rt.world_size} process(es)")
-    if rt.master and cfg["overfit_batches"] and resume is None:
-        print(f"overfit mode: the first {cfg['overfit_batches']} batch(es), same order every epoch, dropout 0 and "
-              "label smoothing 0: the loss should fall near zero")
+        print(rt)                           # device cpu, dtype float32, 1 process(es)
     model.to(rt.device)
     try:
         run = train_loop(model, make_optimizer(model, cfg), data, cfg, rt, resume)

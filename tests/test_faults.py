@@ -38,6 +38,7 @@ def straight(tmp_path_factory):
     return out_dir
 
 
+@pytest.mark.slow      # ~20 s: four training processes, three of them killed
 def test_sigkill_in_a_step_in_evaluation_and_in_a_checkpoint_write_loses_nothing(straight, tmp_path):
     common = ["--max_iters=12", "--eval_interval=4", f"--out_dir={tmp_path}"]
     ckpt = str(tmp_path / "ckpt.pt")
@@ -114,7 +115,7 @@ def test_repeated_non_finite_steps_stop_the_run_with_advice(tmp_path):
     assert out.returncode == 1
     assert "step 4: non-finite loss or gradient, update skipped (2 in a row)" in out.stdout
     stop = [line for line in out.stdout.splitlines() if line.startswith("stopping: ")]
-    assert len(stop) == 1 and "10 non-finite steps in a row at step 4" in stop[0]   # train.MAX_BAD_STEPS
+    assert len(stop) == 1 and "10 non-finite steps in a row at step 4" in stop[0]   # runtime.MAX_BAD_STEPS
     # the step's learning rate (TINY's constant 2e-3) and gradient norm (NaN with the loss), and advice
     assert "lr 2.00e-03" in stop[0] and "gradient norm nan" in stop[0]
     assert "lower learning_rate" in stop[0] and "grad_clip=1" in stop[0] and "dtype=float32" in stop[0]

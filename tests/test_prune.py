@@ -64,6 +64,7 @@ PRUNE = ["--max_iters=20", "--eval_interval=10", "--eval_sentences=20", "--gate_
          "--dtype=float32"]
 
 
+@pytest.mark.slow      # ~17 s: gating, fine-tuning and sample.py
 def test_prune_cli_end_to_end_and_sample_loads_the_result(toy_model, tmp_path):
     # gates, training with the penalty, removal, fine-tuning of the pruned model, report and plots
     out = run("prune.py", f"--ckpt={toy_model}", "--lambda=2", *PRUNE, f"--out_dir={tmp_path / 'p'}")

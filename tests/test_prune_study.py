@@ -25,6 +25,7 @@ PRUNE = ["--max_iters=20", "--eval_interval=10", "--eval_sentences=20", "--speed
          "--dtype=float32"]
 
 
+@pytest.mark.slow      # ~27 s: four pruning runs
 def test_the_study_compares_l0_with_a_baseline_and_the_control(toy_model, tmp_path):
     # l0 with a lambda (gates, removal, fine-tuning), then the importance baseline at the head
     # count l0 kept, and the unpruned control trained as long as the l0 run, all compared

@@ -52,6 +52,7 @@ def test_overwrite_replaces_the_whole_run_and_a_run_writes_only_run_files(traine
     assert [r["step"] for r in train_records(folder)] == [1, 2]          # the new run's log alone
 
 
+@pytest.mark.slow      # ~13 s: a live run, a second refused, the first killed and resumed
 def test_a_second_run_into_a_live_runs_folder_is_refused_and_a_killed_run_blocks_nothing(trained, tmp_path):
     folder = copy_of(trained, tmp_path)
     # a process that claims the folder as train.py does, then stays alive

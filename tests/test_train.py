@@ -88,7 +88,7 @@ def test_a_resumed_run_keeps_its_clock_and_a_new_budget_or_an_older_checkpoint_r
 class FakeClock:
     """The run's clock (runtime.py's time.time), moved by the test alone: each training step takes
     `step` seconds and each validation `validation` seconds, however fast or busy this machine is.
-    After ctrl_c_during(N), a Ctrl-C arrives during step N (runtime.StopSignals as the clock sees it)."""
+    After ctrl_c_during(N), a Ctrl-C arrives during step N (as runtime.RunClock notes it)."""
 
     def __init__(self, monkeypatch, step: float = 1.0, validation: float = 5.0):
         self.monkeypatch, self.now, self.steps, self.stop_at = monkeypatch, 0.0, 0, None
@@ -107,18 +107,13 @@ class FakeClock:
 
     def ctrl_c_during(self, step: int | None) -> None:
         clock, self.steps, self.stop_at = self, 0, step
+        tick = runtime.RunClock.tick
 
-        class Signals:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                pass
-
-            @property
-            def received(self) -> str:
-                return "SIGINT" if clock.stop_at is not None and clock.steps >= clock.stop_at else ""
-        self.monkeypatch.setattr(runtime, "StopSignals", Signals)
+        def tick_after_ctrl_c(run_clock, run):
+            if clock.stop_at is not None and clock.steps >= clock.stop_at:
+                run_clock.received = "SIGINT"                # as RunClock.note would on a Ctrl-C
+            return tick(run_clock, run)
+        self.monkeypatch.setattr(runtime.RunClock, "tick", tick_after_ctrl_c)
 
 
 def test_a_validation_leaves_no_step_in_the_learning_rate(tmp_path, monkeypatch):
@@ -163,6 +158,7 @@ def test_overfit_one_batch_drives_loss_near_zero(tmp_path):
     assert losses[0] > 2.0 and losses[-1] < 0.05
 
 
+@pytest.mark.slow      # ~45 s: 400 steps of the toy config
 def test_tiny_transformer_solves_reverse_task_and_beam_search_scores_at_least_greedy(tmp_path):
     # the shipped sanity-check config, shortened from 600 to 400 steps (validation BLEU 96-97 instead
     # of 99.5: a sentence or two of the test inputs may come out wrong, so sample.py is checked against
