@@ -59,16 +59,6 @@ def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int, 
     return batches
 
 
-def padding_fraction(split, batches: list[np.ndarray]) -> float:
-    """Share of the padded batch tensors (source + target) that is padding."""
-    real = padded = 0
-    for idx in batches:
-        s, t = split.src_lens[idx] + 1, split.tgt_lens[idx] + 1
-        real += int(s.sum() + t.sum())
-        padded += batch_cost(len(idx), int(s.max()), int(t.max()))
-    return 1 - real / max(padded, 1)
-
-
 def collate(split, idx: np.ndarray, src_tok, tgt_tok):
     """Sentence indices of a data.Split -> (src (B, S), tgt_in (B, T), tgt_out (B, T)) int64 tensors.
 

@@ -1,15 +1,13 @@
 """
-Configuration the nanoGPT way: a script's knobs are plain module-level values (their
-defaults), a `config/<name>.py` file overrides them with plain assignments, and `--key=value`
-on the command line wins last. The overrides go where configure() is told: a script's globals()
-or, as train.py does, a dict holding a copy of the defaults (train.py reads its knobs from it).
+Configuration the nanoGPT way: a script's knobs are plain module-level values (their defaults),
+a `config/<name>.py` file overrides them with plain assignments, `--key=value` wins last; into a
+script's globals(), or a dict holding a copy of the defaults (train.py's cfg, which it reads).
 
     python train.py config/transformer_multi30k.py --batch_tokens=4000 --lambda=0.05
 
-Unlike a bare `exec`, every override is checked: an unknown or misspelled key fails with
-the close matches, a value of the wrong type fails with the type it should have, and `-h`
-prints every knob with its default and the comment written beside it. This file imports
-nothing from the project, so any script (tools/ included) can use it.
+Unlike a bare `exec`, every override is checked: an unknown or misspelled key fails with the close
+matches, a value of the wrong type with the type it should have; `-h` prints every knob with its
+default and comment. It imports nothing from the project, so any script (tools/ too) can use it.
 """
 
 import difflib

@@ -8,11 +8,9 @@ Turning a trained model into translations, for every model that has the shared i
     evaluate(model, data, ...)       loss and BLEU/chrF on a split (train.py's validation)
     score(hypotheses, references)    sacreBLEU, cased and lower-cased, and chrF
 
-Memory and cache are whatever the model returns; decoding only needs every tensor in them to be
-batch-first, so `select_rows` can reorder them when beams are reselected (no model-type
-branches). Used by train.py (validation BLEU), sample.py and prune.py; the reference the cached
-greedy search must equal, decoding without a cache, is tools/reference.py's. Leaves out: sampling
-with temperature, ensembles.
+Memory and cache are whatever the model returns; every tensor in them is batch-first, so
+`select_rows` reorders them when beams are reselected (no model-type branches). Decoding without
+a cache, the reference these must equal, is tools/reference.py's. Leaves out: sampling, ensembles.
 """
 
 import math

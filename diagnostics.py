@@ -1,17 +1,13 @@
 """
-Diagnostics: the warnings of train.py's log that name a classic seq2seq bug, each with its likely
-cause and its fix. Each is a printed line "warning: ..." and a record {"kind": "warning", "name":
-...} of log.jsonl (common.RunLog.warn). Three kinds, by when they look:
+Diagnostics: warnings in train.py's log that name a classic seq2seq bug, each with its likely
+cause and its fix: a line "warning: ..." and a record {"kind": "warning", "name": ...} of log.jsonl.
+train_loop wires them in, by when they look:
 
     check_initial_loss, probe_model   before step 1: the untrained model and the loss, on the first batch
-    StepChecks    at every log line: the weights and their gradients; in overfit mode, every batch
-    Symptoms      at every record of the log: the loss against ln(V), validation loss against BLEU
-train.py wires them in: probe_model in train_loop, StepChecks into common.StepLog, Symptoms into
-common.RunLog (which call them without importing this file).
-
-docs/debugging.md has the bug each one names (tools/bugs.py puts them in on purpose) and what they
-cost: the probes about one training step, once; the others under 0.2% of a step. Leaves out:
-statistics of activations, a learning-rate finder, checks of the data pipeline.
+    StepChecks    in common.StepLog, at every log line: the weights and gradients; in overfit mode, every batch
+    Symptoms      in common.RunLog, at every record: the loss against ln(V), validation loss against BLEU
+docs/debugging.md: the bugs they name (tools/bugs.py) and their cost. Leaves out: statistics of
+activations, a learning-rate finder, checks of the data pipeline.
 """
 
 import math

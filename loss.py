@@ -8,10 +8,8 @@ eps, the model is trained towards q = (1 - eps) * onehot(t) + eps / V:
     loss = -sum_i q_i log p_i = logsumexp(x) - (1 - eps) x_t - (eps / V) sum_i x_i
     d loss / d x = p - q
 
-Written out rather than taken from F.cross_entropy(..., label_smoothing=eps) because that gradient
-is short and worth seeing, and cheaper: the forward pass keeps p and the backward pass only shifts
-it by q, where F.cross_entropy builds log p, a smoothing and a one-hot term as separate (tokens x V)
-tensors (docs/performance.md). tests/test_loss.py checks value and gradient against F.cross_entropy.
+Written out, not F.cross_entropy(..., label_smoothing=eps): that gradient is worth seeing, and
+cheaper (backward only shifts p by q; docs/performance.md). tests/test_loss.py checks both against it.
 """
 
 import torch

@@ -11,10 +11,7 @@ GRU encoder-decoder ("sequence to sequence"), the classic starting point of NMT:
                         at every encoder state; runs over all target steps at once in training.
 - attention='additive': Bahdanau et al. 2015: the previous decoder state scores every encoder
                         state, the context enters the GRU input; a step loop in training.
-
-Same interface as model_transformer.py: forward(src, tgt_in), encode(src), decode(tgt_in,
-memory), decode_step(y, memory, cache), attention_maps(src, tgt_in). The cache is the decoder
-hidden state (batch first, like every cache tensor).
+model_transformer.py's interface; the cache is the decoder's hidden state (batch first).
 Leaves out: LSTMs, input feeding for Luong attention, coverage, scheduled-sampling schedules.
 """
 

@@ -11,10 +11,8 @@ The interface shared with model_rnn.py, all that train.py and decoding.py call:
     logits = model.decode(tgt_in, memory)                # (B, T, V) for a given encoder memory
     logits, cache = model.decode_step(y, memory, cache)  # one target step, cache=None at start
     maps = model.attention_maps(src, tgt_in)             # {panel title: (B, T, S)} for plots
-Chapters plug in from outside: speed.py replaces nn.Dropout with a cheaper one, and the pruning
-chapter gates heads through a forward pre-hook on each attention's out_proj (gates.py) and builds models
-with fewer heads per layer (the *_heads fields), down to none.
-Leaves out: relative positions, mixture-of-experts, beam search (decoding.py).
+Pruning (gates.py) gates heads by a forward pre-hook on each out_proj and builds models with
+fewer heads per layer (the *_heads fields), down to none. Leaves out: relative positions, mixture-of-experts, beam search (decoding.py).
 """
 
 import math

@@ -6,14 +6,12 @@ of Louizos et al. 2018 (gates.py):
     python prune.py --ckpt=out/multi30k/best.pt --heads=6               # keep exactly 6 encoder heads
     python prune.py --ckpt=out/multi30k/best.pt --gate_attn=enc,dec,cross --heads=21
 
-A gate on every head of the chosen attention types; model and gates trained with train.py's loop
-on cross-entropy + lambda * L0 (the expected number of open heads of a layer, averaged over the
-gated layers); the closed heads removed physically (their rows of q/k/v_proj and columns of
-out_proj); the pruned model fine-tuned for as many steps again; a report of the heads kept and
-BLEU before and after, and plots of the gates. --heads=K steers the expected count to K instead
-of a lambda and keeps the K most open heads. The result, pruned.pt, is a normal checkpoint.
-Comparing the choice with others (importance, random, an unpruned control), sweeps, seeds,
-distillation: tools/prune_study.py. Leaves out: pruning feed-forward units or layers, iterative pruning.
+A gate on every head of the chosen attention types, trained with the model by train.py's loop on
+cross-entropy + lambda * L0 (the expected open heads of a layer, averaged over the gated layers;
+--heads=K steers the count to K instead); the closed heads removed physically; the pruned model
+fine-tuned for as many steps again; the heads kept, BLEU before and after, plots of the gates.
+pruned.pt is a normal checkpoint. Against other choices of heads: tools/prune_study.py.
+Leaves out: pruning feed-forward units or layers, iterative pruning.
 """
 
 import json

@@ -15,8 +15,7 @@ is the plain line beside it:
     clock.tick(run)                        run.minutes moved   the schedule's clock under max_minutes; signals
     count_bad_step(run, lr, out, log)      a warning           ten in a row: stop the run (Diverged)
 
-Leaves out: model or pipeline parallelism, overlapping the gradients' exchange with backward
-(DistributedDataParallel does), surviving the loss of a machine.
+Leaves out: model parallelism, overlapping the gradients' exchange with backward (as DDP does).
 """
 
 import contextlib

@@ -4,15 +4,12 @@ Translate with a trained (or pruned) checkpoint; everything comes from the check
     python sample.py --ckpt=out/multi30k/best.pt --text="A man rides a bike."
     echo "A dog runs." | python sample.py --ckpt=out/multi30k/best.pt
     python sample.py --ckpt=out/multi30k/best.pt --input=sentences.en --ref=sentences.de
-    python sample.py --ckpt=out/multi30k/best.pt --split=test      # BLEU/chrF on the data's test split
-    python sample.py --ckpt=out/multi30k/best.pt --split=test --beam=5 --alpha=0.6
+    python sample.py --ckpt=out/multi30k/best.pt --split=test --beam=5 --alpha=0.6   # BLEU/chrF on test
     python sample.py --ckpt=out/multi30k/best.pt --text="A dog runs." --plot_attention=attn.png
 
 One translation per input line on stdout, in input order (--scores: 'score<TAB>translation';
 --nbest=N: N lines 'line<TAB>score<TAB>translation' per input); BLEU (cased and lower-cased),
-chrF, their signatures and messages on stderr. Decoding is greedy or beam search with the
-model's cache (decoding.py); pruned checkpoints load like any other. Is one checkpoint's BLEU
-significantly different from another's: tools/compare.py. Leaves out: sampling with temperature.
+chrF and their signatures on stderr. Leaves out: sampling with temperature.
 """
 
 import os

@@ -5,14 +5,11 @@ model they build, where the call is in plain sight:
 
     model = speed_up(model)       # in place; returns the model
 
-- FastDropout for nn.Dropout: one 64-bit random number serves four elements, read as four
-  16-bit integers (~3x cheaper than F.dropout on this CPU, where one random number per element
-  was 16-36% of a training step). On a GPU F.dropout is one fused kernel and is used.
+- FastDropout for nn.Dropout: one 64-bit random number serves four elements, read as four 16-bit
+  integers (~3x cheaper than F.dropout on a CPU, where a random number per element was 16-36% of a
+  training step; docs/performance.md). On a GPU F.dropout, one fused kernel, is used.
 - On CUDA, F.scaled_dot_product_attention without its cuDNN backend (see speed_up).
-The other speed trick, the q/k/v projections as one matrix product, is written into
-model_transformer.py's MultiHeadAttention.project. The figures are docs/performance.md's;
-tests/test_speed.py checks each against the plain code. Leaves out: torch.compile, CUDA graphs
-(tried: docs/performance.md).
+tests/test_speed.py checks both against the plain code. Leaves out: torch.compile, CUDA graphs.
 """
 
 import torch

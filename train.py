@@ -84,9 +84,8 @@ POSITIVE = ("batch_tokens", "d_model", "n_head", "n_enc_layer", "n_dec_layer", "
 
 @dataclass
 class RunState:
-    """Where a run stands. A checkpoint stores these fields beside weights and optimizer moments,
-    and they are all a resumed run needs: the learning rate is a function of them, the batch
-    order of (seed, epoch), and each step's random draws are seeded from (seed, process, step)."""
+    """Where a run stands: all a resumed run needs beside weights and optimizer moments (the learning
+    rate is a function of it, the batch order of (seed, epoch), a step's draws of (seed, process, step))."""
     step: int = 0               # optimizer steps taken
     epoch: int = 0              # the pass over the training data in progress (from 0)
     batch_in_epoch: int = 0     # batches of that epoch already taken
@@ -218,6 +217,8 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, ex
              kind: str = "eval") -> bool:
     """Score the validation split (loss, greedy BLEU and chrF), log it with a few translations, and
     keep the best BLEU in `run`. Returns whether BLEU improved. kind 'average': avg.pt's score."""
+    if not rt.master:                   # process 0 validates (under torchrun); the others wait in the clock
+        return False
     started = time.time()
     ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"])
     seconds = time.time() - started
@@ -240,9 +241,8 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, ex
 
 def loop_step(model, optimizer, batches: TrainBatches, run: RunState, epochs: float, cfg: dict, rt: Runtime,
               penalty=None) -> tuple[float, list, dict]:
-    """One turn of the loop: set the schedule's learning rate, seed this step's random draws, take
-    the next grad_accum batches (run.epoch and run.batch_in_epoch move on), train_step. Returns
-    (lr, the CPU batches, train_step's report)."""
+    """One turn of the loop: the schedule's learning rate, this step's seed, the next grad_accum batches
+    (run.epoch, run.batch_in_epoch move on), train_step. Returns (lr, the CPU batches, its report)."""
     lr = lr_at(run_progress(run.step, epochs, run.time_progress, cfg), cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -253,7 +253,8 @@ def loop_step(model, optimizer, batches: TrainBatches, run: RunState, epochs: fl
     for _ in range(cfg["grad_accum"]):
         batch, run.epoch, run.batch_in_epoch = batches.next(run.epoch, run.batch_in_epoch)
         micro_batches.append(batch)
-    return lr, micro_batches, train_step(model, optimizer, micro_batches, batches.data.tgt_tok.pad_id, cfg, rt, penalty)
+    pad_id = batches.data.tgt_tok.pad_id
+    return lr, micro_batches, train_step(model, optimizer, micro_batches, pad_id, cfg, rt, penalty)
 
 
 def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | None = None, penalty=None) -> RunState:
@@ -264,7 +265,6 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     log(step) giving {name: value} for the log lines. Process 0 (rt.master) logs, validates and saves."""
     if not (cfg["max_iters"] or cfg["max_epochs"] or cfg["max_minutes"]):
         raise ConfigError("no stop condition: set max_iters, max_epochs or max_minutes (e.g. --max_minutes=30)")
-    pad_id = data.tgt_tok.pad_id
     run = rt.start(optimizer, cfg, resume, RunState)      # RunState(), or where `resume` stopped
     batches = rt.share(TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"]))
     if not batches.of_epoch(run.epoch):
@@ -272,7 +272,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None,
                  resume_step=run.step if resume is not None else None, watchers=[Symptoms()])
     checks = StepChecks(log, model, cfg["overfit_batches"]) if rt.master else None    # diagnostics.py
-    steps_log = StepLog(log, data.src_tok.pad_id, pad_id, rt.device_type, checks)
+    steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, checks)
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
     snapshot_every = cfg["average_every"] or cfg["eval_interval"]
 
@@ -308,7 +308,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
                 take_snapshot(model, data, cfg, run.step)      # before validating: a kill between redoes both
             if run.step % cfg["eval_interval"] == 0:
                 with steps_log.paused():                        # tokens/s: training time only
-                    save(rt.master and validate(model, data, cfg, rt, run, log, penalty_values()))
+                    save(validate(model, data, cfg, rt, run, log, penalty_values()))
     steps_log.close()
     log.say(f"stopping: {stop}")
     if signalled:
@@ -316,7 +316,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         log.say(f"saved {os.path.join(cfg['out_dir'], 'ckpt.pt')}; continue with --init_from=resume")
         return run
     if run.step % cfg["eval_interval"]:                           # the final evaluation and checkpoint
-        save(rt.master and validate(model, data, cfg, rt, run, log, penalty_values()))
+        save(validate(model, data, cfg, rt, run, log, penalty_values()))
     if cfg["average_last"] > 1 and rt.master:                     # avg.pt: the mean of the last snapshots
         averaged = write_average(model, data, cfg, run.step)
         validate(model_from_checkpoint(averaged)[0].to(rt.device), data, cfg, rt, run, log,

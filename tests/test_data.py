@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import batching as B
+from tools.data_report import padding_fraction
 import data as D
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -308,7 +309,7 @@ def test_length_grouping_cuts_padding():
     # the same batch sizes filled with random sentences
     cuts = np.cumsum([len(b) for b in grouped])[:-1]
     random_batches = np.split(np.random.default_rng(0).permutation(len(split)), cuts)
-    assert B.padding_fraction(split, grouped) < 0.25 * B.padding_fraction(split, random_batches)
+    assert padding_fraction(split, grouped) < 0.25 * padding_fraction(split, random_batches)
 
 
 def test_collate_shapes_and_special_tokens(tmp_path):
@@ -339,7 +340,7 @@ def test_multi30k_padding_under_five_percent(tmp_path):
     assert len(data.splits["test"]) == 1000 and len(data.splits["validation"]) == 1014
     for budget in (4096, 8000):
         batches = B.make_batches(train.src_lens, train.tgt_lens, budget, seed=0)
-        assert B.padding_fraction(train, batches) < 0.05
+        assert padding_fraction(train, batches) < 0.05
     for text in train.src_text[:2000] + train.tgt_text[:2000]:
         assert data.src_tok.decode(data.src_tok.encode(text)) == text
 

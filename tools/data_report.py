@@ -15,10 +15,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 from configurator import configure, main_guard  # noqa: E402
-from batching import make_batches, padding_fraction  # noqa: E402
+from batching import batch_cost, make_batches  # noqa: E402
 from data import Data, DataConfig, DataError, load_data  # noqa: E402
 
 seed = 1337  # seed of the batch order the report measures
+
+
+def padding_fraction(split, batches: list[np.ndarray]) -> float:
+    """Share of the padded batch tensors (source + target) that is padding."""
+    real = padded = 0
+    for idx in batches:
+        s, t = split.src_lens[idx] + 1, split.tgt_lens[idx] + 1
+        real += int(s.sum() + t.sum())
+        padded += batch_cost(len(idx), int(s.max()), int(t.max()))
+    return 1 - real / max(padded, 1)
 
 
 def report(cfg: DataConfig, data: Data, seed: int = 1337) -> None:
