@@ -205,7 +205,7 @@ class StepLog:
     def add(self, run, lr: float, out: dict, batches: list, progress: float) -> None:
         """Count one step: its report from train.train_step and its (CPU) batches (src, tgt_in, tgt_out)."""
         self.steps, self.loss, self.tokens = self.steps + 1, self.loss + out["loss"], self.tokens + out["tokens"]
-        self.overflows += out["update"] == "overflow"
+        self.overflows, self.progress = self.overflows + (out["update"] == "overflow"), progress
         for src, tgt_in, _ in batches:
             self.padding += int((src == self.src_pad).sum() + (tgt_in == self.tgt_pad).sum())
             self.cells += src.numel() + tgt_in.numel()
@@ -226,7 +226,7 @@ class StepLog:
                    gnorm_enc=out["gnorm_enc"], gnorm_dec=out["gnorm_dec"],
                    tok_per_s=self.tokens / max(time.time() - self.started, 1e-9),
                    pad=self.padding / max(self.cells, 1), peak_gb=peak_memory_gb(self.device_type),
-                   minutes=run.minutes, **extra)
+                   minutes=run.minutes, progress=round(self.progress, 4), **extra)
         self.log.record("train", f"step {run.step:>6} | epoch {epochs:6.2f} | loss {rec['loss']:.4f} | lr {lr:.2e} | "
                         f"gnorm {out['gnorm']:.2f} (enc {out['gnorm_enc']:.2f} dec {out['gnorm_dec']:.2f}) | "
                         f"{rec['tok_per_s']:,.0f} tok/s | pad {rec['pad']:.1%} | peak {rec['peak_gb']:.2f} GB | "

@@ -29,23 +29,25 @@ def max_target_len(src_len: int, a: float = 1.5, b: int = 10) -> int:
 
 
 @torch.no_grad()
-def greedy(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int) -> tuple:
+def greedy(model, src: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int | list[int]) -> tuple:
     """src (B, S) -> (hypotheses (B, <= max_len) without <bos>, after <eos> only pad;
-    scores (B,) the sum of the chosen tokens' log-probabilities, <eos> included)."""
+    scores (B,) the sum of the chosen tokens' log-probabilities, <eos> included). max_len: the most
+    tokens of every hypothesis, or of each (a list): a sentence decodes as it would alone."""
     B = src.shape[0]
     memory = model.encode(src)
     y = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
+    limits = torch.as_tensor(max_len, device=src.device).expand(B)             # (B,)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     scores = torch.zeros(B, device=src.device)
     cache, out = None, []
-    for _ in range(max_len):
+    for t in range(int(limits.max())):
         logits, cache = model.decode_step(y, memory, cache)             # (B, V)
         logp = logits.float().log_softmax(dim=-1)
         y = logp.argmax(dim=-1)
         scores += logp.gather(1, y[:, None])[:, 0].masked_fill(done, 0.0)
         y = y.masked_fill(done, pad_id)
         out.append(y)
-        done |= y == eos_id
+        done |= (y == eos_id) | (t + 1 >= limits)
         if done.all():
             break
     return torch.stack(out, dim=1), scores                              # (B, T), (B,)
@@ -71,11 +73,12 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int, beam: int = 5,
+def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int | list[int], beam: int = 5,
                 alpha: float = 0.6, nbest: int = 1) -> list[list[tuple[list[int], float]]]:
     """src (B, S) -> for each sentence its `nbest` best hypotheses as (token ids without <bos> and
     <eos>, the sum of their token log-probabilities: with <eos> for a hypothesis that ended, without
-    for one still going at max_len), best first under the length penalty.
+    for one still going at max_len), best first under the length penalty. max_len: the most tokens
+    of every hypothesis, or of each sentence's (a list).
 
     The sentences are decoded together, K = beam rows each, one row per live hypothesis; row
     a * K + k is beam k of active sentence a, in memory, cache and prefixes alike. At each step:
@@ -96,6 +99,7 @@ def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int
     assert 1 <= nbest <= beam, f"nbest={nbest} must be between 1 and beam={beam}"
     B, K, dev = src.shape[0], beam, src.device
     lp = lambda n: length_penalty(n, alpha)                                     # noqa: E731
+    limit = [max_len] * B if isinstance(max_len, int) else list(max_len)       # per sentence
     memory = select_rows(model.encode(src), torch.arange(B, device=dev).repeat_interleave(K))   # K rows each
     sentence = list(range(B))                       # the original index of each active sentence
     finished: list[list[tuple[float, list[int], float]]] = [[] for _ in range(B)]   # (score / lp, ids, score)
@@ -104,7 +108,7 @@ def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int
     tokens = torch.empty(B * K, 0, dtype=torch.long, device=dev)               # (A*K, t-1) prefixes so far
     y = torch.full((B * K,), bos_id, dtype=torch.long, device=dev)
     cache = None
-    for t in range(1, max_len + 1):                 # t = length of the hypotheses after this step
+    for t in range(1, max(limit) + 1):              # t = length of the hypotheses after this step
         logits, cache = model.decode_step(y, memory, cache)                     # (A*K, V)
         A, V = len(sentence), logits.shape[-1]
         logp = logits.float().log_softmax(dim=-1).view(A, K, V)
@@ -114,16 +118,19 @@ def beam_search(model, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int
         ends = token == eos_id
         for a, j in ends[:, :K].nonzero().tolist():     # <eos> among the K best: a finished hypothesis
             if top[a, j] > float("-inf"):
-                finished[sentence[a]].append((top[a, j].item() / lp(t), tokens[parent[a, j]].tolist(), top[a, j].item()))
+                score = top[a, j].item()
+                finished[sentence[a]].append((score / lp(t), tokens[parent[a, j]].tolist(), score))
         keep = ends.int().argsort(dim=1, stable=True)[:, :K]        # the K best not ending (stable: best first)
         scores, token, parent = top.gather(1, keep), token.gather(1, keep), parent.gather(1, keep)   # (A, K)
-        done = [sentence_done(finished[sentence[a]], scores[a], t, max_len, nbest, lp) for a in range(A)]
-        if t == max_len:                            # out of steps: the live hypotheses count as they are
-            for a in (a for a in range(A) if not done[a]):
-                finished[sentence[a]].extend((s / lp(t), tokens[parent[a, k]].tolist() + [token[a, k].item()], s)
-                                             for k, s in enumerate(scores[a].tolist()) if s > float("-inf"))
-            break
-        active = [a for a in range(A) if not done[a]]
+        active = []
+        for a, b in enumerate(sentence):
+            if sentence_done(finished[b], scores[a], t, limit[b], nbest, lp):
+                continue
+            if t == limit[b]:                       # out of steps: the live hypotheses count as they are
+                finished[b].extend((s / lp(t), tokens[parent[a, k]].tolist() + [token[a, k].item()], s)
+                                   for k, s in enumerate(scores[a].tolist()) if s > float("-inf"))
+            else:
+                active.append(a)
         if not active:
             break
         if len(active) < A:                         # done sentences leave the batch
@@ -178,7 +185,7 @@ def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1
                     max_len_b: int = 10, device: str = "cpu", amp=None, warn=print) -> list[list[tuple[str, float]]]:
     """Translate raw sentences: for each input, in input order, its `nbest` translations with
     their scores (sum of token log-probabilities). beam = 1 is greedy decoding. Outputs stop at
-    max_len_a * source length + max_len_b tokens (source length with <eos>, of the longest in a batch).
+    max_len_a * source length + max_len_b tokens (source length with <eos>), each sentence's own.
 
     Sentences are decoded in length-sorted batches, then put back in order. Empty inputs give
     empty outputs; inputs longer than max_src_len tokens are truncated with a warning naming the line.
@@ -196,7 +203,7 @@ def translate_nbest(model, src_tok, tgt_tok, sentences: list[str], beam: int = 1
         encoded.append(ids)
     out: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in sentences]   # empty in, empty out
     for idx, src in length_sorted_batches(encoded, src_tok.pad_id, src_tok.eos_id, batch_size):
-        src, limit = src.to(device), max_target_len(src.shape[1], max_len_a, max_len_b)
+        src, limit = src.to(device), [max_target_len(len(encoded[i]) + 1, max_len_a, max_len_b) for i in idx]
         with precision(amp):
             if beam == 1:
                 hyps, scores = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, limit)
@@ -217,25 +224,34 @@ def translate(model, src_tok, tgt_tok, sentences: list[str], **kwargs) -> list[s
 @torch.no_grad()
 def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, split: str = "validation",
              n_sentences: int = 0, n_examples: int = 3) -> dict:
-    """On a split of data.Data: the loss (no smoothing) and perplexity over all of it, teacher-
-    forced in token-budget batches; BLEU (cased, lower-cased) and chrF of the translations of its
-    first n_sentences (0 = all), greedy; the first n_examples."""
+    """On a split of data.Data: the loss (no smoothing) and perplexity over all of it, teacher-forced
+    in token-budget batches, and on a quarter of it how much higher that loss is with each target given
+    another sentence's source (source_gain, nats per token: what the model takes from its source);
+    BLEU (cased, lower-cased) and chrF of the greedy translations of its first n_sentences (0 = all);
+    the first n_examples."""
     was_training = model.training
     model.eval()
     sp = data.splits[split]
-    loss_sum, n_tokens = 0.0, 0
-    for idx in make_batches(sp.src_lens, sp.tgt_lens, batch_tokens, shuffle=False):
+    loss_sum, n_tokens, gain = 0.0, 0, [0.0, 0]         # gain: on every 4th batch, the loss another source adds
+    for i, idx in enumerate(make_batches(sp.src_lens, sp.tgt_lens, batch_tokens, shuffle=False)):
         src, tgt_in, tgt_out = (t.to(device) for t in collate(sp, idx, data.src_tok, data.tgt_tok))
+        shuffled = i % 4 == 0 and len(src) > 1      # (a model that reads its source does far worse with another)
         with precision(amp):
             logits = model(src, tgt_in)
+            other_logits = model(src.roll(1, 0), tgt_in) if shuffled else None
         loss_sum += sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0).item()
         n_tokens += int((tgt_out != data.tgt_tok.pad_id).sum())
+        if shuffled:
+            gain = [gain[0] + (sequence_loss(other_logits, tgt_out, data.tgt_tok.pad_id, 0.0)
+                               - sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0)).item(),
+                    gain[1] + int((tgt_out != data.tgt_tok.pad_id).sum())]
     n = len(sp) if n_sentences <= 0 else min(n_sentences, len(sp))
     hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text[:n], device=device, amp=amp)
     scores = score(hyps, sp.tgt_text[:n])
     model.train(was_training)
     loss = loss_sum / max(n_tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": scores["bleu"], "bleu_lc": scores["bleu_lc"],
+    return {"loss": loss, "source_gain": gain[0] / max(gain[1], 1), "ppl": math.exp(min(loss, 50)),
+            "bleu": scores["bleu"], "bleu_lc": scores["bleu_lc"],
             "chrf": scores["chrf"], "sentences": n, "examples": [{"src": sp.src_text[i], "ref": sp.tgt_text[i],
                                                                    "hyp": hyps[i]} for i in range(min(n_examples, n))]}
 

@@ -3,11 +3,13 @@ Diagnostics: warnings in train.py's log that name a classic seq2seq bug, each wi
 cause and its fix: a line "warning: ..." and a record {"kind": "warning", "name": ...} of log.jsonl.
 train_loop wires them in, by when they look:
 
-    check_initial_loss, probe_model   before step 1: the untrained model and the loss, on the first batch
+    check_initial_loss, probe_model   before step 1: the untrained model, the loss and the data, tested
+                  for the properties a correct encoder-decoder has (what it reads, decoding = training, ...)
     StepChecks    in common.StepLog, at every log line: the weights and gradients; in overfit mode, every batch
-    Symptoms      in common.RunLog, at every record: the loss against ln(V), validation loss against BLEU
+    Symptoms      in common.RunLog, at every record: the loss against ln(V), validation loss against BLEU,
+                  what its source is worth to the model
 docs/debugging.md: the bugs they name (tools/bugs.py) and their cost. Leaves out: statistics of
-activations, a learning-rate finder, checks of the data pipeline.
+activations, a learning-rate finder, the tokenizer's round trip.
 """
 
 import math
@@ -39,44 +41,317 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
 
 
 @torch.no_grad()
-def probe_model(model, batch: tuple, loss_fn, data, log, rows: int = 4) -> None:
-    """Before step 1, try the untrained model on a few sentences of the first batch (src, tgt_in,
-    tgt_out) for bugs that training would hide, and warn (log.warn) about each found:
-      causal_mask          a changed last target token changes the logits of earlier positions
-      padding_mask         extra padding after each source sentence changes the logits
-      padding_in_loss      padded target positions cost something in loss_fn (train.py's loss)
-      attention_scale      the attention scores spread far more than 1 / sqrt(Dh) makes them
-      dropout_in_decoding  two greedy decodings of the same sentences differ (model.eval() missing)
-    A few forward passes in full precision and two greedy decodings of 3 sentences."""
+def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, rows: int = 4) -> list[str]:
+    """Before step 1, test the untrained model on a few sentences of the first batch (src, tgt_in,
+    tgt_out) for the properties a correct encoder-decoder has, whatever the bug that breaks them;
+    warn (log.warn) about each that fails, print the list of those that hold, and return it:
+      teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, <eos> at the ends
+      reads_what_it_should  one prediction's gradient reaches every real source token and the target
+                            inputs up to its own position, and nothing else (dependency_probe)
+      alone_as_in_a_batch   a sentence's logits alone are its logits in the batch, padding and all
+      word_order            the encoder and the decoder tell a sentence from its words reordered
+      no_hidden_state       the same batch twice, another between: the same logits
+      decoding_as_trained   greedy decoding's log-probabilities are the teacher-forced ones of its
+                            own output, and translate() gives what greedy decoding does, alone or not
+      padding_in_loss       targets that are all padding cost nothing in loss_fn
+      attention_scale       attention scores spread about as 1 / sqrt(Dh) makes them
+      dropout_in_decoding   two greedy decodings of the same sentences agree
+      every_parameter_learns  every parameter gets a gradient and is in the optimizer
+      data_pairs            data_checks: the pairs aligned, validation apart from train, sides not swapped
+    About two training steps of work, once, in full precision."""
     was_training, device = model.training, next(model.parameters()).device
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
-    pad, tgt_pad, V = data.src_tok.pad_id, data.tgt_tok.pad_id, data.tgt_tok.vocab_size
+    src = torch.cat([src, torch.full_like(src[:, :3], data.src_tok.pad_id)], dim=1)   # padding for sure
     model.eval()
-    logits = model(src, tgt_in)                                     # (B, T, V)
-    changed = torch.cat([tgt_in[:, :-1], (tgt_in[:, -1:] + 1) % V], dim=1)
-    if tgt_in.shape[1] > 1 and differ(model(src, changed)[:, :-1], logits[:, :-1]):
-        log.warn("causal_mask", "changing the last target token changed the predictions for earlier positions: "
-                 "the decoder sees the future. Mask decoder self-attention causally (query t sees keys 0..t).")
-    if differ(model(torch.cat([src, torch.full_like(src[:, :3], pad)], dim=1), tgt_in), logits):
-        log.warn("padding_mask", "three more padding tokens after each source sentence changed the predictions: "
-                 "attention reads padding, and a sentence is translated differently in a batch than alone. "
-                 "Mask padded keys (src != pad) in encoder self-attention and cross-attention.")
-    if loss_fn(logits, torch.full_like(tgt_out, tgt_pad), tgt_pad, 0.0).item() != 0.0:
-        log.warn("padding_in_loss", "the training loss of targets that are all padding is not 0: padded positions "
-                 "count in the loss and its average. Leave out the positions where tgt_out is pad.")
+    results = {"teacher_forcing_pairs": teacher_forcing_pairs(batch, data),
+               "reads_what_it_should": dependency_probe(model, src, tgt_in, tgt_out, data),
+               "alone_as_in_a_batch": alone_as_in_a_batch(model, src, tgt_in, data),
+               "word_order": word_order(model, src, tgt_in, data),
+               "no_hidden_state": no_hidden_state(model, src, tgt_in),
+               "decoding_as_trained": decoding_as_trained(model, data, device),
+               "padding_in_loss": padding_in_loss(model, src, tgt_in, tgt_out, loss_fn, data),
+               "attention_scale": attention_scale(model, src, tgt_in),
+               "dropout_in_decoding": dropout_in_decoding(model, data, device),
+               "every_parameter_learns": every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer),
+               "data_pairs": data_checks(data)}
+    model.train(was_training)
+    for found in results.values():
+        for name, text in found:
+            log.warn(name, text)
+    passed = [name for name, found in results.items() if not found]
+    log.say(f"checked before step 1 ({len(passed)} of {len(results)} hold; diagnostics.py): {', '.join(passed)}\n"
+            "  watched from here: gradients cleared, weights moving and not blowing up, loss spikes, the loss against "
+            "ln(V), what the source is worth at validation\n  can it overfit one batch? --overfit_batches=1")
+    return passed
+
+
+def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
+    """A training batch as teacher forcing needs it: tgt_in is <bos> then tgt_out shifted right by one,
+    tgt_out ends in <eos>, the source ends in <eos>; padding only after that."""
+    src, tgt_in, tgt_out = batch
+    pad, bos, eos = data.tgt_tok.pad_id, data.tgt_tok.bos_id, data.tgt_tok.eos_id
+    real = tgt_out != pad
+    shifted = torch.cat([torch.full_like(tgt_out[:, :1], bos), tgt_out[:, :-1]], dim=1).masked_fill(~real, pad)
+    ends = tgt_out.gather(1, (real.sum(1, keepdim=True) - 1).clamp_min(0))[:, 0]
+    src_ends = src.gather(1, ((src != data.src_tok.pad_id).sum(1, keepdim=True) - 1).clamp_min(0))[:, 0]
+    if not torch.equal(tgt_in.masked_fill(~real, pad), shifted) or (ends != eos).any() or \
+            (src_ends != data.src_tok.eos_id).any():
+        return [("target_shift", "the training batch does not pair tgt_in with tgt_out for teacher forcing: at "
+                 "each position the decoder must read the previous target word (tgt_in = <bos> + tgt_out shifted "
+                 "right by one) and predict the current one, and both target and source end in <eos>. Check "
+                 "collate's shift and the special tokens.")]
+    return []
+
+
+def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]:
+    """Karpathy's dependency probe: backpropagate one prediction (row b, target position t) to the
+    embeddings of all the inputs. A correct model's gradient reaches every real source token of
+    row b and its target inputs 0..t; not row b's padding, not its later target inputs, no other
+    row. Needs the model's src_embed and tgt_embed (both models have them); the encoder embeds first."""
+    lengths = (tgt_out != data.tgt_tok.pad_id).sum(dim=1)
+    b = int(lengths.argmax())
+    t = int(lengths[b]) // 2                                    # a position with a past and a future
+    outputs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outputs.append(out)
+    hooks = [m.register_forward_hook(keep) for m in {id(m): m for m in (model.src_embed, model.tgt_embed)}.values()]
+    try:
+        with torch.enable_grad():
+            logits = model(src, tgt_in)                         # (B, T, V)
+            logits[b, t].log_softmax(-1)[int(logits[b, t].argmin())].backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    if len(outputs) < 2 or outputs[0].grad is None or outputs[-1].grad is None:
+        return []
+    src_read = outputs[0].grad.abs().sum(dim=-1) > 0            # (B, S) which source embeddings it read
+    tgt_read = outputs[-1].grad.abs().sum(dim=-1) > 0           # (B, T)
+    real, others = src[b] != data.src_tok.pad_id, torch.arange(len(src), device=src.device) != b
+    # a gradient where none belongs is a leak for sure; none where one belongs only if nothing saturates
+    # (an over-confident untrained model's softmaxes round their small gradients to 0: initial_loss's case)
+    trusted = bool(logits[b, t].detach().float().softmax(-1).max() < 0.9)
+    found = []
+    if tgt_read[b, t + 1:].any():
+        found.append(("causal_mask", f"the prediction at target position {t} reads the target inputs after it "
+                      f"(positions {tgt_read[b, t + 1:].nonzero()[:, 0].add(t + 1).tolist()}): the decoder sees the "
+                      "future, and learns to copy instead of to translate. Mask decoder self-attention causally "
+                      "(query t sees keys 0..t), and look for what mixes positions: the heads merged back without "
+                      "transposing (B, H, T, Dh) -> (B, T, H, Dh) first, a normalisation or softmax over the time "
+                      "axis instead of the features (or the keys)."))
+    if trusted and not tgt_read[b, :t + 1].all():
+        found.append(("target_unread", f"the prediction at target position {t} does not read target inputs "
+                      f"{(~tgt_read[b, :t + 1]).nonzero()[:, 0].tolist()} (its own and earlier ones: the words "
+                      "decoded so far): a causal mask that also hides the diagonal, or a shift of tgt_in."))
+    if trusted and not src_read[b][real].all():
+        found.append(("source_unread", f"the prediction at target position {t} does not read source tokens "
+                      f"{(~src_read[b] & real).nonzero()[:, 0].tolist()} of its sentence (of {int(real.sum())}): the "
+                      "decoder gets no information from them. Check the source mask's polarity (True = a real "
+                      "token), cross-attention's keys and values (the encoder output), the GRU's lengths."))
+    if src_read[b][~real].any():
+        found.append(("padding_mask", "a prediction reads the padding after its source sentence: attention (or the "
+                      "recurrence) reads padding, and a sentence is translated differently in a batch than alone. "
+                      "Mask padded keys (src != pad) in encoder self-attention and cross-attention; pack the GRU's "
+                      "input by its lengths; no normalisation or softmax over the time axis."))
+    if src_read[others].any() or tgt_read[others].any():
+        found.append(("batch_leak", "a prediction for one sentence reads the other sentences of its batch: a view or "
+                      "reshape that mixes the batch dimension with another (check the head split and merge: "
+                      "(B, L, H, Dh) -> (B, H, L, Dh)), or a statistic taken over the batch."))
+    return found
+
+
+def alone_as_in_a_batch(model, src, tgt_in, data) -> list[tuple[str, str]]:
+    """Each sentence alone, without the padding its batch gave it, has the logits it has in the batch."""
+    logits = model(src, tgt_in)
+    for b in range(len(src)):
+        s, t = int((src[b] != data.src_tok.pad_id).sum()), int((tgt_in[b] != data.tgt_tok.pad_id).sum())
+        if differ(model(src[b:b + 1, :s], tgt_in[b:b + 1, :t]), logits[b:b + 1, :t]):
+            return [("batch_dependence", f"sentence {b} of the first batch gets other logits alone than in its batch: "
+                     "a translation depends on what it is batched with. Mask padding (source and target), take "
+                     "positions and lengths per sentence, not from the padded batch, and keep every operation "
+                     "within one sentence (no reshape across the batch, no statistic over the time axis).")]
+    return []
+
+
+def word_order(model, src, tgt_in, data) -> list[tuple[str, str]]:
+    """Reordering a sentence's words must change the encoder's output for them (beyond reordering it),
+    and reordering the target inputs before position t must change the prediction at t."""
+    found, b = [], int((src != data.src_tok.pad_id).sum(dim=1).argmax())
+    n = int((src[b] != data.src_tok.pad_id).sum()) - 1              # the real tokens before <eos>
+    if n >= 3:
+        order = torch.arange(src.shape[1], device=src.device)
+        order[:n] = order[:n].flip(0)
+        out, out_reordered = (first_tensor(model.encode(s[None])) for s in (src[b], src[b, order]))
+        if not differ(out_reordered[:, :n], out[:, order[:n]]):
+            found.append(("no_positions", "the encoder's output for a sentence with its words in reverse order is "
+                          "the same output in reverse order: it cannot tell word order. Add positional encodings "
+                          "to the embeddings (and check they are not zero, or added after the attention)."))
+    T = tgt_in.shape[1]
+    if T >= 4:
+        swapped = tgt_in.clone()
+        swapped[:, [1, 2]] = tgt_in[:, [2, 1]]
+        if (tgt_in[:, 1] != tgt_in[:, 2]).any() and not differ(model(src, swapped)[:, 3:], model(src, tgt_in)[:, 3:]):
+            found.append(("no_positions", "swapping two target words leaves the predictions after them unchanged: "
+                          "the decoder cannot tell the order of the words decoded so far. Add positional encodings "
+                          "to the target embeddings too."))
+    return found[:1]
+
+
+def first_tensor(memory) -> torch.Tensor:
+    """The encoder output in a model's memory: (B, S, D) for both models (a tuple whose first item it is)."""
+    return memory[0] if isinstance(memory, (tuple, list)) else memory
+
+
+def no_hidden_state(model, src, tgt_in) -> list[tuple[str, str]]:
+    """A model is a function of its input: the same batch gives the same logits after another batch."""
+    first = model(src, tgt_in)
+    model(src.roll(1, 0), tgt_in.roll(1, 0))                    # another batch of the same shape
+    if differ(model(src, tgt_in), first):
+        return [("hidden_state", "the same batch gave other logits after the model had read another one: state "
+                 "carries over between calls (a hidden state kept on the model, a cache not reset, running "
+                 "statistics). Start every sentence from a fresh state.")]
+    return []
+
+
+def decoding_as_trained(model, data, device) -> list[tuple[str, str]]:
+    """Greedy decoding with the cache must score its own output as the teacher-forced forward pass does,
+    token by token (the start token, the cache, the positions while decoding); translate() must give
+    greedy decoding's output, for a sentence alone and in a batch."""
+    from decoding import greedy, max_target_len, strip_special
+    src_tok, tgt_tok, found = data.src_tok, data.tgt_tok, []
+    texts = sorted((t for t in data.splits["validation"].src_text[:20] if t.strip()), key=len)[:2]   # short: cheap
+    direct = []
+    for text in texts:
+        src = torch.tensor([src_tok.encode(text) + [src_tok.eos_id]], device=device)
+        hyp, score = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, max_target_len(src.shape[1]))
+        tgt_in = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
+        logp = model(src, tgt_in).float().log_softmax(-1).gather(2, hyp[:, :, None])[:, :, 0]    # (1, T)
+        steps = (logp - decode_step_logps(model, src, hyp, tgt_tok)).abs() > 1e-3 * (1 + logp.abs())
+        n = int((hyp[0] == tgt_tok.eos_id).nonzero()[0, 0]) + 1 if (hyp[0] == tgt_tok.eos_id).any() else hyp.shape[1]
+        if not steps.any() and abs(float(logp[0, :n].sum()) - float(score[0])) > 1e-3 * (1 + abs(float(score[0]))):
+            steps[0, n - 1] = True                              # greedy's own score is off: how it feeds its tokens
+        if steps.any() and not found:
+            found.append(("decoding_mismatch", f"greedy decoding scores its own output differently from the teacher-"
+                          f"forced forward pass, from step {int(steps.nonzero()[0, 1])} of \"{text[:40]}\" on: "
+                          "decoding is not computing what training trained. Check the start token (<bos>), the "
+                          "cache (keys and values appended, not replaced; the GRU's hidden state fed back at every "
+                          "step), the position of each decoded token, and that the decoder reads in decoding what it "
+                          "reads in training (an attention softmax over the source positions, not over time)."))
+        direct.append(tgt_tok.decode(strip_special(hyp[0].tolist(), tgt_tok.eos_id)))
+    alone = [translate(model, src_tok, tgt_tok, [text], device=device)[0] for text in texts]
+    together = translate(model, src_tok, tgt_tok, texts, device=device)
+    if not found and (alone != direct or together != direct):
+        found.append(("translate_mismatch", "translate() does not return what greedy decoding of the same sentence "
+                      "gives" + (" alone" if alone != direct else " when the sentences come together") + ": check "
+                      "the start and end tokens it passes, that the translations are put back in input order, and "
+                      "that in a batch each sentence stops on its own (at its <eos> or its length limit), not when "
+                      "another does."))
+    return found
+
+
+def decode_step_logps(model, src, hyp, tgt_tok) -> torch.Tensor:
+    """(1, T) the log-probability decode_step gives each token of hyp, fed greedy's own tokens."""
+    memory, cache, y, out = model.encode(src), None, torch.full_like(hyp[:, 0], tgt_tok.bos_id), []
+    for i in range(hyp.shape[1]):
+        logits, cache = model.decode_step(y, memory, cache)
+        out.append(logits.float().log_softmax(-1).gather(1, hyp[:, i:i + 1])[:, 0])
+        y = hyp[:, i]
+    return torch.stack(out, dim=1)
+
+
+def padding_in_loss(model, src, tgt_in, tgt_out, loss_fn, data) -> list[tuple[str, str]]:
+    pad = data.tgt_tok.pad_id
+    if loss_fn(model(src, tgt_in), torch.full_like(tgt_out, pad), pad, 0.0).item() != 0.0:
+        return [("padding_in_loss", "the training loss of targets that are all padding is not 0: padded positions "
+                 "count in the loss and its average. Leave out the positions where tgt_out is pad.")]
+    return []
+
+
+def attention_scale(model, src, tgt_in) -> list[tuple[str, str]]:
     spread = attention_spread(model.attention_weights(src, tgt_in)) if hasattr(model, "attention_weights") else 0.0
     if spread > 1.5:
-        log.warn("attention_scale", f"the untrained model's attention scores spread with a standard deviation of "
+        return [("attention_scale", f"the untrained model's attention scores spread with a standard deviation of "
                  f"{spread:.1f} (~0.6 when scaled): softmax picks nearly one key and passes little gradient. "
-                 "Divide Q K^T by sqrt(Dh) before the softmax; check the weight initialisation.")
-    model.train()                                                   # as validation finds it during training
+                 "Divide Q K^T by sqrt(Dh) before the softmax; check the weight initialisation.")]
+    return []
+
+
+def dropout_in_decoding(model, data, device) -> list[tuple[str, str]]:
+    model.train()                                               # as validation finds it during training
     texts = data.splits["validation"].src_text[:3]
-    if translate(model, data.src_tok, data.tgt_tok, texts, device=device) != \
-            translate(model, data.src_tok, data.tgt_tok, texts, device=device):
-        log.warn("dropout_in_decoding", "greedy decoding of the same 3 validation sentences twice gave different "
+    twice = [translate(model, data.src_tok, data.tgt_tok, texts, device=device) for _ in range(2)]
+    model.eval()
+    if twice[0] != twice[1]:
+        return [("dropout_in_decoding", "greedy decoding of the same 3 validation sentences twice gave different "
                  "translations: dropout is on while decoding. Call model.eval() before decoding or validating, "
-                 "and model.train() after.")
-    model.train(was_training)
+                 "and model.train() after.")]
+    return []
+
+
+def every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer) -> list[tuple[str, str]]:
+    """One backward pass of the loss on the probe's sentences: every trainable parameter gets a gradient
+    that is not all zero, and the optimizer holds it; no parameter is frozen in a model without pruned heads."""
+    found = []
+    with torch.enable_grad():
+        loss_fn(model(src, tgt_in), tgt_out, data.tgt_tok.pad_id, 0.0).backward()
+    params = dict(model.named_parameters())
+    no_grad = [n for n, p in params.items() if p.requires_grad and p.numel() and (p.grad is None or not p.grad.any())]
+    model.zero_grad(set_to_none=True)
+    if no_grad:
+        found.append(("no_gradient", f"{module_names(no_grad)} get no gradient from the loss: they are not on the "
+                      "path from the input to the logits (a tensor detached, a module built but never called, "
+                      ".data or torch.no_grad() around a computation), so they never learn."))
+    held = {id(p) for group in (optimizer.param_groups if optimizer is not None else []) for p in group["params"]}
+    missed = [n for n, p in params.items() if p.requires_grad and optimizer is not None and id(p) not in held]
+    if missed:
+        found.append(("not_optimized", f"{module_names(missed)} are trainable but not in the optimizer, which never "
+                      "updates them: build the optimizer from model.parameters() after the model is complete."))
+    pruned = any(getattr(m, "n_head", 1) == 0 for m in model.modules())
+    frozen = [n for n, p in params.items() if not p.requires_grad and p.numel()]
+    if frozen and not pruned:
+        found.append(("frozen_parameters", f"{module_names(frozen)} have requires_grad=False: they never learn."))
+    return found
+
+
+def module_names(names: list[str], most: int = 4) -> str:
+    """'encoder.0.ff, decoder.1.cross_attn and 3 more': the modules of some parameter names."""
+    modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+    return ", ".join(modules[:most]) + (f" and {len(modules) - most} more" if len(modules) > most else "")
+
+
+def data_checks(data) -> list[tuple[str, str]]:
+    """The data, before any training: the pairs aligned (source and target lengths correlate in train
+    as in validation), no validation or test source in train, and each side of validation like the
+    same side of train (not source and target swapped)."""
+    import numpy as np
+    found, train, val = [], data.splits["train"], data.splits["validation"]
+    r = {name: float(np.corrcoef(sp.src_lens, sp.tgt_lens)[0, 1]) if len(sp) > 2 and sp.src_lens.std() and
+         sp.tgt_lens.std() else 1.0 for name, sp in (("train", train), ("validation", val))}
+    if r["train"] < 0.3 or r["train"] < r["validation"] - 0.3:
+        found.append(("misaligned_pairs", f"source and target lengths correlate at r = {r['train']:.2f} in train "
+                      f"({r['validation']:.2f} in validation): the pairs are likely misaligned, each source with "
+                      "another sentence's translation. Check that both sides are read in the same order, with no "
+                      "line dropped or skipped on one side only."))
+    seen = set(train.src_text)
+    for name in ("validation", "test"):
+        sp = data.splits.get(name)
+        shared = sum(s in seen for s in sp.src_text) / max(len(sp), 1) if sp is not None else 0.0
+        if shared > 0.2:        # (toy:reverse's short digit strings repeat: 9-11%; Multi30k: 0.1%)
+            found.append(("split_overlap", f"{shared:.0%} of the {name} sources are also in train: its scores measure "
+                          "memory, not translation. Carve the splits apart (by source sentence)."))
+    def frequencies(ids) -> np.ndarray:                         # token frequencies, unit length
+        n = np.bincount(np.concatenate(list(ids) or [[0]]), minlength=data.src_tok.vocab_size).astype(float)
+        return n / (np.linalg.norm(n) + 1e-9)
+    val_src = frequencies(val.src(i) for i in range(min(len(val), 2000)))
+    cos = {side: float(val_src @ frequencies(getattr(train, side)(i) for i in range(min(len(train), 2000))))
+           for side in ("src", "tgt")}
+    if data.src_tok is data.tgt_tok and cos["tgt"] > cos["src"] + 0.05:       # (one vocabulary: comparable)
+        found.append(("sides_swapped", f"validation's sources look like train's targets (token frequencies: cosine "
+                      f"{cos['tgt']:.2f} against {cos['src']:.2f} with train's sources): source and target "
+                      "are likely swapped in one split. Check src_lang and tgt_lang for each file."))
+    return found
 
 
 def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -105,11 +380,13 @@ class StepChecks:
     step; each warning once per run:
       gradients_kept          a parameter still holds a gradient after the update
       weights_grow            in the first 500 steps, the weight matrices grew to 1.5x their norm
+      weights_frozen          from step 100 to 500, a trainable parameter has not changed since step 1
       overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's"""
 
     def __init__(self, log, model, overfit: int = 0):
         self.log, self.overfit, self.warned, self.first_norm, self.first_batches = log, overfit, set(), 0.0, {}
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()]
+        self.names, self.params, self.first_sums = [n for n, _ in named], [p for _, p in named], []
 
     def warn_once(self, name: str, text: str, step: int) -> None:
         if name not in self.warned:
@@ -139,8 +416,14 @@ class StepChecks:
         steps. Early in a run, half again means updates far too large for the weights."""
         if step > 500:                      # watched early only: no norm (and no read-back) after that
             return
+        sums = torch.stack([p.detach().double().sum() for p in self.params]).tolist() if self.params else []
         norm = torch.nn.utils.get_total_norm([p for p in self.params if p.dim() >= 2]).item()
-        self.first_norm = self.first_norm or norm
+        self.first_norm, self.first_sums = self.first_norm or norm, self.first_sums or sums
+        still = [n for n, a, b in zip(self.names, self.first_sums, sums) if a == b]
+        if step >= 100 and still:           # (the sum of a tensor that moved is the same only by a fluke)
+            self.warn_once("weights_frozen", f"step {step}: {module_names(still)} have not changed since step 1: the "
+                           "optimizer does not update them (not among its parameters, a learning rate of 0, or "
+                           "optimizer.step() not called).", step)
         if norm > 1.5 * self.first_norm:
             self.warn_once("weights_grow", f"step {step}: the weight matrices have grown to "
                            f"{norm / self.first_norm:.1f}x their norm at the start (lr {lr:.2e}); healthy runs grow a "
@@ -164,10 +447,16 @@ class Symptoms:
                             loss has not fallen 1 nat below ln(V), uniform guessing. A softmax before the
                             cross-entropy cannot: its loss is >= ln(e + V - 1) - 1 > ln(V) - 1.
       teacher_forcing_leak  validation loss below 0.35 nats, yet greedy BLEU below 10: the model is
-                            right when it is shown the target, wrong when it must decode on its own."""
+                            right when it is shown the target, wrong when it must decode on its own.
+      source_ignored        at two validations in a row, 30% of the run or more done, another sentence's
+                            source costs the model less than 0.05 nats per token (source_gain): it
+                            translates without reading (early on, a model learns the target side first).
+      lr_schedule           a tenth of the run past the warm-up (progress), the learning rate has never
+                            come within half of its peak (peak_lr) in the records."""
 
-    def __init__(self):
-        self.ln_v, self.top_lr, self.named = None, 0.0, set()
+    def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
+        self.ln_v, self.top_lr, self.named, self.gains = None, 0.0, set(), []
+        self.peak_lr, self.warmup_frac, self.progress = peak_lr, warmup_frac, 0.0
 
     def __call__(self, kind: str, r: dict) -> list[tuple[str, str]]:
         found = []
@@ -175,6 +464,11 @@ class Symptoms:
             self.ln_v = r["ln_v"]
         elif kind == "train" and self.ln_v is not None:
             past_warmup, self.top_lr = r["lr"] < self.top_lr, max(self.top_lr, r["lr"])
+            if self.peak_lr and r.get("progress", 0.0) > self.warmup_frac + 0.1 and self.top_lr < 0.5 * self.peak_lr:
+                found.append(("lr_schedule", f"step {r['step']}: {r['progress']:.0%} of the run done, past the "
+                              f"warm-up, and the learning rate has been at most {self.top_lr:.1e}, under half its "
+                              f"peak {self.peak_lr:.1e}: the schedule is not what the knobs ask for. Check how "
+                              "the run's progress (a fraction in [0, 1]) is computed and fed to the schedule."))
             if past_warmup and r["step"] >= 100 and r["loss"] > self.ln_v - 1.0:
                 found.append(("loss_stuck", f"step {r['step']}: past the warm-up, the training loss "
                               f"{r['loss']:.2f} has not fallen 1 nat below ln(V) = {self.ln_v:.2f}, uniform guessing. "
@@ -185,6 +479,16 @@ class Symptoms:
                           f"always right when shown the target) but greedy BLEU {r['bleu']:.1f}: the decoder sees "
                           "the word it has to predict. Check the causal mask of decoder self-attention and that "
                           "tgt_in is tgt_out shifted right by one (<bos> first)."))
+        if kind == "train":
+            self.progress = r.get("progress", 0.0)
+        if kind == "eval" and "source_gain" in r:
+            self.gains.append(r["source_gain"])
+            if len(self.gains) >= 2 and max(self.gains[-2:]) < 0.05 and self.progress >= 0.3:
+                found.append(("source_ignored", f"step {r['step']}: given another sentence's source, the model's "
+                              f"validation loss rises by only {r['source_gain']:.3f} nats per token: it predicts "
+                              "the target from the target alone, a language model. Check that the encoder output "
+                              "reaches the decoder (cross-attention's keys and values; the GRU's bridge or context) "
+                              "and that each target is paired with its own source."))
         found = [(name, text) for name, text in found if name not in self.named]
         self.named.update(name for name, _ in found)
         return found

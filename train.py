@@ -37,7 +37,7 @@ from tokenizer import pair_from_state
 # lists them all. The data knobs (dataset, tokenizer, vocab_size, max_len, batch_tokens, ...) are
 # the fields of data.DataConfig, the GRU's (emb_dim, hidden_size, attention, ...) model_rnn.KNOBS.
 out_dir = "out"  # run folder: ckpt.pt (latest), best.pt (best validation BLEU), log.jsonl, plots.png, avg.pt
-init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a checkpoint to fine-tune (with its tokenizers)
+init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a checkpoint to fine-tune (its tokenizers too)
 overwrite = False  # a new run may replace the run out_dir holds (otherwise it is refused)
 log_interval = 50  # steps between log lines
 eval_interval = 500  # steps between validation runs (loss, greedy BLEU) and checkpoints
@@ -215,17 +215,18 @@ def update(model, optimizer, loss_sum: torch.Tensor, n_tok: torch.Tensor, cfg: d
 
 def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, extra: dict,
              kind: str = "eval") -> bool:
-    """Score the validation split (loss, greedy BLEU and chrF), log it with a few translations, and
-    keep the best BLEU in `run`. Returns whether BLEU improved. kind 'average': avg.pt's score."""
-    if not rt.master:                   # process 0 validates (under torchrun); the others wait in the clock
+    """Score the validation split (loss, greedy BLEU, chrF), log it with a few translations, keep the best
+    BLEU in `run`; return whether it improved. kind 'average': avg.pt's score."""
+    if not rt.master:                   # (under torchrun process 0 validates; the others wait in the clock)
         return False
     started = time.time()
     ev = evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp, n_sentences=cfg["eval_sentences"])
     seconds = time.time() - started
     what = f"eval step {run.step}" if kind == "eval" else f"avg.pt, the mean of {extra['snapshots']} snapshots"
-    log.record(kind, f"{what}: val loss {ev['loss']:.3f}, ppl {ev['ppl']:.2f}, BLEU {ev['bleu']:.2f} (lower-cased "
-               f"{ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} ({ev['sentences']} sentences, {seconds:.1f} s)"
-               + printable(extra, ", "), step=run.step, val_loss=ev["loss"], ppl=ev["ppl"], bleu=ev["bleu"],
+    log.record(kind, f"{what}: val loss {ev['loss']:.3f} (+{ev['source_gain']:.2f} with other sources), ppl "
+               f"{ev['ppl']:.2f}, BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} "
+               f"({ev['sentences']} sentences, {seconds:.1f} s)" + printable(extra, ", "), step=run.step,
+               val_loss=ev["loss"], source_gain=ev["source_gain"], ppl=ev["ppl"], bleu=ev["bleu"],
                bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], seconds=seconds, examples=ev["examples"], **extra)
     for ex in ev["examples"]:
         log.say(f"  src: {ex['src']}\n  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
@@ -269,12 +270,11 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     batches = rt.share(TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"]))
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
-    log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None,
-                 resume_step=run.step if resume is not None else None, watchers=[Symptoms()])
+    log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None, run.step if resume else None,
+                 watchers=[Symptoms(cfg["learning_rate"], cfg["warmup_frac"])])     # diagnostics.py
     checks = StepChecks(log, model, cfg["overfit_batches"]) if rt.master else None    # diagnostics.py
     steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, checks)
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
-    snapshot_every = cfg["average_every"] or cfg["eval_interval"]
 
     def save(improved: bool = False) -> None:       # process 0 writes ckpt.pt, and best.pt if BLEU improved
         if rt.master:
@@ -287,7 +287,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     model.train()
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":    # diagnostics.py, before step 1:
         check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log, rt.amp)   # loss ~ ln(V)?
-        probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log)    # masks, the loss, attention, dropout
+        probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log, optimizer)   # what a correct model does
     with RunClock(rt, run, cfg) as clock:       # runtime.py: the time budget; Ctrl-C and SIGTERM only noted
         while True:
             signalled = clock.tick(run)         # run.minutes moved on; 'received SIGINT' after a Ctrl-C
@@ -304,7 +304,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
             steps_log.add(run, lr, out, micro_batches, run_progress(run.step, epochs, run.time_progress, cfg))
             if run.step % cfg["log_interval"] == 0 or run.step == 1:
                 steps_log.write(run, epochs, lr, out, penalty_values())
-            if cfg["average_last"] > 1 and rt.master and run.step % snapshot_every == 0:
+            if cfg["average_last"] > 1 and rt.master and run.step % (cfg["average_every"] or cfg["eval_interval"]) == 0:
                 take_snapshot(model, data, cfg, run.step)      # before validating: a kill between redoes both
             if run.step % cfg["eval_interval"] == 0:
                 with steps_log.paused():                        # tokens/s: training time only

@@ -29,6 +29,9 @@ class Warnings:
     def warn(self, name, text, step=0):
         self.names.append(name)
 
+    def say(self, text):
+        self.said = text
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -63,14 +66,14 @@ def test_each_probe_names_its_bug(data, monkeypatch):
     attend = MultiHeadAttention.attend
     monkeypatch.setattr(MultiHeadAttention, "attend", lambda self, q, k, v, mask=None, causal=False:
                         attend(self, q, k, v, mask, False))                 # no causal mask
-    assert probe(model, batch, data) == ["causal_mask"]
+    assert probe(model, batch, data) == ["causal_mask", "decoding_mismatch"]   # (decoding has no future to see)
     monkeypatch.setattr(MultiHeadAttention, "attend", lambda self, q, k, v, mask=None, causal=False:
                         attend(self, q * math.sqrt(q.shape[-1]), k, v, mask, causal))   # no 1 / sqrt(Dh)
     assert probe(model, batch, data) == ["attention_scale"]
     monkeypatch.undo()
     encode = Transformer.encode
     monkeypatch.setattr(Transformer, "encode", lambda self, src: (encode(self, src)[0], None))   # no source mask
-    assert probe(model, batch, data) == ["padding_mask"]
+    assert probe(model, batch, data) == ["padding_mask", "batch_dependence", "translate_mismatch"]
     monkeypatch.undo()
     counts_pads = lambda logits, tgt_out, pad_id, eps: sequence_loss(logits, tgt_out, -1, eps)    # noqa: E731
     assert probe(model, batch, data, counts_pads) == ["padding_in_loss"]
@@ -81,6 +84,113 @@ def test_each_probe_names_its_bug(data, monkeypatch):
         return translate_nbest(model, *args, **kwargs)
     monkeypatch.setattr(decoding, "translate_nbest", without_eval)
     assert probe(model, batch, data) == ["dropout_in_decoding"]
+
+
+def test_the_properties_a_correct_model_has_name_bugs_they_were_not_written_for(data, monkeypatch):
+    """Each probe tests a property, not a bug: here bugs unlike the gallery's break one property each."""
+    model, batch = tiny(data)
+    split = MultiHeadAttention.split_heads
+    monkeypatch.setattr(MultiHeadAttention, "split_heads", lambda self, x: split(self, x).reshape(
+        x.shape[1], x.shape[0], self.n_head, self.head_dim).transpose(0, 1).reshape(split(self, x).shape))
+    assert "batch_leak" in probe(model, batch, data)                    # heads split across the batch dimension
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.positions.zero_()                                          # no positional encoding
+    assert probe(model, batch, data)[0] == "no_positions"
+    model, batch = tiny(data)
+    decode = Transformer.decode
+    monkeypatch.setattr(Transformer, "decode", lambda self, tgt_in, memory, cache=None: decode(
+        self, tgt_in, memory, None if cache is None else {**cache, "length": 0} if False else cache) if cache is None
+        else decode_from_zero(self, decode, tgt_in, memory, cache))
+    assert probe(model, batch, data) == ["decoding_mismatch"]            # every decoded token at position 0
+    monkeypatch.undo()
+    encode = Transformer.encode
+    monkeypatch.setattr(Transformer, "encode", lambda self, src: encode(self, src.masked_fill(
+        (src != 0).cumsum(1) > 2, 0)))                                  # the source cut after two tokens
+    assert probe(model, batch, data)[0] == "source_unread"
+    monkeypatch.undo()
+    model.out_proj.weight.requires_grad_(False)
+    assert probe(model, batch, data) == ["frozen_parameters"]
+    model.out_proj.weight.requires_grad_(True)
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, torch.optim.AdamW(model.encoder.parameters()))
+    assert log.names == ["not_optimized"] and "checked before step 1 (10 of 11 hold" in log.said
+
+
+def decode_from_zero(self, decode, tgt_in, memory, cache):
+    """Transformer.decode with a cache, each new token given position 0 (the offset forgotten)."""
+    length = cache["length"]
+    cache["length"] = 0
+    logits = decode(self, tgt_in, memory, cache)
+    cache["length"] = length + tgt_in.shape[1]
+    return logits
+
+
+def test_a_model_that_keeps_state_between_calls_is_named(data, monkeypatch):
+    model, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
+    encode, kept = type(model).encode, {}
+
+    def stateful(self, src):                                             # the last batch's first state carried on
+        memory = encode(self, src)
+        carried = kept.get("init")
+        kept["init"] = memory.init.detach()
+        return memory._replace(init=carried) if carried is not None and carried.shape == memory.init.shape else memory
+    monkeypatch.setattr(type(model), "encode", stateful)
+    assert "hidden_state" in probe(model, batch, data)
+
+
+def test_the_data_checks_name_misaligned_overlapping_and_swapped_splits():
+    from data import Data, Split
+    from diagnostics import data_checks
+    from tokenizer import CharTokenizer
+    import random
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 30))) for _ in range(600)]
+    tok = CharTokenizer.train(words + [w.upper() for w in words], 100)
+
+    def split(pairs):
+        return Split([tok.encode(s) for s, _ in pairs], [tok.encode(t) for _, t in pairs], [s for s, _ in pairs],
+                     [t for _, t in pairs])
+    pairs = [(w, w.upper()[::-1]) for w in words]
+    healthy = {"train": split(pairs[:500]), "validation": split(pairs[500:550]), "test": split(pairs[550:])}
+    names = lambda splits: [n for n, _ in data_checks(Data(tok, tok, splits, {}))]   # noqa: E731
+    assert names(healthy) == []
+    shifted = [(s, t) for (s, _), (_, t) in zip(pairs[:500], pairs[1:501])]          # each source, the next target
+    assert names({**healthy, "train": split(shifted)}) == ["misaligned_pairs"]
+    assert names({**healthy, "validation": split(pairs[:50])}) == ["split_overlap"]
+    assert names({**healthy, "validation": split([(t, s) for s, t in pairs[500:550]])}) == ["sides_swapped"]
+
+
+def test_a_batch_without_the_teacher_forcing_shift_is_named(data):
+    from diagnostics import teacher_forcing_pairs
+    src, tgt_in, tgt_out = TrainBatches(data, 400, 0).next(0, 0)[0]
+    assert teacher_forcing_pairs((src, tgt_in, tgt_out), data) == []
+    assert [n for n, _ in teacher_forcing_pairs((src, tgt_out, tgt_out), data)] == ["target_shift"]   # no shift
+    twice = torch.cat([tgt_in[:, :1], tgt_in[:, :-1]], dim=1)                           # shifted twice
+    assert [n for n, _ in teacher_forcing_pairs((src, twice, tgt_out), data)] == ["target_shift"]
+
+
+def test_a_learning_rate_that_never_reaches_its_peak_is_named():
+    symptoms = Symptoms(peak_lr=1e-3, warmup_frac=0.1)
+    symptoms("init", {"step": 0, "loss": 2.7, "ln_v": 2.7})
+    low = [symptoms("train", {"step": s, "loss": 1.0, "lr": 1e-5, "progress": s / 300}) for s in (25, 50, 75, 100)]
+    assert [n for found in low for n, _ in found] == ["lr_schedule"]                    # once, at 25% of the run
+    healthy = Symptoms(peak_lr=1e-3, warmup_frac=0.1)
+    healthy("init", {"step": 0, "loss": 2.7, "ln_v": 2.7})
+    lrs = [8.3e-4, 9.9e-4, 9.5e-4, 9e-4]
+    assert not any(healthy("train", {"step": s, "loss": 1.0, "lr": lr, "progress": s / 300})
+                   for s, lr in zip((25, 50, 75, 100), lrs))
+
+
+def test_a_model_that_stops_reading_its_source_is_named_at_the_second_validation():
+    def evals(*gains, progress=0.5):
+        return [record for i, g in enumerate(gains, 1) for record in (
+            ("train", {"step": 100 * i, "loss": 1.0, "lr": 1e-3, "progress": progress}),
+            ("eval", {"step": 100 * i, "val_loss": 1.0, "bleu": 20.0, "source_gain": g}))]
+    assert records(evals(0.01, 0.02)) == ["source_ignored"]
+    assert records(evals(0.01, 1.5, 0.03)) == []                         # once is early noise
+    assert records(evals(2.0, 2.1)) == []
+    assert records(evals(0.01, 0.02, progress=0.1)) == []               # early: the target side is learned first
 
 
 def test_attention_spread_is_the_scores_standard_deviation():
@@ -148,7 +258,7 @@ def test_the_step_log_names_kept_gradients_and_weights_that_grow(data, tmp_path)
     next(model.parameters()).grad = torch.ones_like(next(model.parameters()))   # zero_grad() forgotten
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(1.6)                                                     # far too large updates
+            p.mul_(1.6).add_(1e-3)                                          # far too large updates
     steps.add(run_at(100), 1e-3, OUT, [batch], 0.2)
     steps.write(run_at(100), 0.0, 1e-3, OUT, {})
     assert warned(log) == ["gradients_kept", "weights_grow"]

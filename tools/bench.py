@@ -62,8 +62,9 @@ from common import RunLog, StepLog  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
 from batching import TrainBatches, collate, make_batches  # noqa: E402
 from data import DataConfig, DataError, data_of_checkpoint, load_data  # noqa: E402
-from decoding import beam_search, greedy, length_sorted_batches, max_target_len, score, strip_special  # noqa: E402
-from diagnostics import StepChecks, Symptoms, probe_model  # noqa: E402
+from decoding import (beam_search, evaluate, greedy, length_sorted_batches, max_target_len, score,  # noqa: E402
+                      strip_special)
+from diagnostics import StepChecks, Symptoms, check_initial_loss, probe_model  # noqa: E402
 from loss import sequence_loss  # noqa: E402
 from runtime import Runtime, advance_clock, setup  # noqa: E402
 from tools.baselines import Marian, TorchTransformer, torch_loss  # noqa: E402
@@ -568,6 +569,27 @@ def bench_quality() -> dict:
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
 
 
+@torch.no_grad()
+def validation_costs(model, data, cfg: dict, rt: Runtime) -> tuple[float, float]:
+    """(seconds of one validation, as train.py validates; seconds of its source_gain part alone: the
+    teacher-forced loss of every 4th batch with the sources rolled by one sentence)."""
+    model.eval()
+    whole = timed(lambda: evaluate(model, data, cfg["batch_tokens"], rt.device, rt.amp,
+                                   n_sentences=cfg["eval_sentences"]))[0]
+    sp, pad = data.splits["validation"], data.tgt_tok.pad_id
+
+    def other_sources() -> None:
+        for i, idx in enumerate(make_batches(sp.src_lens, sp.tgt_lens, cfg["batch_tokens"], shuffle=False)):
+            if i % 4 == 0:
+                src, tgt_in, tgt_out = (t.to(rt.device) for t in collate(sp, idx, data.src_tok, data.tgt_tok))
+                with rt.amp:
+                    logits = model(src.roll(1, 0), tgt_in)
+                sequence_loss(logits, tgt_out, pad, 0.0).item()
+    part = timed(other_sources)[0]
+    model.train()
+    return whole, part
+
+
 def bench_diagnostics() -> dict:
     """The diagnostics' cost against train.py's step: each check timed after every turn of the loop
     (the median of `steps`), the probes once before the first; per step, a check of a log line
@@ -585,7 +607,8 @@ def bench_diagnostics() -> dict:
         symptoms = Symptoms()
         log = RunLog(folder, True, watchers=[symptoms])
         steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, StepChecks(log, model, 1))
-        probe_seconds = timed(lambda: probe_model(model, first, sequence_loss, data, log))[0]
+        probe_seconds = timed(lambda: (check_initial_loss(model, first, sequence_loss, data, log, rt.amp),
+                                       probe_model(model, first, sequence_loss, data, log, optimizer)))[0]
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
         names = ("step", "gradients_kept", "weights_grow", "overfit_batches_change", "symptoms")
         seconds = {name: [] for name in names}
@@ -600,9 +623,11 @@ def bench_diagnostics() -> dict:
                 if i >= warmup_steps:
                     seconds[name].append(sec if name == "step" else timed(check)[0])
     step = statistics.median(seconds.pop("step"))
+    validation, gain = validation_costs(model, data, cfg, rt)
     every = {"gradients_kept": cfg["log_interval"], "weights_grow": cfg["log_interval"], "overfit_batches_change": 1,
              "symptoms": cfg["log_interval"]}
-    rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step}}
+    rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step},
+            "source_gain": {"when": "every validation", "seconds": gain, "of_validation": gain / validation}}
     for name, times in seconds.items():
         per_call = statistics.median(times)
         rows[name] = {"when": f"every {every[name]} step(s)", "seconds": per_call,
@@ -611,9 +636,11 @@ def bench_diagnostics() -> dict:
           f"{step:.3f} s (median of {steps}); log_interval {cfg['log_interval']}")
     print("| diagnostic | runs | seconds per call | cost |\n|---|---|---:|---:|")
     for name, row in rows.items():
-        cost = f"{row['steps']:.2f} steps" if "steps" in row else f"{row['per_step']:.4%} of a step"
+        cost = (f"{row['steps']:.2f} steps" if "steps" in row else f"{row['of_validation']:.1%} of a validation"
+                if "of_validation" in row else f"{row['per_step']:.4%} of a step")
         print(f"| {name} | {row['when']} | {row['seconds']:.6f} | {cost} |")
     return {"bench": "diagnostics", "config": config, "dtype": rt.dtype, "device": rt.device, "step_seconds": step,
+            "validation_seconds": validation,
             "rows": rows, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__}
 

@@ -6,10 +6,13 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 13 runs, ~2 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 25 runs, ~8 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Leaves out: bugs of the data pipeline (tokenizers, cleaning), of beam search, of several processes.
+Two sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT, bugs written apart from the diagnostics, after them, by someone who had not read them:
+how well the checks generalise (docs/debugging.md). Leaves out: bugs of the tokenizers, of beam
+search, of several processes.
 """
 
 import json
@@ -24,12 +27,14 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                     # tools/runs.py
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import batching  # noqa: E402
 import decoding  # noqa: E402
 import train  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
-from model_transformer import MultiHeadAttention, Transformer  # noqa: E402
+from model_rnn import Seq2SeqRNN  # noqa: E402
+from model_transformer import MultiHeadAttention, Residual, Transformer  # noqa: E402
 from runs import plot_runs, read_run  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
@@ -138,17 +143,209 @@ def overfit_reshuffled() -> None:
     batching.TrainBatches.of_epoch = of_epoch
 
 
+# -----------------------------------------------------------------------------
+# the held-out set: bugs written apart from the diagnostics, after them, by someone who had not read them
+
+
+def merge_heads_no_transpose() -> None:
+    """After attention, the heads are merged with out.reshape(B, T, H*Dh) straight from (B, H, T, Dh),
+    without the transpose(1, 2) first: the merged vector of position t is made of pieces of several
+    positions (and heads), so in training the decoder sees slices of later positions, and one-step
+    cached decoding (T = 1) computes something else than training did."""
+    def attend(self, q, k, v, mask=None, causal=False):
+        B, H, T, Dh = q.shape
+        impl = self.impl if self.impl != "auto" else ("math" if q.device.type == "cpu" else "sdpa")
+        if impl == "sdpa" and H > 0 and not self.record_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 dropout_p=self.dropout.p if self.training else 0.0)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(Dh)
+            if causal:
+                future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            if self.record_weights:
+                self.last_weights = weights.detach()
+            out = self.dropout(weights) @ v
+        return self.out_proj(out.reshape(B, T, H * Dh))                  # BUG: no .transpose(1, 2)
+    MultiHeadAttention.attend = attend
+
+
+def src_positions_missing() -> None:
+    """The encoder embeds the source tokens (scaled by sqrt(D)) but never adds the sinusoidal
+    positions; only the decoder gets them. The encoder is then blind to word order: every copy of a
+    digit in the source looks the same to cross-attention."""
+    def encode(self, src):
+        src_mask = (src != self.cfg.pad_id)[:, None, None, :]
+        x = self.embed_dropout(self.src_embed(src) * math.sqrt(self.cfg.d_model))   # BUG: + positions forgotten
+        for layer in self.encoder:
+            x = layer(x, src_mask)
+        return self.enc_norm(x), src_mask
+    Transformer.encode = encode
+
+
+def decode_position_not_advanced() -> None:
+    """Cached decoding never advances cache['length']: every new target token is embedded with
+    position 0, whereas in training the t-th token had position t."""
+    def decode(self, tgt_in, memory, cache=None):
+        enc_out, src_mask = memory
+        start = cache["length"] if cache is not None else 0
+        y = self.embed(self.tgt_embed, tgt_in, start)
+        for i, layer in enumerate(self.decoder):
+            y = layer(y, enc_out, src_mask, cache["layers"][i] if cache is not None else None)
+        # BUG: cache["length"] = start + tgt_in.shape[1] forgotten
+        return self.out_proj(self.dec_norm(y))
+    Transformer.decode = decode
+
+
+def layernorm_over_time() -> None:
+    """The sub-layer LayerNorm is hand-written with its statistics over dim=1 (the time axis)
+    instead of the last (feature) axis: each position is normalised with the mean and variance of
+    the whole sequence (in the decoder, the future included), and a one-token decoding step
+    normalises every vector to zero."""
+    def norm(self, x):
+        mu = x.mean(dim=1, keepdim=True)                                    # BUG: dim=1, not -1
+        var = x.var(dim=1, keepdim=True, unbiased=False)
+        return (x - mu) / torch.sqrt(var + self.norm.eps) * self.norm.weight + self.norm.bias
+
+    def forward(self, x, sublayer):
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(self, x)))
+        return norm(self, x + self.dropout(sublayer(x)))
+    Residual.forward = forward
+
+
+def target_shifted_twice() -> None:
+    """The target is shifted twice: collate already makes tgt_out = ids + <eos> (tgt_in moved left
+    by one), and the loop shifts it once more (tgt_out[:, 1:], padded): after <bos> the model is
+    taught the second word, after the first word the third, so it learns to skip one token ahead."""
+    real = batching.collate
+
+    def collate(*args, **kwargs):
+        src, tgt_in, tgt_out = real(*args, **kwargs)
+        pad = args[3].pad_id if len(args) > 3 else kwargs["tgt_tok"].pad_id
+        shifted = torch.cat([tgt_out[:, 1:], torch.full_like(tgt_out[:, :1], pad)], dim=1)   # BUG
+        return src, tgt_in, shifted
+    batching.collate = decoding.collate = collate
+
+
+def lr_schedule_step_not_fraction() -> None:
+    """The one-cycle schedule is given the raw step count where it expects the run's progress as a
+    fraction in [0, 1]: after step 0 the 'progress' is already past the end, so the learning rate
+    sits at min_lr (1e-5) for the whole run."""
+    def run_progress(step, epochs, time_progress, cfg):
+        return float(step)                                                  # BUG: not step / max_iters
+    train.run_progress = run_progress
+
+
+def greedy_stops_when_any_done() -> None:
+    """Batched greedy decoding stops as soon as ANY sentence of the batch has produced <eos>
+    (done.any() instead of done.all()): every other sentence of the batch is cut at the length of
+    the shortest translation."""
+    @torch.no_grad()
+    def greedy(model, src, bos_id, eos_id, pad_id, max_len):
+        B = src.shape[0]
+        memory = model.encode(src)
+        y = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
+        limits = torch.as_tensor(max_len, device=src.device).expand(B)
+        done = torch.zeros(B, dtype=torch.bool, device=src.device)
+        scores = torch.zeros(B, device=src.device)
+        cache, out = None, []
+        for t in range(int(limits.max())):
+            logits, cache = model.decode_step(y, memory, cache)
+            logp = logits.float().log_softmax(dim=-1)
+            y = logp.argmax(dim=-1)
+            scores += logp.gather(1, y[:, None])[:, 0].masked_fill(done, 0.0)
+            y = y.masked_fill(done, pad_id)
+            out.append(y)
+            done |= (y == eos_id) | (t + 1 >= limits)
+            if done.any():                                                  # BUG: should be done.all()
+                break
+        return torch.stack(out, dim=1), scores
+    decoding.greedy = greedy
+
+
+# -----------------------------------------------------------------------------
+# GRU encoder-decoder
+
+def gru_hidden_not_carried() -> None:
+    """GRU greedy decoding restarts every step from the encoder's initial state: decode_step takes
+    memory.init each time instead of the hidden state returned by the previous step, so the decoder
+    only ever sees the last token it emitted."""
+    def decode_step(self, y, memory, cache):
+        hidden = memory.init                                                # BUG: cache["hidden"] ignored
+        logits, hidden = self.run_decoder(self.embed(self.tgt_embed, y[:, None]), memory, hidden)
+        return logits[:, 0], {"hidden": hidden}
+    Seq2SeqRNN.decode_step = decode_step
+
+
+def gru_attention_softmax_wrong_axis() -> None:
+    """Luong attention's softmax is taken over dim=1 of the (B, T, S) scores, the decoder steps,
+    instead of dim=-1, the source positions: the weights of one target step no longer sum to 1 over
+    the source (they depend on the other, later, steps), and in one-step decoding every source
+    position gets weight 1."""
+    def attend(self, query, memory):
+        keys = memory.keys
+        if self.cfg.attention == "dot":
+            scores = query @ keys.transpose(1, 2)
+        else:
+            scores = self.dec_score(torch.tanh(self.dec_query_proj(query)[:, :, None] + keys[:, None])).squeeze(-1)
+        scores = scores.masked_fill(~memory.mask[:, None, :], -1e9)
+        weights = scores.softmax(dim=1)                                     # BUG: dim=1, not dim=-1
+        if self.record_weights:
+            self.recorded.append(weights.detach())
+        return weights @ memory.outputs
+    Seq2SeqRNN.attend = attend
+
+
+def gru_hidden_view_not_transpose() -> None:
+    """The decoder's initial state (B, L, H), batch-first, is put into the GRU's (L, B, H) layout
+    with .view(L, B, H) instead of .transpose(0, 1) (and back with .view(B, L, H)): the numbers
+    are reinterpreted, not moved, so each sentence's decoder starts from the states of other
+    sentences of the batch (and of the wrong layer)."""
+    def run_decoder(self, emb, memory, hidden):
+        B, L, H = hidden.shape
+        h0 = hidden.contiguous().view(L, B, H)                              # BUG: not transpose(0, 1)
+        if self.cfg.attention == "additive":
+            states, contexts = [], []
+            for t in range(emb.shape[1]):
+                contexts.append(self.attend(h0[-1][:, None], memory))
+                step_out, h0 = self.decoder(torch.cat([emb[:, t:t + 1], contexts[-1]], dim=-1), h0)
+                states.append(step_out)
+            states, context, h_n = torch.cat(states, dim=1), torch.cat(contexts, dim=1), h0
+        else:
+            context = None
+            if self.cho:
+                context = memory.summary[:, None].expand(-1, emb.shape[1], -1)
+                emb = torch.cat([emb, context], dim=-1)
+            states, h_n = self.decoder(emb, h0)
+            if self.cfg.attention == "dot":
+                context = self.attend(states, memory)
+        return self.readout(states, context), h_n.contiguous().view(B, L, H)   # BUG: not transpose(0, 1)
+    Seq2SeqRNN.run_decoder = run_decoder
+
+
+GRU = ("--arch=rnn", "--emb_dim=64", "--hidden_size=128", "--attention=dot")
+
+
+# -----------------------------------------------------------------------------
+
 @dataclass
 class Bug:
     name: str
     seen: str                           # what a learner would see
-    named_by: str                       # the warning that should name it ('' = none: the clean run)
+    named_by: str                       # the warning that names it ('' = none: the clean run, or a held-out
+                                        # bug that nothing names)
     inject: Callable | None = None      # puts the bug into the run's process
     knobs: tuple = ()                   # train.py arguments of this run, after BASE
+    held_out: bool = False              # written apart from the diagnostics, after them (HELD_OUT)
 
 
 GALLERY = [
     Bug("clean", "loss falls, BLEU climbs", ""),
+    Bug("clean_gru", "the GRU with dot attention: loss falls, BLEU climbs (more slowly)", "", knobs=GRU),
     Bug("no_causal_mask", "loss falls faster than clean's, greedy output one digit repeated (8 8 8 8)", "causal_mask",
         no_causal_mask),
     Bug("target_not_shifted", "loss at its floor by step 100, greedy output 8888..., BLEU 0", "teacher_forcing_leak",
@@ -175,7 +372,32 @@ GALLERY = [
     Bug("overfit_reshuffled", "overfit mode's loss does not fall near zero (0.45 at step 300)",
         "overfit_batches_change", overfit_reshuffled, ("--overfit_batches=1",)),
 ]
-BY_NAME = {bug.name: bug for bug in GALLERY}
+HELD_OUT = [
+    Bug("merge_heads_no_transpose", "training loss falls below the clean run's (0.63 against 0.97), yet greedy "
+        "output is one digit repeated (8 8 8 8) and BLEU ~2", "", merge_heads_no_transpose),
+    Bug("src_positions_missing", "loss stalls above the clean run's (1.2); translations have the right digits "
+        "in a scrambled order, BLEU ~13", "", src_positions_missing),
+    Bug("decode_position_not_advanced", "training and validation loss exactly the clean run's, but greedy output "
+        "runs on past the end, repeating pieces of the answer; BLEU ~10", "", decode_position_not_advanced),
+    Bug("layernorm_over_time", "training and validation loss far below the clean run's, but greedy output is "
+        "empty; BLEU 0", "", layernorm_over_time),
+    Bug("target_shifted_twice", "loss falls as the clean run's, but greedy translations come out empty; BLEU 0",
+        "", target_shifted_twice),
+    Bug("lr_schedule_step_not_fraction", "loss creeps from 3.1 to 2.5 in 300 steps; every translation is one "
+        "digit; BLEU 0", "", lr_schedule_step_not_fraction),
+    Bug("greedy_stops_when_any_done", "training and validation loss exactly the clean run's, but every "
+        "translation is cut after a few digits; BLEU falls to 0 as training goes on", "",
+        greedy_stops_when_any_done),
+    Bug("gru_hidden_not_carried", "GRU: training and validation loss exactly the clean GRU's, but greedy output "
+        "is its first digit repeated (8 8 8 8); BLEU under 1", "", gru_hidden_not_carried, GRU),
+    Bug("gru_attention_softmax_wrong_axis", "GRU: loss stalls at ~1.3, above the clean GRU's 1.1; greedy output "
+        "empty; BLEU 0", "", gru_attention_softmax_wrong_axis, GRU),
+    Bug("gru_hidden_view_not_transpose", "GRU: loss a little above the clean GRU's; translations stretch and "
+        "repeat digits; BLEU half the clean GRU's", "", gru_hidden_view_not_transpose, GRU),
+]
+for bug in HELD_OUT:
+    bug.held_out = True
+BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT}
 
 
 # -----------------------------------------------------------------------------
@@ -217,14 +439,16 @@ def outcome(bug: Bug, run_dir: str, exit_code: int, seconds: float) -> dict:
             warnings.setdefault(r["name"], r["text"])
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     bleus = [r["bleu"] for r in records if r["kind"] == "eval"]
-    named = bug.named_by in warnings if bug.named_by else not warnings
+    named = bug.named_by in warnings if bug.named_by else (not warnings and not bug.held_out)
     return dict(bug=bug, warnings=warnings, exit_code=exit_code, seconds=seconds, named=named, run_dir=run_dir,
                 loss=losses[-1] if losses else math.nan, bleu=max(bleus) if bleus else math.nan)
 
 
 def verdict_line(o: dict) -> str:
     bug, fired = o["bug"], ", ".join(o["warnings"]) or "nothing"
-    if not bug.named_by:
+    if bug.held_out and not bug.named_by:
+        state = f"held out, named by nothing that points at it (fired: {fired})"
+    elif not bug.named_by:
         state = "clean, nothing fired" if o["named"] else f"FLAGGED: {fired}"
     else:
         state = f"named by {bug.named_by}" if o["named"] else f"NOT NAMED (fired: {fired})"
@@ -244,14 +468,16 @@ def table(outcomes: list[dict]) -> list[str]:
              "|---|---|---|---|---|---:|"]
     for o in outcomes:
         bug = o["bug"]
-        if not bug.named_by:
+        if bug.held_out and not bug.named_by:
+            said = "**not named**"
+        elif not bug.named_by:
             said = "nothing fired" if o["named"] else "**flagged**"
         elif o["named"]:
             said = f"`{bug.named_by}`: \"warning: {quote(o['warnings'][bug.named_by])}\""
         else:
             said = f"**not named** (expected `{bug.named_by}`)"
         also = ", ".join(f"`{n}`" for n in o["warnings"] if n != bug.named_by) or "-"
-        lines.append(f"| {bug.name} | {bug.seen} | {o['loss']:.2f}, {o['bleu']:.1f} | {said} | {also} | "
+        lines.append(f"| {bug.name}{' (held out)' if bug.held_out else ''} | {bug.seen} | {o['loss']:.2f}, {o['bleu']:.1f} | {said} | {also} | "
                      f"{o['seconds']:.0f} |")
     return lines
 
@@ -272,7 +498,7 @@ def main() -> None:
     picture = plot_runs([read_run(o["run_dir"], o["bug"].name) for o in outcomes
                          if os.path.exists(os.path.join(o["run_dir"], "log.jsonl"))],
                         figure or os.path.join(out_dir, "bugs.png"), title="tools/bugs.py: the gallery's runs")
-    failed = [o["bug"].name for o in outcomes if not o["named"]]
+    failed = [o["bug"].name for o in outcomes if not o["named"] and not (o["bug"].held_out and not o["bug"].named_by)]
     print(f"{len(outcomes)} runs in {time.time() - started:.0f} s; figure {picture}")
     if failed:
         print(f"not as expected: {', '.join(failed)} (the printed log of each: {out_dir}/NAME.txt)")
