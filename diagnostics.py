@@ -221,7 +221,8 @@ def decoding_as_trained(model, data, device) -> list[tuple[str, str]]:
     greedy decoding's output, for a sentence alone and in a batch."""
     from decoding import greedy, max_target_len, strip_special
     src_tok, tgt_tok, found = data.src_tok, data.tgt_tok, []
-    texts = sorted((t for t in data.splits["validation"].src_text[:20] if t.strip()), key=len)[:2]   # short: cheap
+    # the 2 shortest (cheap), the longer first: translate() sorts by length and must put them back
+    texts = sorted((t for t in data.splits["validation"].src_text[:20] if t.strip()), key=len)[:2][::-1]
     direct = []
     for text in texts:
         src = torch.tensor([src_tok.encode(text) + [src_tok.eos_id]], device=device)

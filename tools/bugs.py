@@ -26,11 +26,14 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's files
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                     # tools/runs.py
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import batching  # noqa: E402
+import data as data_module  # noqa: E402
 import decoding  # noqa: E402
+import loss as loss_module  # noqa: E402
 import train  # noqa: E402
 from configurator import ConfigError, configure, main_guard  # noqa: E402
 from model_rnn import Seq2SeqRNN  # noqa: E402
@@ -327,6 +330,154 @@ def gru_hidden_view_not_transpose() -> None:
     Seq2SeqRNN.run_decoder = run_decoder
 
 
+
+# -----------------------------------------------------------------------------
+# the second held-out set: written after the first was seen and the advice rewritten, again apart from the checks
+
+def causal_mask_in_cross_attention() -> None:
+    """The decoder's causal mask is also handed to cross-attention (as with nn.Transformer's memory_mask
+    set to the target mask): a (T, S) upper-triangular mask hides source positions j > t from target
+    step t, so step t reads only the first t+1 source tokens. While decoding one step at a time
+    (T = 1) the same (1, S).triu(1) mask leaves every step only the first source token."""
+    def cross_attention(self, y, memory, mask, cache=None):
+        q = self.split_heads(self.q_proj(y))
+        if cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k, v = self.project(memory, (self.k_proj, self.v_proj))
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+        T, S = q.shape[2], k.shape[2]
+        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)      # BUG: causal mask on memory
+        return self.attend(q, k, v, mask & ~future)
+    MultiHeadAttention.cross_attention = cross_attention
+
+
+def loss_time_major_flatten() -> None:
+    """The loss flattens the logits time-major (logits.transpose(0, 1).reshape(-1, V), a leftover from
+    a seq-first model) but the targets batch-major (tgt_out.reshape(-1)): row n of the logits, position
+    (t, b), is scored against the target of another sentence at another position."""
+    def sequence_loss(logits, tgt_out, pad_id, smoothing):
+        V = logits.shape[-1]
+        flat = logits.transpose(0, 1).reshape(-1, V)                             # BUG: (T, B) order
+        return loss_module.SmoothedCrossEntropy.apply(flat, tgt_out.reshape(-1), pad_id, smoothing)
+    train.sequence_loss = decoding.sequence_loss = sequence_loss
+
+
+def kv_cache_not_accumulated() -> None:
+    """Decoder self-attention's key/value cache stores only the new step's keys and values
+    (cache['k'] = k before the concatenation is kept) instead of all the steps so far: in cached decoding
+    each step attends to itself and the one step before it, never to the rest of the prefix."""
+    def self_attention(self, x, mask=None, causal=False, cache=None):
+        q, k, v = self.project(x, (self.q_proj, self.k_proj, self.v_proj))
+        if cache is not None:
+            new_k, new_v = k, v
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = new_k, new_v                                 # BUG: not the concatenation
+            causal = False
+        return self.attend(q, k, v, mask, causal)
+    MultiHeadAttention.self_attention = self_attention
+
+
+def train_pairs_off_by_one() -> None:
+    """The training pairs are misaligned by one line from sentence 1000 on (one target line lost when
+    the two sides were read and cleaned separately): from there on each source sentence is paired with
+    the target of the next one. Validation is read correctly."""
+    real = train.load_data
+
+    def load_data(*args, **kwargs):
+        data = real(*args, **kwargs)
+        sp = data.splits["train"]
+        n, cut = len(sp), 1000
+        order = list(range(cut)) + list(range(cut + 1, n)) + [cut]                 # BUG: target i+1 from `cut`
+        src_ids = [sp.src(i) for i in range(n)]
+        tgt_ids = [sp.tgt(j) for j in order]
+        tgt_text = [sp.tgt_text[j] for j in order]
+        data.splits["train"] = data_module.Split(src_ids, tgt_ids, list(sp.src_text), tgt_text)
+        return data
+    train.load_data = load_data
+
+
+def warmup_never_ends() -> None:
+    """The schedule's warm-up has no end: lr = peak * progress / warmup_frac at every step (the decay
+    branch is never reached), so the learning rate passes the peak at 10% of the run and keeps climbing,
+    to 10x the peak at the end."""
+    def lr_at(progress, cfg):
+        return cfg["learning_rate"] * progress / cfg["warmup_frac"]             # BUG: no min(1, ...), no decay
+    train.lr_at = lr_at
+
+
+def positions_by_batch_row() -> None:
+    """Positional encodings indexed along the wrong axis after a switch to batch-first tensors:
+    positions[:x.size(0)] with x (B, L, D) takes one position vector per sentence of the batch (row b
+    gets position b, the same at every time step), so no token knows where in its sentence it is."""
+    def embed(self, table, ids, start=0):
+        x = table(ids) * math.sqrt(self.cfg.d_model)
+        return self.embed_dropout(x + self.positions[:ids.shape[0]][:, None, :])   # BUG: batch, not time
+    Transformer.embed = embed
+
+
+# -----------------------------------------------------------------------------
+# GRU bugs
+
+def gru_attention_mask_inverted() -> None:
+    """Luong attention's padding mask is applied the wrong way round: masked_fill(mask, -1e9) where mask
+    is True at the REAL source tokens (it should be ~mask): every real token is hidden and only padding
+    can be attended to (a sentence without padding gets the same -1e9 everywhere, so uniform weights):
+    the context carries nothing about where the decoder is in the source."""
+    def attend(self, query, memory):
+        keys = memory.keys
+        if self.cfg.attention == "dot":
+            scores = query @ keys.transpose(1, 2)
+        else:
+            scores = self.dec_score(torch.tanh(self.dec_query_proj(query)[:, :, None] + keys[:, None])).squeeze(-1)
+        scores = scores.masked_fill(memory.mask[:, None, :], -1e9)                # BUG: not ~memory.mask
+        weights = scores.softmax(dim=-1)
+        if self.record_weights:
+            self.recorded.append(weights.detach())
+        return weights @ memory.outputs
+    Seq2SeqRNN.attend = attend
+
+
+def gru_translations_not_unsorted() -> None:
+    """Translation batches the sentences sorted by length, but the outputs are returned in that sorted
+    order, not put back in input order: each reference is compared with the translation of another
+    sentence."""
+    real = decoding.translate_nbest
+
+    def translate_nbest(model, src_tok, tgt_tok, sentences, *args, **kwargs):
+        out = real(model, src_tok, tgt_tok, sentences, *args, **kwargs)
+        lengths = [len(src_tok.encode(s)) if s.strip() else 0 for s in sentences]
+        order = np.argsort(lengths, kind="stable")
+        return [out[i] for i in order]                                          # BUG: sorted order kept
+    decoding.translate_nbest = translate_nbest
+
+
+def gru_optimizer_only_the_grus() -> None:
+    """The optimizer is built from the two recurrent stacks only (model.encoder.parameters() +
+    model.decoder.parameters()): the embeddings, the bridge, the attention's key projection, the readout
+    and the output layer get gradients but are never updated, so they stay at their random initial values."""
+    def param_groups(model, cfg, lr_scale=None):
+        groups = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and name.startswith(("encoder.", "decoder.")):    # BUG: the rest left out
+                groups.setdefault(p.dim() >= 2, []).append(p)
+        return [{"params": ps, "weight_decay": cfg["weight_decay"] if decays else 0.0, "lr_scale": 1.0}
+                for decays, ps in groups.items()]
+    train.param_groups = param_groups
+
+
+def gru_decode_step_unscaled_embedding() -> None:
+    """The GRU's one-step decoding looks the previous token up with self.tgt_embed(y) directly, without
+    the sqrt(emb_dim) scale that training's embed() applies: at translation time the decoder's inputs
+    are 8x smaller than anything it was trained on."""
+    def decode_step(self, y, memory, cache):
+        hidden = memory.init if cache is None else cache["hidden"]
+        logits, hidden = self.run_decoder(self.tgt_embed(y[:, None]), memory, hidden)   # BUG: no emb_mult
+        return logits[:, 0], {"hidden": hidden}
+    Seq2SeqRNN.decode_step = decode_step
+
 GRU = ("--arch=rnn", "--emb_dim=64", "--hidden_size=128", "--attention=dot")
 
 
@@ -374,30 +525,52 @@ GALLERY = [
 ]
 HELD_OUT = [
     Bug("merge_heads_no_transpose", "training loss falls below the clean run's (0.63 against 0.97), yet greedy "
-        "output is one digit repeated (8 8 8 8) and BLEU ~2", "", merge_heads_no_transpose),
+        "output is one digit repeated (8 8 8 8) and BLEU ~2", "causal_mask", merge_heads_no_transpose),
     Bug("src_positions_missing", "loss stalls above the clean run's (1.2); translations have the right digits "
-        "in a scrambled order, BLEU ~13", "", src_positions_missing),
+        "in a scrambled order, BLEU ~13", "no_positions", src_positions_missing),
     Bug("decode_position_not_advanced", "training and validation loss exactly the clean run's, but greedy output "
-        "runs on past the end, repeating pieces of the answer; BLEU ~10", "", decode_position_not_advanced),
+        "runs on past the end, repeating pieces of the answer; BLEU ~10", "decoding_mismatch", decode_position_not_advanced),
     Bug("layernorm_over_time", "training and validation loss far below the clean run's, but greedy output is "
-        "empty; BLEU 0", "", layernorm_over_time),
+        "empty; BLEU 0", "causal_mask", layernorm_over_time),
     Bug("target_shifted_twice", "loss falls as the clean run's, but greedy translations come out empty; BLEU 0",
-        "", target_shifted_twice),
+        "target_shift", target_shifted_twice),
     Bug("lr_schedule_step_not_fraction", "loss creeps from 3.1 to 2.5 in 300 steps; every translation is one "
-        "digit; BLEU 0", "", lr_schedule_step_not_fraction),
+        "digit; BLEU 0", "lr_schedule", lr_schedule_step_not_fraction),
     Bug("greedy_stops_when_any_done", "training and validation loss exactly the clean run's, but every "
-        "translation is cut after a few digits; BLEU falls to 0 as training goes on", "",
+        "translation is cut after a few digits; BLEU falls to 0 as training goes on", "translate_mismatch",
         greedy_stops_when_any_done),
     Bug("gru_hidden_not_carried", "GRU: training and validation loss exactly the clean GRU's, but greedy output "
-        "is its first digit repeated (8 8 8 8); BLEU under 1", "", gru_hidden_not_carried, GRU),
+        "is its first digit repeated (8 8 8 8); BLEU under 1", "decoding_mismatch", gru_hidden_not_carried, GRU),
     Bug("gru_attention_softmax_wrong_axis", "GRU: loss stalls at ~1.3, above the clean GRU's 1.1; greedy output "
-        "empty; BLEU 0", "", gru_attention_softmax_wrong_axis, GRU),
+        "empty; BLEU 0", "decoding_mismatch", gru_attention_softmax_wrong_axis, GRU),
     Bug("gru_hidden_view_not_transpose", "GRU: loss a little above the clean GRU's; translations stretch and "
-        "repeat digits; BLEU half the clean GRU's", "", gru_hidden_view_not_transpose, GRU),
+        "repeat digits; BLEU half the clean GRU's", "batch_leak", gru_hidden_view_not_transpose, GRU),
 ]
-for bug in HELD_OUT:
+HELD_OUT_2 = [
+    Bug("causal_mask_in_cross_attention", "training loss only a little above the clean run's (1.02 against 0.97), "
+        "yet BLEU ~6", "", inject=causal_mask_in_cross_attention),
+    Bug("loss_time_major_flatten", "loss stalls at ~2.2, not far below ln(V); BLEU 0", "",
+        inject=loss_time_major_flatten),
+    Bug("kv_cache_not_accumulated", "training and validation loss exactly the clean run's, but greedy "
+        "translations are far worse; BLEU ~6", "decoding_mismatch", inject=kv_cache_not_accumulated),
+    Bug("train_pairs_off_by_one", "training loss stalls at ~1.6, well above the clean run's; BLEU ~2", "misaligned_pairs",
+        inject=train_pairs_off_by_one),
+    Bug("warmup_never_ends", "loss ends above the clean run's (1.2 against 0.97) as the learning rate keeps "
+        "rising to 10x its peak; BLEU under half the clean run's", "", inject=warmup_never_ends),
+    Bug("positions_by_batch_row", "loss stalls above the clean run's (1.3 against 0.97); BLEU ~9", "no_positions",
+        inject=positions_by_batch_row),
+    Bug("gru_attention_mask_inverted", "GRU: training loss about the clean GRU's (1.09 against 1.11), "
+        "yet BLEU ~10 against 17", "batch_dependence", inject=gru_attention_mask_inverted, knobs=GRU),
+    Bug("gru_translations_not_unsorted", "GRU: training and validation loss exactly the clean GRU's, but "
+        "BLEU under 1", "translate_mismatch", inject=gru_translations_not_unsorted, knobs=GRU),
+    Bug("gru_optimizer_only_the_grus", "GRU: loss stalls at ~1.9, far above the clean GRU's 1.1; BLEU under 1",
+        "not_optimized", inject=gru_optimizer_only_the_grus, knobs=GRU),
+    Bug("gru_decode_step_unscaled_embedding", "GRU: training and validation loss exactly the clean GRU's, but "
+        "BLEU ~7 against 17", "", inject=gru_decode_step_unscaled_embedding, knobs=GRU),
+]
+for bug in HELD_OUT + HELD_OUT_2:
     bug.held_out = True
-BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT}
+BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT + HELD_OUT_2}
 
 
 # -----------------------------------------------------------------------------
