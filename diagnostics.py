@@ -216,50 +216,39 @@ def no_hidden_state(model, src, tgt_in) -> list[tuple[str, str]]:
 
 
 def decoding_as_trained(model, data, device) -> list[tuple[str, str]]:
-    """Greedy decoding with the cache must score its own output as the teacher-forced forward pass does,
-    token by token (the start token, the cache, the positions while decoding); translate() must give
-    greedy decoding's output, for a sentence alone and in a batch."""
-    from decoding import greedy, max_target_len, strip_special
-    src_tok, tgt_tok, found = data.src_tok, data.tgt_tok, []
+    """Greedy decoding with the cache must be what the teacher-forced forward pass, given greedy's own
+    output, does: at every step its token the most likely one, and its score their log-probabilities'
+    sum (the start token, the cache, the positions while decoding); translate() must give greedy
+    decoding's output, the sentences in a batch as each alone."""
+    from decoding import greedy, strip_special
+    src_tok, tgt_tok, found, direct = data.src_tok, data.tgt_tok, [], []
     # the 2 shortest (cheap), the longer first: translate() sorts by length and must put them back
     texts = sorted((t for t in data.splits["validation"].src_text[:20] if t.strip()), key=len)[:2][::-1]
-    direct = []
     for text in texts:
         src = torch.tensor([src_tok.encode(text) + [src_tok.eos_id]], device=device)
-        hyp, score = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, max_target_len(src.shape[1]))
+        hyp, score = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, 8)   # 8 tokens: enough
         tgt_in = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
-        logp = model(src, tgt_in).float().log_softmax(-1).gather(2, hyp[:, :, None])[:, :, 0]    # (1, T)
-        steps = (logp - decode_step_logps(model, src, hyp, tgt_tok)).abs() > 1e-3 * (1 + logp.abs())
-        n = int((hyp[0] == tgt_tok.eos_id).nonzero()[0, 0]) + 1 if (hyp[0] == tgt_tok.eos_id).any() else hyp.shape[1]
-        if not steps.any() and abs(float(logp[0, :n].sum()) - float(score[0])) > 1e-3 * (1 + abs(float(score[0]))):
-            steps[0, n - 1] = True                              # greedy's own score is off: how it feeds its tokens
-        if steps.any() and not found:
-            found.append(("decoding_mismatch", f"greedy decoding scores its own output differently from the teacher-"
-                          f"forced forward pass, from step {int(steps.nonzero()[0, 1])} of \"{text[:40]}\" on: "
-                          "decoding is not computing what training trained. Check the start token (<bos>), the "
+        logp = model(src, tgt_in).float().log_softmax(-1)[0]                       # (T, V) teacher-forced
+        chosen = logp.gather(1, hyp[0, :, None])[:, 0]                             # (T,)
+        ended = (hyp[0] == tgt_tok.eos_id).nonzero()
+        n = int(ended[0, 0]) + 1 if len(ended) else hyp.shape[1]
+        off = (logp.max(-1).values - chosen)[:n] > 1e-3 * (1 + chosen[:n].abs())   # greedy took another token
+        if not off.any() and abs(float(chosen[:n].sum()) - float(score[0])) > 1e-3 * (1 + abs(float(score[0]))):
+            off[n - 1] = True                                   # its own score is off: how it feeds its tokens
+        if off.any() and not found:
+            found.append(("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward "
+                          f"pass of its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{text[:40]}\" "
+                          "on: decoding is not computing what training trained. Check the start token (<bos>), the "
                           "cache (keys and values appended, not replaced; the GRU's hidden state fed back at every "
                           "step), the position of each decoded token, and that the decoder reads in decoding what it "
                           "reads in training (an attention softmax over the source positions, not over time)."))
         direct.append(tgt_tok.decode(strip_special(hyp[0].tolist(), tgt_tok.eos_id)))
-    alone = [translate(model, src_tok, tgt_tok, [text], device=device)[0] for text in texts]
-    together = translate(model, src_tok, tgt_tok, texts, device=device)
-    if not found and (alone != direct or together != direct):
-        found.append(("translate_mismatch", "translate() does not return what greedy decoding of the same sentence "
-                      "gives" + (" alone" if alone != direct else " when the sentences come together") + ": check "
-                      "the start and end tokens it passes, that the translations are put back in input order, and "
-                      "that in a batch each sentence stops on its own (at its <eos> or its length limit), not when "
-                      "another does."))
+    if not found and translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8) != direct:
+        found.append(("translate_mismatch", "translate() does not return what greedy decoding of each sentence alone "
+                      "gives: check the start and end tokens it passes, that the translations are put back in input "
+                      "order, and that in a batch each sentence stops on its own (at its <eos> or its length limit), "
+                      "not when another does."))
     return found
-
-
-def decode_step_logps(model, src, hyp, tgt_tok) -> torch.Tensor:
-    """(1, T) the log-probability decode_step gives each token of hyp, fed greedy's own tokens."""
-    memory, cache, y, out = model.encode(src), None, torch.full_like(hyp[:, 0], tgt_tok.bos_id), []
-    for i in range(hyp.shape[1]):
-        logits, cache = model.decode_step(y, memory, cache)
-        out.append(logits.float().log_softmax(-1).gather(1, hyp[:, i:i + 1])[:, 0])
-        y = hyp[:, i]
-    return torch.stack(out, dim=1)
 
 
 def padding_in_loss(model, src, tgt_in, tgt_out, loss_fn, data) -> list[tuple[str, str]]:
@@ -281,11 +270,13 @@ def attention_scale(model, src, tgt_in) -> list[tuple[str, str]]:
 
 def dropout_in_decoding(model, data, device) -> list[tuple[str, str]]:
     model.train()                                               # as validation finds it during training
-    texts = data.splits["validation"].src_text[:3]
-    twice = [translate(model, data.src_tok, data.tgt_tok, texts, device=device) for _ in range(2)]
+    texts = sorted((t for t in data.splits["validation"].src_text[:20] if t.strip()), key=len)[:3]   # short: cheap
+    twice = [translate(model, data.src_tok, data.tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8)
+             for _ in range(2)]
     model.eval()
     if twice[0] != twice[1]:
-        return [("dropout_in_decoding", "greedy decoding of the same 3 validation sentences twice gave different "
+        return [("dropout_in_decoding", "greedy decoding of the same 3 short validation sentences twice gave "
+                 "different "
                  "translations: dropout is on while decoding. Call model.eval() before decoding or validating, "
                  "and model.train() after.")]
     return []
