@@ -24,7 +24,8 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
     """An untrained model should be as unsure as uniform guessing: loss close to ln(V) (with logits of
     unit variance, ~0.5 nats above it whatever V is). Far above: over-confident first guesses (weights
     too large, a wrong output layer); below: the model sees the word it must predict (a leaking mask)
-    or the loss is divided by the wrong count. docs/robustness.md says why the tolerance is 1 nat.
+    or the loss is divided by the wrong count. docs/robustness.md says why the tolerance is 1 nat below
+    and 2 above.
     Logs an "init" record (step 0's loss and ln(V)), which Symptoms reads."""
     pad_id, device = data.tgt_tok.pad_id, next(model.parameters()).device
     model.eval()
@@ -35,8 +36,8 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
     ln_v = math.log(data.tgt_tok.vocab_size)
     log.record("init", f"step 0: loss {loss:.3f}, ln(V) = {ln_v:.3f} ({loss - ln_v:+.2f} nats)",
                step=0, loss=loss, ln_v=ln_v)
-    if abs(loss - ln_v) > 1.0:
-        log.warn("initial_loss", "the initial loss is more than 1 nat away from ln(V): check the weight "
+    if not -1.0 <= loss - ln_v <= 2.0:     # (five seeds of config/toy_reverse.py: +0.2 to +1.8)
+        log.warn("initial_loss", f"the initial loss is {loss - ln_v:+.1f} nats from ln(V): check the weight "
                  "initialisation, the output layer and the loss masking")
 
 
@@ -435,8 +436,8 @@ class StepChecks:
 class Symptoms:
     """What a run's records say about it. common.RunLog shows it every record it writes; it returns
     the warnings they call for, each (name, text) once per run:
-      loss_stuck            past the warm-up (the learning rate falling) and step 100, the training
-                            loss has not fallen 1 nat below ln(V), uniform guessing. A softmax before the
+      loss_stuck            past the warm-up (the learning rate falling) and step 100, at two log lines
+                            in a row, the training loss has not fallen 1 nat below ln(V), uniform guessing. A softmax before the
                             cross-entropy cannot: its loss is >= ln(e + V - 1) - 1 > ln(V) - 1.
       teacher_forcing_leak  validation loss below 0.35 nats, yet greedy BLEU below 10: the model is
                             right when it is shown the target, wrong when it must decode on its own.
@@ -448,7 +449,7 @@ class Symptoms:
 
     def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
         self.ln_v, self.top_lr, self.named, self.gains = None, 0.0, set(), []
-        self.peak_lr, self.warmup_frac, self.progress = peak_lr, warmup_frac, 0.0
+        self.peak_lr, self.warmup_frac, self.progress, self.stuck = peak_lr, warmup_frac, 0.0, 0
 
     def __call__(self, kind: str, r: dict) -> list[tuple[str, str]]:
         found = []
@@ -461,7 +462,9 @@ class Symptoms:
                               f"warm-up, and the learning rate has been at most {self.top_lr:.1e}, under half its "
                               f"peak {self.peak_lr:.1e}: the schedule is not what the knobs ask for. Check how "
                               "the run's progress (a fraction in [0, 1]) is computed and fed to the schedule."))
-            if past_warmup and r["step"] >= 100 and r["loss"] > self.ln_v - 1.0:
+            stuck = past_warmup and r["step"] >= 100 and r["loss"] > self.ln_v - 1.0
+            self.stuck = self.stuck + 1 if stuck else 0         # two log lines in a row: not one noisy batch
+            if self.stuck >= 2:
                 found.append(("loss_stuck", f"step {r['step']}: past the warm-up, the training loss "
                               f"{r['loss']:.2f} has not fallen 1 nat below ln(V) = {self.ln_v:.2f}, uniform guessing. "
                               "Check that the loss gets raw logits (no softmax before the cross-entropy), that the "

@@ -130,4 +130,4 @@ def test_initial_loss_check_warns_for_overconfident_first_guesses(tmp_path, caps
     with torch.no_grad():
         model.tgt_embed.weight.mul_(10)                                   # tied: logits 10x too large
     check_initial_loss(model, batches[0], sequence_loss, data, log, rt.amp)
-    assert "warning: the initial loss is more than 1 nat away from ln(V)" in capsys.readouterr().out
+    assert "warning: the initial loss is +" in capsys.readouterr().out
