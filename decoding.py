@@ -239,12 +239,12 @@ def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, spli
         with precision(amp):
             logits = model(src, tgt_in)
             other_logits = model(src.roll(1, 0), tgt_in) if shuffled else None
-        loss_sum += sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0).item()
-        n_tokens += int((tgt_out != data.tgt_tok.pad_id).sum())
+        loss = sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0)
+        tokens = int((tgt_out != data.tgt_tok.pad_id).sum())
+        loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + tokens
         if shuffled:
-            gain = [gain[0] + (sequence_loss(other_logits, tgt_out, data.tgt_tok.pad_id, 0.0)
-                               - sequence_loss(logits, tgt_out, data.tgt_tok.pad_id, 0.0)).item(),
-                    gain[1] + int((tgt_out != data.tgt_tok.pad_id).sum())]
+            gain = [gain[0] + (sequence_loss(other_logits, tgt_out, data.tgt_tok.pad_id, 0.0) - loss).item(),
+                    gain[1] + tokens]
     n = len(sp) if n_sentences <= 0 else min(n_sentences, len(sp))
     hyps = translate(model, data.src_tok, data.tgt_tok, sp.src_text[:n], device=device, amp=amp)
     scores = score(hyps, sp.tgt_text[:n])
