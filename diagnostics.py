@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from decoding import translate
+import decoding  # (its functions looked up at each call: a bug put into decoding.py is seen)
 
 
 @torch.no_grad()
@@ -42,7 +42,8 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
 
 
 @torch.no_grad()
-def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, rows: int = 4) -> list[str]:
+def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothing: float = 0.0,
+                rows: int = 4) -> list[str]:
     """Before step 1, test the untrained model on a few sentences of the first batch (src, tgt_in,
     tgt_out) for the properties a correct encoder-decoder has, whatever the bug that breaks them;
     warn (log.warn) about each that fails, print the list of those that hold, and return it:
@@ -52,9 +53,11 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, rows: i
       alone_as_in_a_batch   a sentence's logits alone are its logits in the batch, padding and all
       word_order            the encoder and the decoder tell a sentence from its words reordered
       no_hidden_state       the same batch twice, another between: the same logits
-      decoding_as_trained   greedy decoding's log-probabilities are the teacher-forced ones of its
-                            own output, and translate() gives what greedy decoding does, alone or not
-      padding_in_loss       targets that are all padding cost nothing in loss_fn
+      decoding_as_trained   decoding step by step gives the teacher-forced logits; greedy decoding's
+                            choices are the forward pass's first ones on its own output, and
+                            translate() gives what greedy decoding does, alone or not
+      loss_as_defined       loss_fn is the cross-entropy of each position's logits against its own
+                            target (label smoothing too), its gradient p - q; padding costs nothing
       attention_scale       attention scores spread about as 1 / sqrt(Dh) makes them
       dropout_in_decoding   two greedy decodings of the same sentences agree
       every_parameter_learns  every parameter gets a gradient and is in the optimizer
@@ -69,8 +72,8 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, rows: i
                "alone_as_in_a_batch": alone_as_in_a_batch(model, src, tgt_in, data),
                "word_order": word_order(model, src, tgt_in, data),
                "no_hidden_state": no_hidden_state(model, src, tgt_in),
-               "decoding_as_trained": decoding_as_trained(model, data, device),
-               "padding_in_loss": padding_in_loss(model, src, tgt_in, tgt_out, loss_fn, data),
+               "decoding_as_trained": decoding_as_trained(model, src, tgt_in, data, device),
+               "loss_as_defined": loss_as_defined(tgt_out, loss_fn, data, smoothing),
                "attention_scale": attention_scale(model, src, tgt_in),
                "dropout_in_decoding": dropout_in_decoding(model, data, device),
                "every_parameter_learns": every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer),
@@ -108,7 +111,9 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
     """Karpathy's dependency probe: backpropagate one prediction (row b, target position t) to the
     embeddings of all the inputs. A correct model's gradient reaches every real source token of
     row b and its target inputs 0..t; not row b's padding, not its later target inputs, no other
-    row. Needs the model's src_embed and tgt_embed (both models have them); the encoder embeds first."""
+    row; and, where the model attends, the encoder's output at every real source position (the
+    encoder mixes the source, so the embeddings alone cannot show what the attention hides).
+    Needs the model's src_embed and tgt_embed (both models have them); the encoder embeds first."""
     lengths = (tgt_out != data.tgt_tok.pad_id).sum(dim=1)
     b = int(lengths.argmax())
     t = int(lengths[b]) // 2                                    # a position with a past and a future
@@ -118,11 +123,20 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
         out.retain_grad()
         outputs.append(out)
     hooks = [m.register_forward_hook(keep) for m in {id(m): m for m in (model.src_embed, model.tgt_embed)}.values()]
+    encoded, encode = [], model.encode
+
+    def encode_kept(s):                                         # the encoder output, kept too: what the
+        memory = encode(s)                                      # decoder's attention reads of it
+        encoded.append(first_tensor(memory))
+        encoded[-1].retain_grad()
+        return memory
+    model.encode = encode_kept                                  # (this call only: deleted below)
     try:
         with torch.enable_grad():
             logits = model(src, tgt_in)                         # (B, T, V)
             logits[b, t].log_softmax(-1)[int(logits[b, t].argmin())].backward()
     finally:
+        del model.encode
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
@@ -130,6 +144,8 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
         return []
     src_read = outputs[0].grad.abs().sum(dim=-1) > 0            # (B, S) which source embeddings it read
     tgt_read = outputs[-1].grad.abs().sum(dim=-1) > 0           # (B, T)
+    enc_grad = encoded[0].grad if encoded and encoded[0].grad is not None else None
+    attended = enc_grad[b].abs().sum(dim=-1) > 0 if enc_grad is not None else None   # (S,) or None: no attention
     real, others = src[b] != data.src_tok.pad_id, torch.arange(len(src), device=src.device) != b
     # a gradient where none belongs is a leak for sure; none where one belongs only if nothing saturates
     # (an over-confident untrained model's softmaxes round their small gradients to 0: initial_loss's case)
@@ -151,6 +167,13 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
                       f"{(~src_read[b] & real).nonzero()[:, 0].tolist()} of its sentence (of {int(real.sum())}): the "
                       "decoder gets no information from them. Check the source mask's polarity (True = a real "
                       "token), cross-attention's keys and values (the encoder output), the GRU's lengths."))
+    if trusted and attended is not None and attended.any() and not attended[real].all():
+        found.append(("source_positions_hidden", f"the prediction at target position {t} attends to no encoder "
+                      f"output at source positions {(~attended & real).nonzero()[:, 0].tolist()} of its sentence (of "
+                      f"{int(real.sum())}), though they are real tokens: its attention over the source hides them. "
+                      "Check the mask handed to cross-attention (the source's padding mask, True = a real token, "
+                      "(B, 1, 1, S); not the decoder's causal mask, which would hide source positions after t), "
+                      "its polarity (masked_fill where the mask is False), and the GRU attention's mask."))
     if src_read[b][~real].any():
         found.append(("padding_mask", "a prediction reads the padding after its source sentence: attention (or the "
                       "recurrence) reads padding, and a sentence is translated differently in a batch than alone. "
@@ -216,19 +239,30 @@ def no_hidden_state(model, src, tgt_in) -> list[tuple[str, str]]:
     return []
 
 
-def decoding_as_trained(model, data, device) -> list[tuple[str, str]]:
-    """Greedy decoding with the cache must be what the teacher-forced forward pass, given greedy's own
-    output, does: at every step its token the most likely one, and its score their log-probabilities'
-    sum (the start token, the cache, the positions while decoding); translate() must give greedy
-    decoding's output, the sentences in a batch as each alone."""
-    from decoding import greedy, strip_special  # (looked up at the call: a bug put into decoding.py is seen)
+def decoding_as_trained(model, src, tgt_in, data, device) -> list[tuple[str, str]]:
+    """Decoding one token at a time (decode_step and its cache) must compute what the teacher-forced
+    forward pass does: fed the batch's target inputs one by one, the same logits at every real position.
+    Greedy decoding must then be what the forward pass, given greedy's own output, does: at every step
+    its token the most likely one, and its score their log-probabilities' sum (the start token);
+    translate() must give greedy decoding's output, the sentences in a batch as each alone."""
     src_tok, tgt_tok, found, direct = data.src_tok, data.tgt_tok, [], []
+    forward, memory, cache = model(src, tgt_in), model.encode(src), None
+    real = tgt_in != tgt_tok.pad_id
+    for t in range(tgt_in.shape[1]):
+        logits, cache = model.decode_step(tgt_in[:, t], memory, cache)         # (B, V)
+        if differ(logits[real[:, t]], forward[:, t][real[:, t]]):
+            return [("decoding_mismatch", f"decoding one token at a time (decode_step and its cache), fed the "
+                     f"target inputs of the first batch, gives other logits than the teacher-forced forward pass "
+                     f"from position {t} on: decoding does not compute what training trained. Check that each "
+                     "step embeds its token as training does (the same scale and dropout off), its position (the "
+                     "number of tokens decoded before it), the cache (keys and values appended, not replaced; "
+                     "the GRU's hidden state fed back), and the masks decode_step hands the attention.")]
     texts = short_sources(data, 2)[::-1]        # the longer first: translate() sorts, and must put them back
     for text in texts:
-        src = torch.tensor([src_tok.encode(text) + [src_tok.eos_id]], device=device)
-        hyp, score = greedy(model, src, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, 8)   # 8 tokens: enough
-        tgt_in = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
-        logp = model(src, tgt_in).float().log_softmax(-1)[0]                       # (T, V) teacher-forced
+        one = torch.tensor([src_tok.encode(text) + [src_tok.eos_id]], device=device)
+        hyp, score = decoding.greedy(model, one, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, 8)   # 8 tokens: enough
+        fed = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
+        logp = model(one, fed).float().log_softmax(-1)[0]                          # (T, V) teacher-forced
         chosen = logp.gather(1, hyp[0, :, None])[:, 0]                             # (T,)
         ended = (hyp[0] == tgt_tok.eos_id).nonzero()
         n = int(ended[0, 0]) + 1 if len(ended) else hyp.shape[1]
@@ -238,12 +272,10 @@ def decoding_as_trained(model, data, device) -> list[tuple[str, str]]:
         if off.any() and not found:
             found.append(("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward "
                           f"pass of its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{text[:40]}\" "
-                          "on: decoding is not computing what training trained. Check the start token (<bos>), the "
-                          "cache (keys and values appended, not replaced; the GRU's hidden state fed back at every "
-                          "step), the position of each decoded token, and that the decoder reads in decoding what it "
-                          "reads in training (an attention softmax over the source positions, not over time)."))
-        direct.append(tgt_tok.decode(strip_special(hyp[0].tolist(), tgt_tok.eos_id)))
-    if not found and translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8) != direct:
+                          "on: greedy decoding does not feed back what it chose. Check the start token (<bos>), "
+                          "that each step's input is the previous step's argmax, and the scores it adds up."))
+        direct.append(tgt_tok.decode(hyp[0, :n - 1 if len(ended) else n].tolist()))   # up to its <eos>
+    if not found and decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8) != direct:
         found.append(("translate_mismatch", "translate() does not return what greedy decoding of each sentence alone "
                       "gives: check the start and end tokens it passes, that the translations are put back in input "
                       "order, and that in a batch each sentence stops on its own (at its <eos> or its length limit), "
@@ -257,11 +289,36 @@ def short_sources(data, n: int) -> list[str]:
     return sorted((t for t in data.splits["validation"].src_text[:20] if t.strip()), key=len)[:n]
 
 
-def padding_in_loss(model, src, tgt_in, tgt_out, loss_fn, data) -> list[tuple[str, str]]:
-    pad = data.tgt_tok.pad_id
-    if loss_fn(model(src, tgt_in), torch.full_like(tgt_out, pad), pad, 0.0).item() != 0.0:
+def loss_as_defined(tgt_out, loss_fn, data, smoothing: float) -> list[tuple[str, str]]:
+    """loss_fn(logits, tgt_out, pad, eps) is its definition: with p = softmax(logits) and q the target
+    distribution ((1 - eps) on tgt_out's token at each position, eps / V spread), the sum of -q log p over
+    the positions whose target is not pad, and its gradient (p - q) there, 0 at padding. Random
+    logits (not the untrained model's, nearly uniform) so that a token scored against another's
+    target costs a different loss; with smoothing 0 and the run's."""
+    pad, V = data.tgt_tok.pad_id, data.tgt_tok.vocab_size
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(*tgt_out.shape, V, generator=g)).to(tgt_out.device).requires_grad_()
+    if loss_fn(logits, torch.full_like(tgt_out, pad), pad, 0.0).item() != 0.0:
         return [("padding_in_loss", "the training loss of targets that are all padding is not 0: padded positions "
                  "count in the loss and its average. Leave out the positions where tgt_out is pad.")]
+    real = (tgt_out != pad)[..., None].float()                                   # (B, T, 1)
+    for eps in dict.fromkeys((0.0, smoothing)):
+        q = torch.full_like(logits, eps / V).scatter_add(
+            -1, tgt_out.clamp(0, V - 1)[..., None], torch.full_like(logits[..., :1], 1 - eps))
+        with torch.enable_grad():
+            loss = loss_fn(logits, tgt_out, pad, eps)
+            grad, = torch.autograd.grad(loss, logits)
+        p = logits.detach().softmax(-1)
+        expected = -(q * p.log() * real).sum()
+        if differ(loss.detach().reshape(()), expected) or differ(grad, (p - q) * real):
+            return [("loss_definition", f"the training loss (label smoothing {eps}) of random logits is "
+                     f"{loss.item():.2f} (gradient off by up to {(grad - (p - q) * real).abs().max():.2f}), where the "
+                     f"cross-entropy of the logits against tgt_out at the same positions is {expected.item():.2f}: "
+                     "the loss does not score each position's logits against its own target. Check that logits "
+                     "(B, T, V) and tgt_out (B, T) are flattened the same way (both batch-major: "
+                     "logits.flatten(0, 1), tgt_out.flatten(); not one transposed), that the loss gets raw logits "
+                     "(no softmax or log_softmax of its own before it), tgt_out and not tgt_in, and the smoothing "
+                     "term (eps / V over all V words) and the gradient (p - q) of a hand-written loss.")]
     return []
 
 
@@ -277,7 +334,7 @@ def attention_scale(model, src, tgt_in) -> list[tuple[str, str]]:
 def dropout_in_decoding(model, data, device) -> list[tuple[str, str]]:
     model.train()                                               # as validation finds it during training
     texts = short_sources(data, 3)
-    twice = [translate(model, data.src_tok, data.tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8)
+    twice = [decoding.translate(model, data.src_tok, data.tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8)
              for _ in range(2)]
     model.eval()
     if twice[0] != twice[1]:
@@ -321,8 +378,8 @@ def module_names(names: list[str], most: int = 4) -> str:
 
 def data_checks(data) -> list[tuple[str, str]]:
     """The data, before any training: the pairs aligned (source and target lengths correlate in train
-    as in validation), no validation or test source in train, and each side of validation like the
-    same side of train (not source and target swapped)."""
+    as in validation), no validation or test source in train, each side of validation like the
+    same side of train (not source and target swapped), the tokenizers' round trip."""
     import numpy as np
     found, train, val = [], data.splits["train"], data.splits["validation"]
     r = {name: float(np.corrcoef(sp.src_lens, sp.tgt_lens)[0, 1]) if len(sp) > 2 and sp.src_lens.std() and
@@ -349,6 +406,25 @@ def data_checks(data) -> list[tuple[str, str]]:
         found.append(("sides_swapped", f"validation's sources look like train's targets (token frequencies: cosine "
                       f"{cos['tgt']:.2f} against {cos['src']:.2f} with train's sources): source and target "
                       "are likely swapped in one split. Check src_lang and tgt_lang for each file."))
+    found += tokenizer_round_trip(data)
+    return found
+
+
+def tokenizer_round_trip(data, n: int = 100) -> list[tuple[str, str]]:
+    """The first n validation pairs: each side's ids are its tokenizer's encoding of its text, and
+    decoding them gives the text back (in most sentences: a character the tokenizer lacks decodes as ⁇)."""
+    val, found = data.splits["validation"], []
+    for side, tok, texts in (("src", data.src_tok, val.src_text), ("tgt", data.tgt_tok, val.tgt_text)):
+        pairs = [(getattr(val, side)(i).tolist(), texts[i]) for i in range(min(n, len(val)))]
+        encoded = sum(ids == tok.encode(text) for ids, text in pairs)
+        back = sum(tok.decode(ids) == text for ids, text in pairs)
+        if encoded < len(pairs) or back < len(pairs) / 2:
+            found.append(("tokenizer_round_trip", f"of the first {len(pairs)} validation sentences' {side} side, "
+                          f"{encoded} are stored as the tokenizer's encoding of their text and {back} decode back "
+                          "to their text: what the model trains on, or what BLEU scores, is not the text. Check "
+                          "that each side is encoded with its own tokenizer, that decode() joins the pieces as "
+                          "encode() split them (no spaces added or lost) and drops only the special tokens."))
+            break
     return found
 
 
@@ -449,12 +525,12 @@ class Symptoms:
       source_ignored        at two validations in a row, 30% of the run or more done, another sentence's
                             source costs the model less than 0.05 nats per token (source_gain): it
                             translates without reading (early on, a model learns the target side first).
-      lr_schedule           a tenth of the run past the warm-up (progress), the learning rate has never
-                            come within half of its peak (peak_lr) in the records."""
+      lr_schedule           the learning rate above its peak (peak_lr), or, a tenth of the run past the
+                            warm-up (progress), rising or never yet within half of its peak."""
 
     def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
         self.ln_v, self.top_lr, self.named, self.gains = None, 0.0, set(), []
-        self.peak_lr, self.warmup_frac, self.progress, self.stuck = peak_lr, warmup_frac, 0.0, 0
+        self.peak_lr, self.warmup_frac, self.progress, self.stuck, self.last_lr = peak_lr, warmup_frac, 0.0, 0, 0.0
 
     def __call__(self, kind: str, r: dict) -> list[tuple[str, str]]:
         found = []
@@ -462,11 +538,14 @@ class Symptoms:
             self.ln_v = r["ln_v"]
         elif kind == "train" and self.ln_v is not None:
             past_warmup, self.top_lr = r["lr"] < self.top_lr, max(self.top_lr, r["lr"])
-            if self.peak_lr and r.get("progress", 0.0) > self.warmup_frac + 0.1 and self.top_lr < 0.5 * self.peak_lr:
-                found.append(("lr_schedule", f"step {r['step']}: {r['progress']:.0%} of the run done, past the "
-                              f"warm-up, and the learning rate has been at most {self.top_lr:.1e}, under half its "
-                              f"peak {self.peak_lr:.1e}: the schedule is not what the knobs ask for. Check how "
-                              "the run's progress (a fraction in [0, 1]) is computed and fed to the schedule."))
+            wrong = self.schedule_wrong(r["lr"], r.get("progress", 0.0))
+            if wrong:
+                found.append(("lr_schedule", f"step {r['step']}: {r['progress']:.0%} of the run done, the learning "
+                              f"rate {wrong}: the schedule is not what the knobs ask for (warm up to the peak "
+                              "over warmup_frac of the run, then fall). Check the schedule's formula (the end of "
+                              "its warm-up, its decay) and how the run's progress (a fraction in [0, 1]) is "
+                              "computed and fed to it."))
+            self.last_lr = r["lr"]
             stuck = past_warmup and r["step"] >= 100 and r["loss"] > self.ln_v - 1.0
             self.stuck = self.stuck + 1 if stuck else 0         # two log lines in a row: not one noisy batch
             if self.stuck >= 2:
@@ -492,3 +571,17 @@ class Symptoms:
         found = [(name, text) for name, text in found if name not in self.named]
         self.named.update(name for name, _ in found)
         return found
+
+    def schedule_wrong(self, lr: float, progress: float) -> str:
+        """What is wrong with the learning rate of a record, if anything ('' for nothing; no peak_lr given:
+        nothing is checked)."""
+        late = progress > self.warmup_frac + 0.1                # a tenth of the run past the warm-up
+        if not self.peak_lr:
+            return ""
+        if lr > 1.05 * self.peak_lr:
+            return f"is {lr:.1e}, above its peak {self.peak_lr:.1e}"
+        if late and self.top_lr < 0.5 * self.peak_lr:
+            return f"has been at most {self.top_lr:.1e}, under half its peak {self.peak_lr:.1e}"
+        if late and self.progress >= self.warmup_frac and lr > 1.01 * self.last_lr:     # (the previous record's)
+            return f"rose from {self.last_lr:.1e} to {lr:.1e} after the warm-up"
+        return ""

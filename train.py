@@ -287,7 +287,8 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     model.train()
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":    # diagnostics.py, before step 1:
         check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log, rt.amp)   # loss ~ ln(V)?
-        probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log, optimizer)   # what a correct model does
+        probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log, optimizer,   # what a correct
+                    0.0 if cfg["overfit_batches"] else cfg["label_smoothing"])            # model does
     with RunClock(rt, run, cfg) as clock:       # runtime.py: the time budget; Ctrl-C and SIGTERM only noted
         while True:
             signalled = clock.tick(run)         # run.minutes moved on; 'received SIGINT' after a Ctrl-C

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import decoding
+import loss
 import train
 from batching import TrainBatches
 from common import RunLog, StepLog
@@ -117,6 +118,34 @@ def test_the_properties_a_correct_model_has_name_bugs_they_were_not_written_for(
     assert log.names == ["not_optimized"] and "checked before step 1 (10 of 11 hold" in log.said
 
 
+def test_the_properties_name_bugs_written_after_them(data, monkeypatch):
+    """Four more bugs, each breaking a property: the loss's definition, cross-attention's reach,
+    decoding = training for the GRU, the tokenizer's round trip."""
+    model, batch = tiny(data)
+    time_major = lambda logits, tgt_out, pad_id, eps: loss.SmoothedCrossEntropy.apply(    # noqa: E731
+        logits.transpose(0, 1).reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), pad_id, eps)
+    assert probe(model, batch, data, time_major) == ["loss_definition"]
+    cross = MultiHeadAttention.cross_attention
+
+    def causal_cross(self, y, memory, mask, cache=None):               # the causal mask on the source too
+        causal = torch.ones(y.shape[1], memory.shape[1], dtype=torch.bool).tril()
+        return cross(self, y, memory, mask & causal, cache)
+    monkeypatch.setattr(MultiHeadAttention, "cross_attention", causal_cross)
+    assert probe(model, batch, data)[0] == "source_positions_hidden"
+    monkeypatch.undo()
+    rnn, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
+
+    def decode_step(self, y, memory, cache):                            # no sqrt(E) scale while decoding
+        logits, hidden = self.run_decoder(self.tgt_embed(y[:, None]), memory,
+                                          memory.init if cache is None else cache["hidden"])
+        return logits[:, 0], {"hidden": hidden}
+    monkeypatch.setattr(type(rnn), "decode_step", decode_step)
+    assert probe(rnn, batch, data) == ["decoding_mismatch"]
+    monkeypatch.undo()
+    monkeypatch.setattr(type(data.tgt_tok), "decode", lambda self, ids: " ".join(self.piece(i) for i in ids))
+    assert "tokenizer_round_trip" in probe(model, batch, data)
+
+
 def decode_from_zero(self, decode, tgt_in, memory, cache):
     """Transformer.decode with a cache, each new token given position 0 (the offset forgotten)."""
     length = cache["length"]
@@ -180,6 +209,12 @@ def test_a_learning_rate_that_never_reaches_its_peak_is_named():
     lrs = [8.3e-4, 9.9e-4, 9.5e-4, 9e-4]
     assert not any(healthy("train", {"step": s, "loss": 1.0, "lr": lr, "progress": s / 300})
                    for s, lr in zip((25, 50, 75, 100), lrs))
+    for lrs in ([1e-3, 1.2e-3], [5e-4, 1e-3, 9e-4, 9.5e-4]):           # past the peak; rising after the warm-up
+        wrong = Symptoms(peak_lr=1e-3, warmup_frac=0.1)
+        wrong("init", {"step": 0, "loss": 2.7, "ln_v": 2.7})
+        found = [wrong("train", {"step": s, "loss": 1.0, "lr": lr, "progress": s / 300})
+                 for s, lr in zip((15, 30, 75, 100), lrs)]
+        assert [n for f in found for n, _ in f] == ["lr_schedule"]
 
 
 def test_a_model_that_stops_reading_its_source_is_named_at_the_second_validation():

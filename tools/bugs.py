@@ -548,15 +548,15 @@ HELD_OUT = [
 ]
 HELD_OUT_2 = [
     Bug("causal_mask_in_cross_attention", "training loss only a little above the clean run's (1.02 against 0.97), "
-        "yet BLEU ~6", "", inject=causal_mask_in_cross_attention),
-    Bug("loss_time_major_flatten", "loss stalls at ~2.2, not far below ln(V); BLEU 0", "",
+        "yet BLEU ~6", "source_positions_hidden", inject=causal_mask_in_cross_attention),
+    Bug("loss_time_major_flatten", "loss stalls at ~2.2, not far below ln(V); BLEU 0", "loss_definition",
         inject=loss_time_major_flatten),
     Bug("kv_cache_not_accumulated", "training and validation loss exactly the clean run's, but greedy "
         "translations are far worse; BLEU ~6", "decoding_mismatch", inject=kv_cache_not_accumulated),
     Bug("train_pairs_off_by_one", "training loss stalls at ~1.6, well above the clean run's; BLEU ~2", "misaligned_pairs",
         inject=train_pairs_off_by_one),
     Bug("warmup_never_ends", "loss ends above the clean run's (1.2 against 0.97) as the learning rate keeps "
-        "rising to 10x its peak; BLEU under half the clean run's", "", inject=warmup_never_ends),
+        "rising to 10x its peak; BLEU under half the clean run's", "lr_schedule", inject=warmup_never_ends),
     Bug("positions_by_batch_row", "loss stalls above the clean run's (1.3 against 0.97); BLEU ~9", "no_positions",
         inject=positions_by_batch_row),
     Bug("gru_attention_mask_inverted", "GRU: training loss about the clean GRU's (1.09 against 1.11), "
@@ -566,7 +566,7 @@ HELD_OUT_2 = [
     Bug("gru_optimizer_only_the_grus", "GRU: loss stalls at ~1.9, far above the clean GRU's 1.1; BLEU under 1",
         "not_optimized", inject=gru_optimizer_only_the_grus, knobs=GRU),
     Bug("gru_decode_step_unscaled_embedding", "GRU: training and validation loss exactly the clean GRU's, but "
-        "BLEU ~7 against 17", "", inject=gru_decode_step_unscaled_embedding, knobs=GRU),
+        "BLEU ~7 against 17", "decoding_mismatch", inject=gru_decode_step_unscaled_embedding, knobs=GRU),
 ]
 for bug in HELD_OUT + HELD_OUT_2:
     bug.held_out = True
