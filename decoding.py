@@ -227,8 +227,8 @@ def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, spli
     """On a split of data.Data: the loss (no smoothing) and perplexity over all of it, teacher-forced
     in token-budget batches, and on a quarter of it how much higher that loss is with each target given
     another sentence's source (source_gain, nats per token: what the model takes from its source);
-    BLEU (cased, lower-cased) and chrF of the greedy translations of its first n_sentences (0 = all);
-    the first n_examples."""
+    BLEU (cased, lower-cased) and chrF of the greedy translations of its first n_sentences (0 = all),
+    their length against the references' (length_ratio); the first n_examples."""
     was_training = model.training
     model.eval()
     sp = data.splits[split]
@@ -251,7 +251,7 @@ def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, spli
     model.train(was_training)
     loss = loss_sum / max(n_tokens, 1)
     return {"loss": loss, "source_gain": gain[0] / max(gain[1], 1), "ppl": math.exp(min(loss, 50)),
-            "bleu": scores["bleu"], "bleu_lc": scores["bleu_lc"],
+            "bleu": scores["bleu"], "bleu_lc": scores["bleu_lc"], "length_ratio": scores["length_ratio"],
             "chrf": scores["chrf"], "sentences": n, "examples": [{"src": sp.src_text[i], "ref": sp.tgt_text[i],
                                                                    "hyp": hyps[i]} for i in range(min(n_examples, n))]}
 
@@ -265,4 +265,6 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
     for name, metric in metrics.items():
         result = metric.corpus_score(hypotheses, [references])
         out.update({name: result.score, f"{name}_str": str(result), f"{name}_signature": str(metric.get_signature())})
+        if name == "bleu":                      # the translations' length against the references' (13a tokens)
+            out["length_ratio"] = result.sys_len / max(result.ref_len, 1)
     return out

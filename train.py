@@ -227,7 +227,7 @@ def validate(model, data, cfg: dict, rt: Runtime, run: RunState, log: RunLog, ex
                f"{ev['ppl']:.2f}, BLEU {ev['bleu']:.2f} (lower-cased {ev['bleu_lc']:.2f}), chrF {ev['chrf']:.2f} "
                f"({ev['sentences']} sentences, {seconds:.1f} s)" + printable(extra, ", "), step=run.step,
                val_loss=ev["loss"], source_gain=ev["source_gain"], ppl=ev["ppl"], bleu=ev["bleu"],
-               bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], seconds=seconds, examples=ev["examples"], **extra)
+               bleu_lc=ev["bleu_lc"], chrf=ev["chrf"], length_ratio=ev["length_ratio"], seconds=seconds, examples=ev["examples"], **extra)
     for ex in ev["examples"]:
         log.say(f"  src: {ex['src']}\n  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
     improved = ev["bleu"] > run.best_bleu

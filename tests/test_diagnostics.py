@@ -242,6 +242,17 @@ def records(kind_values):
     return said
 
 
+def test_translations_far_shorter_than_the_references_are_named_at_the_second_validation():
+    def evals(*ratios, progress=0.5):
+        return [record for i, ratio in enumerate(ratios, 1) for record in (
+            ("train", {"step": 100 * i, "loss": 1.0, "lr": 1e-3, "progress": progress}),
+            ("eval", {"step": 100 * i, "val_loss": 1.0, "bleu": 5.0, "length_ratio": ratio}))]
+    assert records(evals(0.3, 0.4)) == ["translation_length"]
+    assert records(evals(0.3, 0.9, 0.4)) == []                           # not twice in a row
+    assert records(evals(2.2, 2.2)) == []                               # long: an undertrained model repeats
+    assert records(evals(0.3, 0.4, progress=0.1)) == []
+
+
 def test_a_loss_stuck_near_ln_v_after_the_warm_up_is_named_once():
     ln_v = math.log(15)
     start = [("init", {"step": 0, "loss": 3.0, "ln_v": ln_v})]
