@@ -205,7 +205,8 @@ def alone_as_in_a_batch(model, src, tgt_in, data) -> list[tuple[str, str]]:
 
 def word_order(model, src, tgt_in, data) -> list[tuple[str, str]]:
     """Reordering a sentence's words must change the encoder's output for them (beyond reordering it),
-    and reordering the target inputs before position t must change the prediction at t."""
+    and reordering the target inputs before position t must change the prediction at t, which must
+    respond to the word given at t at all (input_response: else that, not the order, is named)."""
     found, b = [], int((src != data.src_tok.pad_id).sum(dim=1).argmax())
     n = int((src[b] != data.src_tok.pad_id).sum()) - 1              # the real tokens before <eos>
     if n >= 3:
@@ -216,6 +217,14 @@ def word_order(model, src, tgt_in, data) -> list[tuple[str, str]]:
             found.append(("no_positions", "the encoder's output for a sentence with its words in reverse order is "
                           "the same output in reverse order: it cannot tell word order. Add positional encodings "
                           "to the embeddings (and check they are not zero, or added after the attention)."))
+    faint = input_response(model, src, tgt_in, data)
+    if faint is not None and faint < 0.05:      # (at init: 0.3-0.8 for both models; with the input cut, ~0.01 or 0)
+        return [("target_input_ignored", f"replacing the target word given at a position changes the prediction "
+                 f"there by only {faint:.3f} of the logits' spread (0.3-0.8 in a healthy untrained model): the "
+                 "decoder hardly reads its own input, so it cannot follow what it has translated so far. Check the "
+                 "path from the target embedding to the output: the embedding's scale (times sqrt(d), not divided "
+                 "by it), the residual connections (x + sublayer(x), not the sublayer's output alone), nothing "
+                 "detached, zeroed or overwritten on the way (the GRU's input at every step).")]
     T = tgt_in.shape[1]
     if T >= 4:
         swapped = tgt_in.clone()
@@ -225,6 +234,21 @@ def word_order(model, src, tgt_in, data) -> list[tuple[str, str]]:
                           "the decoder cannot tell the order of the words decoded so far. Add positional encodings "
                           "to the target embeddings too."))
     return found[:1]
+
+
+def input_response(model, src, tgt_in, data) -> float | None:
+    """How much the logits at a target position change when the word given there is replaced by another
+    row's: their mean absolute change over the logits' spread (standard deviation over the vocabulary),
+    at the first position where some rows' words differ; None if none does."""
+    other = tgt_in.roll(1, 0)
+    for t in range(1, tgt_in.shape[1]):
+        rows = (other[:, t] != tgt_in[:, t]) & (tgt_in[:, t] != data.tgt_tok.pad_id) & (other[:, t] != data.tgt_tok.pad_id)
+        if rows.any():
+            changed = tgt_in.clone()
+            changed[:, t] = other[:, t]
+            before, after = model(src, tgt_in)[rows, t].float(), model(src, changed)[rows, t].float()
+            return ((after - before).abs().mean() / before.std(dim=-1).mean().clamp_min(1e-9)).item()
+    return None
 
 
 def first_tensor(memory) -> torch.Tensor:
@@ -276,8 +300,9 @@ def decoding_as_trained(model, src, tgt_in, data, device) -> list[tuple[str, str
         if off.any() and not found:
             found.append(("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward "
                           f"pass of its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{text[:40]}\" "
-                          "on: greedy decoding does not feed back what it chose. Check the start token (<bos>), "
-                          "that each step's input is the previous step's argmax, and the scores it adds up."))
+                          "on: greedy decoding does not take the most likely word. Check that it takes the log-softmax "
+                          "and the argmax over the vocabulary (the last axis, not the batch), feeds back what it "
+                          "chose as the next step's input, starts from <bos>, and adds up the chosen log-probabilities."))
         direct.append(tgt_tok.decode(hyp[0, :n - 1 if len(ended) else n].tolist()))   # up to its <eos>
     if not found and decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8) != direct:
         found.append(("translate_mismatch", "translate() does not return what greedy decoding of each sentence alone "
@@ -454,15 +479,16 @@ def attention_spread(weights: dict[str, list[torch.Tensor]]) -> float:
 
 
 class StepChecks:
-    """What common.StepLog has checked at each log line and, in overfit mode (overfit > 0), at each
-    step; each warning once per run:
+    """What common.StepLog has checked at each log line and at each step; each warning once per run:
       gradients_kept          a parameter still holds a gradient after the update
       weights_grow            in the first 500 steps, the weight matrices grew to 1.5x their norm
       weights_frozen          from step 100 to 500, a trainable parameter has not changed since step 1
-      overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's"""
+      overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's
+      batch_repeated          otherwise, a step's batch is the step before's, in the same epoch"""
 
     def __init__(self, log, model, overfit: int = 0):
         self.log, self.overfit, self.warned, self.first_norm, self.first_batches = log, overfit, set(), 0.0, {}
+        self.last_batch = (-1, torch.zeros(0))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()]
         self.names, self.params, self.first_sums = [n for n, _ in named], [p for _, p in named], []
 
@@ -474,6 +500,8 @@ class StepChecks:
     def at_step(self, run, batches: list) -> None:
         if self.overfit:
             self.same_batches(run, batches)
+        else:
+            self.batch_repeated(run, batches)
 
     def at_log_line(self, step: int, lr: float) -> None:
         self.gradients_cleared(step)
@@ -500,13 +528,27 @@ class StepChecks:
         still = [n for n, a, b in zip(self.names, self.first_sums, sums) if a == b]
         if step >= 100 and still:           # (the sum of a tensor that moved is the same only by a fluke)
             self.warn_once("weights_frozen", f"step {step}: {module_names(still)} have not changed since step 1: the "
-                           "optimizer does not update them (not among its parameters, a learning rate of 0, or "
-                           "optimizer.step() not called).", step)
+                           "optimizer does not update them, though they get gradients (checked before step 1): the "
+                           "gradients cleared between backward() and optimizer.step() (zero_grad belongs after the "
+                           "step), optimizer.step() not called, or a learning rate of 0.", step)
         if norm > 1.5 * self.first_norm:
             self.warn_once("weights_grow", f"step {step}: the weight matrices have grown to "
                            f"{norm / self.first_norm:.1f}x their norm at the start (lr {lr:.2e}); healthy runs grow a "
                            "few % in their first hundreds of steps. The updates are far too large: lower "
                            "learning_rate 10x (with Adam, clipping the gradients does not shrink the steps).", step)
+
+    def batch_repeated(self, run, batches: list) -> None:
+        """Within an epoch, each step trains on other sentences: the same source batch twice in a row is
+        a loop that does not move on (one epoch of one batch excepted: its epoch changes at every step)."""
+        src = batches[0][0]
+        last_epoch, last_src = self.last_batch
+        if last_epoch == run.epoch and last_src.shape == src.shape and torch.equal(last_src, src):
+            self.warn_once("batch_repeated", f"step {run.step}: the training batch is the same as the step "
+                           "before's, within one epoch: the model trains on a few sentences over and over (its "
+                           "training loss falls, its validation loss does not follow). Check that the loop moves "
+                           "to the next batch at every step (the index it passes advanced) and that the batches "
+                           "are not made anew, in the same order, at every step.", run.step)
+        self.last_batch = (run.epoch, src)
 
     def same_batches(self, run, batches: list) -> None:
         """Overfit mode trains on the same batches every epoch: the batch at a position must not change."""
