@@ -55,11 +55,11 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
       no_hidden_state       the same batch twice, another between: the same logits
       decoding_as_trained   decoding step by step gives the teacher-forced logits; greedy decoding's
                             choices are the forward pass's first ones on its own output, and
-                            translate() gives what greedy decoding does, alone or not
+                            translate() gives what greedy decoding does, alone or not, and the
+                            same twice (dropout off while decoding: dropout_in_decoding)
       loss_as_defined       loss_fn is the cross-entropy of each position's logits against its own
                             target (label smoothing too), its gradient p - q; padding costs nothing
       attention_scale       attention scores spread about as 1 / sqrt(Dh) makes them
-      dropout_in_decoding   two greedy decodings of the same sentences agree
       every_parameter_learns  every parameter gets a gradient and is in the optimizer
       data_pairs            data_checks: the pairs aligned, validation apart from train, sides not swapped
     About two training steps of work, once, in full precision."""
@@ -67,15 +67,15 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
     src = torch.cat([src, torch.full_like(src[:, :3], data.src_tok.pad_id)], dim=1)   # padding for sure
     model.eval()
+    logits = model(src, tgt_in)                                 # (rows, T, V): what each probe compares with
     results = {"teacher_forcing_pairs": teacher_forcing_pairs(batch, data),
                "reads_what_it_should": dependency_probe(model, src, tgt_in, tgt_out, data),
-               "alone_as_in_a_batch": alone_as_in_a_batch(model, src, tgt_in, data),
-               "word_order": word_order(model, src, tgt_in, data),
-               "no_hidden_state": no_hidden_state(model, src, tgt_in),
-               "decoding_as_trained": decoding_as_trained(model, src, tgt_in, data, device),
+               "alone_as_in_a_batch": alone_as_in_a_batch(model, src, tgt_in, logits, data),
+               "word_order": word_order(model, src, tgt_in, logits, data),
+               "no_hidden_state": no_hidden_state(model, src, tgt_in, logits),
+               "decoding_as_trained": decoding_as_trained(model, src, tgt_in, logits, data, device),
                "loss_as_defined": loss_as_defined(tgt_out, loss_fn, data, smoothing),
                "attention_scale": attention_scale(model, src, tgt_in),
-               "dropout_in_decoding": dropout_in_decoding(model, data, device),
                "every_parameter_learns": every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer),
                "data_pairs": data_checks(data)}
     model.train(was_training)
@@ -190,10 +190,11 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
     return found
 
 
-def alone_as_in_a_batch(model, src, tgt_in, data) -> list[tuple[str, str]]:
-    """Each sentence alone, without the padding its batch gave it, has the logits it has in the batch."""
-    logits = model(src, tgt_in)
-    for b in range(len(src)):
+def alone_as_in_a_batch(model, src, tgt_in, logits, data) -> list[tuple[str, str]]:
+    """Two sentences alone, without the padding the batch gave them, have the logits they have in it
+    (the shortest, with the most padding, and the longest)."""
+    lengths = (src != data.src_tok.pad_id).sum(dim=1)
+    for b in dict.fromkeys((int(lengths.argmin()), int(lengths.argmax()))):
         s, t = int((src[b] != data.src_tok.pad_id).sum()), int((tgt_in[b] != data.tgt_tok.pad_id).sum())
         if differ(model(src[b:b + 1, :s], tgt_in[b:b + 1, :t]), logits[b:b + 1, :t]):
             return [("batch_dependence", f"sentence {b} of the first batch gets other logits alone than in its batch: "
@@ -203,7 +204,7 @@ def alone_as_in_a_batch(model, src, tgt_in, data) -> list[tuple[str, str]]:
     return []
 
 
-def word_order(model, src, tgt_in, data) -> list[tuple[str, str]]:
+def word_order(model, src, tgt_in, logits, data) -> list[tuple[str, str]]:
     """Reordering a sentence's words must change the encoder's output for them (beyond reordering it),
     and reordering the target inputs before position t must change the prediction at t, which must
     respond to the word given at t at all (input_response: else that, not the order, is named)."""
@@ -217,7 +218,7 @@ def word_order(model, src, tgt_in, data) -> list[tuple[str, str]]:
             found.append(("no_positions", "the encoder's output for a sentence with its words in reverse order is "
                           "the same output in reverse order: it cannot tell word order. Add positional encodings "
                           "to the embeddings (and check they are not zero, or added after the attention)."))
-    faint = input_response(model, src, tgt_in, data)
+    faint = input_response(model, src, tgt_in, logits, data)
     if faint is not None and faint < 0.05:      # (at init: 0.3-0.8 for both models; with the input cut, ~0.01 or 0)
         return [("target_input_ignored", f"replacing the target word given at a position changes the prediction "
                  f"there by only {faint:.3f} of the logits' spread (0.3-0.8 in a healthy untrained model): the "
@@ -229,14 +230,14 @@ def word_order(model, src, tgt_in, data) -> list[tuple[str, str]]:
     if T >= 4:
         swapped = tgt_in.clone()
         swapped[:, [1, 2]] = tgt_in[:, [2, 1]]
-        if (tgt_in[:, 1] != tgt_in[:, 2]).any() and not differ(model(src, swapped)[:, 3:], model(src, tgt_in)[:, 3:]):
+        if (tgt_in[:, 1] != tgt_in[:, 2]).any() and not differ(model(src, swapped)[:, 3:], logits[:, 3:]):
             found.append(("no_positions", "swapping two target words leaves the predictions after them unchanged: "
                           "the decoder cannot tell the order of the words decoded so far. Add positional encodings "
                           "to the target embeddings too."))
     return found[:1]
 
 
-def input_response(model, src, tgt_in, data) -> float | None:
+def input_response(model, src, tgt_in, logits, data) -> float | None:
     """How much the logits at a target position change when the word given there is replaced by another
     row's: their mean absolute change over the logits' spread (standard deviation over the vocabulary),
     at the first position where some rows' words differ; None if none does."""
@@ -246,7 +247,7 @@ def input_response(model, src, tgt_in, data) -> float | None:
         if rows.any():
             changed = tgt_in.clone()
             changed[:, t] = other[:, t]
-            before, after = model(src, tgt_in)[rows, t].float(), model(src, changed)[rows, t].float()
+            before, after = logits[rows, t].float(), model(src, changed)[rows, t].float()
             return ((after - before).abs().mean() / before.std(dim=-1).mean().clamp_min(1e-9)).item()
     return None
 
@@ -256,56 +257,67 @@ def first_tensor(memory) -> torch.Tensor:
     return memory[0] if isinstance(memory, (tuple, list)) else memory
 
 
-def no_hidden_state(model, src, tgt_in) -> list[tuple[str, str]]:
+def no_hidden_state(model, src, tgt_in, logits) -> list[tuple[str, str]]:
     """A model is a function of its input: the same batch gives the same logits after another batch."""
-    first = model(src, tgt_in)
     model(src.roll(1, 0), tgt_in.roll(1, 0))                    # another batch of the same shape
-    if differ(model(src, tgt_in), first):
+    if differ(model(src, tgt_in), logits):
         return [("hidden_state", "the same batch gave other logits after the model had read another one: state "
                  "carries over between calls (a hidden state kept on the model, a cache not reset, running "
                  "statistics). Start every sentence from a fresh state.")]
     return []
 
 
-def decoding_as_trained(model, src, tgt_in, data, device) -> list[tuple[str, str]]:
+def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[str, str]]:
     """Decoding one token at a time (decode_step and its cache) must compute what the teacher-forced
     forward pass does: fed the batch's target inputs one by one, the same logits at every real position.
     Greedy decoding must then be what the forward pass, given greedy's own output, does: at every step
     its token the most likely one, and its score their log-probabilities' sum (the start token);
-    translate() must give greedy decoding's output, the sentences in a batch as each alone."""
-    src_tok, tgt_tok, found, direct = data.src_tok, data.tgt_tok, [], []
-    forward, memory, cache = model(src, tgt_in), model.encode(src), None
+    translate() must give greedy decoding's output, the sentences in a batch as each alone, and the
+    same twice from a model left in training mode (dropout off while decoding). Up to 8 tokens each;
+    greedy alone on the longer of two short sentences, translate() on both (the shorter must not stop
+    the longer, and their order must be restored)."""
+    src_tok, tgt_tok, found = data.src_tok, data.tgt_tok, []
+    memory, cache = model.encode(src), None
     real = tgt_in != tgt_tok.pad_id
-    for t in range(tgt_in.shape[1]):
-        logits, cache = model.decode_step(tgt_in[:, t], memory, cache)         # (B, V)
-        if differ(logits[real[:, t]], forward[:, t][real[:, t]]):
+    for t in range(min(tgt_in.shape[1], 8)):
+        step_logits, cache = model.decode_step(tgt_in[:, t], memory, cache)    # (B, V)
+        if differ(step_logits[real[:, t]], logits[:, t][real[:, t]]):
             return [("decoding_mismatch", f"decoding one token at a time (decode_step and its cache), fed the "
                      f"target inputs of the first batch, gives other logits than the teacher-forced forward pass "
                      f"from position {t} on: decoding does not compute what training trained. Check that each "
                      "step embeds its token as training does (the same scale and dropout off), its position (the "
                      "number of tokens decoded before it), the cache (keys and values appended, not replaced; "
                      "the GRU's hidden state fed back), and the masks decode_step hands the attention.")]
-    texts = short_sources(data, 2)[::-1]        # the longer first: translate() sorts, and must put them back
-    for text in texts:
-        one = torch.tensor([src_tok.encode(text) + [src_tok.eos_id]], device=device)
-        hyp, score = decoding.greedy(model, one, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, 8)   # 8 tokens: enough
-        fed = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
-        logp = model(one, fed).float().log_softmax(-1)[0]                          # (T, V) teacher-forced
-        chosen = logp.gather(1, hyp[0, :, None])[:, 0]                             # (T,)
-        ended = (hyp[0] == tgt_tok.eos_id).nonzero()
-        n = int(ended[0, 0]) + 1 if len(ended) else hyp.shape[1]
-        off = (logp.max(-1).values - chosen)[:n] > 1e-3 * (1 + chosen[:n].abs())   # greedy took another token
-        if not off.any() and abs(float(chosen[:n].sum()) - float(score[0])) > 1e-3 * (1 + abs(float(score[0]))):
-            off[n - 1] = True                                   # its own score is off: how it feeds its tokens
-        if off.any() and not found:
-            found.append(("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward "
-                          f"pass of its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{text[:40]}\" "
-                          "on: greedy decoding does not take the most likely word. Check that it takes the log-softmax "
-                          "and the argmax over the vocabulary (the last axis, not the batch), feeds back what it "
-                          "chose as the next step's input, starts from <bos>, and adds up the chosen log-probabilities."))
-        direct.append(tgt_tok.decode(hyp[0, :n - 1 if len(ended) else n].tolist()))   # up to its <eos>
-    if not found and decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8) != direct:
-        found.append(("translate_mismatch", "translate() does not return what greedy decoding of each sentence alone "
+    texts = short_sources(data, 2)[::-1]        # the longer first: translate() sorts, and must put it back
+    one = torch.tensor([src_tok.encode(texts[0]) + [src_tok.eos_id]], device=device)
+    hyp, score = decoding.greedy(model, one, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, 8)   # 8 tokens: enough
+    fed = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
+    logp = model(one, fed).float().log_softmax(-1)[0]                              # (T, V) teacher-forced
+    chosen = logp.gather(1, hyp[0, :, None])[:, 0]                                 # (T,)
+    ended = (hyp[0] == tgt_tok.eos_id).nonzero()
+    n = int(ended[0, 0]) + 1 if len(ended) else hyp.shape[1]
+    off = (logp.max(-1).values - chosen)[:n] > 1e-3 * (1 + chosen[:n].abs())       # greedy took another token
+    if not off.any() and abs(float(chosen[:n].sum()) - float(score[0])) > 1e-3 * (1 + abs(float(score[0]))):
+        off[n - 1] = True                                       # its own score is off: how it adds them up
+    if off.any():
+        return [("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward pass of "
+                 f"its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{texts[0][:40]}\" on: greedy "
+                 "decoding does not take the most likely word. Check that it takes the log-softmax and the argmax "
+                 "over the vocabulary (the last axis, not the batch), feeds back what it chose as the next step's "
+                 "input, starts from <bos>, and adds up the chosen log-probabilities.")]
+    direct = tgt_tok.decode(hyp[0, :n - 1 if len(ended) else n].tolist())          # up to its <eos>
+    model.train()                                               # as validation finds it during training
+    translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8)]
+    if translations[0][0] != direct:                            # dropout on, or translate() wrong: which?
+        translations.append(decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
+                                               max_len_b=8))
+    model.eval()
+    if translations[-1] != translations[0]:
+        found.append(("dropout_in_decoding", "greedy decoding of the same 2 short validation sentences twice gave "
+                      "different translations: dropout is on while decoding. Call model.eval() before decoding "
+                      "or validating, and model.train() after."))
+    elif translations[0][0] != direct:
+        found.append(("translate_mismatch", "translate() does not return what greedy decoding of a sentence alone "
                       "gives: check the start and end tokens it passes, that the translations are put back in input "
                       "order, and that in a batch each sentence stops on its own (at its <eos> or its length limit), "
                       "not when another does."))
@@ -357,20 +369,6 @@ def attention_scale(model, src, tgt_in) -> list[tuple[str, str]]:
         return [("attention_scale", f"the untrained model's attention scores spread with a standard deviation of "
                  f"{spread:.1f} (~0.6 when scaled): softmax picks nearly one key and passes little gradient. "
                  "Divide Q K^T by sqrt(Dh) before the softmax; check the weight initialisation.")]
-    return []
-
-
-def dropout_in_decoding(model, data, device) -> list[tuple[str, str]]:
-    model.train()                                               # as validation finds it during training
-    texts = short_sources(data, 3)
-    twice = [decoding.translate(model, data.src_tok, data.tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8)
-             for _ in range(2)]
-    model.eval()
-    if twice[0] != twice[1]:
-        return [("dropout_in_decoding", "greedy decoding of the same 3 short validation sentences twice gave "
-                 "different "
-                 "translations: dropout is on while decoding. Call model.eval() before decoding or validating, "
-                 "and model.train() after.")]
     return []
 
 
@@ -428,8 +426,8 @@ def data_checks(data) -> list[tuple[str, str]]:
     def frequencies(ids) -> np.ndarray:                         # token frequencies, unit length
         n = np.bincount(np.concatenate(list(ids) or [[0]]), minlength=data.src_tok.vocab_size).astype(float)
         return n / (np.linalg.norm(n) + 1e-9)
-    val_src = frequencies(val.src(i) for i in range(min(len(val), 2000)))
-    cos = {side: float(val_src @ frequencies(getattr(train, side)(i) for i in range(min(len(train), 2000))))
+    val_src = frequencies(val.src(i) for i in range(min(len(val), 1000)))
+    cos = {side: float(val_src @ frequencies(getattr(train, side)(i) for i in range(min(len(train), 1000))))
            for side in ("src", "tgt")}
     if data.src_tok is data.tgt_tok and cos["tgt"] > cos["src"] + 0.05:       # (one vocabulary: comparable)
         found.append(("sides_swapped", f"validation's sources look like train's targets (token frequencies: cosine "
