@@ -364,6 +364,26 @@ def loss_as_defined(tgt_out, loss_fn, data, smoothing: float) -> list[tuple[str,
 
 
 def attention_scale(model, src, tgt_in) -> list[tuple[str, str]]:
+    """The attention weights of each query are a distribution over the keys (>= 0, summing to 1), its
+    scores spread as 1 / sqrt(Dh) makes them; the word embeddings are about as large as the positions
+    added to them (Transformer: ~1.4x, whatever d_model, with the sqrt(d_model) scale)."""
+    for name, w in model.attention_maps(src, tgt_in).items():                  # (B, T, S) each
+        if w.min() < -1e-6 or (w.sum(dim=-1) - 1).abs().max() > 1e-3:
+            return [("attention_not_distribution", f"the attention weights ({name}) of a query do not form a "
+                     f"distribution over the keys (they range {w.min():.2f} to {w.max():.2f}, sum to up to "
+                     f"{w.sum(dim=-1).abs().max():.2f}): the context is not an average of the values. Put the "
+                     "scores through a softmax over the keys (the last axis), after masking, before weighting "
+                     "the values.")]
+    if hasattr(model, "positions"):
+        positions = model.positions[:tgt_in.shape[1]]                          # (T, D)
+        words = model.embed(model.tgt_embed, tgt_in) - positions                # (B, T, D), dropout off
+        ratio = (words.norm(dim=-1)[tgt_in != model.cfg.pad_id].mean() / positions.norm(dim=-1).mean()).item()
+        if not 0.5 < ratio < 4.0:
+            return [("embedding_scale", f"the word embeddings are {ratio:.2f}x as large as the positional "
+                     "encodings added to them (~1.4x with the usual scale): "
+                     + ("the word is drowned by its position. " if ratio <= 0.5 else "the position is drowned. ")
+                     + "Multiply the embeddings by sqrt(d_model) (once) before adding the positions, with "
+                     "embeddings initialised N(0, 1/d_model).")]
     spread = attention_spread(model.attention_weights(src, tgt_in)) if hasattr(model, "attention_weights") else 0.0
     if spread > 1.5:
         return [("attention_scale", f"the untrained model's attention scores spread with a standard deviation of "
@@ -456,8 +476,11 @@ def tokenizer_round_trip(data, n: int = 100) -> list[tuple[str, str]]:
 
 
 def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of logits differ by more than float rounding (0.1% of their scale)."""
-    return (a - b).abs().max().item() > 1e-3 * (1.0 + a.abs().max().item())
+    """Whether two tensors (of logits, of encoder outputs) differ by more than float rounding: 0.1% of
+    their spread (standard deviation), which fp32 rounding stays far under. Their spread, not their
+    size: an untrained GRU's logits spread 0.04 around their mean, a real change is small as well."""
+    a, b = a.float(), b.float()
+    return (a - b).abs().max().item() > 1e-3 * (a.std().item() if a.numel() > 1 else a.abs().item()) + 1e-6
 
 
 def attention_spread(weights: dict[str, list[torch.Tensor]]) -> float:
@@ -572,8 +595,8 @@ class Symptoms:
       translation_length    at two validations in a row, 30% of the run or more done, the greedy
                             translations less than half the references' length (more than twice is
                             common: an undertrained model repeats itself; the clean GRU, 2.2x at 300 steps)
-      lr_schedule           the learning rate above its peak (peak_lr), or, a tenth of the run past the
-                            warm-up (progress), rising or never yet within half of its peak."""
+      lr_schedule           the learning rate above its peak (peak_lr), still 0 at step 100, or, a tenth
+                            of the run past the warm-up (progress), rising or never yet within half of its peak."""
 
     def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
         self.ln_v, self.top_lr, self.named, self.gains, self.ratios = None, 0.0, set(), [], []
@@ -585,7 +608,7 @@ class Symptoms:
             self.ln_v = r["ln_v"]
         elif kind == "train" and self.ln_v is not None:
             past_warmup, self.top_lr = r["lr"] < self.top_lr, max(self.top_lr, r["lr"])
-            wrong = self.schedule_wrong(r["lr"], r.get("progress", 0.0))
+            wrong = self.schedule_wrong(r["lr"], r.get("progress", 0.0), r["step"])
             if wrong:
                 found.append(("lr_schedule", f"step {r['step']}: {r['progress']:.0%} of the run done, the learning "
                               f"rate {wrong}: the schedule is not what the knobs ask for (warm up to the peak "
@@ -629,7 +652,7 @@ class Symptoms:
         self.named.update(name for name, _ in found)
         return found
 
-    def schedule_wrong(self, lr: float, progress: float) -> str:
+    def schedule_wrong(self, lr: float, progress: float, step: int) -> str:
         """What is wrong with the learning rate of a record, if anything ('' for nothing; no peak_lr given:
         nothing is checked)."""
         late = progress > self.warmup_frac + 0.1                # a tenth of the run past the warm-up
@@ -637,6 +660,8 @@ class Symptoms:
             return ""
         if lr > 1.05 * self.peak_lr:
             return f"is {lr:.1e}, above its peak {self.peak_lr:.1e}"
+        if lr == 0.0 and step >= 100 and progress < 0.9:        # (a decay to min_lr = 0 ends at 0: at the end)
+            return f"is still 0 at step {step}, {progress:.1%} of the run done"
         if late and self.top_lr < 0.5 * self.peak_lr:
             return f"has been at most {self.top_lr:.1e}, under half its peak {self.peak_lr:.1e}"
         if late and self.progress >= self.warmup_frac and lr > 1.01 * self.last_lr:     # (the previous record's)

@@ -41,6 +41,7 @@ from model_transformer import MultiHeadAttention, Residual, Transformer  # noqa:
 from runs import plot_runs, read_run  # noqa: E402
 
 import held_out_3  # noqa: E402
+import held_out_4  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -570,16 +571,23 @@ HELD_OUT_2 = [
     Bug("gru_decode_step_unscaled_embedding", "GRU: training and validation loss exactly the clean GRU's, but "
         "BLEU ~7 against 17", "decoding_mismatch", inject=gru_decode_step_unscaled_embedding, knobs=GRU),
 ]
-# the warning that names each (after the second pass: docs/debugging.md has the first)
+# the warning that names each ('' none) after the second pass; docs/debugging.md has the first
 NAMED_3 = {"residual_dropped": "target_input_ignored", "decode_cache_list_aliasing": "decoding_mismatch",
            "same_batch_every_step": "batch_repeated", "char_decode_drops_first_char": "tokenizer_round_trip",
            "smoothing_weights_swapped": "loss_definition", "zero_grad_before_step": "weights_frozen",
            "greedy_log_softmax_over_batch": "decoding_mismatch", "gru_hidden_from_output": "decoding_mismatch",
            "gru_decode_starts_from_zeros": "decoding_mismatch", "gru_embeddings_divided": "target_input_ignored"}
 HELD_OUT_3 = [Bug(name, seen, NAMED_3[name], inject, knobs) for name, seen, inject, knobs in held_out_3.HELD_OUT_3]
-for bug in HELD_OUT + HELD_OUT_2 + HELD_OUT_3:
+NAMED_4 = {"embeddings_not_scaled": "embedding_scale", "greedy_input_not_fed_back": "decoding_mismatch",
+           "bleu_against_sources": "", "tgt_in_by_roll": "target_shift",
+           "target_ids_from_source_text": "tokenizer_round_trip", "smoothed_ce_scatter_overwrites": "loss_definition",
+           "run_progress_min_of_limits": "lr_schedule", "gru_attention_query_final_state": "causal_mask",
+           "gru_attention_no_softmax": "attention_not_distribution",
+           "gru_decode_step_queries_previous_state": "decoding_mismatch"}
+HELD_OUT_4 = [Bug(name, seen, NAMED_4[name], inject, knobs) for name, seen, inject, knobs in held_out_4.HELD_OUT_4]
+for bug in HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4:
     bug.held_out = True
-BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT + HELD_OUT_2 + HELD_OUT_3}
+BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4}
 
 
 # -----------------------------------------------------------------------------
