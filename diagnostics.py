@@ -84,8 +84,9 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
             log.warn(name, text)
     passed = [name for name, found in results.items() if not found]
     log.say(f"checked before step 1 ({len(passed)} of {len(results)} hold; diagnostics.py): {', '.join(passed)}\n"
-            "  watched from here: gradients cleared, weights moving and not blowing up, loss spikes, the loss against "
-            "ln(V), what the source is worth at validation\n  can it overfit one batch? --overfit_batches=1")
+            "  watched from here: batches moving on, gradients cleared, weights moving and not blowing up, loss spikes, "
+            "the loss against ln(V), the learning rate's schedule, what the source is worth and the translations' "
+            "length at validation\n  can it overfit one batch? --overfit_batches=1")
     return passed
 
 
@@ -367,7 +368,13 @@ def attention_scale(model, src, tgt_in) -> list[tuple[str, str]]:
     """The attention weights of each query are a distribution over the keys (>= 0, summing to 1), its
     scores spread as 1 / sqrt(Dh) makes them; the word embeddings are about as large as the positions
     added to them (Transformer: ~1.4x, whatever d_model, with the sqrt(d_model) scale)."""
-    for name, w in model.attention_maps(src, tgt_in).items():                  # (B, T, S) each
+    maps = model.attention_maps(src, tgt_in)
+    memory = model.encode(src)
+    if getattr(memory, "keys", None) is not None:           # the GRU's attention: an average of all-ones values
+        ones = memory._replace(outputs=torch.ones_like(memory.outputs))         # must be ones
+        query = torch.randn(src.shape[0], 2, memory.keys.shape[-1], generator=torch.Generator().manual_seed(0))
+        maps["attention of all-ones values"] = model.attend(query.to(src.device), ones)[..., :1]
+    for name, w in maps.items():                                               # (B, T, S) each
         if w.min() < -1e-6 or (w.sum(dim=-1) - 1).abs().max() > 1e-3:
             return [("attention_not_distribution", f"the attention weights ({name}) of a query do not form a "
                      f"distribution over the keys (they range {w.min():.2f} to {w.max():.2f}, sum to up to "

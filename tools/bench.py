@@ -608,9 +608,10 @@ def bench_diagnostics() -> dict:
         log = RunLog(folder, True, watchers=[symptoms])
         steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, StepChecks(log, model, 1))
         probe_seconds = timed(lambda: (check_initial_loss(model, first, sequence_loss, data, log, rt.amp),
-                                       probe_model(model, first, sequence_loss, data, log, optimizer)))[0]
+                                       probe_model(model, first, sequence_loss, data, log, optimizer,
+                                                   cfg["label_smoothing"])))[0]
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
-        names = ("step", "gradients_kept", "weights_grow", "overfit_batches_change", "symptoms")
+        names = ("step", "gradients_kept", "weights_grow", "overfit_batches_change", "batch_repeated", "symptoms")
         seconds = {name: [] for name in names}
         for i in range(warmup_steps + steps):
             sec, (lr, _, out) = timed(lambda: loop_turn(model, optimizer, batches, state, cfg, rt))
@@ -618,6 +619,7 @@ def bench_diagnostics() -> dict:
             checks = {"step": lambda: None, "gradients_kept": lambda: steps_log.checks.gradients_cleared(state.step),
                       "weights_grow": lambda: steps_log.checks.weight_growth(state.step, lr),
                       "overfit_batches_change": lambda: steps_log.checks.same_batches(at_first, [first]),
+                      "batch_repeated": lambda: steps_log.checks.batch_repeated(at_first, [first]),
                       "symptoms": lambda: symptoms("train", record)}
             for name, check in checks.items():
                 if i >= warmup_steps:
@@ -625,7 +627,7 @@ def bench_diagnostics() -> dict:
     step = statistics.median(seconds.pop("step"))
     validation, gain = validation_costs(model, data, cfg, rt)
     every = {"gradients_kept": cfg["log_interval"], "weights_grow": cfg["log_interval"], "overfit_batches_change": 1,
-             "symptoms": cfg["log_interval"]}
+             "batch_repeated": 1, "symptoms": cfg["log_interval"]}
     rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step},
             "source_gain": {"when": "every validation", "seconds": gain, "of_validation": gain / validation}}
     for name, times in seconds.items():

@@ -6,13 +6,13 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 44 runs, ~16 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 54 runs, ~18 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Four sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT, HELD_OUT_2 and HELD_OUT_3 (tools/held_out_3.py), bugs written apart from the diagnostics,
-after them, by someone who had not read them: how well the checks generalise (docs/debugging.md). Leaves out: bugs of the tokenizers, of beam
-search, of several processes.
+Five sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT, HELD_OUT_2, HELD_OUT_3 and HELD_OUT_4 (tools/held_out_3.py, tools/held_out_4.py), bugs
+written apart from the diagnostics, after them, by someone who had not read them: how well the
+checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
 
 import json
