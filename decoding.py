@@ -225,17 +225,17 @@ def translate(model, src_tok, tgt_tok, sentences: list[str], **kwargs) -> list[s
 def evaluate(model, data, batch_tokens: int, device: str = "cpu", amp=None, split: str = "validation",
              n_sentences: int = 0, n_examples: int = 3) -> dict:
     """On a split of data.Data: the loss (no smoothing) and perplexity over all of it, teacher-forced
-    in token-budget batches, and on a quarter of it how much higher that loss is with each target given
+    in token-budget batches, and on its first batch how much higher that loss is with each target given
     another sentence's source (source_gain, nats per token: what the model takes from its source);
     BLEU (cased, lower-cased) and chrF of the greedy translations of its first n_sentences (0 = all),
     their length against the references' (length_ratio); the first n_examples."""
     was_training = model.training
     model.eval()
     sp = data.splits[split]
-    loss_sum, n_tokens, gain = 0.0, 0, [0.0, 0]         # gain: on every 4th batch, the loss another source adds
+    loss_sum, n_tokens, gain = 0.0, 0, [0.0, 0]         # gain: on the first batch, the loss another source adds
     for i, idx in enumerate(make_batches(sp.src_lens, sp.tgt_lens, batch_tokens, shuffle=False)):
         src, tgt_in, tgt_out = (t.to(device) for t in collate(sp, idx, data.src_tok, data.tgt_tok))
-        shuffled = i % 4 == 0 and len(src) > 1      # (a model that reads its source does far worse with another)
+        shuffled = i == 0 and len(src) > 1          # (a model that reads its source does far worse with another)
         with precision(amp):
             logits = model(src, tgt_in)
             other_logits = model(src.roll(1, 0), tgt_in) if shuffled else None

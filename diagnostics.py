@@ -5,11 +5,12 @@ train_loop wires them in, by when they look:
 
     check_initial_loss, probe_model   before step 1: the untrained model, the loss and the data, tested
                   for the properties a correct encoder-decoder has (what it reads, decoding = training, ...)
-    StepChecks    in common.StepLog, at every log line: the weights and gradients; in overfit mode, every batch
-    Symptoms      in common.RunLog, at every record: the loss against ln(V), validation loss against BLEU,
-                  what its source is worth to the model
-docs/debugging.md: the bugs they name (tools/bugs.py) and their cost. Leaves out: statistics of
-activations, a learning-rate finder, the tokenizer's round trip.
+    StepChecks    in common.StepLog, at every log line: the weights and gradients; at every step: the batch
+                  moving on (in overfit mode: staying the same)
+    Symptoms      in common.RunLog, at every record: the loss against ln(V), the learning rate's schedule,
+                  validation loss against BLEU, what its source is worth to the model, the translations' length
+docs/debugging.md: the bugs they name (tools/bugs.py, four held-out sets among them), what they do not
+name, and their cost. Leaves out: statistics of activations, a learning-rate finder, beam search.
 """
 
 import math
@@ -47,11 +48,14 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     """Before step 1, test the untrained model on a few sentences of the first batch (src, tgt_in,
     tgt_out) for the properties a correct encoder-decoder has, whatever the bug that breaks them;
     warn (log.warn) about each that fails, print the list of those that hold, and return it:
-      teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, <eos> at the ends
-      reads_what_it_should  one prediction's gradient reaches every real source token and the target
-                            inputs up to its own position, and nothing else (dependency_probe)
+      teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, one <eos> ending
+                            each side, then padding only
+      reads_what_it_should  one prediction's gradient reaches every real source token, every real
+                            encoder output it attends to, and the target inputs up to its own
+                            position, and nothing else (dependency_probe)
       alone_as_in_a_batch   a sentence's logits alone are its logits in the batch, padding and all
-      word_order            the encoder and the decoder tell a sentence from its words reordered
+      word_order            the prediction responds to the word it is given, and the encoder and the
+                            decoder tell a sentence from its words reordered
       no_hidden_state       the same batch twice, another between: the same logits
       decoding_as_trained   decoding step by step gives the teacher-forced logits; greedy decoding's
                             choices are the forward pass's first ones on its own output, and
@@ -59,9 +63,11 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                             same twice (dropout off while decoding: dropout_in_decoding)
       loss_as_defined       loss_fn is the cross-entropy of each position's logits against its own
                             target (label smoothing too), its gradient p - q; padding costs nothing
-      attention_scale       attention scores spread about as 1 / sqrt(Dh) makes them
+      attention_as_designed attention weights are distributions over the keys, their scores spread as
+                            1 / sqrt(Dh) makes them; word embeddings about as large as the positions
       every_parameter_learns  every parameter gets a gradient and is in the optimizer
-      data_pairs            data_checks: the pairs aligned, validation apart from train, sides not swapped
+      data_pairs            data_checks: the pairs aligned, validation apart from train, sides not
+                            swapped, each side's ids its text's encoding, decoding back to it
     About two training steps of work, once, in full precision."""
     was_training, device = model.training, next(model.parameters()).device
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
@@ -75,7 +81,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                "no_hidden_state": no_hidden_state(model, src, tgt_in, logits),
                "decoding_as_trained": decoding_as_trained(model, src, tgt_in, logits, data, device),
                "loss_as_defined": loss_as_defined(tgt_out, loss_fn, data, smoothing),
-               "attention_scale": attention_scale(model, src, tgt_in),
+               "attention_as_designed": attention_as_designed(model, src, tgt_in),
                "every_parameter_learns": every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer),
                "data_pairs": data_checks(data)}
     model.train(was_training)
@@ -268,19 +274,22 @@ def no_hidden_state(model, src, tgt_in, logits) -> list[tuple[str, str]]:
     return []
 
 
+STEPS = 6   # tokens decoded per sentence by the decoding probes (each costs a call of the model)
+
+
 def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[str, str]]:
     """Decoding one token at a time (decode_step and its cache) must compute what the teacher-forced
     forward pass does: fed the batch's target inputs one by one, the same logits at every real position.
     Greedy decoding must then be what the forward pass, given greedy's own output, does: at every step
     its token the most likely one, and its score their log-probabilities' sum (the start token);
     translate() must give greedy decoding's output, the sentences in a batch as each alone, and the
-    same twice from a model left in training mode (dropout off while decoding). Up to 8 tokens each;
+    same twice from a model left in training mode (dropout off while decoding). STEPS tokens each;
     greedy alone on the longer of two short sentences, translate() on both (the shorter must not stop
     the longer, and their order must be restored)."""
     src_tok, tgt_tok, found = data.src_tok, data.tgt_tok, []
     memory, cache = model.encode(src), None
     real = tgt_in != tgt_tok.pad_id
-    for t in range(min(tgt_in.shape[1], 8)):
+    for t in range(min(tgt_in.shape[1], STEPS)):
         step_logits, cache = model.decode_step(tgt_in[:, t], memory, cache)    # (B, V)
         if differ(step_logits[real[:, t]], logits[:, t][real[:, t]]):
             return [("decoding_mismatch", f"decoding one token at a time (decode_step and its cache), fed the "
@@ -291,7 +300,7 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                      "the GRU's hidden state fed back), and the masks decode_step hands the attention.")]
     texts = short_sources(data, 2)[::-1]        # the longer first: translate() sorts, and must put it back
     one = torch.tensor([src_tok.encode(texts[0]) + [src_tok.eos_id]], device=device)
-    hyp, score = decoding.greedy(model, one, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, 8)   # 8 tokens: enough
+    hyp, score = decoding.greedy(model, one, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, STEPS)
     fed = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
     logp = model(one, fed).float().log_softmax(-1)[0]                              # (T, V) teacher-forced
     chosen = logp.gather(1, hyp[0, :, None])[:, 0]                                 # (T,)
@@ -308,10 +317,10 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                  "input, starts from <bos>, and adds up the chosen log-probabilities.")]
     direct = tgt_tok.decode(hyp[0, :n - 1 if len(ended) else n].tolist())          # up to its <eos>
     model.train()                                               # as validation finds it during training
-    translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=8)]
+    translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=STEPS)]
     if translations[0][0] != direct:                            # dropout on, or translate() wrong: which?
         translations.append(decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
-                                               max_len_b=8))
+                                               max_len_b=STEPS))
     model.eval()
     if translations[-1] != translations[0]:
         found.append(("dropout_in_decoding", "greedy decoding of the same 2 short validation sentences twice gave "
@@ -364,17 +373,19 @@ def loss_as_defined(tgt_out, loss_fn, data, smoothing: float) -> list[tuple[str,
     return []
 
 
-def attention_scale(model, src, tgt_in) -> list[tuple[str, str]]:
+def attention_as_designed(model, src, tgt_in) -> list[tuple[str, str]]:
     """The attention weights of each query are a distribution over the keys (>= 0, summing to 1), its
     scores spread as 1 / sqrt(Dh) makes them; the word embeddings are about as large as the positions
     added to them (Transformer: ~1.4x, whatever d_model, with the sqrt(d_model) scale)."""
-    maps = model.attention_maps(src, tgt_in)
-    memory = model.encode(src)
-    if getattr(memory, "keys", None) is not None:           # the GRU's attention: an average of all-ones values
-        ones = memory._replace(outputs=torch.ones_like(memory.outputs))         # must be ones
+    weights = model.attention_weights(src, tgt_in) if hasattr(model, "attention_weights") else {}   # Transformer
+    maps = {f"{kind} layer {i + 1}": w for kind, layers in weights.items() for i, w in enumerate(layers)
+            if w is not None} if weights else model.attention_maps(src, tgt_in)     # (B, [H,] T, S) each
+    memory = model.encode(src) if hasattr(model, "attend") else None
+    if getattr(memory, "keys", None) is not None:           # the GRU with attention: whatever the query, an
+        ones = memory._replace(outputs=torch.ones_like(memory.outputs))        # average of values that are
         query = torch.randn(src.shape[0], 2, memory.keys.shape[-1], generator=torch.Generator().manual_seed(0))
-        maps["attention of all-ones values"] = model.attend(query.to(src.device), ones)[..., :1]
-    for name, w in maps.items():                                               # (B, T, S) each
+        maps["the GRU's, of all-ones values"] = model.attend(query.to(src.device), ones)[..., :1]   # all ones
+    for name, w in maps.items():
         if w.min() < -1e-6 or (w.sum(dim=-1) - 1).abs().max() > 1e-3:
             return [("attention_not_distribution", f"the attention weights ({name}) of a query do not form a "
                      f"distribution over the keys (they range {w.min():.2f} to {w.max():.2f}, sum to up to "
@@ -391,7 +402,7 @@ def attention_scale(model, src, tgt_in) -> list[tuple[str, str]]:
                      + ("the word is drowned by its position. " if ratio <= 0.5 else "the position is drowned. ")
                      + "Multiply the embeddings by sqrt(d_model) (once) before adding the positions, with "
                      "embeddings initialised N(0, 1/d_model).")]
-    spread = attention_spread(model.attention_weights(src, tgt_in)) if hasattr(model, "attention_weights") else 0.0
+    spread = attention_spread(weights) if weights else 0.0
     if spread > 1.5:
         return [("attention_scale", f"the untrained model's attention scores spread with a standard deviation of "
                  f"{spread:.1f} (~0.6 when scaled): softmax picks nearly one key and passes little gradient. "
@@ -487,7 +498,9 @@ def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
     their spread (standard deviation), which fp32 rounding stays far under. Their spread, not their
     size: an untrained GRU's logits spread 0.04 around their mean, a real change is small as well."""
     a, b = a.float(), b.float()
-    return (a - b).abs().max().item() > 1e-3 * (a.std().item() if a.numel() > 1 else a.abs().item()) + 1e-6
+    if a.numel() < 2:                       # (nothing, or one number, to compare: no spread)
+        return a.numel() == 1 and (a - b).abs().item() > 1e-3 * a.abs().item() + 1e-6
+    return (a - b).abs().max().item() > 1e-3 * a.std().item() + 1e-6
 
 
 def attention_spread(weights: dict[str, list[torch.Tensor]]) -> float:

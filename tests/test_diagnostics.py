@@ -19,7 +19,7 @@ from common import RunLog, StepLog
 from data import DataConfig, load_data
 from diagnostics import StepChecks, Symptoms, attention_spread, probe_model
 from loss import sequence_loss
-from model_transformer import MultiHeadAttention, Transformer
+from model_transformer import MultiHeadAttention, Residual, Transformer
 
 
 class Warnings:
@@ -144,6 +144,35 @@ def test_the_properties_name_bugs_written_after_them(data, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(type(data.tgt_tok), "decode", lambda self, ids: " ".join(self.piece(i) for i in ids))
     assert "tokenizer_round_trip" in probe(model, batch, data)
+
+
+def test_the_properties_added_after_the_third_held_out_set(data, monkeypatch):
+    """The word given at a position moves the prediction there; attention averages; the words are
+    about as large as their positions; the batch moves on; the learning rate leaves 0."""
+    model, batch = tiny(data)
+    monkeypatch.setattr(Residual, "forward", lambda self, x, sublayer: sublayer(self.norm(x)))   # no x +
+    assert "target_input_ignored" in probe(model, batch, data)
+    monkeypatch.undo()
+    monkeypatch.setattr(Transformer, "embed", lambda self, table, ids, start=0: self.embed_dropout(
+        table(ids) + self.positions[start:start + ids.shape[1]]))              # no sqrt(d_model)
+    assert probe(model, batch, data) == ["embedding_scale"]
+    monkeypatch.undo()
+    rnn, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
+    monkeypatch.setattr(type(rnn), "attend", lambda self, query, memory: (query @ memory.keys.transpose(1, 2))
+                        .masked_fill(~memory.mask[:, None], 0.0) @ memory.outputs)   # scores, no softmax
+    assert "attention_not_distribution" in probe(rnn, batch, data)
+    monkeypatch.undo()
+    log = Warnings()
+    checks, run = StepChecks(log, model), types.SimpleNamespace(step=1, epoch=0)
+    checks.at_step(run, [batch])
+    checks.at_step(types.SimpleNamespace(step=2, epoch=1), [batch])     # an epoch of one batch: fine
+    assert log.names == []
+    checks.at_step(types.SimpleNamespace(step=3, epoch=1), [batch])
+    assert log.names == ["batch_repeated"]
+    stuck = Symptoms(peak_lr=1e-3, warmup_frac=0.1)
+    stuck("init", {"step": 0, "loss": 2.7, "ln_v": 2.7})
+    assert [n for s in (25, 100) for n, _ in stuck("train", {"step": s, "loss": 2.0, "lr": 0.0, "progress": 0.0})
+            ] == ["lr_schedule"]
 
 
 def decode_from_zero(self, decode, tgt_in, memory, cache):

@@ -1,14 +1,10 @@
-"""Held-out set 3 of learner bugs for the toy:reverse run (a tiny Transformer, or a GRU with Luong
-attention: GRU below), each put in from outside: a function that, called in a fresh process before
-train.main, replaces one function, method or class attribute of the library in that process only
-(the line with the learner's mistake is marked # BUG). No library file is edited.
+"""Held-out set 3 of learner bugs for tools/bugs.py's toy runs (a tiny Transformer, or a GRU with
+Luong attention: GRU below), written apart from diagnostics.py, after it. Each is put in from
+outside: a function that, called in a fresh process before train.main, replaces one function,
+method or class attribute of the library in that process only (the line with the learner's mistake
+is marked # BUG). No library file is edited.
 
-    python tools/held_out_3.py                    # every bug of HELD_OUT_3, one run at a time
-    python tools/held_out_3.py clean clean_gru    # the runs without a bug; or any names of HELD_OUT_3
-
-Each run trains 300 steps in its own spawned process (torch.set_num_threads(1), printed output to
-/dev/null) into /tmp/held3/NAME; the runner prints its final training loss and best validation BLEU,
-read from the train and eval records of its log.jsonl.
+    python tools/bugs.py --bugs=clean,residual_dropped          # any names of HELD_OUT_3
 """
 
 import math
@@ -33,11 +29,6 @@ import model_transformer  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
 
-BASE = ["--dataset=toy:reverse", "--tokenizer=char", "--tie_embeddings=none", "--d_model=32", "--n_head=2",
-        "--n_enc_layer=2", "--n_dec_layer=2", "--d_ff=64", "--dropout=0.0", "--batch_tokens=1500",
-        "--learning_rate=3e-3", "--warmup_frac=0.1", "--max_iters=300", "--log_interval=25", "--eval_interval=100",
-        "--eval_sentences=50", "--dtype=float32", "--plot=False", "--overwrite=True"]
-RUN_ROOT = "/tmp/held3"
 
 
 def _patch(owner, name: str, new) -> None:
@@ -274,52 +265,3 @@ HELD_OUT_3 = [  # (name, what a learner sees in the run: loss and BLEU against t
      "loss 1.60 at step 300 against the clean GRU run's 1.11 (val loss 1.34 against 0.75); BLEU 0.58 at best "
      "against 17.1: translations repeat one digit ('5 5 5 5 ...')", gru_embeddings_divided, GRU),
 ]
-CLEAN = {"clean": (None, ()), "clean_gru": (None, GRU)}    # the runs without a bug, for comparison
-
-
-def _child(name: str) -> None:
-    """In a fresh (spawned) process: one thread, put the bug in, train; printed output to /dev/null."""
-    os.chdir(HERE)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    sys.stdout = open(1, "w", closefd=False)
-    sys.stderr = open(2, "w", closefd=False)
-    torch.set_num_threads(1)
-    inject, knobs = {**CLEAN, **{n: (f, k) for n, _, f, k in HELD_OUT_3}}[name]
-    if inject is not None:
-        inject()
-    train.main([*BASE, *knobs, f"--out_dir={RUN_ROOT}/{name}", f"--cache_dir={RUN_ROOT}/cache"])
-
-
-def summary(name: str) -> tuple[float, float]:
-    """(final training loss, best validation BLEU) from the train and eval records of the run's log.jsonl."""
-    import json
-    path = os.path.join(RUN_ROOT, name, "log.jsonl")
-    if not os.path.exists(path):
-        return float("nan"), float("nan")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    losses = [r["loss"] for r in records if r.get("kind") == "train"]
-    bleus = [r["bleu"] for r in records if r.get("kind") == "eval"]
-    return (losses[-1] if losses else float("nan")), (max(bleus) if bleus else float("nan"))
-
-
-def run(name: str) -> tuple[float, float]:
-    """Train one bug (or clean run) in a spawned process, wait for it, print and return its figures."""
-    import multiprocessing as mp
-    p = mp.get_context("spawn").Process(target=_child, args=(name,))
-    p.start()
-    p.join()
-    final_loss, best_bleu = summary(name)
-    print(f"{name:<32} exit {p.exitcode}  final train loss {final_loss:.3f}  best BLEU {best_bleu:.2f}", flush=True)
-    return final_loss, best_bleu
-
-
-if __name__ == "__main__":
-    known = [*CLEAN, *(n for n, *_ in HELD_OUT_3)]
-    names = sys.argv[1:] or [n for n, *_ in HELD_OUT_3]
-    if unknown := [n for n in names if n not in known]:
-        sys.exit(f"unknown: {', '.join(unknown)}; known: {', '.join(known)}")
-    for n in names:
-        run(n)

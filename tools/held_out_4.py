@@ -1,10 +1,10 @@
 """
-Held-out bugs, set 4: learners' mistakes put into the library from outside (monkeypatching, only in
-the process that runs train.main), each on the toy reversal task, 300 steps. Run some, one at a time:
+Held-out set 4 of learner bugs for tools/bugs.py's toy runs (the tiny Transformer, or the GRU with
+dot attention: GRU below), written apart from diagnostics.py, after set 3 and the checks it led to.
+Each is put in from outside (monkeypatching, only in the process that runs train.main); the line
+with the learner's mistake is marked # BUG. No library file is edited.
 
-    python tools/held_out_4.py NAME [NAME ...]        (clean, clean_gru: no bug; --seed=N first to change it)
-
-Each prints its name, the final training loss and the best validation BLEU; the run is in /tmp/held4/NAME.
+    python tools/bugs.py --bugs=clean,embeddings_not_scaled     # any names of HELD_OUT_4
 """
 
 import math
@@ -231,10 +231,6 @@ def gru_decode_step_queries_previous_state():
 
 # -----------------------------------------------------------------------------
 
-BASE = ["--dataset=toy:reverse", "--tokenizer=char", "--tie_embeddings=none", "--d_model=32", "--n_head=2",
-        "--n_enc_layer=2", "--n_dec_layer=2", "--d_ff=64", "--dropout=0.0", "--batch_tokens=1500",
-        "--learning_rate=3e-3", "--warmup_frac=0.1", "--max_iters=300", "--log_interval=25", "--eval_interval=100",
-        "--eval_sentences=50", "--dtype=float32", "--plot=False", "--overwrite=True"]
 GRU = ("--arch=rnn", "--emb_dim=64", "--hidden_size=128", "--attention=dot")
 # the clean runs (seed 1337): Transformer final training loss 0.971, best BLEU 32.44 (53.70 at seed 1338);
 # GRU 1.107, BLEU 17.12 (24.29 at seed 1338)
@@ -282,35 +278,3 @@ HELD_OUT_4 = [  # (name, what a learner sees in the run: loss and BLEU against t
      "seed 1338): the first digits right, then two digits alternating ('1 0 9 0 9 0 9 0 ...')",
      gru_decode_step_queries_previous_state, GRU),
 ]
-
-
-def _run(name, inject, knobs, seed):
-    """In a fresh (spawned) process, its printed output to /dev/null: the bug in, then train.main."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.chdir(ROOT)
-    torch.set_num_threads(1)
-    if inject is not None:
-        inject()
-    train.main([*BASE, *knobs, f"--seed={seed}", f"--out_dir=/tmp/held4/{name}", "--cache_dir=/tmp/held4/cache"])
-
-
-if __name__ == "__main__":
-    import json
-    import multiprocessing as mp
-    args, seed = sys.argv[1:], 1337
-    if args and args[0].startswith("--seed="):
-        seed = int(args.pop(0).split("=", 1)[1])
-    table = {"clean": (None, ()), "clean_gru": (None, GRU), **{n: (f, k) for n, _, f, k in HELD_OUT_4}}
-    for name in args:                                 # one at a time
-        inject, knobs = table[name]
-        p = mp.get_context("spawn").Process(target=_run, args=(name, inject, knobs, seed))
-        p.start()
-        p.join()
-        with open(f"/tmp/held4/{name}/log.jsonl") as f:
-            records = [json.loads(line) for line in f]
-        losses = [r["loss"] for r in records if r["kind"] == "train"]
-        bleus = [r["bleu"] for r in records if r["kind"] == "eval"]
-        print(f"{name}: exit {p.exitcode}, final training loss {losses[-1] if losses else float('nan'):.3f}, "
-              f"best BLEU {max(bleus, default=float('nan')):.2f}", flush=True)
