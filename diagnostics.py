@@ -105,9 +105,9 @@ def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
     shifted = torch.cat([torch.full_like(tgt_out[:, :1], bos), tgt_out[:, :-1]], dim=1).masked_fill(~real, pad)
 
     def ends_in_eos(ids, tok) -> bool:         # real tokens first, the one <eos> last of them, then pad only
-        real = ids != tok.pad_id
-        last = ids.gather(1, (real.sum(1, keepdim=True) - 1).clamp_min(0))[:, 0]
-        return bool((real.cumprod(1).sum(1) == real.sum(1)).all() and (last == tok.eos_id).all()
+        kept = ids != tok.pad_id
+        last = ids.gather(1, (kept.sum(1, keepdim=True) - 1).clamp_min(0))[:, 0]
+        return bool((kept.cumprod(1).sum(1) == kept.sum(1)).all() and (last == tok.eos_id).all()
                     and ((ids == tok.eos_id).sum(1) == 1).all())
     if not torch.equal(tgt_in.masked_fill(~real, pad), shifted) or not ends_in_eos(tgt_out, data.tgt_tok) or \
             not ends_in_eos(src, data.src_tok):
@@ -286,7 +286,7 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
     same twice from a model left in training mode (dropout off while decoding). STEPS tokens each;
     greedy alone on the longer of two short sentences, translate() on both (the shorter must not stop
     the longer, and their order must be restored)."""
-    src_tok, tgt_tok, found = data.src_tok, data.tgt_tok, []
+    src_tok, tgt_tok = data.src_tok, data.tgt_tok
     memory, cache = model.encode(src), None
     real = tgt_in != tgt_tok.pad_id
     for t in range(min(tgt_in.shape[1], STEPS)):
@@ -323,15 +323,15 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                                                max_len_b=STEPS))
     model.eval()
     if translations[-1] != translations[0]:
-        found.append(("dropout_in_decoding", "greedy decoding of the same 2 short validation sentences twice gave "
-                      "different translations: dropout is on while decoding. Call model.eval() before decoding "
-                      "or validating, and model.train() after."))
-    elif translations[0][0] != direct:
-        found.append(("translate_mismatch", "translate() does not return what greedy decoding of a sentence alone "
-                      "gives: check the start and end tokens it passes, that the translations are put back in input "
-                      "order, and that in a batch each sentence stops on its own (at its <eos> or its length limit), "
-                      "not when another does."))
-    return found
+        return [("dropout_in_decoding", "greedy decoding of the same 2 short validation sentences twice gave "
+                 "different translations: dropout is on while decoding. Call model.eval() before decoding or "
+                 "validating, and model.train() after.")]
+    if translations[0][0] != direct:
+        return [("translate_mismatch", "translate() does not return what greedy decoding of a sentence alone "
+                 "gives: check the start and end tokens it passes, that the translations are put back in input "
+                 "order, and that in a batch each sentence stops on its own (at its <eos> or its length limit), "
+                 "not when another does.")]
+    return []
 
 
 def short_sources(data, n: int) -> list[str]:
