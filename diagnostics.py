@@ -161,10 +161,14 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
     # a gradient where none belongs is a leak for sure; none where one belongs only if nothing saturates
     # (an over-confident untrained model's softmaxes round their small gradients to 0: initial_loss's case)
     trusted = bool(logits[b, t].detach().float().softmax(-1).max() < 0.9)
-    found = []
+    found, pad_id = [], data.src_tok.pad_id
+
+    def where(leak: str) -> str:                                # where the leak enters, as a clause
+        part = leak_parts(model, src, tgt_in, b, t, leak, pad_id)
+        return f"; it enters {part}" if part else ""
     if tgt_read[b, t + 1:].any():
         found.append(("causal_mask", f"the prediction at target position {t} reads the target inputs after it "
-                      f"(positions {tgt_read[b, t + 1:].nonzero()[:, 0].add(t + 1).tolist()}): the decoder sees the "
+                      f"(positions {tgt_read[b, t + 1:].nonzero()[:, 0].add(t + 1).tolist()}){where('future')}: the decoder sees the "
                       "future, and learns to copy instead of to translate. Mask decoder self-attention causally "
                       "(query t sees keys 0..t), and look for what mixes positions: the heads merged back without "
                       "transposing (B, H, T, Dh) -> (B, T, H, Dh) first, a normalisation or softmax over the time "
@@ -186,15 +190,51 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
                       "(B, 1, 1, S); not the decoder's causal mask, which would hide source positions after t), "
                       "its polarity (masked_fill where the mask is False), and the GRU attention's mask."))
     if src_read[b][~real].any():
-        found.append(("padding_mask", "a prediction reads the padding after its source sentence: attention (or the "
+        found.append(("padding_mask", f"a prediction reads the padding after its source sentence{where('padding')}: attention (or the "
                       "recurrence) reads padding, and a sentence is translated differently in a batch than alone. "
                       "Mask padded keys (src != pad) in encoder self-attention and cross-attention; pack the GRU's "
                       "input by its lengths; no normalisation or softmax over the time axis."))
     if src_read[others].any() or tgt_read[others].any():
-        found.append(("batch_leak", "a prediction for one sentence reads the other sentences of its batch: a view or "
+        found.append(("batch_leak", f"a prediction for one sentence reads the other sentences of its batch{where('batch')}: a view or "
                       "reshape that mixes the batch dimension with another (check the head split and merge: "
                       "(B, L, H, Dh) -> (B, H, L, Dh)), or a statistic taken over the batch."))
     return found
+
+
+def leak_parts(model, src, tgt_in, b: int, t: int, leak: str, pad_id: int) -> str:
+    """Where a leak the dependency probe found enters (where_they_part): row b's forward pass against
+    one where what it must not read is changed: 'future' its target inputs after t, 'padding' the
+    embeddings of its source padding, 'batch' the other rows' tokens. They must agree on row b
+    (up to t for the future; at the real source positions)."""
+    B, S, T = *src.shape, tgt_in.shape[1]
+    real = src[b] != pad_id
+    src2, tgt2, hooks = src.clone(), tgt_in.clone(), []
+    if leak == "future":
+        tgt2[b, t + 1:] = tgt_in[b, t + 1:].roll(1)
+    elif leak == "batch":
+        others = torch.arange(B, device=src.device) != b
+        src2[others], tgt2[others] = src[others].roll(1, 1), tgt_in[others].roll(1, 1)
+    else:
+        def noise(module, args, out):                           # the first call: the source's embeddings
+            hooks.pop().remove()
+            changed = (src == pad_id) & (torch.arange(B, device=src.device) == b)[:, None]       # (B, S)
+            noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
+            return out + noise * changed[:, :, None]
+        hooks.append(model.src_embed.register_forward_hook(noise))
+
+    def pick(x, y):
+        if x.shape != y.shape or x.dim() < 2 or x.shape[0] != B:
+            return None
+        if leak == "future":
+            return (x[b, :t + 1], y[b, :t + 1]) if x.shape[1] == T else None
+        if leak == "padding":       # (B, S, ...) at the real positions (if S = T, the decoder's some of its)
+            return (x[b, real], y[b, real]) if x.shape[1] == S else (x[b], y[b]) if x.shape[1] == T else None
+        return x[b], y[b]
+    try:
+        return where_they_part(model, lambda: model(src, tgt_in), lambda: model(src2, tgt2), pick)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def alone_as_in_a_batch(model, src, tgt_in, logits, data) -> list[tuple[str, str]]:
@@ -204,7 +244,14 @@ def alone_as_in_a_batch(model, src, tgt_in, logits, data) -> list[tuple[str, str
     for b in dict.fromkeys((int(lengths.argmin()), int(lengths.argmax()))):
         s, t = int((src[b] != data.src_tok.pad_id).sum()), int((tgt_in[b] != data.tgt_tok.pad_id).sum())
         if differ(model(src[b:b + 1, :s], tgt_in[b:b + 1, :t]), logits[b:b + 1, :t]):
-            return [("batch_dependence", f"sentence {b} of the first batch gets other logits alone than in its batch: "
+            def pick(x, y):                                     # the batch's row b against the sentence alone
+                fits = x.dim() == y.dim() >= 2 and x.shape[0] == len(src) and y.shape[0] == 1
+                return (x[b, :y.shape[1]], y[0]) if fits and x.shape[2:] == y.shape[2:] and \
+                    x.shape[1] >= y.shape[1] else None
+            where = where_they_part(model, lambda: model(src, tgt_in),
+                                    lambda: model(src[b:b + 1, :s], tgt_in[b:b + 1, :t]), pick)
+            return [("batch_dependence", f"sentence {b} of the first batch gets other logits alone than in its batch"
+                     f"{'; they part ' + where if where else ''}: "
                      "a translation depends on what it is batched with. Mask padding (source and target), take "
                      "positions and lengths per sentence, not from the padded batch, and keep every operation "
                      "within one sentence (no reshape across the batch, no statistic over the time axis).")]
@@ -292,9 +339,11 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
     for t in range(min(tgt_in.shape[1], STEPS)):
         step_logits, cache = model.decode_step(tgt_in[:, t], memory, cache)    # (B, V)
         if differ(step_logits[real[:, t]], logits[:, t][real[:, t]]):
+            where = step_parts(model, src, tgt_in, real[:, t], t)
             return [("decoding_mismatch", f"decoding one token at a time (decode_step and its cache), fed the "
                      f"target inputs of the first batch, gives other logits than the teacher-forced forward pass "
-                     f"from position {t} on: decoding does not compute what training trained. Check that each "
+                     f"from position {t} on{'; they part ' + where if where else ''}: decoding does not compute "
+                     "what training trained. Check that each "
                      "step embeds its token as training does (the same scale and dropout off), its position (the "
                      "number of tokens decoded before it), the cache (keys and values appended, not replaced; "
                      "the GRU's hidden state fed back), and the masks decode_step hands the attention.")]
@@ -332,6 +381,24 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                  "order, and that in a batch each sentence stops on its own (at its <eos> or its length limit), "
                  "not when another does.")]
     return []
+
+
+def step_parts(model, src, tgt_in, rows, t: int) -> str:
+    """Where decode_step at position t (after steps 0..t-1) and the forward pass part, on the given rows
+    (where_they_part): the forward's (B, T, ...) tensors at t against the step's (B, 1, ...) or (B, ...)."""
+    memory, cache = model.encode(src), None
+    for u in range(t):
+        _, cache = model.decode_step(tgt_in[:, u], memory, cache)
+    B, T = tgt_in.shape
+
+    def pick(x, y):
+        if x.dim() < 2 or x.shape[0] != B or y.shape[0] != B or x.shape[1] != T:
+            return None
+        if y.dim() == x.dim() and y.shape[1] == 1 and y.shape[2:] == x.shape[2:]:
+            return x[rows, t], y[rows, 0]
+        return (x[rows, t], y[rows]) if y.shape[1:] == x.shape[2:] else None
+    return where_they_part(model, lambda: model(src, tgt_in), lambda: model.decode_step(tgt_in[:, t], memory, cache),
+                           pick)
 
 
 def short_sources(data, n: int) -> list[str]:
@@ -503,6 +570,63 @@ def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a - b).abs().max().item() > 1e-3 * a.std().item() + 1e-6
 
 
+def where_they_part(model, run_a, run_b, pick) -> str:
+    """Where two runs of the model that should agree first part, as a clause for a warning ('' when no
+    module shows it): forward hooks on every submodule keep each call's first input and output
+    tensors; pick(a, b) cuts from a pair of them (the same module's k-th call in each run) the parts
+    that should be equal, or gives None (not comparable). Going through the calls in the order they
+    ran: a module whose input agrees and whose output differs computes something else itself; a
+    module whose input differs while every call before it agrees gets it from the plain code (no
+    module) of the module that calls it, run between the two."""
+    def record(run) -> dict:
+        calls, clock, hooks = {}, iter(range(10 ** 9)), []
+        for name, module in model.named_modules():
+            if not name:
+                continue
+            def pre(m, args, name=name):
+                calls[(name, sum(k[0] == name for k in calls))] = [next(clock), tensor_in(args), None, None]
+            def post(m, args, out, name=name):
+                call = calls[(name, sum(k[0] == name for k in calls) - 1)]
+                call[2:] = [next(clock), tensor_in(out if isinstance(out, tuple) else (out,))]
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+        return calls
+    a, b = record(run_a), record(run_b)
+    count = lambda calls, name: sum(k[0] == name for k in calls)             # noqa: E731
+    keys = [k for k in a if k in b and count(a, k[0]) == count(b, k[0])]
+    events = sorted([(a[k][0], 1, k) for k in keys] + [(a[k][2], 3, k) for k in keys if a[k][2] is not None])
+    modules, agreed, code = dict(model.named_modules()), "the model's input", ""
+
+    def owner(name: str) -> str:                                # the module whose code calls this one
+        name = name.rsplit(".", 1)[0] if "." in name else ""
+        while name and isinstance(modules[name], (torch.nn.ModuleList, torch.nn.Sequential)):
+            name = name.rsplit(".", 1)[0] if "." in name else ""
+        return name
+    for _, i, key in events:
+        parts = pick(a[key][i], b[key][i]) if a[key][i] is not None and b[key][i] is not None else None
+        name, kind = key[0], type(modules[key[0]]).__name__
+        if parts is not None and differ(*parts):
+            if i == 3:
+                return (f"first in `{name}` ({kind}): given the same input, its output differs (it computes with "
+                        "something besides its input: a state, a cache, a mask, or over another axis)")
+            where = " and ".join(f"`{m}` ({type(modules[m]).__name__})" if m else f"the model ({type(model).__name__})"
+                                 for m in dict.fromkeys((code, owner(name))))
+            return (f"first at the input of `{name}` ({kind}), while everything before it agrees ({agreed}): "
+                    f"the plain code of {where} that runs between them computes it")
+        if parts is not None:                   # the code that runs next: this module's own, or its caller's
+            agreed, code = f"`{name}`'s {'output' if i == 3 else 'input'}", owner(name) if i == 3 else name
+    return ""
+
+
+def tensor_in(values) -> torch.Tensor | None:
+    """The first of a call's arguments (or outputs) if it is a tensor, detached."""
+    return values[0].detach() if values and isinstance(values[0], torch.Tensor) else None
+
+
 def attention_spread(weights: dict[str, list[torch.Tensor]]) -> float:
     """How widely the attention scores of a query spread over the keys it may see, read back from
     the weights (log softmax = the scores less a constant per query): their standard deviation,
@@ -525,13 +649,17 @@ class StepChecks:
       weights_grow            in the first 500 steps, the weight matrices grew to 1.5x their norm
       weights_frozen          from step 100 to 500, a trainable parameter has not changed since step 1
       overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's
-      batch_repeated          otherwise, a step's batch is the step before's, in the same epoch"""
+      batch_repeated          otherwise, a step's batch is the step before's, in the same epoch
+      update_ratio            once, the step after the first log line from step 100 on: a module's weight
+                              matrices moved by more than a tenth of their size in one update, or by less
+                              than a millionth but not 0 (the usual: 1e-4 to 1e-2)"""
 
     def __init__(self, log, model, overfit: int = 0):
         self.log, self.overfit, self.warned, self.first_norm, self.first_batches = log, overfit, set(), 0.0, {}
         self.last_batch = (-1, torch.zeros(0))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()]
         self.names, self.params, self.first_sums = [n for n, _ in named], [p for _, p in named], []
+        self.before: list[torch.Tensor] | None = None           # the weights before the update measured
 
     def warn_once(self, name: str, text: str, step: int) -> None:
         if name not in self.warned:
@@ -539,6 +667,8 @@ class StepChecks:
             self.log.warn(name, text, step)
 
     def at_step(self, run, batches: list) -> None:
+        if self.before:
+            self.update_ratio(run.step)
         if self.overfit:
             self.same_batches(run, batches)
         else:
@@ -547,6 +677,33 @@ class StepChecks:
     def at_log_line(self, step: int, lr: float) -> None:
         self.gradients_cleared(step)
         self.weight_growth(step, lr)
+        if step >= 100 and lr > 0 and self.before is None:      # the next step's update is measured
+            self.before = [p.detach().clone() for p in self.params]
+
+    def update_ratio(self, step: int) -> None:
+        """Each module's update against its weights, its matrices' norms (Karpathy's rule of thumb:
+        about 1e-3). With Adam each weight moves by up to about the learning rate per step, so the ratio
+        is about lr over the weights' typical size: a module 100x outside the usual range has a
+        learning rate of its own that is wrong, gradients under Adam's eps, or weights far from their
+        initial scale."""
+        moved, size = {}, {}
+        for name, p, old in zip(self.names, self.params, self.before):
+            if p.dim() >= 2:
+                module = name.rsplit(".", 1)[0]
+                moved[module] = moved.get(module, 0.0) + (p.detach() - old).float().pow(2).sum().item()
+                size[module] = size.get(module, 0.0) + old.float().pow(2).sum().item()
+        self.before = []                                        # measured: never again
+        ratios = {m: math.sqrt(moved[m] / size[m]) for m in moved if size[m] > 0}
+        off = {m: r for m, r in ratios.items() if r and not 1e-6 <= r <= 0.1}    # (0: weights_frozen's, or a
+        #                                                                           step skipped as non-finite)
+        if off:
+            worst = sorted(off, key=lambda m: abs(math.log10(max(off[m], 1e-12)) + 3), reverse=True)
+            self.warn_once("update_ratio", f"step {step}: one update moved {', '.join(worst[:4])} by "
+                           + ", ".join(f"{off[m]:.0e}" for m in worst[:4]) + " of their weights' norm (usually 1e-4 "
+                           "to 1e-2, about the learning rate over the weights' typical size): too large, and the "
+                           "module's weights are thrown around (its learning rate too high, its initialisation far "
+                           "too small); too small, and it hardly learns (a learning rate scaled down for its "
+                           "parameter group, gradients under Adam's eps, weights initialised far too large).", step)
 
     def gradients_cleared(self, step: int) -> None:
         """After the update, no parameter should hold a gradient (train.update ends with zero_grad)."""

@@ -25,10 +25,11 @@ from model_transformer import MultiHeadAttention, Residual, Transformer
 class Warnings:
     """Stands in for RunLog: keeps the names of the warnings."""
     def __init__(self):
-        self.names = []
+        self.names, self.texts = [], {}
 
     def warn(self, name, text, step=0):
         self.names.append(name)
+        self.texts[name] = text
 
     def say(self, text):
         self.said = text
@@ -368,3 +369,53 @@ def test_a_warning_is_a_line_and_a_record(tmp_path, capsys):
     log.record("eval", "eval step 8", step=8, val_loss=0.05, bleu=0.0)      # a record that calls for a warning
     with open(log.path) as f:
         assert [r["kind"] for r in map(json.loads, f)] == ["warning", "eval", "warning"]
+
+
+def test_a_warning_says_where_the_runs_that_should_agree_first_part(data, monkeypatch):
+    """Where a property breaks: the first module whose input differs (made by its caller's plain code)
+    or whose output differs for the same input, in the order the calls ran."""
+    model, batch = tiny(data)
+    attend = MultiHeadAttention.attend
+    monkeypatch.setattr(MultiHeadAttention, "attend", lambda self, q, k, v, mask=None, causal=False:
+                        attend(self, q, k, v, mask, False))                 # no causal mask
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log)
+    assert "it enters first at the input of `decoder.0.self_attn.out_proj`" in log.texts["causal_mask"]
+    assert "`decoder.0.self_attn` (MultiHeadAttention)" in log.texts["causal_mask"]
+    monkeypatch.undo()
+    encode = Transformer.encode
+    monkeypatch.setattr(Transformer, "encode", lambda self, src: (encode(self, src)[0], None))   # cross-attention
+    log = Warnings()                                                    # gets no source mask
+    probe_model(model, batch, sequence_loss, data, log)
+    assert "`decoder.0.cross_attn` (MultiHeadAttention)" in log.texts["padding_mask"]
+    monkeypatch.undo()
+    rnn, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
+    decode_step = type(rnn).decode_step
+    monkeypatch.setattr(type(rnn), "decode_step", lambda self, y, memory, cache: decode_step(self, y, memory, None))
+    log = Warnings()                                                    # the hidden state not carried
+    probe_model(rnn, batch, sequence_loss, data, log)
+    assert "they part first in `decoder` (GRU): given the same input, its output differs" in \
+        log.texts["decoding_mismatch"]
+
+
+def test_an_update_far_from_its_weights_size_names_the_module(data):
+    model, batch = tiny(data)
+    for moved, named in ((1e-3, []), (0.5, ["update_ratio"]), (3e-7, ["update_ratio"])):
+        log = Warnings()
+        checks = StepChecks(log, model)
+        checks.at_log_line(1, 0.0)                                      # before step 100: not measured
+        assert checks.before is None
+        target = model.decoder[1].ff.up.weight
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-4)                                            # every parameter moves
+        checks.at_log_line(100, 1e-3)                                   # the next update is measured
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-4) if p is not target else p.mul_(1 + moved)      # (1e-4 of weights ~0.2: fine)
+        checks.at_step(types.SimpleNamespace(step=101, epoch=0), [batch])
+        assert log.names == named
+        if named:
+            assert "decoder.1.ff.up" in log.texts["update_ratio"] and "encoder" not in log.texts["update_ratio"]
+        checks.at_step(types.SimpleNamespace(step=102, epoch=0), [batch])    # once: never measured again
+        assert checks.before == []
