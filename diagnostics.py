@@ -72,18 +72,30 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     was_training, device = model.training, next(model.parameters()).device
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
     src = torch.cat([src, torch.full_like(src[:, :3], data.src_tok.pad_id)], dim=1)   # padding for sure
+    src = mixed_lengths(src, data.src_tok)
     model.eval()
     logits = model(src, tgt_in)                                 # (rows, T, V): what each probe compares with
-    results = {"teacher_forcing_pairs": teacher_forcing_pairs(batch, data),
-               "reads_what_it_should": dependency_probe(model, src, tgt_in, tgt_out, data),
-               "alone_as_in_a_batch": alone_as_in_a_batch(model, src, tgt_in, logits, data),
-               "word_order": word_order(model, src, tgt_in, logits, data),
-               "no_hidden_state": no_hidden_state(model, src, tgt_in, logits),
-               "decoding_as_trained": decoding_as_trained(model, src, tgt_in, logits, data, device),
-               "loss_as_defined": loss_as_defined(tgt_out, loss_fn, data, smoothing),
-               "attention_as_designed": attention_as_designed(model, src, tgt_in),
-               "every_parameter_learns": every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer),
-               "data_pairs": data_checks(data)}
+    probes = {"teacher_forcing_pairs": lambda: teacher_forcing_pairs(batch, data),
+              "reads_what_it_should": lambda: dependency_probe(model, src, tgt_in, tgt_out, data),
+              "alone_as_in_a_batch": lambda: alone_as_in_a_batch(model, src, tgt_in, logits, data),
+              "word_order": lambda: word_order(model, src, tgt_in, logits, data),
+              "no_hidden_state": lambda: no_hidden_state(model, src, tgt_in, logits),
+              "decoding_as_trained": lambda: decoding_as_trained(model, src, tgt_in, logits, data, device),
+              "loss_as_defined": lambda: loss_as_defined(tgt_out, loss_fn, data, smoothing),
+              "attention_as_designed": lambda: attention_as_designed(model, src, tgt_in),
+              "every_parameter_learns": lambda: every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data,
+                                                                       optimizer),
+              "data_pairs": lambda: data_checks(data)}
+    results = {}
+    for name, probe in probes.items():
+        try:
+            results[name] = probe()
+        except Exception as e:          # a diagnostic never stops a run: the model failed the probe instead
+            results[name] = [("probe_failed", f"the probe {name} (diagnostics.py) failed on the untrained model "
+                              f"with {type(e).__name__}: {str(e)[:200]}. The model does not behave as an "
+                              "encoder-decoder is expected to (a tensor detached or computed under no_grad where "
+                              "the loss needs its gradient, a shape the model does not expect); training goes on.")]
+        model.eval()
     model.train(was_training)
     for found in results.values():
         for name, text in found:
@@ -96,6 +108,20 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     return passed
 
 
+def mixed_lengths(src: torch.Tensor, tok) -> torch.Tensor:
+    """The probe's sources at different lengths, in no order, as translation batches have them (a
+    training batch's sentences are of about one length): of 4 rows, the first keeps 3/4 of its real
+    tokens, the next 2/4, 1/4 and all, then <eos>, then padding; so sorting by length and undoing it,
+    packing and padding masks are all exercised."""
+    src, rows = src.clone(), len(src)
+    for i in range(rows):
+        n = int((src[i] != tok.pad_id).sum()) - 1                # real tokens before <eos>
+        keep = max(1, n * ((3 * i + 2) % rows + 1) // rows)
+        src[i, keep + 1:] = tok.pad_id
+        src[i, keep] = tok.eos_id
+    return src
+
+
 def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
     """A training batch as teacher forcing needs it: tgt_in is <bos> then tgt_out shifted right by one;
     the source and tgt_out each hold one <eos>, at the end of their real tokens, and after it only padding."""
@@ -103,12 +129,6 @@ def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
     pad, bos = data.tgt_tok.pad_id, data.tgt_tok.bos_id
     real = tgt_out != pad
     shifted = torch.cat([torch.full_like(tgt_out[:, :1], bos), tgt_out[:, :-1]], dim=1).masked_fill(~real, pad)
-
-    def ends_in_eos(ids, tok) -> bool:         # real tokens first, the one <eos> last of them, then pad only
-        kept = ids != tok.pad_id
-        last = ids.gather(1, (kept.sum(1, keepdim=True) - 1).clamp_min(0))[:, 0]
-        return bool((kept.cumprod(1).sum(1) == kept.sum(1)).all() and (last == tok.eos_id).all()
-                    and ((ids == tok.eos_id).sum(1) == 1).all())
     if not torch.equal(tgt_in.masked_fill(~real, pad), shifted) or not ends_in_eos(tgt_out, data.tgt_tok) or \
             not ends_in_eos(src, data.src_tok):
         return [("target_shift", "the training batch does not pair tgt_in with tgt_out for teacher forcing: at "
@@ -116,6 +136,14 @@ def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
                  "right by one) and predict the current one; the source and tgt_out end in one <eos>, and after "
                  "it comes padding (pad_id) only. Check collate's shift, the special tokens and the padding id.")]
     return []
+
+
+def ends_in_eos(ids: torch.Tensor, tok) -> bool:
+    """Each row (B, L) as training has it: real tokens first, the one <eos> last of them, then pad only."""
+    kept = ids != tok.pad_id
+    last = ids.gather(1, (kept.sum(1, keepdim=True) - 1).clamp_min(0))[:, 0]
+    return bool((kept.cumprod(1).sum(1) == kept.sum(1)).all() and (last == tok.eos_id).all()
+                and ((ids == tok.eos_id).sum(1) == 1).all())
 
 
 def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]:
@@ -131,7 +159,8 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
     outputs = []
 
     def keep(module, args, out):
-        out.retain_grad()
+        if out.requires_grad:                                   # (not: every_parameter_learns names it)
+            out.retain_grad()
         outputs.append(out)
     hooks = [m.register_forward_hook(keep) for m in {id(m): m for m in (model.src_embed, model.tgt_embed)}.values()]
     encoded, encode = [], model.encode
@@ -139,7 +168,8 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
     def encode_kept(s):                                         # the encoder output, kept too: what the
         memory = encode(s)                                      # decoder's attention reads of it
         encoded.append(first_tensor(memory))
-        encoded[-1].retain_grad()
+        if encoded[-1].requires_grad:
+            encoded[-1].retain_grad()
         return memory
     model.encode = encode_kept                                  # (this call only: deleted below)
     try:
@@ -254,7 +284,8 @@ def alone_as_in_a_batch(model, src, tgt_in, logits, data) -> list[tuple[str, str
                      f"{'; they part ' + where if where else ''}: "
                      "a translation depends on what it is batched with. Mask padding (source and target), take "
                      "positions and lengths per sentence, not from the padded batch, and keep every operation "
-                     "within one sentence (no reshape across the batch, no statistic over the time axis).")]
+                     "within one sentence (no reshape across the batch, no statistic over the time axis; a batch "
+                     "sorted by length, to pack it, put back in its order).")]
     return []
 
 
@@ -366,7 +397,23 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                  "input, starts from <bos>, and adds up the chosen log-probabilities.")]
     direct = tgt_tok.decode(hyp[0, :n - 1 if len(ended) else n].tolist())          # up to its <eos>
     model.train()                                               # as validation finds it during training
-    translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0, max_len_b=STEPS)]
+    encoded, encode = [], model.encode
+
+    def encode_kept(s):                                         # what translate() hands the encoder
+        encoded.append(s)
+        return encode(s)
+    model.encode = encode_kept                                  # (this call only: deleted below)
+    try:
+        translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
+                                           max_len_b=STEPS)]
+    finally:
+        del model.encode
+    if not all(ends_in_eos(s, src_tok) for s in encoded):
+        model.eval()
+        return [("decoding_input", "translate() hands the encoder sources that are not as in training (each "
+                 "sentence's tokens, one <eos> last, then padding only): the model translates input it never saw. "
+                 "Encode each source as training's data does (the same tokenizer, <eos> appended, padded with "
+                 "pad_id after it).")]
     if translations[0][0] != direct:                            # dropout on, or translate() wrong: which?
         translations.append(decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
                                                max_len_b=STEPS))
@@ -469,6 +516,13 @@ def attention_as_designed(model, src, tgt_in) -> list[tuple[str, str]]:
                      + ("the word is drowned by its position. " if ratio <= 0.5 else "the position is drowned. ")
                      + "Multiply the embeddings by sqrt(d_model) (once) before adding the positions, with "
                      "embeddings initialised N(0, 1/d_model).")]
+        near = torch.nn.functional.cosine_similarity(model.positions[:63], model.positions[1:64]).mean().item()
+        if near < 0.5:                  # (sinusoids: 0.94 at d_model 16, 0.97 at 512; noise-like rows: ~0)
+            return [("position_encoding", f"neighbouring positions' encodings have a cosine similarity of {near:.2f} "
+                     "(0.94-0.97 for sinusoids of any width): the encodings look like noise, not a smooth code of "
+                     "the position, so the model cannot tell near from far. Check the sinusoids' frequencies, "
+                     "1 / 10000^(2i/d_model), falling as i grows (the exponent's sign), and that row p holds "
+                     "sin(p * freq) and cos(p * freq).")]
     spread = attention_spread(weights) if weights else 0.0
     if spread > 1.5:
         return [("attention_scale", f"the untrained model's attention scores spread with a standard deviation of "
@@ -495,6 +549,18 @@ def every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer
     if missed:
         found.append(("not_optimized", f"{module_names(missed)} are trainable but not in the optimizer, which never "
                       "updates them: build the optimizer from model.parameters() after the model is complete."))
+    for group in optimizer.param_groups if optimizer is not None else []:
+        beta1, beta2 = group.get("betas", (0.0, 1.0))
+        coupled = group.get("weight_decay", 0.0) > 0 and group.get("decoupled_weight_decay") is False
+        if not 0 <= beta1 < beta2 < 1 or coupled:
+            name = type(optimizer).__name__
+            found.append(("optimizer_settings", f"the optimizer ({name}) adds weight decay {group['weight_decay']} to "
+                          "the gradient (L2), and Adam divides it by sqrt(v): parameters with small gradients decay far "
+                          "faster than the rest. Use AdamW, whose decay is decoupled from the gradient."
+                          if coupled else f"the optimizer ({name}) has (beta1, beta2) = ({beta1}, {beta2}): the second "
+                          "moment must average over longer than the first (0 <= beta1 < beta2 < 1, usually 0.9 and "
+                          "0.98-0.999), or m / sqrt(v) is no longer bounded and steps overshoot the learning rate."))
+            break
     pruned = any(getattr(m, "n_head", 1) == 0 for m in model.modules())
     frozen = [n for n, p in params.items() if not p.requires_grad and p.numel()]
     if frozen and not pruned:
@@ -554,8 +620,10 @@ def tokenizer_round_trip(data, n: int = 100) -> list[tuple[str, str]]:
             found.append(("tokenizer_round_trip", f"of the first {len(pairs)} validation sentences' {side} side, "
                           f"{encoded} are stored as the tokenizer's encoding of their text and {back} decode back "
                           "to their text: what the model trains on, or what BLEU scores, is not the text. Check "
-                          "that each side is encoded with its own tokenizer, that decode() joins the pieces as "
-                          "encode() split them (no spaces added or lost) and drops only the special tokens."))
+                          "that each side is encoded with its own tokenizer, that the split gives back each "
+                          "sentence's ids whole (its offsets: the end excluded once, not twice), and that decode() "
+                          "joins the pieces as encode() split them (no spaces added or lost) and drops only the "
+                          "special tokens."))
             break
     return found
 
@@ -729,6 +797,13 @@ class StepChecks:
                            "optimizer does not update them, though they get gradients (checked before step 1): the "
                            "gradients cleared between backward() and optimizer.step() (zero_grad belongs after the "
                            "step), optimizer.step() not called, or a learning rate of 0.", step)
+        if norm < 0.5 * self.first_norm:
+            self.warn_once("weights_shrink", f"step {step}: the weight matrices have shrunk to "
+                           f"{norm / self.first_norm:.2f}x their norm at the start (lr {lr:.2e}); healthy runs grow "
+                           "a few %. Something pulls them to 0 faster than the loss can push back: weight decay "
+                           "far too strong, or coupled to the gradient (L2 in torch.optim.Adam is scaled up by "
+                           "Adam's division by sqrt(v) wherever gradients are small: use AdamW's decoupled "
+                           "decay), or a decay applied more than once per step.", step)
         if norm > 1.5 * self.first_norm:
             self.warn_once("weights_grow", f"step {step}: the weight matrices have grown to "
                            f"{norm / self.first_norm:.1f}x their norm at the start (lr {lr:.2e}); healthy runs grow a "

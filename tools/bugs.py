@@ -6,11 +6,11 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 54 runs, ~18 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 64 runs, ~21 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Five sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT, HELD_OUT_2, HELD_OUT_3 and HELD_OUT_4 (tools/held_out_3.py, tools/held_out_4.py), bugs
+Six sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT to HELD_OUT_5 (the last three in tools/held_out_3.py, _4.py and _5.py), bugs
 written apart from the diagnostics, after them, by someone who had not read them: how well the
 checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
@@ -42,6 +42,7 @@ from runs import plot_runs, read_run  # noqa: E402
 
 import held_out_3  # noqa: E402
 import held_out_4  # noqa: E402
+import held_out_5  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -585,9 +586,15 @@ NAMED_4 = {"embeddings_not_scaled": "embedding_scale", "greedy_input_not_fed_bac
            "gru_attention_no_softmax": "attention_not_distribution",
            "gru_decode_step_queries_previous_state": "decoding_mismatch"}
 HELD_OUT_4 = [Bug(name, seen, NAMED_4[name], inject, knobs) for name, seen, inject, knobs in held_out_4.HELD_OUT_4]
-for bug in HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4:
+NAMED_5 = {"target_eos_missing": "target_shift", "split_tgt_end_inclusive": "tokenizer_round_trip",
+           "translate_source_without_eos": "decoding_input", "greedy_bos_eos_swapped": "translate_mismatch",
+           "lr_peak_and_min_swapped": "lr_schedule", "adam_betas_swapped": "optimizer_settings",
+           "positions_frequency_sign": "position_encoding", "gru_encoder_sorted_not_restored": "batch_dependence",
+           "gru_decoder_reads_source_embedding": "no_gradient", "gru_adam_l2_weight_decay": "optimizer_settings"}
+HELD_OUT_5 = [Bug(name, seen, NAMED_5[name], inject, knobs) for name, seen, inject, knobs in held_out_5.HELD_OUT_5]
+for bug in HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5:
     bug.held_out = True
-BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4}
+BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5}
 
 
 # -----------------------------------------------------------------------------
