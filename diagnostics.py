@@ -9,7 +9,7 @@ train_loop wires them in, by when they look:
                   moving on (in overfit mode: staying the same)
     Symptoms      in common.RunLog, at every record: the loss against ln(V), the learning rate's schedule,
                   validation loss against BLEU, what its source is worth to the model, the translations' length
-docs/debugging.md: the bugs they name (tools/bugs.py, four held-out sets among them), what they do not
+docs/debugging.md: the bugs they name (tools/bugs.py, five held-out sets among them), what they do not
 name, and their cost. Leaves out: statistics of activations, a learning-rate finder, beam search.
 """
 
@@ -46,8 +46,9 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
 def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothing: float = 0.0,
                 rows: int = 4) -> list[str]:
     """Before step 1, test the untrained model on a few sentences of the first batch (src, tgt_in,
-    tgt_out) for the properties a correct encoder-decoder has, whatever the bug that breaks them;
-    warn (log.warn) about each that fails, print the list of those that hold, and return it:
+    tgt_out; the sources cut to mixed lengths) for the properties a correct encoder-decoder has,
+    whatever the bug that breaks them; warn (log.warn) about each that fails (where two runs that
+    must agree part: where_they_part), print the list of those that hold, and return it:
       teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, one <eos> ending
                             each side, then padding only
       reads_what_it_should  one prediction's gradient reaches every real source token, every real
@@ -59,16 +60,20 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
       no_hidden_state       the same batch twice, another between: the same logits
       decoding_as_trained   decoding step by step gives the teacher-forced logits; greedy decoding's
                             choices are the forward pass's first ones on its own output, and
-                            translate() gives what greedy decoding does, alone or not, and the
-                            same twice (dropout off while decoding: dropout_in_decoding)
+                            translate() encodes its sources as training does and gives what
+                            greedy decoding does, alone or not, and the same twice (dropout off
+                            while decoding: dropout_in_decoding)
       loss_as_defined       loss_fn is the cross-entropy of each position's logits against its own
                             target (label smoothing too), its gradient p - q; padding costs nothing
       attention_as_designed attention weights are distributions over the keys, their scores spread as
-                            1 / sqrt(Dh) makes them; word embeddings about as large as the positions
-      every_parameter_learns  every parameter gets a gradient and is in the optimizer
+                            1 / sqrt(Dh) makes them; word embeddings about as large as the positions,
+                            neighbouring positions' codes alike
+      every_parameter_learns  every parameter gets a gradient and is in the optimizer, whose settings
+                            hold (Adam's beta1 < beta2, weight decay decoupled)
       data_pairs            data_checks: the pairs aligned, validation apart from train, sides not
                             swapped, each side's ids its text's encoding, decoding back to it
-    About two training steps of work, once, in full precision."""
+    A probe that raises is a warning (probe_failed): a diagnostic never stops a run. About two
+    training steps of work, once, in full precision."""
     was_training, device = model.training, next(model.parameters()).device
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
     src = torch.cat([src, torch.full_like(src[:, :3], data.src_tok.pad_id)], dim=1)   # padding for sure
@@ -715,6 +720,7 @@ class StepChecks:
     """What common.StepLog has checked at each log line and at each step; each warning once per run:
       gradients_kept          a parameter still holds a gradient after the update
       weights_grow            in the first 500 steps, the weight matrices grew to 1.5x their norm
+      weights_shrink          ... or shrank to half of it
       weights_frozen          from step 100 to 500, a trainable parameter has not changed since step 1
       overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's
       batch_repeated          otherwise, a step's batch is the step before's, in the same epoch

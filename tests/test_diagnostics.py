@@ -419,3 +419,58 @@ def test_an_update_far_from_its_weights_size_names_the_module(data):
             assert "decoder.1.ff.up" in log.texts["update_ratio"] and "encoder" not in log.texts["update_ratio"]
         checks.at_step(types.SimpleNamespace(step=102, epoch=0), [batch])    # once: never measured again
         assert checks.before == []
+
+
+def test_the_properties_added_after_the_fifth_held_out_set(data, monkeypatch, tmp_path):
+    """The positional code is smooth, Adam's settings hold, translate() encodes sources as training
+    does, a batch sorted for packing is put back, the weights do not collapse; a probe that raises
+    is a warning, not the end of the run."""
+    model, batch = tiny(data)
+    with torch.no_grad():
+        model.positions.copy_(torch.randn_like(model.positions))          # noise, not sinusoids
+    assert probe(model, batch, data) == ["position_encoding"]
+    model, batch = tiny(data)
+    for optimizer in (torch.optim.AdamW(model.parameters(), betas=(0.98, 0.9)),
+                      torch.optim.Adam(model.parameters(), weight_decay=0.01)):
+        log = Warnings()
+        probe_model(model, batch, sequence_loss, data, log, optimizer)
+        assert log.names == ["optimizer_settings"]
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, torch.optim.AdamW(model.parameters(), weight_decay=0.1))
+    assert log.names == []
+    lengths_sorted = decoding.length_sorted_batches
+
+    def without_eos(encoded, pad_id, eos_id, batch_size):                   # no <eos> after the sources
+        return lengths_sorted(encoded, pad_id, pad_id, batch_size)
+    monkeypatch.setattr(decoding, "length_sorted_batches", without_eos)
+    assert probe(model, batch, data) == ["decoding_input"]
+    monkeypatch.undo()
+    rnn, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
+    encode = type(rnn).encode
+
+    def sorted_encode(self, src):                                        # sorted for packing, never put back
+        return encode(self, src[(src != 0).sum(1).argsort(descending=True)])
+    monkeypatch.setattr(type(rnn), "encode", sorted_encode)
+    assert "batch_dependence" in probe(rnn, batch, data)
+    monkeypatch.undo()
+    monkeypatch.setattr(type(rnn), "encode", torch.no_grad()(encode))       # the encoder under no_grad
+    assert "no_gradient" in probe(rnn, batch, data)                     # (the dependency probe once raised)
+    monkeypatch.undo()
+    steps, log = step_log(tmp_path, model)
+    steps.add(run_at(1), 1e-3, OUT, [batch], 0.1)
+    steps.write(run_at(1), 0.0, 1e-3, OUT, {})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.3)                                                  # collapsed, as L2 inside Adam does
+    steps.add(run_at(50), 1e-3, OUT, [batch], 0.2)
+    steps.write(run_at(50), 0.0, 1e-3, OUT, {})
+    assert warned(log) == ["weights_shrink"]
+
+
+def test_a_probe_that_raises_is_a_warning_and_the_run_goes_on(data, monkeypatch):
+    model, batch = tiny(data)
+    monkeypatch.setattr(Transformer, "attention_weights", lambda self, src, tgt_in: 1 / 0)
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log)
+    assert log.names == ["probe_failed"] and "attention_as_designed" in log.texts["probe_failed"]
+    assert "ZeroDivisionError" in log.texts["probe_failed"] and "9 of 10 hold" in log.said
