@@ -26,11 +26,11 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
     unit variance, ~0.5 nats above it whatever V is). Far above: over-confident first guesses (weights
     too large, a wrong output layer); below: the model sees the word it must predict (a leaking mask)
     or the loss is divided by the wrong count. docs/robustness.md says why the tolerance is 1 nat below
-    and 2 above.
+    and 2 above. On the batch's first 32 sentences: an untrained model's loss hardly varies between them.
     Logs an "init" record (step 0's loss and ln(V)), which Symptoms reads."""
     pad_id, device = data.tgt_tok.pad_id, next(model.parameters()).device
     model.eval()
-    src, tgt_in, tgt_out = (t.to(device) for t in batch)
+    src, tgt_in, tgt_out = (t[:32].to(device) for t in batch)  # (32 sentences: ~0.02 nats of noise at init)
     with amp:
         loss = (loss_fn(model(src, tgt_in), tgt_out, pad_id, 0.0) / (tgt_out != pad_id).sum()).item()
     model.train()
@@ -364,12 +364,13 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
     """Decoding one token at a time (decode_step and its cache) must compute what the teacher-forced
     forward pass does: fed the batch's target inputs one by one, the same logits at every real position.
     Greedy decoding must then be what the forward pass, given greedy's own output, does: at every step
-    its token the most likely one, and its score their log-probabilities' sum (the start token);
-    translate() must give greedy decoding's output, the sentences in a batch as each alone, and the
-    same twice from a model left in training mode (dropout off while decoding). STEPS tokens each;
-    greedy alone on the longer of two short sentences, translate() on both (the shorter must not stop
-    the longer, and their order must be restored)."""
+    its token the most likely one, its score their log-probabilities' sum (the start token), each
+    sentence of a batch stopping on its own; translate() must encode its sources as training does and
+    give greedy decoding's output, in input order, the same twice from a model left in training mode
+    (dropout off while decoding). STEPS tokens each: decode_step on the batch's first two rows, greedy
+    and translate() on two short validation sentences, the longer first (translate() sorts them)."""
     src_tok, tgt_tok = data.src_tok, data.tgt_tok
+    src, tgt_in, logits = src[:2], tgt_in[:2], logits[:2]       # (two rows, both cut short: padded)
     memory, cache = model.encode(src), None
     real = tgt_in != tgt_tok.pad_id
     for t in range(min(tgt_in.shape[1], STEPS)):
@@ -384,23 +385,33 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                      "number of tokens decoded before it), the cache (keys and values appended, not replaced; "
                      "the GRU's hidden state fed back), and the masks decode_step hands the attention.")]
     texts = short_sources(data, 2)[::-1]        # the longer first: translate() sorts, and must put it back
-    one = torch.tensor([src_tok.encode(texts[0]) + [src_tok.eos_id]], device=device)
-    hyp, score = decoding.greedy(model, one, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, STEPS)
+    ids = [src_tok.encode(text) + [src_tok.eos_id] for text in texts]
+    two = torch.full((2, max(map(len, ids))), src_tok.pad_id, dtype=torch.long, device=device)
+    for i, x in enumerate(ids):
+        two[i, :len(x)] = torch.tensor(x, device=device)
+    hyp, score = decoding.greedy(model, two, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, STEPS)
     fed = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
-    logp = model(one, fed).float().log_softmax(-1)[0]                              # (T, V) teacher-forced
-    chosen = logp.gather(1, hyp[0, :, None])[:, 0]                                 # (T,)
-    ended = (hyp[0] == tgt_tok.eos_id).nonzero()
-    n = int(ended[0, 0]) + 1 if len(ended) else hyp.shape[1]
-    off = (logp.max(-1).values - chosen)[:n] > 1e-3 * (1 + chosen[:n].abs())       # greedy took another token
-    if not off.any() and abs(float(chosen[:n].sum()) - float(score[0])) > 1e-3 * (1 + abs(float(score[0]))):
-        off[n - 1] = True                                       # its own score is off: how it adds them up
-    if off.any():
-        return [("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward pass of "
-                 f"its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{texts[0][:40]}\" on: greedy "
-                 "decoding does not take the most likely word. Check that it takes the log-softmax and the argmax "
-                 "over the vocabulary (the last axis, not the batch), feeds back what it chose as the next step's "
-                 "input, starts from <bos>, and adds up the chosen log-probabilities.")]
-    direct = tgt_tok.decode(hyp[0, :n - 1 if len(ended) else n].tolist())          # up to its <eos>
+    logp = model(two, fed).float().log_softmax(-1)                                 # (2, T, V) teacher-forced
+    direct = []
+    for r in range(2):
+        chosen = logp[r].gather(1, hyp[r, :, None])[:, 0]                          # (T,)
+        ended = (hyp[r] == tgt_tok.eos_id).nonzero()
+        n = int(ended[0, 0]) + 1 if len(ended) else hyp.shape[1]
+        if not len(ended) and n < STEPS:
+            return [("decoding_mismatch", f"batched greedy decoding stopped \"{texts[r][:40]}\" after {n} tokens, "
+                     f"without its <eos> and before its limit of {STEPS}: a sentence must decode as it would alone, "
+                     "stopping at its own <eos> or its own length limit, not when another sentence of the batch "
+                     "does (stop when all are done, not any).")]
+        off = (logp[r].max(-1).values - chosen)[:n] > 1e-3 * (1 + chosen[:n].abs())   # greedy took another token
+        if not off.any() and abs(float(chosen[:n].sum()) - float(score[r])) > 1e-3 * (1 + abs(float(score[r]))):
+            off[n - 1] = True                                   # its own score is off: how it adds them up
+        if off.any():
+            return [("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward pass "
+                     f"of its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{texts[r][:40]}\" on: "
+                     "greedy decoding does not take the most likely word. Check that it takes the log-softmax and "
+                     "the argmax over the vocabulary (the last axis, not the batch), feeds back what it chose as "
+                     "the next step's input, starts from <bos>, and adds up the chosen log-probabilities.")]
+        direct.append(tgt_tok.decode(hyp[r, :n - 1 if len(ended) else n].tolist()))     # up to its <eos>
     model.train()                                               # as validation finds it during training
     encoded, encode = [], model.encode
 
@@ -419,7 +430,7 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                  "sentence's tokens, one <eos> last, then padding only): the model translates input it never saw. "
                  "Encode each source as training's data does (the same tokenizer, <eos> appended, padded with "
                  "pad_id after it).")]
-    if translations[0][0] != direct:                            # dropout on, or translate() wrong: which?
+    if translations[0] != direct:                               # dropout on, or translate() wrong: which?
         translations.append(decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
                                                max_len_b=STEPS))
     model.eval()
@@ -427,11 +438,10 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
         return [("dropout_in_decoding", "greedy decoding of the same 2 short validation sentences twice gave "
                  "different translations: dropout is on while decoding. Call model.eval() before decoding or "
                  "validating, and model.train() after.")]
-    if translations[0][0] != direct:
-        return [("translate_mismatch", "translate() does not return what greedy decoding of a sentence alone "
-                 "gives: check the start and end tokens it passes, that the translations are put back in input "
-                 "order, and that in a batch each sentence stops on its own (at its <eos> or its length limit), "
-                 "not when another does.")]
+    if translations[0] != direct:
+        return [("translate_mismatch", "translate() does not return what greedy decoding of its sentences gives: "
+                 "check the start and end tokens it passes to greedy decoding (<bos> to start, <eos> to stop), "
+                 "that the translations are put back in input order, and that each is cut at its own <eos>.")]
     return []
 
 

@@ -592,7 +592,8 @@ def validation_costs(model, data, cfg: dict, rt: Runtime) -> tuple[float, float]
 
 def bench_diagnostics() -> dict:
     """The diagnostics' cost against train.py's step: each check timed after every turn of the loop
-    (the median of `steps`), the probes once before the first; per step, a check of a log line
+    (the median of `steps`), the probes once before the first (as a run pays them, the process cold)
+    and again after the steps (the median of 5); update_ratio once; per step, a check of a log line
     counts 1 / log_interval of its time."""
     cfg = load_config(config)
     data = load_data(DataConfig.of(cfg), verbose=False)
@@ -624,11 +625,19 @@ def bench_diagnostics() -> dict:
             for name, check in checks.items():
                 if i >= warmup_steps:
                     seconds[name].append(sec if name == "step" else timed(check)[0])
+        probes = lambda: (check_initial_loss(model, first, sequence_loss, data, log, rt.amp),      # noqa: E731
+                          probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"]))
+        warm = statistics.median(timed(probes)[0] for _ in range(5))    # again, the process warmed up
+        checks = StepChecks(log, model)                                 # update_ratio: one update, measured once
+        ratio_seconds = timed(lambda: setattr(checks, "before", [p.detach().clone() for p in checks.params]))[0] \
+            + timed(lambda: checks.update_ratio(100))[0]                # (the weights kept, then compared)
     step = statistics.median(seconds.pop("step"))
     validation, gain = validation_costs(model, data, cfg, rt)
     every = {"gradients_kept": cfg["log_interval"], "weights_grow": cfg["log_interval"], "overfit_batches_change": 1,
              "batch_repeated": 1, "symptoms": cfg["log_interval"]}
     rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step},
+            "probe_model (warm)": {"when": "the same, timed again (median of 5)", "seconds": warm, "steps": warm / step},
+            "update_ratio": {"when": "once, after step 100", "seconds": ratio_seconds, "steps": ratio_seconds / step},
             "source_gain": {"when": "every validation", "seconds": gain, "of_validation": gain / validation}}
     for name, times in seconds.items():
         per_call = statistics.median(times)

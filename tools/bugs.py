@@ -541,7 +541,7 @@ HELD_OUT = [
     Bug("lr_schedule_step_not_fraction", "loss creeps from 3.1 to 2.5 in 300 steps; every translation is one "
         "digit; BLEU 0", "lr_schedule", lr_schedule_step_not_fraction),
     Bug("greedy_stops_when_any_done", "training and validation loss exactly the clean run's, but every "
-        "translation is cut after a few digits; BLEU falls to 0 as training goes on", "translate_mismatch",
+        "translation is cut after a few digits; BLEU falls to 0 as training goes on", "decoding_mismatch",
         greedy_stops_when_any_done),
     Bug("gru_hidden_not_carried", "GRU: training and validation loss exactly the clean GRU's, but greedy output "
         "is its first digit repeated (8 8 8 8); BLEU under 1", "decoding_mismatch", gru_hidden_not_carried, GRU),
