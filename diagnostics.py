@@ -923,7 +923,8 @@ class Symptoms:
     def schedule_wrong(self, lr: float, progress: float, step: int) -> str:
         """What is wrong with the learning rate of a record, if anything ('' for nothing; no peak_lr given:
         nothing is checked)."""
-        late = progress > self.warmup_frac + 0.1                # a tenth of the run past the warm-up
+        late = progress > self.warmup_frac + 0.1 and step >= 50     # a tenth of the run past the warm-up (not
+        #                                                             the one record of a run of a few steps)
         if not self.peak_lr:
             return ""
         if lr > 1.05 * self.peak_lr:

@@ -474,3 +474,12 @@ def test_a_probe_that_raises_is_a_warning_and_the_run_goes_on(data, monkeypatch)
     probe_model(model, batch, sequence_loss, data, log)
     assert log.names == ["probe_failed"] and "attention_as_designed" in log.texts["probe_failed"]
     assert "ZeroDivisionError" in log.texts["probe_failed"] and "9 of 10 hold" in log.said
+
+
+def test_a_run_of_one_step_is_not_told_its_schedule_is_wrong():
+    """A smoke test (--max_iters=1) logs one record, at 100% of the run: its learning rate is the
+    warm-up's 0, or the peak without a warm-up; nothing is wrong with either."""
+    for warmup, lr in ((0.15, 0.0), (0.0, 1e-3)):
+        symptoms = Symptoms(peak_lr=1e-3, warmup_frac=warmup)
+        symptoms("init", {"step": 0, "loss": 2.7, "ln_v": 2.7})
+        assert symptoms("train", {"step": 1, "loss": 2.7, "lr": lr, "progress": 1.0}) == []
