@@ -10,7 +10,8 @@ MODE says where the N-th call (counted from 1 in this process) goes wrong:
     nan_once    only training loss call N returns NaN
     disk_full   the N-th checkpoint write fails with ENOSPC (no space left on device)
     skew_clock  every process but process 0 sees its clock run N times as fast (for torchrun runs);
-                each process writes the learning rate of every step it took to $RATES_DIR/rates_RANK.json
+                each process writes the learning rate of every step it took, and the step it stopped
+                at, to $RATES_DIR/rates_RANK.json
     count_builds  (N unused) each process says when it builds the data instead of reading the cache
 Each process prints the step it stopped at when train.py returns.
 """
@@ -109,7 +110,7 @@ def main():
     if mode == "skew_clock":
         # a file per process: two processes' long lines on one pipe can interleave
         with open(os.path.join(os.environ["RATES_DIR"], f"rates_{os.environ.get('RANK', 0)}.json"), "w") as f:
-            json.dump(learning_rates, f)
+            json.dump({"rates": learning_rates, "stopped": run.step}, f)
     print(f"process {os.environ.get('RANK', 0)} stopped at step {run.step}", flush=True)
 
 

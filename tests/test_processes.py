@@ -3,6 +3,7 @@ the global batch, exact resume, one data cache built by process 0, one clock and
 for every process. (The averaging of gradients in-process, its collective faked: test_runtime.py.)"""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_under_torchrun_process_0_builds_the_data_cache_and_the_others_read_it(t
                           "--max_iters=1", "--eval_interval=1", "--eval_sentences=5", f"--out_dir={tmp_path / 'run'}"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert [line for line in out.stdout.splitlines() if "builds the data" in line] == ["process 0 builds the data"]
+    assert re.findall(r"process (\d+) builds the data", out.stdout) == ["0"]    # (two processes' lines may be glued)
     assert len(os.listdir(tmp_path / "cache")) == 1                # one cache file, no temporary one left
 
 
@@ -68,9 +69,7 @@ def test_process_0s_clock_stops_every_process_at_the_same_step(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)                    # (torchrun's workers too)
         raise
     assert proc.returncode == 0, stdout + stderr
-    stops = sorted(line for line in stdout.splitlines() if "stopped at step" in line)
-    assert len(stops) == 2 and stops[0].split()[-1] == stops[1].split()[-1], stops
-    assert int(stops[0].split()[-1]) > 1                       # it trained (for process 0's 3 seconds)
-    rates = {rank: json.loads((tmp_path / f"rates_{rank}.json").read_text()) for rank in "01"}
-    assert len(rates["0"]) == int(stops[0].split()[-1])
-    assert rates["0"] == rates["1"]                            # bit for bit
+    ran = {rank: json.loads((tmp_path / f"rates_{rank}.json").read_text()) for rank in "01"}   # (files: two
+    assert ran["0"]["stopped"] == ran["1"]["stopped"] > 1      # processes' lines on one pipe can interleave)
+    assert len(ran["0"]["rates"]) == ran["0"]["stopped"]       # it trained (for process 0's 3 seconds)
+    assert ran["0"]["rates"] == ran["1"]["rates"]              # bit for bit
