@@ -13,6 +13,9 @@ docs/debugging.md: the bugs they name (tools/bugs.py, five held-out sets among t
 name, and their cost. Leaves out: statistics of activations, a learning-rate finder, beam search.
 """
 
+import collections
+import contextlib
+import itertools
 import math
 
 import torch
@@ -168,21 +171,15 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
             out.retain_grad()
         outputs.append(out)
     hooks = [m.register_forward_hook(keep) for m in {id(m): m for m in (model.src_embed, model.tgt_embed)}.values()]
-    encoded, encode = [], model.encode
-
-    def encode_kept(s):                                         # the encoder output, kept too: what the
-        memory = encode(s)                                      # decoder's attention reads of it
-        encoded.append(first_tensor(memory))
-        if encoded[-1].requires_grad:
-            encoded[-1].retain_grad()
-        return memory
-    model.encode = encode_kept                                  # (this call only: deleted below)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), encoder_calls(model) as calls:
             logits = model(src, tgt_in)                         # (B, T, V)
+            encoded = [first_tensor(memory) for _, memory in calls]     # the encoder output, kept too: what
+            for e in encoded:                                           # the decoder's attention reads of it
+                if e.requires_grad:
+                    e.retain_grad()
             logits[b, t].log_softmax(-1)[int(logits[b, t].argmin())].backward()
     finally:
-        del model.encode
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
@@ -203,11 +200,11 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
         return f"; it enters {part}" if part else ""
     if tgt_read[b, t + 1:].any():
         found.append(("causal_mask", f"the prediction at target position {t} reads the target inputs after it "
-                      f"(positions {tgt_read[b, t + 1:].nonzero()[:, 0].add(t + 1).tolist()}){where('future')}: the decoder sees the "
-                      "future, and learns to copy instead of to translate. Mask decoder self-attention causally "
-                      "(query t sees keys 0..t), and look for what mixes positions: the heads merged back without "
-                      "transposing (B, H, T, Dh) -> (B, T, H, Dh) first, a normalisation or softmax over the time "
-                      "axis instead of the features (or the keys)."))
+                      f"(positions {tgt_read[b, t + 1:].nonzero()[:, 0].add(t + 1).tolist()}){where('future')}: "
+                      "the decoder sees the future, and learns to copy instead of to translate. Mask decoder "
+                      "self-attention causally (query t sees keys 0..t), and look for what mixes positions: the "
+                      "heads merged back without transposing (B, H, T, Dh) -> (B, T, H, Dh) first, a normalisation "
+                      "or softmax over the time axis instead of the features (or the keys)."))
     if trusted and not tgt_read[b, :t + 1].all():
         found.append(("target_unread", f"the prediction at target position {t} does not read target inputs "
                       f"{(~tgt_read[b, :t + 1]).nonzero()[:, 0].tolist()} (its own and earlier ones: the words "
@@ -225,14 +222,16 @@ def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]
                       "(B, 1, 1, S); not the decoder's causal mask, which would hide source positions after t), "
                       "its polarity (masked_fill where the mask is False), and the GRU attention's mask."))
     if src_read[b][~real].any():
-        found.append(("padding_mask", f"a prediction reads the padding after its source sentence{where('padding')}: attention (or the "
-                      "recurrence) reads padding, and a sentence is translated differently in a batch than alone. "
-                      "Mask padded keys (src != pad) in encoder self-attention and cross-attention; pack the GRU's "
-                      "input by its lengths; no normalisation or softmax over the time axis."))
+        found.append(("padding_mask", f"a prediction reads the padding after its source sentence"
+                      f"{where('padding')}: attention (or the recurrence) reads padding, and a sentence is "
+                      "translated differently in a batch than alone. Mask padded keys (src != pad) in encoder "
+                      "self-attention and cross-attention; pack the GRU's input by its lengths; no normalisation "
+                      "or softmax over the time axis."))
     if src_read[others].any() or tgt_read[others].any():
-        found.append(("batch_leak", f"a prediction for one sentence reads the other sentences of its batch{where('batch')}: a view or "
-                      "reshape that mixes the batch dimension with another (check the head split and merge: "
-                      "(B, L, H, Dh) -> (B, H, L, Dh)), or a statistic taken over the batch."))
+        found.append(("batch_leak", "a prediction for one sentence reads the other sentences of its batch"
+                      f"{where('batch')}: a view or reshape that mixes the batch dimension with another (check "
+                      "the head split and merge: (B, L, H, Dh) -> (B, H, L, Dh)), or a statistic taken over the "
+                      "batch."))
     return found
 
 
@@ -342,6 +341,21 @@ def input_response(model, src, tgt_in, logits, data) -> float | None:
     return None
 
 
+@contextlib.contextmanager
+def encoder_calls(model):
+    """model.encode watched while inside: yields the list of its calls, each (src, memory)."""
+    calls, encode = [], model.encode
+
+    def watched(src):
+        calls.append((src, encode(src)))
+        return calls[-1][1]
+    model.encode = watched                      # an attribute of this model over its method, deleted after
+    try:
+        yield calls
+    finally:
+        del model.encode
+
+
 def first_tensor(memory) -> torch.Tensor:
     """The encoder output in a model's memory: (B, S, D) for both models (a tuple whose first item it is)."""
     return memory[0] if isinstance(memory, (tuple, list)) else memory
@@ -385,10 +399,10 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                      "number of tokens decoded before it), the cache (keys and values appended, not replaced; "
                      "the GRU's hidden state fed back), and the masks decode_step hands the attention.")]
     texts = short_sources(data, 2)[::-1]        # the longer first: translate() sorts, and must put it back
-    ids = [src_tok.encode(text) + [src_tok.eos_id] for text in texts]
+    ids = [src_tok.encode(text) + [src_tok.eos_id] for text in texts]    # padded here, not by decoding's
     two = torch.full((2, max(map(len, ids))), src_tok.pad_id, dtype=torch.long, device=device)
-    for i, x in enumerate(ids):
-        two[i, :len(x)] = torch.tensor(x, device=device)
+    for i, x in enumerate(ids):                                 # helpers: the reference translate() is
+        two[i, :len(x)] = torch.tensor(x, device=device)        # compared with must not share its bugs
     hyp, score = decoding.greedy(model, two, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, STEPS)
     fed = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
     logp = model(two, fed).float().log_softmax(-1)                                 # (2, T, V) teacher-forced
@@ -413,18 +427,10 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                      "the next step's input, starts from <bos>, and adds up the chosen log-probabilities.")]
         direct.append(tgt_tok.decode(hyp[r, :n - 1 if len(ended) else n].tolist()))     # up to its <eos>
     model.train()                                               # as validation finds it during training
-    encoded, encode = [], model.encode
-
-    def encode_kept(s):                                         # what translate() hands the encoder
-        encoded.append(s)
-        return encode(s)
-    model.encode = encode_kept                                  # (this call only: deleted below)
-    try:
+    with encoder_calls(model) as calls:                         # what translate() hands the encoder
         translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
                                            max_len_b=STEPS)]
-    finally:
-        del model.encode
-    if not all(ends_in_eos(s, src_tok) for s in encoded):
+    if not all(ends_in_eos(s, src_tok) for s, _ in calls):
         model.eval()
         return [("decoding_input", "translate() hands the encoder sources that are not as in training (each "
                  "sentence's tokens, one <eos> last, then padding only): the model translates input it never saw. "
@@ -570,8 +576,8 @@ def every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer
         if not 0 <= beta1 < beta2 < 1 or coupled:
             name = type(optimizer).__name__
             found.append(("optimizer_settings", f"the optimizer ({name}) adds weight decay {group['weight_decay']} to "
-                          "the gradient (L2), and Adam divides it by sqrt(v): parameters with small gradients decay far "
-                          "faster than the rest. Use AdamW, whose decay is decoupled from the gradient."
+                          "the gradient (L2), and Adam divides it by sqrt(v): parameters with small gradients decay "
+                          "far faster than the rest. Use AdamW, whose decay is decoupled from the gradient."
                           if coupled else f"the optimizer ({name}) has (beta1, beta2) = ({beta1}, {beta2}): the second "
                           "moment must average over longer than the first (0 <= beta1 < beta2 < 1, usually 0.9 and "
                           "0.98-0.999), or m / sqrt(v) is no longer bounded and steps overshoot the learning rate."))
@@ -661,26 +667,27 @@ def where_they_part(model, run_a, run_b, pick) -> str:
     ran: a module whose input agrees and whose output differs computes something else itself; a
     module whose input differs while every call before it agrees gets it from the plain code (no
     module) of the module that calls it, run between the two."""
-    def record(run) -> dict:
-        calls, clock, hooks = {}, iter(range(10 ** 9)), []
+    def record(run) -> tuple[dict, collections.Counter]:
+        """{(module name, k): [start, first input, end, first output]} of its k-th call; calls per name."""
+        calls, count, clock, hooks = {}, collections.Counter(), itertools.count(), []
         for name, module in model.named_modules():
             if not name:
                 continue
             def pre(m, args, name=name):
-                calls[(name, sum(k[0] == name for k in calls))] = [next(clock), tensor_in(args), None, None]
+                calls[(name, count[name])] = [next(clock), tensor_in(args), None, None]
+                count[name] += 1
             def post(m, args, out, name=name):
-                call = calls[(name, sum(k[0] == name for k in calls) - 1)]
-                call[2:] = [next(clock), tensor_in(out if isinstance(out, tuple) else (out,))]
+                out = out if isinstance(out, tuple) else (out,)
+                calls[(name, count[name] - 1)][2:] = [next(clock), tensor_in(out)]
             hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         try:
             run()
         finally:
             for h in hooks:
                 h.remove()
-        return calls
-    a, b = record(run_a), record(run_b)
-    count = lambda calls, name: sum(k[0] == name for k in calls)             # noqa: E731
-    keys = [k for k in a if k in b and count(a, k[0]) == count(b, k[0])]
+        return calls, count
+    (a, a_count), (b, b_count) = record(run_a), record(run_b)
+    keys = [k for k in a if k in b and a_count[k[0]] == b_count[k[0]]]
     events = sorted([(a[k][0], 1, k) for k in keys] + [(a[k][2], 3, k) for k in keys if a[k][2] is not None])
     modules, agreed, code = dict(model.named_modules()), "the model's input", ""
 

@@ -608,9 +608,10 @@ def bench_diagnostics() -> dict:
         symptoms = Symptoms()
         log = RunLog(folder, True, watchers=[symptoms])
         steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, StepChecks(log, model, 1))
-        probe_seconds = timed(lambda: (check_initial_loss(model, first, sequence_loss, data, log, rt.amp),
-                                       probe_model(model, first, sequence_loss, data, log, optimizer,
-                                                   cfg["label_smoothing"])))[0]
+        def probes():                                                   # before step 1, as train_loop calls them
+            check_initial_loss(model, first, sequence_loss, data, log, rt.amp)
+            probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"])
+        probe_seconds = timed(probes)[0]                                # the process cold, as a run pays them
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
         names = ("step", "gradients_kept", "weights_grow", "overfit_batches_change", "batch_repeated", "symptoms")
         seconds = {name: [] for name in names}
@@ -625,8 +626,6 @@ def bench_diagnostics() -> dict:
             for name, check in checks.items():
                 if i >= warmup_steps:
                     seconds[name].append(sec if name == "step" else timed(check)[0])
-        probes = lambda: (check_initial_loss(model, first, sequence_loss, data, log, rt.amp),      # noqa: E731
-                          probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"]))
         warm = statistics.median(timed(probes)[0] for _ in range(5))    # again, the process warmed up
         checks = StepChecks(log, model)                                 # update_ratio: one update, measured once
         ratio_seconds = timed(lambda: setattr(checks, "before", [p.detach().clone() for p in checks.params]))[0] \

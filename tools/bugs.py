@@ -572,26 +572,33 @@ HELD_OUT_2 = [
     Bug("gru_decode_step_unscaled_embedding", "GRU: training and validation loss exactly the clean GRU's, but "
         "BLEU ~7 against 17", "decoding_mismatch", inject=gru_decode_step_unscaled_embedding, knobs=GRU),
 ]
+
+
+def held_out(entries: list[tuple], named: dict[str, str]) -> list[Bug]:
+    """A held-out set's (name, seen, inject, knobs) entries as Bugs, each named by named[name]."""
+    return [Bug(name, seen, named[name], inject, knobs) for name, seen, inject, knobs in entries]
+
+
 # the warning that names each ('' none) after the second pass; docs/debugging.md has the first
 NAMED_3 = {"residual_dropped": "target_input_ignored", "decode_cache_list_aliasing": "decoding_mismatch",
            "same_batch_every_step": "batch_repeated", "char_decode_drops_first_char": "tokenizer_round_trip",
            "smoothing_weights_swapped": "loss_definition", "zero_grad_before_step": "weights_frozen",
            "greedy_log_softmax_over_batch": "decoding_mismatch", "gru_hidden_from_output": "decoding_mismatch",
            "gru_decode_starts_from_zeros": "decoding_mismatch", "gru_embeddings_divided": "target_input_ignored"}
-HELD_OUT_3 = [Bug(name, seen, NAMED_3[name], inject, knobs) for name, seen, inject, knobs in held_out_3.HELD_OUT_3]
+HELD_OUT_3 = held_out(held_out_3.HELD_OUT_3, NAMED_3)
 NAMED_4 = {"embeddings_not_scaled": "embedding_scale", "greedy_input_not_fed_back": "decoding_mismatch",
            "bleu_against_sources": "", "tgt_in_by_roll": "target_shift",
            "target_ids_from_source_text": "tokenizer_round_trip", "smoothed_ce_scatter_overwrites": "loss_definition",
            "run_progress_min_of_limits": "lr_schedule", "gru_attention_query_final_state": "causal_mask",
            "gru_attention_no_softmax": "attention_not_distribution",
            "gru_decode_step_queries_previous_state": "decoding_mismatch"}
-HELD_OUT_4 = [Bug(name, seen, NAMED_4[name], inject, knobs) for name, seen, inject, knobs in held_out_4.HELD_OUT_4]
+HELD_OUT_4 = held_out(held_out_4.HELD_OUT_4, NAMED_4)
 NAMED_5 = {"target_eos_missing": "target_shift", "split_tgt_end_inclusive": "tokenizer_round_trip",
            "translate_source_without_eos": "decoding_input", "greedy_bos_eos_swapped": "translate_mismatch",
            "lr_peak_and_min_swapped": "lr_schedule", "adam_betas_swapped": "optimizer_settings",
            "positions_frequency_sign": "position_encoding", "gru_encoder_sorted_not_restored": "batch_dependence",
            "gru_decoder_reads_source_embedding": "no_gradient", "gru_adam_l2_weight_decay": "optimizer_settings"}
-HELD_OUT_5 = [Bug(name, seen, NAMED_5[name], inject, knobs) for name, seen, inject, knobs in held_out_5.HELD_OUT_5]
+HELD_OUT_5 = held_out(held_out_5.HELD_OUT_5, NAMED_5)
 for bug in HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5:
     bug.held_out = True
 BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5}
