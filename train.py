@@ -272,7 +272,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         raise DataError("the training split gives no batches (fewer batches than processes?)")
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None, run.step if resume else None,
                  watchers=[Symptoms(cfg["learning_rate"], cfg["warmup_frac"])])     # diagnostics.py
-    checks = StepChecks(log, model, cfg["overfit_batches"]) if rt.master else None    # diagnostics.py
+    checks = StepChecks(log, model, cfg["overfit_batches"], optimizer) if rt.master else None    # diagnostics.py
     steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, checks)
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
 

@@ -17,7 +17,8 @@ import train
 from batching import TrainBatches
 from common import RunLog, StepLog
 from data import DataConfig, load_data
-from diagnostics import StepChecks, Symptoms, attention_spread, probe_model
+from diagnostics import StepChecks, Symptoms, probe_model
+from probes import attention_spread
 from loss import sequence_loss
 from model_transformer import MultiHeadAttention, Residual, Transformer
 
@@ -483,3 +484,30 @@ def test_a_run_of_one_step_is_not_told_its_schedule_is_wrong():
         symptoms = Symptoms(peak_lr=1e-3, warmup_frac=warmup)
         symptoms("init", {"step": 0, "loss": 2.7, "ln_v": 2.7})
         assert symptoms("train", {"step": 1, "loss": 2.7, "lr": lr, "progress": 1.0}) == []
+
+
+def test_a_warning_shows_what_it_saw_and_the_stage_that_failed(data, monkeypatch):
+    """The split's ids against the text's encoding, translate() against greedy decoding, the
+    optimizer's rate against the schedule's: each warning says what differs, where."""
+    model, batch = tiny(data)
+    split = type(data.splits["validation"])
+    tgt = split.tgt
+    monkeypatch.setattr(split, "tgt", lambda self, i: tgt(self, i)[:-1])     # each target read back one short
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log)
+    assert "tokenizer_round_trip" in log.names and "the encoding less its last 1" in log.texts["tokenizer_round_trip"]
+    monkeypatch.undo()
+    translate = decoding.translate
+    monkeypatch.setattr(decoding, "translate", lambda *a, **k: translate(*a, **k)[::-1])  # not in input order
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log)
+    assert log.names == ["translate_mismatch"] and "another order" in log.texts["translate_mismatch"]
+    monkeypatch.undo()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    log = Warnings()
+    checks = StepChecks(log, model, 0, optimizer)
+    checks.at_log_line(1, 1e-3)
+    assert log.names == []
+    optimizer.lr = 5e-4                                                 # an attribute the optimizer never reads
+    checks.at_log_line(2, 5e-4)
+    assert log.names == ["lr_not_applied"] and "5.00e-04" in log.texts["lr_not_applied"]

@@ -1,0 +1,535 @@
+"""
+Probes: the properties a correct encoder-decoder has, tested on the untrained model before step 1
+(diagnostics.probe_model runs them and warns about each that fails): what one prediction reads
+(Karpathy's dependency probe), a sentence alone as in a batch, word order, no state kept between
+calls, decoding one token at a time as trained, attention as a distribution, every parameter
+learning; and, where two runs that must agree part, the module where (where_they_part). Each probe
+returns its warnings, [(name, text)], none when the property holds. docs/debugging.md: the bugs
+they name. Leaves out: the data and the loss (diagnostics.py), beam search, a trained model.
+"""
+
+import collections
+import contextlib
+import itertools
+
+import torch
+
+import decoding  # (its functions looked up at each call: a bug put into decoding.py is seen)
+
+
+def ends_in_eos(ids: torch.Tensor, tok) -> bool:
+    """Each row (B, L) as training has it: real tokens first, the one <eos> last of them, then pad only."""
+    kept = ids != tok.pad_id
+    last = ids.gather(1, (kept.sum(1, keepdim=True) - 1).clamp_min(0))[:, 0]
+    return bool((kept.cumprod(1).sum(1) == kept.sum(1)).all() and (last == tok.eos_id).all()
+                and ((ids == tok.eos_id).sum(1) == 1).all())
+
+
+def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors (of logits, of encoder outputs) differ by more than float rounding: 0.1% of
+    their spread (standard deviation), which fp32 rounding stays far under. Their spread, not their
+    size: an untrained GRU's logits spread 0.04 around their mean, a real change is small as well."""
+    a, b = a.float(), b.float()
+    if a.numel() < 2:                       # (nothing, or one number, to compare: no spread)
+        return a.numel() == 1 and (a - b).abs().item() > 1e-3 * a.abs().item() + 1e-6
+    return (a - b).abs().max().item() > 1e-3 * a.std().item() + 1e-6
+
+
+def mixed_lengths(src: torch.Tensor, tok) -> torch.Tensor:
+    """The probe's sources at different lengths, in no order, as translation batches have them (a
+    training batch's sentences are of about one length): of 4 rows, the first keeps 3/4 of its real
+    tokens, the next 2/4, 1/4 and all, then <eos>, then padding; so sorting by length and undoing it,
+    packing and padding masks are all exercised."""
+    src, rows = src.clone(), len(src)
+    for i in range(rows):
+        n = int((src[i] != tok.pad_id).sum()) - 1                # real tokens before <eos>
+        keep = max(1, n * ((3 * i + 2) % rows + 1) // rows)
+        src[i, keep + 1:] = tok.pad_id
+        src[i, keep] = tok.eos_id
+    return src
+
+
+def dependency_probe(model, src, tgt_in, tgt_out, data) -> list[tuple[str, str]]:
+    """Karpathy's dependency probe: backpropagate one prediction (row b, target position t) to the
+    embeddings of all the inputs. A correct model's gradient reaches every real source token of
+    row b and its target inputs 0..t; not row b's padding, not its later target inputs, no other
+    row; and, where the model attends, the encoder's output at every real source position (the
+    encoder mixes the source, so the embeddings alone cannot show what the attention hides).
+    Needs the model's src_embed and tgt_embed (both models have them); the encoder embeds first."""
+    lengths = (tgt_out != data.tgt_tok.pad_id).sum(dim=1)
+    b = int(lengths.argmax())
+    t = int(lengths[b]) // 2                                    # a position with a past and a future
+    outputs = []
+
+    def keep(module, args, out):
+        if out.requires_grad:                                   # (not: every_parameter_learns names it)
+            out.retain_grad()
+        outputs.append(out)
+    hooks = [m.register_forward_hook(keep) for m in {id(m): m for m in (model.src_embed, model.tgt_embed)}.values()]
+    try:
+        with torch.enable_grad(), encoder_calls(model) as calls:
+            logits = model(src, tgt_in)                         # (B, T, V)
+            encoded = [first_tensor(memory) for _, memory in calls]     # the encoder output, kept too: what
+            for e in encoded:                                           # the decoder's attention reads of it
+                if e.requires_grad:
+                    e.retain_grad()
+            logits[b, t].log_softmax(-1)[int(logits[b, t].argmin())].backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    if len(outputs) < 2 or outputs[0].grad is None or outputs[-1].grad is None:
+        return []
+    src_read = outputs[0].grad.abs().sum(dim=-1) > 0            # (B, S) which source embeddings it read
+    tgt_read = outputs[-1].grad.abs().sum(dim=-1) > 0           # (B, T)
+    enc_grad = encoded[0].grad if encoded and encoded[0].grad is not None else None
+    attended = enc_grad[b].abs().sum(dim=-1) > 0 if enc_grad is not None else None   # (S,) or None: no attention
+    real, others = src[b] != data.src_tok.pad_id, torch.arange(len(src), device=src.device) != b
+    # a gradient where none belongs is a leak for sure; none where one belongs only if nothing saturates
+    # (an over-confident untrained model's softmaxes round their small gradients to 0: initial_loss's case)
+    trusted = bool(logits[b, t].detach().float().softmax(-1).max() < 0.9)
+    found, pad_id = [], data.src_tok.pad_id
+
+    def where(leak: str) -> str:                                # where the leak enters, as a clause
+        part = leak_parts(model, src, tgt_in, b, t, leak, pad_id)
+        return f"; it enters {part}" if part else ""
+    if tgt_read[b, t + 1:].any():
+        found.append(("causal_mask", f"the prediction at target position {t} reads the target inputs after it "
+                      f"(positions {tgt_read[b, t + 1:].nonzero()[:, 0].add(t + 1).tolist()}){where('future')}: "
+                      "the decoder sees the future, and learns to copy instead of to translate. Mask decoder "
+                      "self-attention causally (query t sees keys 0..t), and look for what mixes positions: the "
+                      "heads merged back without transposing (B, H, T, Dh) -> (B, T, H, Dh) first, a normalisation "
+                      "or softmax over the time axis instead of the features (or the keys)."))
+    if trusted and not tgt_read[b, :t + 1].all():
+        found.append(("target_unread", f"the prediction at target position {t} does not read target inputs "
+                      f"{(~tgt_read[b, :t + 1]).nonzero()[:, 0].tolist()} (its own and earlier ones: the words "
+                      "decoded so far): a causal mask that also hides the diagonal, or a shift of tgt_in."))
+    if trusted and not src_read[b][real].all():
+        found.append(("source_unread", f"the prediction at target position {t} does not read source tokens "
+                      f"{(~src_read[b] & real).nonzero()[:, 0].tolist()} of its sentence (of {int(real.sum())}): the "
+                      "decoder gets no information from them. Check the source mask's polarity (True = a real "
+                      "token), cross-attention's keys and values (the encoder output), the GRU's lengths."))
+    if trusted and attended is not None and attended.any() and not attended[real].all():
+        found.append(("source_positions_hidden", f"the prediction at target position {t} attends to no encoder "
+                      f"output at source positions {(~attended & real).nonzero()[:, 0].tolist()} of its sentence (of "
+                      f"{int(real.sum())}), though they are real tokens: its attention over the source hides them. "
+                      "Check the mask handed to cross-attention (the source's padding mask, True = a real token, "
+                      "(B, 1, 1, S); not the decoder's causal mask, which would hide source positions after t), "
+                      "its polarity (masked_fill where the mask is False), and the GRU attention's mask."))
+    if src_read[b][~real].any():
+        found.append(("padding_mask", f"a prediction reads the padding after its source sentence"
+                      f"{where('padding')}: attention (or the recurrence) reads padding, and a sentence is "
+                      "translated differently in a batch than alone. Mask padded keys (src != pad) in encoder "
+                      "self-attention and cross-attention; pack the GRU's input by its lengths; no normalisation "
+                      "or softmax over the time axis."))
+    if src_read[others].any() or tgt_read[others].any():
+        found.append(("batch_leak", "a prediction for one sentence reads the other sentences of its batch"
+                      f"{where('batch')}: a view or reshape that mixes the batch dimension with another (check "
+                      "the head split and merge: (B, L, H, Dh) -> (B, H, L, Dh)), or a statistic taken over the "
+                      "batch."))
+    return found
+
+
+def leak_parts(model, src, tgt_in, b: int, t: int, leak: str, pad_id: int) -> str:
+    """Where a leak the dependency probe found enters (where_they_part): row b's forward pass against
+    one where what it must not read is changed: 'future' its target inputs after t, 'padding' the
+    embeddings of its source padding, 'batch' the other rows' tokens. They must agree on row b
+    (up to t for the future; at the real source positions)."""
+    B, S, T = *src.shape, tgt_in.shape[1]
+    real = src[b] != pad_id
+    src2, tgt2, hooks = src.clone(), tgt_in.clone(), []
+    if leak == "future":
+        tgt2[b, t + 1:] = tgt_in[b, t + 1:].roll(1)
+    elif leak == "batch":
+        others = torch.arange(B, device=src.device) != b
+        src2[others], tgt2[others] = src[others].roll(1, 1), tgt_in[others].roll(1, 1)
+    else:
+        def noise(module, args, out):                           # the first call: the source's embeddings
+            hooks.pop().remove()
+            changed = (src == pad_id) & (torch.arange(B, device=src.device) == b)[:, None]       # (B, S)
+            noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
+            return out + noise * changed[:, :, None]
+        hooks.append(model.src_embed.register_forward_hook(noise))
+
+    def pick(x, y):
+        if x.shape != y.shape or x.dim() < 2 or x.shape[0] != B:
+            return None
+        if leak == "future":
+            return (x[b, :t + 1], y[b, :t + 1]) if x.shape[1] == T else None
+        if leak == "padding":       # (B, S, ...) at the real positions (if S = T, the decoder's some of its)
+            return (x[b, real], y[b, real]) if x.shape[1] == S else (x[b], y[b]) if x.shape[1] == T else None
+        return x[b], y[b]
+    try:
+        return where_they_part(model, lambda: model(src, tgt_in), lambda: model(src2, tgt2), pick)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def alone_as_in_a_batch(model, src, tgt_in, logits, data) -> list[tuple[str, str]]:
+    """Two sentences alone, without the padding the batch gave them, have the logits they have in it
+    (the shortest, with the most padding, and the longest)."""
+    lengths = (src != data.src_tok.pad_id).sum(dim=1)
+    for b in dict.fromkeys((int(lengths.argmin()), int(lengths.argmax()))):
+        s, t = int((src[b] != data.src_tok.pad_id).sum()), int((tgt_in[b] != data.tgt_tok.pad_id).sum())
+        if differ(model(src[b:b + 1, :s], tgt_in[b:b + 1, :t]), logits[b:b + 1, :t]):
+            def pick(x, y):                                     # the batch's row b against the sentence alone
+                fits = x.dim() == y.dim() >= 2 and x.shape[0] == len(src) and y.shape[0] == 1
+                return (x[b, :y.shape[1]], y[0]) if fits and x.shape[2:] == y.shape[2:] and \
+                    x.shape[1] >= y.shape[1] else None
+            where = where_they_part(model, lambda: model(src, tgt_in),
+                                    lambda: model(src[b:b + 1, :s], tgt_in[b:b + 1, :t]), pick)
+            return [("batch_dependence", f"sentence {b} of the first batch gets other logits alone than in its batch"
+                     f"{'; they part ' + where if where else ''}: "
+                     "a translation depends on what it is batched with. Mask padding (source and target), take "
+                     "positions and lengths per sentence, not from the padded batch, and keep every operation "
+                     "within one sentence (no reshape across the batch, no statistic over the time axis; a batch "
+                     "sorted by length, to pack it, put back in its order).")]
+    return []
+
+
+def word_order(model, src, tgt_in, logits, data) -> list[tuple[str, str]]:
+    """Reordering a sentence's words must change the encoder's output for them (beyond reordering it),
+    and reordering the target inputs before position t must change the prediction at t, which must
+    respond to the word given at t at all (input_response: else that, not the order, is named)."""
+    found, b = [], int((src != data.src_tok.pad_id).sum(dim=1).argmax())
+    n = int((src[b] != data.src_tok.pad_id).sum()) - 1              # the real tokens before <eos>
+    if n >= 3:
+        order = torch.arange(src.shape[1], device=src.device)
+        order[:n] = order[:n].flip(0)
+        out, out_reordered = (first_tensor(model.encode(s[None])) for s in (src[b], src[b, order]))
+        if not differ(out_reordered[:, :n], out[:, order[:n]]):
+            found.append(("no_positions", "the encoder's output for a sentence with its words in reverse order is "
+                          "the same output in reverse order: it cannot tell word order. Add positional encodings "
+                          "to the embeddings (and check they are not zero, or added after the attention)."))
+    faint = input_response(model, src, tgt_in, logits, data)
+    if faint is not None and faint < 0.05:      # (at init: 0.3-0.8 for both models; with the input cut, ~0.01 or 0)
+        return [("target_input_ignored", f"replacing the target word given at a position changes the prediction "
+                 f"there by only {faint:.3f} of the logits' spread (0.3-0.8 in a healthy untrained model): the "
+                 "decoder hardly reads its own input, so it cannot follow what it has translated so far. Check the "
+                 "path from the target embedding to the output: the embedding's scale (times sqrt(d), not divided "
+                 "by it), the residual connections (x + sublayer(x), not the sublayer's output alone), nothing "
+                 "detached, zeroed or overwritten on the way (the GRU's input at every step).")]
+    T = tgt_in.shape[1]
+    if T >= 4:
+        swapped = tgt_in.clone()
+        swapped[:, [1, 2]] = tgt_in[:, [2, 1]]
+        if (tgt_in[:, 1] != tgt_in[:, 2]).any() and not differ(model(src, swapped)[:, 3:], logits[:, 3:]):
+            found.append(("no_positions", "swapping two target words leaves the predictions after them unchanged: "
+                          "the decoder cannot tell the order of the words decoded so far. Add positional encodings "
+                          "to the target embeddings too."))
+    return found[:1]
+
+
+def input_response(model, src, tgt_in, logits, data) -> float | None:
+    """How much the logits at a target position change when the word given there is replaced by another
+    row's: their mean absolute change over the logits' spread (standard deviation over the vocabulary),
+    at the first position where some rows' words differ; None if none does."""
+    other = tgt_in.roll(1, 0)
+    for t in range(1, tgt_in.shape[1]):
+        rows = (other[:, t] != tgt_in[:, t]) & (tgt_in[:, t] != data.tgt_tok.pad_id) & (other[:, t] != data.tgt_tok.pad_id)
+        if rows.any():
+            changed = tgt_in.clone()
+            changed[:, t] = other[:, t]
+            before, after = logits[rows, t].float(), model(src, changed)[rows, t].float()
+            return ((after - before).abs().mean() / before.std(dim=-1).mean().clamp_min(1e-9)).item()
+    return None
+
+
+@contextlib.contextmanager
+def encoder_calls(model):
+    """model.encode watched while inside: yields the list of its calls, each (src, memory)."""
+    calls, encode = [], model.encode
+
+    def watched(src):
+        calls.append((src, encode(src)))
+        return calls[-1][1]
+    model.encode = watched                      # an attribute of this model over its method, deleted after
+    try:
+        yield calls
+    finally:
+        del model.encode
+
+
+def first_tensor(memory) -> torch.Tensor:
+    """The encoder output in a model's memory: (B, S, D) for both models (a tuple whose first item it is)."""
+    return memory[0] if isinstance(memory, (tuple, list)) else memory
+
+
+def no_hidden_state(model, src, tgt_in, logits) -> list[tuple[str, str]]:
+    """A model is a function of its input: the same batch gives the same logits after another batch."""
+    model(src.roll(1, 0), tgt_in.roll(1, 0))                    # another batch of the same shape
+    if differ(model(src, tgt_in), logits):
+        return [("hidden_state", "the same batch gave other logits after the model had read another one: state "
+                 "carries over between calls (a hidden state kept on the model, a cache not reset, running "
+                 "statistics). Start every sentence from a fresh state.")]
+    return []
+
+
+STEPS = 6   # tokens decoded per sentence by the decoding probes (each costs a call of the model)
+
+
+def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[str, str]]:
+    """Decoding one token at a time (decode_step and its cache) must compute what the teacher-forced
+    forward pass does: fed the batch's target inputs one by one, the same logits at every real position.
+    Greedy decoding must then be what the forward pass, given greedy's own output, does: at every step
+    its token the most likely one, its score their log-probabilities' sum (the start token), each
+    sentence of a batch stopping on its own; translate() must encode its sources as training does and
+    give greedy decoding's output, in input order, the same twice from a model left in training mode
+    (dropout off while decoding). STEPS tokens each: decode_step on the batch's first two rows, greedy
+    and translate() on two short validation sentences, the longer first (translate() sorts them)."""
+    src_tok, tgt_tok = data.src_tok, data.tgt_tok
+    src, tgt_in, logits = src[:2], tgt_in[:2], logits[:2]       # (two rows, both cut short: padded)
+    memory, cache = model.encode(src), None
+    real = tgt_in != tgt_tok.pad_id
+    for t in range(min(tgt_in.shape[1], STEPS)):
+        step_logits, cache = model.decode_step(tgt_in[:, t], memory, cache)    # (B, V)
+        if differ(step_logits[real[:, t]], logits[:, t][real[:, t]]):
+            where = step_parts(model, src, tgt_in, real[:, t], t)
+            return [("decoding_mismatch", f"decoding one token at a time (decode_step and its cache), fed the "
+                     f"target inputs of the first batch, gives other logits than the teacher-forced forward pass "
+                     f"from position {t} on{'; they part ' + where if where else ''}: decoding does not compute "
+                     "what training trained. Check that each "
+                     "step embeds its token as training does (the same scale and dropout off), its position (the "
+                     "number of tokens decoded before it), the cache (keys and values appended, not replaced; "
+                     "the GRU's hidden state fed back), and the masks decode_step hands the attention.")]
+    texts = short_sources(data, 2)[::-1]        # the longer first: translate() sorts, and must put it back
+    ids = [src_tok.encode(text) + [src_tok.eos_id] for text in texts]    # padded here, not by decoding's
+    two = torch.full((2, max(map(len, ids))), src_tok.pad_id, dtype=torch.long, device=device)
+    for i, x in enumerate(ids):                                 # helpers: the reference translate() is
+        two[i, :len(x)] = torch.tensor(x, device=device)        # compared with must not share its bugs
+    hyp, score = decoding.greedy(model, two, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, STEPS)
+    fed = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
+    logp = model(two, fed).float().log_softmax(-1)                                 # (2, T, V) teacher-forced
+    direct = []
+    for r in range(2):
+        chosen = logp[r].gather(1, hyp[r, :, None])[:, 0]                          # (T,)
+        ended = (hyp[r] == tgt_tok.eos_id).nonzero()
+        n = int(ended[0, 0]) + 1 if len(ended) else hyp.shape[1]
+        if not len(ended) and n < STEPS:
+            return [("decoding_mismatch", f"batched greedy decoding stopped \"{texts[r][:40]}\" after {n} tokens, "
+                     f"without its <eos> and before its limit of {STEPS}: a sentence must decode as it would alone, "
+                     "stopping at its own <eos> or its own length limit, not when another sentence of the batch "
+                     "does (stop when all are done, not any).")]
+        off = (logp[r].max(-1).values - chosen)[:n] > 1e-3 * (1 + chosen[:n].abs())   # greedy took another token
+        if not off.any() and abs(float(chosen[:n].sum()) - float(score[r])) > 1e-3 * (1 + abs(float(score[r]))):
+            off[n - 1] = True                                   # its own score is off: how it adds them up
+        if off.any():
+            return [("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward pass "
+                     f"of its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{texts[r][:40]}\" on: "
+                     "greedy decoding does not take the most likely word. Check that it takes the log-softmax and "
+                     "the argmax over the vocabulary (the last axis, not the batch), feeds back what it chose as "
+                     "the next step's input, starts from <bos>, and adds up the chosen log-probabilities.")]
+        direct.append(tgt_tok.decode(hyp[r, :n - 1 if len(ended) else n].tolist()))     # up to its <eos>
+    model.train()                                               # as validation finds it during training
+    with encoder_calls(model) as calls:                         # what translate() hands the encoder
+        translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
+                                           max_len_b=STEPS)]
+    if not all(ends_in_eos(s, src_tok) for s, _ in calls):
+        model.eval()
+        return [("decoding_input", "translate() hands the encoder sources that are not as in training (each "
+                 "sentence's tokens, one <eos> last, then padding only): the model translates input it never saw. "
+                 "Encode each source as training's data does (the same tokenizer, <eos> appended, padded with "
+                 "pad_id after it).")]
+    if translations[0] != direct:                               # dropout on, or translate() wrong: which?
+        translations.append(decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
+                                               max_len_b=STEPS))
+    model.eval()
+    if translations[-1] != translations[0]:
+        return [("dropout_in_decoding", "greedy decoding of the same 2 short validation sentences twice gave "
+                 "different translations: dropout is on while decoding. Call model.eval() before decoding or "
+                 "validating, and model.train() after.")]
+    got = translations[0]
+    if got != direct:
+        where = ("the same translations in another order: put them back in input order" if sorted(got) == sorted(direct)
+                 else "each a part of the other: cut each at its own <eos>, drop only the special tokens"
+                 if all(a.startswith(b) or b.startswith(a) for a, b in zip(got, direct)) else "other translations: "
+                 "check the start and end tokens it passes to greedy decoding (<bos> to start, <eos> to stop)")
+        return [("translate_mismatch", f"translate() does not return what greedy decoding of its sentences gives "
+                 f"({[t[:30] for t in got]} against {[t[:30] for t in direct]}), {where}.")]
+    return []
+
+
+def step_parts(model, src, tgt_in, rows, t: int) -> str:
+    """Where decode_step at position t (after steps 0..t-1) and the forward pass part, on the given rows
+    (where_they_part): the forward's (B, T, ...) tensors at t against the step's (B, 1, ...) or (B, ...)."""
+    memory, cache = model.encode(src), None
+    for u in range(t):
+        _, cache = model.decode_step(tgt_in[:, u], memory, cache)
+    B, T = tgt_in.shape
+
+    def pick(x, y):
+        if x.dim() < 2 or x.shape[0] != B or y.shape[0] != B or x.shape[1] != T:
+            return None
+        if y.dim() == x.dim() and y.shape[1] == 1 and y.shape[2:] == x.shape[2:]:
+            return x[rows, t], y[rows, 0]
+        return (x[rows, t], y[rows]) if y.shape[1:] == x.shape[2:] else None
+    return where_they_part(model, lambda: model(src, tgt_in), lambda: model.decode_step(tgt_in[:, t], memory, cache),
+                           pick)
+
+
+def short_sources(data, n: int) -> list[str]:
+    """The n shortest of the first 20 validation sources, shortest first: the decoding probes' inputs
+    (short: each decoded token costs a call of the model)."""
+    return sorted((t for t in data.splits["validation"].src_text[:20] if t.strip()), key=len)[:n]
+
+
+def attention_as_designed(model, src, tgt_in) -> list[tuple[str, str]]:
+    """The attention weights of each query are a distribution over the keys (>= 0, summing to 1), its
+    scores spread as 1 / sqrt(Dh) makes them; the word embeddings are about as large as the positions
+    added to them (Transformer: ~1.4x, whatever d_model, with the sqrt(d_model) scale)."""
+    weights = model.attention_weights(src, tgt_in) if hasattr(model, "attention_weights") else {}   # Transformer
+    maps = {f"{kind} layer {i + 1}": w for kind, layers in weights.items() for i, w in enumerate(layers)
+            if w is not None} if weights else model.attention_maps(src, tgt_in)     # (B, [H,] T, S) each
+    memory = model.encode(src) if hasattr(model, "attend") else None
+    if getattr(memory, "keys", None) is not None:           # the GRU with attention: whatever the query, an
+        ones = memory._replace(outputs=torch.ones_like(memory.outputs))        # average of values that are
+        query = torch.randn(src.shape[0], 2, memory.keys.shape[-1], generator=torch.Generator().manual_seed(0))
+        maps["the GRU's, of all-ones values"] = model.attend(query.to(src.device), ones)[..., :1]   # all ones
+    for name, w in maps.items():
+        if w.min() < -1e-6 or (w.sum(dim=-1) - 1).abs().max() > 1e-3:
+            return [("attention_not_distribution", f"the attention weights ({name}) of a query do not form a "
+                     f"distribution over the keys (they range {w.min():.2f} to {w.max():.2f}, sum to up to "
+                     f"{w.sum(dim=-1).abs().max():.2f}): the context is not an average of the values. Put the "
+                     "scores through a softmax over the keys (the last axis), after masking, before weighting "
+                     "the values.")]
+    if hasattr(model, "positions"):
+        positions = model.positions[:tgt_in.shape[1]]                          # (T, D)
+        words = model.embed(model.tgt_embed, tgt_in) - positions                # (B, T, D), dropout off
+        ratio = (words.norm(dim=-1)[tgt_in != model.cfg.pad_id].mean() / positions.norm(dim=-1).mean()).item()
+        if not 0.5 < ratio < 4.0:
+            return [("embedding_scale", f"the word embeddings are {ratio:.2f}x as large as the positional "
+                     "encodings added to them (~1.4x with the usual scale): "
+                     + ("the word is drowned by its position. " if ratio <= 0.5 else "the position is drowned. ")
+                     + "Multiply the embeddings by sqrt(d_model) (once) before adding the positions, with "
+                     "embeddings initialised N(0, 1/d_model).")]
+        near = torch.nn.functional.cosine_similarity(model.positions[:63], model.positions[1:64]).mean().item()
+        if near < 0.5:                  # (sinusoids: 0.94 at d_model 16, 0.97 at 512; noise-like rows: ~0)
+            return [("position_encoding", f"neighbouring positions' encodings have a cosine similarity of {near:.2f} "
+                     "(0.94-0.97 for sinusoids of any width): the encodings look like noise, not a smooth code of "
+                     "the position, so the model cannot tell near from far. Check the sinusoids' frequencies, "
+                     "1 / 10000^(2i/d_model), falling as i grows (the exponent's sign), and that row p holds "
+                     "sin(p * freq) and cos(p * freq).")]
+    spread = attention_spread(weights) if weights else 0.0
+    if spread > 1.5:
+        return [("attention_scale", f"the untrained model's attention scores spread with a standard deviation of "
+                 f"{spread:.1f} (~0.6 when scaled): softmax picks nearly one key and passes little gradient. "
+                 "Divide Q K^T by sqrt(Dh) before the softmax; check the weight initialisation.")]
+    return []
+
+
+def every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer) -> list[tuple[str, str]]:
+    """One backward pass of the loss on the probe's sentences: every trainable parameter gets a gradient
+    that is not all zero, and the optimizer holds it; no parameter is frozen in a model without pruned heads."""
+    found = []
+    with torch.enable_grad():
+        loss_fn(model(src, tgt_in), tgt_out, data.tgt_tok.pad_id, 0.0).backward()
+    params = dict(model.named_parameters())
+    no_grad = [n for n, p in params.items() if p.requires_grad and p.numel() and (p.grad is None or not p.grad.any())]
+    model.zero_grad(set_to_none=True)
+    if no_grad:
+        found.append(("no_gradient", f"{module_names(no_grad)} get no gradient from the loss: they are not on the "
+                      "path from the input to the logits (a tensor detached, a module built but never called, "
+                      ".data or torch.no_grad() around a computation), so they never learn."))
+    held = {id(p) for group in (optimizer.param_groups if optimizer is not None else []) for p in group["params"]}
+    missed = [n for n, p in params.items() if p.requires_grad and optimizer is not None and id(p) not in held]
+    if missed:
+        found.append(("not_optimized", f"{module_names(missed)} are trainable but not in the optimizer, which never "
+                      "updates them: build the optimizer from model.parameters() after the model is complete."))
+    for group in optimizer.param_groups if optimizer is not None else []:
+        beta1, beta2 = group.get("betas", (0.0, 1.0))
+        coupled = group.get("weight_decay", 0.0) > 0 and group.get("decoupled_weight_decay") is False
+        if not 0 <= beta1 < beta2 < 1 or coupled:
+            name = type(optimizer).__name__
+            found.append(("optimizer_settings", f"the optimizer ({name}) adds weight decay {group['weight_decay']} to "
+                          "the gradient (L2), and Adam divides it by sqrt(v): parameters with small gradients decay "
+                          "far faster than the rest. Use AdamW, whose decay is decoupled from the gradient."
+                          if coupled else f"the optimizer ({name}) has (beta1, beta2) = ({beta1}, {beta2}): the second "
+                          "moment must average over longer than the first (0 <= beta1 < beta2 < 1, usually 0.9 and "
+                          "0.98-0.999), or m / sqrt(v) is no longer bounded and steps overshoot the learning rate."))
+            break
+    pruned = any(getattr(m, "n_head", 1) == 0 for m in model.modules())
+    frozen = [n for n, p in params.items() if not p.requires_grad and p.numel()]
+    if frozen and not pruned:
+        found.append(("frozen_parameters", f"{module_names(frozen)} have requires_grad=False: they never learn."))
+    return found
+
+
+def module_names(names: list[str], most: int = 4) -> str:
+    """'encoder.0.ff, decoder.1.cross_attn and 3 more': the modules of some parameter names."""
+    modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+    return ", ".join(modules[:most]) + (f" and {len(modules) - most} more" if len(modules) > most else "")
+
+
+def where_they_part(model, run_a, run_b, pick) -> str:
+    """Where two runs of the model that should agree first part, as a clause for a warning ('' when no
+    module shows it): forward hooks on every submodule keep each call's first input and output
+    tensors; pick(a, b) cuts from a pair of them (the same module's k-th call in each run) the parts
+    that should be equal, or gives None (not comparable). Going through the calls in the order they
+    ran: a module whose input agrees and whose output differs computes something else itself; a
+    module whose input differs while every call before it agrees gets it from the plain code (no
+    module) of the module that calls it, run between the two."""
+    def record(run) -> tuple[dict, collections.Counter]:
+        """{(module name, k): [start, first input, end, first output]} of its k-th call; calls per name."""
+        calls, count, clock, hooks = {}, collections.Counter(), itertools.count(), []
+        for name, module in model.named_modules():
+            if not name:
+                continue
+            def pre(m, args, name=name):
+                calls[(name, count[name])] = [next(clock), tensor_in(args), None, None]
+                count[name] += 1
+            def post(m, args, out, name=name):
+                out = out if isinstance(out, tuple) else (out,)
+                calls[(name, count[name] - 1)][2:] = [next(clock), tensor_in(out)]
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+        return calls, count
+    (a, a_count), (b, b_count) = record(run_a), record(run_b)
+    keys = [k for k in a if k in b and a_count[k[0]] == b_count[k[0]]]
+    events = sorted([(a[k][0], 1, k) for k in keys] + [(a[k][2], 3, k) for k in keys if a[k][2] is not None])
+    modules, agreed, code = dict(model.named_modules()), "the model's input", ""
+
+    def owner(name: str) -> str:                                # the module whose code calls this one
+        name = name.rsplit(".", 1)[0] if "." in name else ""
+        while name and isinstance(modules[name], (torch.nn.ModuleList, torch.nn.Sequential)):
+            name = name.rsplit(".", 1)[0] if "." in name else ""
+        return name
+    for _, i, key in events:
+        parts = pick(a[key][i], b[key][i]) if a[key][i] is not None and b[key][i] is not None else None
+        name, kind = key[0], type(modules[key[0]]).__name__
+        if parts is not None and differ(*parts):
+            if i == 3:
+                return (f"first in `{name}` ({kind}): given the same input, its output differs (it computes with "
+                        "something besides its input: a state, a cache, a mask, or over another axis)")
+            where = " and ".join(f"`{m}` ({type(modules[m]).__name__})" if m else f"the model ({type(model).__name__})"
+                                 for m in dict.fromkeys((code, owner(name))))
+            return (f"first at the input of `{name}` ({kind}), while everything before it agrees ({agreed}): "
+                    f"the plain code of {where} that runs between them computes it")
+        if parts is not None:                   # the code that runs next: this module's own, or its caller's
+            agreed, code = f"`{name}`'s {'output' if i == 3 else 'input'}", owner(name) if i == 3 else name
+    return ""
+
+
+def tensor_in(values) -> torch.Tensor | None:
+    """The first of a call's arguments (or outputs) if it is a tensor, detached."""
+    return values[0].detach() if values and isinstance(values[0], torch.Tensor) else None
+
+
+def attention_spread(weights: dict[str, list[torch.Tensor]]) -> float:
+    """How widely the attention scores of a query spread over the keys it may see, read back from
+    the weights (log softmax = the scores less a constant per query): their standard deviation,
+    averaged over queries. ~0.6 at this project's initialisation whatever D and H; sqrt(Dh) times
+    that without / sqrt(Dh). weights: {kind: [(B, H, T, S) per layer]}, masked keys at 0."""
+    spreads = [torch.zeros(0)]
+    for w in (w for layers in weights.values() for w in layers if w.numel()):
+        seen = w > 0                                                # (B, H, T, S) the keys a query may see
+        n = seen.sum(dim=-1)                                        # (B, H, T)
+        scores = torch.where(seen, w.log(), 0.0)
+        centred = torch.where(seen, scores - scores.sum(dim=-1, keepdim=True) / n.clamp_min(1)[..., None], 0.0)
+        spreads.append((centred.pow(2).sum(dim=-1) / (n - 1).clamp_min(1)).sqrt()[n > 1])
+    spreads = torch.cat(spreads)
+    return spreads.mean().item() if spreads.numel() else 0.0
