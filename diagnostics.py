@@ -46,7 +46,7 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
 
 @torch.no_grad()
 def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothing: float = 0.0,
-                rows: int = 4) -> list[str]:
+                rows: int = 4, step=None) -> list[str]:
     """Before step 1, test the untrained model on a few sentences of the first batch (src, tgt_in,
     tgt_out; the sources cut to mixed lengths) for the properties a correct encoder-decoder has,
     whatever the bug that breaks them (the model's probes: probes.py); warn (log.warn) about each that
@@ -73,6 +73,8 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                             neighbouring positions' codes alike
       every_parameter_learns  every parameter gets a gradient and is in the optimizer, whose settings
                             hold (Adam's beta1 < beta2, weight decay decoupled)
+      step_follows_the_loss one step as the loop takes it (step(micro_batches, optimizer): train_step)
+                            hands optimizer.step() the gradient of the loss as defined
       data_pairs            data_checks: the pairs aligned, validation apart from train, sides not
                             swapped, each side's ids its text's encoding, decoding back to it
     A probe that raises is a warning (probe_failed): a diagnostic never stops a run. About two
@@ -93,7 +95,11 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
               "attention_as_designed": lambda: probes.attention_as_designed(model, src, tgt_in),
               "every_parameter_learns": lambda: probes.every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn,
                                                                               data, optimizer),
+              "step_follows_the_loss": lambda: probes.step_follows_the_loss(model, src, tgt_in, tgt_out, loss_fn,
+                                                                            data, step, smoothing),
               "data_pairs": lambda: data_checks(data)}
+    if step is None:                            # (several processes, or fp16's scaler: not probed)
+        del checks["step_follows_the_loss"]
     results = {}
     for name, probe in checks.items():
         try:

@@ -455,6 +455,53 @@ def every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer
     return found
 
 
+def step_follows_the_loss(model, src, tgt_in, tgt_out, loss_fn, data, step,
+                          smoothing: float) -> list[tuple[str, str]]:
+    """One training step as the loop takes it (step: train.train_step on these sentences, with an
+    optimizer that keeps what it is handed and changes nothing) hands optimizer.step() the gradient of
+    the loss as defined, loss_fn(model(src, tgt_in), tgt_out), up to its scale (the mean over tokens,
+    clipping by norm): their cosine ~1 (dropout off: the same computation)."""
+    kept = KeptGradients(model)
+    with torch.enable_grad():
+        report = step([(src.cpu(), tgt_in.cpu(), tgt_out.cpu())], kept)
+        loss = loss_fn(model(src, tgt_in), tgt_out, data.tgt_tok.pad_id, smoothing)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()  # noqa: E731
+                                 for g, p in zip(gs, params)])
+    if not kept.grads:
+        return [("step_gradient", "one training step as the loop takes it (train.train_step) hands "
+                 "optimizer.step() no gradient: they are cleared or never made before the update (zero_grad() "
+                 "between backward() and step(); backward() never called, or on a detached loss).")] \
+            if report.get("update") == "done" else []
+    got, wanted = flat([kept.grads.get(id(p)) for p in params]), flat(grads)
+    cos = (got @ wanted / (got.norm() * wanted.norm()).clamp_min(1e-30)).item()
+    if cos < 0.99:
+        per_token = loss.item() / max(int((tgt_out != data.tgt_tok.pad_id).sum()), 1)
+        return [("step_gradient", f"one training step as the loop takes it (train.train_step) hands optimizer.step() "
+                 f"a gradient that points elsewhere than the loss's on the same sentences (cosine {cos:.2f}; the "
+                 f"step's loss {report.get('loss', float('nan')):.3f} per token, the loss as defined {per_token:.3f}): "
+                 "the step optimises something else. Check what the step hands the loss (the logits and tgt_out as "
+                 "the batch has them: no second shift or slice, tgt_out and not tgt_in, the run's smoothing), that "
+                 "backward() is called on that loss, and what changes the gradients before optimizer.step() "
+                 "(clipping by norm scales them all alike; by value, or per parameter, turns them).")]
+    return []
+
+
+class KeptGradients:
+    """An optimizer stand-in for one probe step: step() keeps a copy of the gradients it is handed and
+    changes no weight; zero_grad() clears them as the real one does."""
+    def __init__(self, model):
+        self.param_groups, self.grads = [{"params": list(model.parameters()), "lr": 0.0}], {}
+
+    def step(self) -> None:
+        self.grads = {id(p): p.grad.detach().clone() for p in self.param_groups[0]["params"] if p.grad is not None}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+
 def module_names(names: list[str], most: int = 4) -> str:
     """'encoder.0.ff, decoder.1.cross_attn and 3 more': the modules of some parameter names."""
     modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))

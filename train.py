@@ -287,8 +287,10 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     model.train()
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":    # diagnostics.py, before step 1:
         check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log, rt.amp)   # loss ~ ln(V)?
+        one_step = lambda micro_batches, kept: train_step(model, kept, micro_batches, data.tgt_tok.pad_id, cfg, rt)
         probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log, optimizer,   # what a correct
-                    0.0 if cfg["overfit_batches"] else cfg["label_smoothing"])            # model does
+                    0.0 if cfg["overfit_batches"] else cfg["label_smoothing"],            # model does
+                    step=one_step if rt.world_size == 1 and rt.scaler is None else None)  # (not: processes, fp16)
     with RunClock(rt, run, cfg) as clock:       # runtime.py: the time budget; Ctrl-C and SIGTERM only noted
         while True:
             signalled = clock.tick(run)         # run.minutes moved on; 'received SIGINT' after a Ctrl-C

@@ -47,11 +47,21 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def in_probes() -> bool:
+    """Whether the probes before step 1 are on the call stack (they take a training step of their own)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(("diagnostics.py", "probes.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 if mode in ("kill_step", "nan_loss", "nan_once"):
     real_loss = train.sequence_loss
 
     def sequence_loss(*args, **kwargs):
-        if not torch.is_grad_enabled() or sys._getframe(1).f_code.co_filename.endswith(("diagnostics.py", "probes.py")):
+        if not torch.is_grad_enabled() or in_probes():
             return real_loss(*args, **kwargs)     # the checks before step 1 and validation: not counted
         hit = nth_call()
         if hit and mode == "kill_step":

@@ -511,3 +511,39 @@ def test_a_warning_shows_what_it_saw_and_the_stage_that_failed(data, monkeypatch
     optimizer.lr = 5e-4                                                 # an attribute the optimizer never reads
     checks.at_log_line(2, 5e-4)
     assert log.names == ["lr_not_applied"] and "5.00e-04" in log.texts["lr_not_applied"]
+
+
+def test_a_step_that_optimises_something_else_than_the_loss_is_named(data, monkeypatch):
+    """The gradient one train_step hands optimizer.step() is the loss's as defined: silent on the real
+    step (smoothing and clipping included), named for targets shifted once more inside the step and
+    for gradients cleared before the update."""
+    from runtime import setup
+    model, batch = tiny(data)
+    cfg, rt = dict(train.DEFAULTS, label_smoothing=0.1, grad_clip=0.5), setup("cpu", "float32")
+
+    def names(step_fn):
+        log = Warnings()
+        probe_model(model, batch, sequence_loss, data, log, None, 0.1,
+                    step=lambda micro_batches, kept: step_fn(model, kept, micro_batches, data.tgt_tok.pad_id, cfg, rt))
+        return log.names, log.texts
+    assert names(train.train_step)[0] == []
+    assert all(p.grad is None for p in model.parameters())              # the probe step leaves no gradient
+
+    def shifted_again(model, optimizer, micro_batches, pad_id, cfg, rt, penalty=None):
+        src, tgt_in, tgt_out = micro_batches[0]
+        n_tok = (tgt_out[:, 1:] != pad_id).sum().float()
+        loss = sequence_loss(model(src, tgt_in)[:, :-1], tgt_out[:, 1:], pad_id, 0.1) / n_tok
+        loss.backward()
+        return train.update(model, optimizer, loss.detach(), n_tok, cfg, rt)
+    found, texts = names(shifted_again)
+    assert found == ["step_gradient"] and "points elsewhere" in texts["step_gradient"]
+
+    def cleared_first(model, optimizer, micro_batches, pad_id, cfg, rt, penalty=None):
+        src, tgt_in, tgt_out = micro_batches[0]
+        n_tok = (tgt_out != pad_id).sum().float()
+        loss = sequence_loss(model(src, tgt_in), tgt_out, pad_id, 0.1) / n_tok
+        loss.backward()
+        optimizer.zero_grad()                                           # before the update
+        return train.update(model, optimizer, loss.detach(), n_tok, cfg, rt)
+    found, texts = names(cleared_first)
+    assert found == ["step_gradient"] and "no gradient" in texts["step_gradient"]

@@ -607,19 +607,26 @@ def bench_diagnostics() -> dict:
     with tempfile.TemporaryDirectory() as folder:
         symptoms = Symptoms()
         log = RunLog(folder, True, watchers=[symptoms])
-        steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, StepChecks(log, model, 1))
+        steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type,
+                            StepChecks(log, model, 1, optimizer))
+        one_step = lambda micro_batches, kept: train.train_step(model, kept, micro_batches,  # noqa: E731
+                                                                 data.tgt_tok.pad_id, cfg, rt)
+
         def probes():                                                   # before step 1, as train_loop calls them
             check_initial_loss(model, first, sequence_loss, data, log, rt.amp)
-            probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"])
+            probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"],
+                        step=one_step if rt.world_size == 1 and rt.scaler is None else None)
         probe_seconds = timed(probes)[0]                                # the process cold, as a run pays them
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
-        names = ("step", "gradients_kept", "weights_grow", "overfit_batches_change", "batch_repeated", "symptoms")
+        names = ("step", "gradients_kept", "weights_grow", "lr_not_applied", "overfit_batches_change", "batch_repeated",
+                 "symptoms")
         seconds = {name: [] for name in names}
         for i in range(warmup_steps + steps):
             sec, (lr, _, out) = timed(lambda: loop_turn(model, optimizer, batches, state, cfg, rt))
             record = {"step": state.step, "loss": out["loss"], "lr": lr}
             checks = {"step": lambda: None, "gradients_kept": lambda: steps_log.checks.gradients_cleared(state.step),
                       "weights_grow": lambda: steps_log.checks.weight_growth(state.step, lr),
+                      "lr_not_applied": lambda: steps_log.checks.rate_applied(state.step, lr),
                       "overfit_batches_change": lambda: steps_log.checks.same_batches(at_first, [first]),
                       "batch_repeated": lambda: steps_log.checks.batch_repeated(at_first, [first]),
                       "symptoms": lambda: symptoms("train", record)}
@@ -632,7 +639,8 @@ def bench_diagnostics() -> dict:
             + timed(lambda: checks.update_ratio(100))[0]                # (the weights kept, then compared)
     step = statistics.median(seconds.pop("step"))
     validation, gain = validation_costs(model, data, cfg, rt)
-    every = {"gradients_kept": cfg["log_interval"], "weights_grow": cfg["log_interval"], "overfit_batches_change": 1,
+    every = {"gradients_kept": cfg["log_interval"], "weights_grow": cfg["log_interval"],
+             "lr_not_applied": cfg["log_interval"], "overfit_batches_change": 1,
              "batch_repeated": 1, "symptoms": cfg["log_interval"]}
     rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step},
             "probe_model (warm)": {"when": "the same, timed again (median of 5)", "seconds": warm, "steps": warm / step},
