@@ -398,7 +398,7 @@ class Symptoms:
       translation_length    at two validations in a row, 30% of the run or more done, the greedy
                             translations less than half the references' length (more than twice is
                             common: an undertrained model repeats itself; the clean GRU, 2.2x at 300 steps)
-      lr_schedule           the learning rate above its peak (peak_lr), still 0 at step 100, or, a tenth
+      lr_schedule           the learning rate negative, above its peak (peak_lr), still 0 at step 100, or, a tenth
                             of the run past the warm-up (progress), rising or never yet within half of its peak."""
 
     def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
@@ -462,6 +462,8 @@ class Symptoms:
         #                                                             the one record of a run of a few steps)
         if not self.peak_lr:
             return ""
+        if lr < 0:
+            return f"is negative ({lr:.1e}): the weights climb the loss"
         if lr > 1.05 * self.peak_lr:
             return f"is {lr:.1e}, above its peak {self.peak_lr:.1e}"
         if lr == 0.0 and step >= 100 and progress < 0.9:        # (a decay to min_lr = 0 ends at 0: at the end)

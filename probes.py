@@ -275,8 +275,9 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
     Greedy decoding must then be what the forward pass, given greedy's own output, does: at every step
     its token the most likely one, its score their log-probabilities' sum (the start token), each
     sentence of a batch stopping on its own; translate() must encode its sources as training does and
-    give greedy decoding's output, in input order, the same twice from a model left in training mode
-    (dropout off while decoding). STEPS tokens each: decode_step on the batch's first two rows, greedy
+    give greedy decoding's output, in input order, each cut at its own <eos> or its own length limit
+    (0.5 * its tokens and <eos> + 1, where that is under STEPS), the same twice from a model left in
+    training mode (dropout off while decoding). STEPS tokens each: decode_step on the batch's first two rows, greedy
     and translate() on two short validation sentences, the longer first (translate() sorts them)."""
     src_tok, tgt_tok = data.src_tok, data.tgt_tok
     src, tgt_in, logits = src[:2], tgt_in[:2], logits[:2]       # (two rows, both cut short: padded)
@@ -298,6 +299,8 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
     two = torch.full((2, max(map(len, ids))), src_tok.pad_id, dtype=torch.long, device=device)
     for i, x in enumerate(ids):                                 # helpers: the reference translate() is
         two[i, :len(x)] = torch.tensor(x, device=device)        # compared with must not share its bugs
+    a, b = (0.5, 1) if all(int(0.5 * len(x) + 1) <= STEPS for x in ids) else (0.0, STEPS)
+    limits = [int(a * len(x) + b) for x in ids]     # each sentence's own: a * (its tokens and <eos>) + b
     hyp, score = decoding.greedy(model, two, tgt_tok.bos_id, tgt_tok.eos_id, tgt_tok.pad_id, STEPS)
     fed = torch.cat([torch.full_like(hyp[:, :1], tgt_tok.bos_id), hyp[:, :-1]], dim=1)
     logp = model(two, fed).float().log_softmax(-1)                                 # (2, T, V) teacher-forced
@@ -320,11 +323,12 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                      "greedy decoding does not take the most likely word. Check that it takes the log-softmax and "
                      "the argmax over the vocabulary (the last axis, not the batch), feeds back what it chose as "
                      "the next step's input, starts from <bos>, and adds up the chosen log-probabilities.")]
-        direct.append(tgt_tok.decode(hyp[r, :n - 1 if len(ended) else n].tolist()))     # up to its <eos>
+        direct.append(tgt_tok.decode(hyp[r, :min(n - 1 if len(ended) else n, limits[r])].tolist()))  # to its
+        #                                                                               <eos> or its own limit
     model.train()                                               # as validation finds it during training
     with encoder_calls(model) as calls:                         # what translate() hands the encoder
-        translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
-                                           max_len_b=STEPS)]
+        translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=a,
+                                           max_len_b=b)]
     if not all(ends_in_eos(s, src_tok) for s, _ in calls):
         model.eval()
         return [("decoding_input", "translate() hands the encoder sources that are not as in training (each "
@@ -332,8 +336,8 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                  "Encode each source as training's data does (the same tokenizer, <eos> appended, padded with "
                  "pad_id after it).")]
     if translations[0] != direct:                               # dropout on, or translate() wrong: which?
-        translations.append(decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=0.0,
-                                               max_len_b=STEPS))
+        translations.append(decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=a,
+                                               max_len_b=b))
     model.eval()
     if translations[-1] != translations[0]:
         return [("dropout_in_decoding", "greedy decoding of the same 2 short validation sentences twice gave "
@@ -342,7 +346,8 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
     got = translations[0]
     if got != direct:
         where = ("the same translations in another order: put them back in input order" if sorted(got) == sorted(direct)
-                 else "each a part of the other: cut each at its own <eos>, drop only the special tokens"
+                 else "each a part of the other: cut each at its own <eos> and its own length limit (max_len_a "
+                 "times its tokens with <eos>, plus max_len_b), drop only the special tokens"
                  if all(a.startswith(b) or b.startswith(a) for a, b in zip(got, direct)) else "other translations: "
                  "check the start and end tokens it passes to greedy decoding (<bos> to start, <eos> to stop)")
         return [("translate_mismatch", f"translate() does not return what greedy decoding of its sentences gives "
@@ -420,7 +425,8 @@ def attention_as_designed(model, src, tgt_in) -> list[tuple[str, str]]:
 
 def every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer) -> list[tuple[str, str]]:
     """One backward pass of the loss on the probe's sentences: every trainable parameter gets a gradient
-    that is not all zero, and the optimizer holds it; no parameter is frozen in a model without pruned heads."""
+    that is not all zero, and the optimizer holds it; no weight matrix starts with all its values equal;
+    no parameter is frozen in a model without pruned heads."""
     found = []
     with torch.enable_grad():
         loss_fn(model(src, tgt_in), tgt_out, data.tgt_tok.pad_id, 0.0).backward()
@@ -431,20 +437,27 @@ def every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn, data, optimizer
         found.append(("no_gradient", f"{module_names(no_grad)} get no gradient from the loss: they are not on the "
                       "path from the input to the logits (a tensor detached, a module built but never called, "
                       ".data or torch.no_grad() around a computation), so they never learn."))
+    constant = [n for n, p in params.items() if n.endswith("weight") and p.dim() >= 2 and p.numel() > 1 and
+                bool((p == p.flatten()[0]).all())]
+    if constant:
+        found.append(("constant_init", f"{module_names(constant)} start with all their weights equal: the units of "
+                      "each compute the same thing and get the same gradient, so they never become different (and "
+                      "weights of 0 pass no gradient back to what feeds them). Initialise weight matrices at random "
+                      "(normal or uniform, scaled by 1 / sqrt(fan_in)); only biases (and LayerNorm) start constant."))
     held = {id(p) for group in (optimizer.param_groups if optimizer is not None else []) for p in group["params"]}
     missed = [n for n, p in params.items() if p.requires_grad and optimizer is not None and id(p) not in held]
     if missed:
         found.append(("not_optimized", f"{module_names(missed)} are trainable but not in the optimizer, which never "
                       "updates them: build the optimizer from model.parameters() after the model is complete."))
     for group in optimizer.param_groups if optimizer is not None else []:
-        beta1, beta2 = group.get("betas", (0.0, 1.0))
+        betas = group.get("betas")                              # (Adam's family only)
         coupled = group.get("weight_decay", 0.0) > 0 and group.get("decoupled_weight_decay") is False
-        if not 0 <= beta1 < beta2 < 1 or coupled:
+        if betas is not None and not 0 <= betas[0] < betas[1] < 1 or coupled:
             name = type(optimizer).__name__
             found.append(("optimizer_settings", f"the optimizer ({name}) adds weight decay {group['weight_decay']} to "
                           "the gradient (L2), and Adam divides it by sqrt(v): parameters with small gradients decay "
                           "far faster than the rest. Use AdamW, whose decay is decoupled from the gradient."
-                          if coupled else f"the optimizer ({name}) has (beta1, beta2) = ({beta1}, {beta2}): the second "
+                          if coupled else f"the optimizer ({name}) has (beta1, beta2) = {tuple(betas)}: the second "
                           "moment must average over longer than the first (0 <= beta1 < beta2 < 1, usually 0.9 and "
                           "0.98-0.999), or m / sqrt(v) is no longer bounded and steps overshoot the learning rate."))
             break
@@ -460,7 +473,8 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, loss_fn, data, step,
     """One training step as the loop takes it (step: train.train_step on these sentences, with an
     optimizer that keeps what it is handed and changes nothing) hands optimizer.step() the gradient of
     the loss as defined, loss_fn(model(src, tgt_in), tgt_out), up to its scale (the mean over tokens,
-    clipping by norm): their cosine ~1 (dropout off: the same computation)."""
+    clipping by norm): their cosine ~1 and the step's loss per token the loss's (dropout off: the same
+    computation)."""
     kept = KeptGradients(model)
     with torch.enable_grad():
         report = step([(src.cpu(), tgt_in.cpu(), tgt_out.cpu())], kept)
@@ -476,15 +490,17 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, loss_fn, data, step,
             if report.get("update") == "done" else []
     got, wanted = flat([kept.grads.get(id(p)) for p in params]), flat(grads)
     cos = (got @ wanted / (got.norm() * wanted.norm()).clamp_min(1e-30)).item()
-    if cos < 0.99:
-        per_token = loss.item() / max(int((tgt_out != data.tgt_tok.pad_id).sum()), 1)
-        return [("step_gradient", f"one training step as the loop takes it (train.train_step) hands optimizer.step() "
-                 f"a gradient that points elsewhere than the loss's on the same sentences (cosine {cos:.2f}; the "
-                 f"step's loss {report.get('loss', float('nan')):.3f} per token, the loss as defined {per_token:.3f}): "
-                 "the step optimises something else. Check what the step hands the loss (the logits and tgt_out as "
-                 "the batch has them: no second shift or slice, tgt_out and not tgt_in, the run's smoothing), that "
-                 "backward() is called on that loss, and what changes the gradients before optimizer.step() "
-                 "(clipping by norm scales them all alike; by value, or per parameter, turns them).")]
+    per_token = loss.item() / max(int((tgt_out != data.tgt_tok.pad_id).sum()), 1)
+    stepped = report.get("loss", per_token)                     # (the mean over the target tokens)
+    if cos < 0.99 or abs(stepped - per_token) > 0.01 * abs(per_token) + 1e-6:
+        return [("step_gradient", f"one training step as the loop takes it (train.train_step) does not follow the "
+                 f"loss as defined on the same sentences: its loss {stepped:.3f} per token against {per_token:.3f}, "
+                 f"its gradient's cosine with the loss's {cos:.3f} (at init a gradient mostly points the same way "
+                 "whatever the targets: the loss tells more): the step optimises something else. Check what the "
+                 "step hands the loss (the logits and tgt_out as the batch has them: no second shift or slice, "
+                 "tgt_out and not tgt_in, the run's smoothing, the mean over all target tokens), that backward() is "
+                 "called on that loss, and what changes the gradients before optimizer.step() (clipping by norm "
+                 "scales them all alike; by value, or per parameter, turns them).")]
     return []
 
 

@@ -536,7 +536,7 @@ def test_a_step_that_optimises_something_else_than_the_loss_is_named(data, monke
         loss.backward()
         return train.update(model, optimizer, loss.detach(), n_tok, cfg, rt)
     found, texts = names(shifted_again)
-    assert found == ["step_gradient"] and "points elsewhere" in texts["step_gradient"]
+    assert found == ["step_gradient"] and "does not follow the loss" in texts["step_gradient"]
 
     def cleared_first(model, optimizer, micro_batches, pad_id, cfg, rt, penalty=None):
         src, tgt_in, tgt_out = micro_batches[0]
@@ -547,3 +547,38 @@ def test_a_step_that_optimises_something_else_than_the_loss_is_named(data, monke
         return train.update(model, optimizer, loss.detach(), n_tok, cfg, rt)
     found, texts = names(cleared_first)
     assert found == ["step_gradient"] and "no gradient" in texts["step_gradient"]
+
+
+def test_the_properties_added_after_the_sixth_held_out_set(data, monkeypatch):
+    """Weight matrices start at random; translate() stops each sentence at its own length limit; a
+    step that leaves one target position out of the loss; a learning rate never negative; an
+    optimizer without betas (SGD) is not told about betas."""
+    from runtime import setup
+    model, batch = tiny(data)
+    with torch.no_grad():
+        model.decoder[0].ff.up.weight.zero_()
+    assert "constant_init" in probe(model, batch, data)
+    model, batch = tiny(data)
+    limit = decoding.max_target_len
+    monkeypatch.setattr(decoding, "max_target_len", lambda n, a=1.5, b=10: limit(2, a, b))   # one limit for all
+    found = Warnings()
+    probe_model(model, batch, sequence_loss, data, found)
+    assert found.names == ["translate_mismatch"] and "its own length limit" in found.texts["translate_mismatch"]
+    monkeypatch.undo()
+    cfg, rt = dict(train.DEFAULTS, label_smoothing=0.1), setup("cpu", "float32")
+
+    def first_left_out(model, optimizer, micro_batches, pad_id, cfg, rt, penalty=None):
+        src, tgt_in, tgt_out = micro_batches[0]
+        n_tok = (tgt_out != pad_id).sum().float()
+        loss = sequence_loss(model(src, tgt_in)[:, 1:], tgt_out[:, 1:], pad_id, 0.1) / n_tok
+        loss.backward()
+        return train.update(model, optimizer, loss.detach(), n_tok, cfg, rt)
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, torch.optim.SGD(model.parameters(), lr=0.1), 0.1,
+                step=lambda micro_batches, kept: first_left_out(model, kept, micro_batches, data.tgt_tok.pad_id, cfg, rt))
+    assert log.names == ["step_gradient"]                               # (and not optimizer_settings for SGD)
+    symptoms = Symptoms(1e-3, 0.1)
+    symptoms("init", {"step": 0, "loss": 3.0, "ln_v": 3.0})
+    assert symptoms("train", {"step": 50, "loss": 2.0, "lr": 1e-3, "progress": 0.2}) == []
+    assert [name for name, _ in symptoms("train", {"step": 60, "loss": 2.0, "lr": -1e-4, "progress": 0.25})] == \
+        ["lr_schedule"]

@@ -9,8 +9,8 @@ warning that named it quoted from the log, the seconds) and a figure of the runs
     python tools/bugs.py                                  # all 64 runs, ~21 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Six sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT to HELD_OUT_5 (the last three in tools/held_out_3.py, _4.py and _5.py), bugs
+Seven sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT to HELD_OUT_6 (the last four in tools/held_out_3.py to _6.py), bugs
 written apart from the diagnostics, after them, by someone who had not read them: how well the
 checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
@@ -43,6 +43,7 @@ from runs import plot_runs, read_run  # noqa: E402
 import held_out_3  # noqa: E402
 import held_out_4  # noqa: E402
 import held_out_5  # noqa: E402
+import held_out_6  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -599,9 +600,16 @@ NAMED_5 = {"target_eos_missing": "target_shift", "split_tgt_end_inclusive": "tok
            "positions_frequency_sign": "position_encoding", "gru_encoder_sorted_not_restored": "batch_dependence",
            "gru_decoder_reads_source_embedding": "no_gradient", "gru_adam_l2_weight_decay": "optimizer_settings"}
 HELD_OUT_5 = held_out(held_out_5.HELD_OUT_5, NAMED_5)
-for bug in HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5:
+NAMED_6 = {"linear_weights_zero_init": "constant_init", "attention_masks_after_softmax": "attention_not_distribution",
+           "translate_source_left_padded": "decoding_input", "greedy_samples_instead_of_argmax": "decoding_mismatch",
+           "char_ids_without_special_offset": "tokenizer_round_trip", "gru_summary_mean_of_outputs": "batch_dependence",
+           "gru_loss_skips_first_position": "step_gradient", "gru_sgd_with_adam_lr": "",
+           "gru_length_limit_from_batch_size": "translate_mismatch", "gru_cosine_without_half_shift": "lr_schedule"}
+HELD_OUT_6 = held_out(held_out_6.HELD_OUT_6, NAMED_6)
+SETS = HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6
+for bug in SETS:
     bug.held_out = True
-BY_NAME = {bug.name: bug for bug in GALLERY + HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5}
+BY_NAME = {bug.name: bug for bug in GALLERY + SETS}
 
 
 # -----------------------------------------------------------------------------
