@@ -325,6 +325,14 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
                      "the next step's input, starts from <bos>, and adds up the chosen log-probabilities.")]
         direct.append(tgt_tok.decode(hyp[r, :min(n - 1 if len(ended) else n, limits[r])].tolist()))  # to its
         #                                                                               <eos> or its own limit
+    return translate_as_greedy(model, data, texts, direct, (a, b), device)
+
+
+def translate_as_greedy(model, data, texts: list[str], direct: list[str], limit: tuple, device) -> list:
+    """translate() of texts, from a model left in training mode, with the length limit (max_len_a, max_len_b),
+    must hand the encoder sources as training has them and give `direct`, greedy decoding's output cut
+    at each sentence's <eos> or own limit, in input order, the same twice (dropout off while decoding)."""
+    src_tok, tgt_tok, (a, b) = data.src_tok, data.tgt_tok, limit
     model.train()                                               # as validation finds it during training
     with encoder_calls(model) as calls:                         # what translate() hands the encoder
         translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=a,
@@ -348,7 +356,7 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
         where = ("the same translations in another order: put them back in input order" if sorted(got) == sorted(direct)
                  else "each a part of the other: cut each at its own <eos> and its own length limit (max_len_a "
                  "times its tokens with <eos>, plus max_len_b), drop only the special tokens"
-                 if all(a.startswith(b) or b.startswith(a) for a, b in zip(got, direct)) else "other translations: "
+                 if all(x.startswith(y) or y.startswith(x) for x, y in zip(got, direct)) else "other translations: "
                  "check the start and end tokens it passes to greedy decoding (<bos> to start, <eos> to stop)")
         return [("translate_mismatch", f"translate() does not return what greedy decoding of its sentences gives "
                  f"({[t[:30] for t in got]} against {[t[:30] for t in direct]}), {where}.")]
