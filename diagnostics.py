@@ -54,6 +54,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     hold, and return it:
       teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, one <eos> ending
                             each side, then padding only
+      batch_of_the_split    ... and its rows pairs of the training split's texts
       reads_what_it_should  one prediction's gradient reaches every real source token, every real
                             encoder output it attends to, and the target inputs up to its own
                             position, and nothing else (dependency_probe)
@@ -86,6 +87,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     model.eval()
     logits = model(src, tgt_in)                                 # (rows, T, V): what each probe compares with
     checks = {"teacher_forcing_pairs": lambda: teacher_forcing_pairs(batch, data),
+              "batch_of_the_split": lambda: batch_of_the_split(batch, data),
               "reads_what_it_should": lambda: probes.dependency_probe(model, src, tgt_in, tgt_out, data),
               "alone_as_in_a_batch": lambda: probes.alone_as_in_a_batch(model, src, tgt_in, logits, data),
               "word_order": lambda: probes.word_order(model, src, tgt_in, logits, data),
@@ -120,6 +122,28 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
             "the loss against ln(V), the learning rate's schedule, what the source is worth and the translations' "
             "length at validation\n  can it overfit one batch? --overfit_batches=1")
     return passed
+
+
+def batch_of_the_split(batch: tuple, data, rows: int = 32) -> list[tuple[str, str]]:
+    """The first batch's rows are pairs of the training split: each row's source and target, decoded up
+    to their <eos>, are one of its (source, target) texts (most rows: a character a tokenizer lacks
+    decodes as ⁇)."""
+    src, _, tgt_out = (t[:rows] for t in batch)
+    train = data.splits["train"]
+    pairs = set(zip(train.src_text, train.tgt_text))
+
+    def text(ids: torch.Tensor, tok) -> str:
+        ids = ids.tolist()
+        return tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+    seen = [(text(s, data.src_tok), text(t, data.tgt_tok)) for s, t in zip(src, tgt_out)]
+    strange = [pair for pair in seen if pair not in pairs]
+    if len(strange) > len(seen) / 5:
+        return [("batch_pairs", f"{len(strange)} of the first batch's {len(seen)} sentences are not pairs of the "
+                 f"training split (\"{strange[0][0][:30]}\" -> \"{strange[0][1][:30]}\", decoded, is none): the model "
+                 "trains on something else than the data. Check how collate builds each row from the split: the "
+                 "source and the target of the same sentence, their ids as stored (nothing reversed, cut or "
+                 "added), and the indices the batch is taken at.")]
+    return []
 
 
 def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
@@ -254,6 +278,7 @@ class StepChecks:
       weights_shrink          ... or shrank to half of it
       weights_frozen          from step 100 to 500, a trainable parameter has not changed since step 1
       lr_not_applied          the optimizer's rate is not the schedule's (the one logged)
+      step_count              the step counter moves by other than 1 in one turn of the loop
       overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's
       batch_repeated          otherwise, a step's batch is the step before's, in the same epoch
       update_ratio            once, the step after the first log line from step 100 on: a module's weight
@@ -263,7 +288,7 @@ class StepChecks:
     def __init__(self, log, model, overfit: int = 0, optimizer=None):
         self.log, self.overfit, self.warned, self.first_norm, self.first_batches = log, overfit, set(), 0.0, {}
         self.optimizer = optimizer
-        self.last_batch = (-1, torch.zeros(0))
+        self.last_batch, self.last_step = (-1, torch.zeros(0)), None
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()]
         self.names, self.params, self.first_sums = [n for n, _ in named], [p for _, p in named], []
         self.before: list[torch.Tensor] | None = None           # the weights before the update measured
@@ -274,6 +299,12 @@ class StepChecks:
             self.log.warn(name, text, step)
 
     def at_step(self, run, batches: list) -> None:
+        if self.last_step is not None and run.step != self.last_step + 1:
+            self.warn_once("step_count", f"step {run.step}: the step counter moved from {self.last_step} to "
+                           f"{run.step} in one turn of the loop: it counts something else than the updates, so "
+                           "the schedule (fed the run's progress), the log and the stop limits run ahead of the "
+                           "training. Advance run.step once per optimizer step, in one place.", run.step)
+        self.last_step = run.step
         if self.before:
             self.update_ratio(run.step)
         if self.overfit:
@@ -399,11 +430,13 @@ class Symptoms:
                             translations less than half the references' length (more than twice is
                             common: an undertrained model repeats itself; the clean GRU, 2.2x at 300 steps)
       lr_schedule           the learning rate negative, above its peak (peak_lr), still 0 at step 100, or, a tenth
-                            of the run past the warm-up (progress), rising or never yet within half of its peak."""
+                            of the run past the warm-up (progress), rising or never yet within half of its peak (if
+                            a record was logged in that tenth, where every decay is still above half of it)."""
 
     def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
         self.ln_v, self.top_lr, self.named, self.gains, self.ratios = None, 0.0, set(), [], []
         self.peak_lr, self.warmup_frac, self.progress, self.stuck, self.last_lr = peak_lr, warmup_frac, 0.0, 0, 0.0
+        self.near_peak = False          # a record logged within a tenth of the run after the warm-up's end
 
     def __call__(self, kind: str, r: dict) -> list[tuple[str, str]]:
         found = []
@@ -411,6 +444,7 @@ class Symptoms:
             self.ln_v = r["ln_v"]
         elif kind == "train" and self.ln_v is not None:
             past_warmup, self.top_lr = r["lr"] < self.top_lr, max(self.top_lr, r["lr"])
+            self.near_peak |= self.warmup_frac <= r.get("progress", 0.0) <= self.warmup_frac + 0.1
             wrong = self.schedule_wrong(r["lr"], r.get("progress", 0.0), r["step"])
             if wrong:
                 found.append(("lr_schedule", f"step {r['step']}: {r['progress']:.0%} of the run done, the learning "
@@ -468,7 +502,8 @@ class Symptoms:
             return f"is {lr:.1e}, above its peak {self.peak_lr:.1e}"
         if lr == 0.0 and step >= 100 and progress < 0.9:        # (a decay to min_lr = 0 ends at 0: at the end)
             return f"is still 0 at step {step}, {progress:.1%} of the run done"
-        if late and self.top_lr < 0.5 * self.peak_lr:
+        if late and self.near_peak and self.top_lr < 0.5 * self.peak_lr:    # (any decay is still over half
+            #                                                                     its peak there: not unseen)
             return f"has been at most {self.top_lr:.1e}, under half its peak {self.peak_lr:.1e}"
         if late and self.progress >= self.warmup_frac and lr > 1.01 * self.last_lr:     # (the previous record's)
             return f"rose from {self.last_lr:.1e} to {lr:.1e} after the warm-up"

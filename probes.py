@@ -485,10 +485,17 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, loss_fn, data, step,
     computation)."""
     kept = KeptGradients(model)
     with torch.enable_grad():
-        report = step([(src.cpu(), tgt_in.cpu(), tgt_out.cpu())], kept)
         loss = loss_fn(model(src, tgt_in), tgt_out, data.tgt_tok.pad_id, smoothing)
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        try:
+            report = step([(src.cpu(), tgt_in.cpu(), tgt_out.cpu())], kept)
+        except Exception as e:          # the model and the loss took these sentences just above
+            kept.zero_grad()
+            return [("step_gradient", f"one training step as the loop takes it (train.train_step) fails with "
+                     f"{type(e).__name__} ({str(e)[:120]}) on sentences that model(src, tgt_in) and the loss take: "
+                     "the step calls them otherwise. Check what it passes and in which order: model(src, tgt_in), "
+                     "loss(logits, tgt_out, pad_id, smoothing).")]
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()  # noqa: E731
                                  for g, p in zip(gs, params)])
     if not kept.grads:

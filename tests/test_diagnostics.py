@@ -117,7 +117,7 @@ def test_the_properties_a_correct_model_has_name_bugs_they_were_not_written_for(
     model.out_proj.weight.requires_grad_(True)
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log, torch.optim.AdamW(model.encoder.parameters()))
-    assert log.names == ["not_optimized"] and "checked before step 1 (9 of 10 hold" in log.said
+    assert log.names == ["not_optimized"] and "checked before step 1 (10 of 11 hold" in log.said
 
 
 def test_the_properties_name_bugs_written_after_them(data, monkeypatch):
@@ -315,11 +315,13 @@ def run_at(step, batch_in_epoch=1):
     return types.SimpleNamespace(step=step, epoch=step, batch_in_epoch=batch_in_epoch, minutes=0.0)
 
 
-def warned(log) -> list[str]:
+def warned(log, jumps: bool = True) -> list[str]:
+    """The warnings of a log; jumps: the test skips from step to step, so step_count's are left out."""
     if not os.path.exists(log.path):
         return []
     with open(log.path) as f:
-        return [r["name"] for r in map(json.loads, f) if r["kind"] == "warning"]
+        return [r["name"] for r in map(json.loads, f) if r["kind"] == "warning" and not (jumps and
+                                                                                     r["name"] == "step_count")]
 
 
 OUT = dict(loss=2.0, tokens=10, update="done", gnorm=1.0, gnorm_enc=0.5, gnorm_dec=0.5)
@@ -474,7 +476,7 @@ def test_a_probe_that_raises_is_a_warning_and_the_run_goes_on(data, monkeypatch)
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log)
     assert log.names == ["probe_failed"] and "attention_as_designed" in log.texts["probe_failed"]
-    assert "ZeroDivisionError" in log.texts["probe_failed"] and "9 of 10 hold" in log.said
+    assert "ZeroDivisionError" in log.texts["probe_failed"] and "10 of 11 hold" in log.said
 
 
 def test_a_run_of_one_step_is_not_told_its_schedule_is_wrong():
@@ -582,3 +584,38 @@ def test_the_properties_added_after_the_sixth_held_out_set(data, monkeypatch):
     assert symptoms("train", {"step": 50, "loss": 2.0, "lr": 1e-3, "progress": 0.2}) == []
     assert [name for name, _ in symptoms("train", {"step": 60, "loss": 2.0, "lr": -1e-4, "progress": 0.25})] == \
         ["lr_schedule"]
+
+
+def test_a_step_counter_that_moves_by_other_than_one_is_named(data, tmp_path):
+    model, batch = tiny(data)
+    steps, log = step_log(tmp_path, model)
+    for step in (1, 2, 3):
+        steps.add(run_at(step), 1e-3, OUT, [batch], 0.1)
+    assert warned(log, jumps=False) == []
+    steps.add(run_at(5), 1e-3, OUT, [batch], 0.1)                       # two counted in one turn
+    steps.add(run_at(7), 1e-3, OUT, [batch], 0.1)
+    assert warned(log, jumps=False) == ["step_count"]
+
+
+def test_the_properties_added_after_the_seventh_held_out_set(data, monkeypatch):
+    """The first batch holds the split's pairs; a step that calls the model otherwise is named by
+    the step's probe, not as a failed probe; a schedule whose peak fell between two log lines is
+    not told it never peaked."""
+    from runtime import setup
+    model, batch = tiny(data)
+    src, tgt_in, tgt_out = batch
+    reversed_src = src.clone()
+    for row in reversed_src:
+        n = int((row != data.src_tok.pad_id).sum()) - 1
+        row[:n] = row[:n].flip(0)                                       # the source reversed, <eos> kept last
+    assert probe(model, (reversed_src, tgt_in, tgt_out), data) == ["batch_pairs"]
+    cfg, rt = dict(train.DEFAULTS, label_smoothing=0.1), setup("cpu", "float32")
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, None, 0.1,
+                step=lambda micro_batches, kept: train.train_step(
+                    model, kept, [(b[1], b[0], b[2]) for b in micro_batches], data.tgt_tok.pad_id, cfg, rt))
+    assert log.names == ["step_gradient"]                               # model(tgt_in, src): another loss
+    symptoms = Symptoms(3e-3, 0.1)
+    symptoms("init", {"step": 0, "loss": 3.0, "ln_v": 3.0})
+    for step, lr, progress in ((1, 0.0, 0.017), (50, 3.1e-4, 0.83)):    # 60 steps logged every 50: the peak
+        assert symptoms("train", {"step": step, "loss": 2.0, "lr": lr, "progress": progress}) == []  # unseen

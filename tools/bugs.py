@@ -6,11 +6,11 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 64 runs, ~21 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 84 runs, ~22 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Seven sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT to HELD_OUT_6 (the last four in tools/held_out_3.py to _6.py), bugs
+Eight sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT to HELD_OUT_7 (the last five in tools/held_out_3.py to _7.py), bugs
 written apart from the diagnostics, after them, by someone who had not read them: how well the
 checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
@@ -44,6 +44,7 @@ import held_out_3  # noqa: E402
 import held_out_4  # noqa: E402
 import held_out_5  # noqa: E402
 import held_out_6  # noqa: E402
+import held_out_7  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -606,7 +607,13 @@ NAMED_6 = {"linear_weights_zero_init": "constant_init", "attention_masks_after_s
            "gru_loss_skips_first_position": "step_gradient", "gru_sgd_with_adam_lr": "",
            "gru_length_limit_from_batch_size": "translate_mismatch", "gru_cosine_without_half_shift": "lr_schedule"}
 HELD_OUT_6 = held_out(held_out_6.HELD_OUT_6, NAMED_6)
-SETS = HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6
+NAMED_7 = {"causal_mask_filled_with_zero": "causal_mask", "cached_causal_mask_not_offset": "decoding_mismatch",
+           "sublayer_reads_unnormalised": "", "logits_scaled_by_sqrt_d": "initial_loss", "cleaning_deletes_spaces": "",
+           "step_counted_twice": "step_count", "gru_encoder_under_no_grad": "no_gradient",
+           "gru_model_args_swapped": "step_gradient", "gru_source_reversed_in_collate": "batch_pairs",
+           "gru_loss_gradient_sign_flipped": "loss_definition"}
+HELD_OUT_7 = held_out(held_out_7.HELD_OUT_7, NAMED_7)
+SETS = HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6 + HELD_OUT_7
 for bug in SETS:
     bug.held_out = True
 BY_NAME = {bug.name: bug for bug in GALLERY + SETS}
