@@ -429,9 +429,10 @@ class Symptoms:
       translation_length    at two validations in a row, 30% of the run or more done, the greedy
                             translations less than half the references' length (more than twice is
                             common: an undertrained model repeats itself; the clean GRU, 2.2x at 300 steps)
-      lr_schedule           the learning rate negative, above its peak (peak_lr), still 0 at step 100, or, a tenth
-                            of the run past the warm-up (progress), rising or never yet within half of its peak (if
-                            a record was logged in that tenth, where every decay is still above half of it)."""
+      lr_schedule           the run's progress outside [0, 1]; the learning rate negative, above its peak
+                            (peak_lr), still 0 at step 100, or, a tenth of the run past the warm-up (progress),
+                            rising or never yet within half of its peak (if a record was logged in that tenth,
+                            where every decay is still above half of it)."""
 
     def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
         self.ln_v, self.top_lr, self.named, self.gains, self.ratios = None, 0.0, set(), [], []
@@ -496,6 +497,8 @@ class Symptoms:
         #                                                             the one record of a run of a few steps)
         if not self.peak_lr:
             return ""
+        if not -1e-6 <= progress <= 1 + 1e-6:
+            return f"is {lr:.1e} at a progress of {progress:.4g}, which is not a fraction of the run"
         if lr < 0:
             return f"is negative ({lr:.1e}): the weights climb the loss"
         if lr > 1.05 * self.peak_lr:

@@ -619,3 +619,5 @@ def test_the_properties_added_after_the_seventh_held_out_set(data, monkeypatch):
     symptoms("init", {"step": 0, "loss": 3.0, "ln_v": 3.0})
     for step, lr, progress in ((1, 0.0, 0.017), (50, 3.1e-4, 0.83)):    # 60 steps logged every 50: the peak
         assert symptoms("train", {"step": step, "loss": 2.0, "lr": lr, "progress": progress}) == []  # unseen
+    assert [name for name, _ in symptoms("train", {"step": 75, "loss": 2.0, "lr": 1e-5, "progress": 75.0})] == \
+        ["lr_schedule"]                                                  # the raw step fed as the progress
