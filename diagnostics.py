@@ -10,7 +10,7 @@ train_loop wires them in, by when they look:
                   moving on (in overfit mode: staying the same)
     Symptoms      in common.RunLog, at every record: the loss against ln(V), the learning rate's schedule,
                   validation loss against BLEU, what its source is worth to the model, the translations' length
-docs/debugging.md: the bugs they name (tools/bugs.py, five held-out sets among them), what they do not
+docs/debugging.md: the bugs they name (tools/bugs.py, seven held-out sets among them), what they do not
 name, and their cost. Leaves out: statistics of activations, a learning-rate finder, beam search.
 """
 
@@ -78,8 +78,8 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                             hands optimizer.step() the gradient of the loss as defined
       data_pairs            data_checks: the pairs aligned, validation apart from train, sides not
                             swapped, each side's ids its text's encoding, decoding back to it
-    A probe that raises is a warning (probe_failed): a diagnostic never stops a run. About two
-    training steps of work, once, in full precision."""
+    A probe that raises is a warning (probe_failed): a diagnostic never stops a run. Once, in full
+    precision: 0.4 of a Multi30k training step, 3.5 of the toy task's (docs/debugging.md)."""
     was_training, device = model.training, next(model.parameters()).device
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
     src = torch.cat([src, torch.full_like(src[:, :3], data.src_tok.pad_id)], dim=1)   # padding for sure
