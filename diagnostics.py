@@ -132,8 +132,8 @@ def batch_of_the_split(batch: tuple, data, rows: int = 32) -> list[tuple[str, st
     train = data.splits["train"]
     pairs = set(zip(train.src_text, train.tgt_text))
 
-    def text(ids: torch.Tensor, tok) -> str:
-        ids = ids.tolist()
+    def text(ids: torch.Tensor, tok) -> str:         # (cut at <eos> here, not by decoding.strip_special:
+        ids = ids.tolist()                              # a check must not share the code it may blame)
         return tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
     seen = [(text(s, data.src_tok), text(t, data.tgt_tok)) for s, t in zip(src, tgt_out)]
     strange = [pair for pair in seen if pair not in pairs]
@@ -346,8 +346,8 @@ class StepChecks:
 
     def rate_applied(self, step: int, lr: float) -> None:
         """The rate the optimizer steps with is the schedule's, the one logged (times a group's lr_scale)."""
-        rates = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer is not None else []
-        wanted = [lr * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups] if rates else []
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        rates, wanted = [g["lr"] for g in groups], [lr * g.get("lr_scale", 1.0) for g in groups]
         if any(abs(a - b) > 1e-6 * abs(b) + 1e-12 for a, b in zip(rates, wanted)):
             self.warn_once("lr_not_applied", f"step {step}: the optimizer steps at a learning rate of "
                            f"{', '.join(f'{r:.2e}' for r in rates[:3])}, not the schedule's {lr:.2e} (the one logged): "

@@ -195,6 +195,15 @@ def train_step(model, optimizer, micro_batches: list, pad_id: int, cfg: dict, rt
     return update(model, optimizer, loss_sum, n_tok, cfg, rt)
 
 
+def probe_step(model, data, cfg: dict, rt: Runtime):
+    """train_step as a callable (micro_batches, optimizer) for the probes before step 1 (diagnostics.py:
+    step_gradient), or None: on one process without fp16's scaler only (a step on process 0 alone would
+    wait for the others; the scaler's state would change)."""
+    if rt.world_size > 1 or rt.scaler is not None:
+        return None
+    return lambda micro_batches, kept: train_step(model, kept, micro_batches, data.tgt_tok.pad_id, cfg, rt)
+
+
 def update(model, optimizer, loss_sum: torch.Tensor, n_tok: torch.Tensor, cfg: dict, rt: Runtime) -> dict:
     """The step's second half: gradient norms, clipping, the optimizer's update. Returns `loss` (per
     target token, without the penalty), `tokens`, the norms before clipping (`gnorm`, `gnorm_enc`,
@@ -287,10 +296,9 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     model.train()
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":    # diagnostics.py, before step 1:
         check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log, rt.amp)   # loss ~ ln(V)?
-        one_step = lambda micro_batches, kept: train_step(model, kept, micro_batches, data.tgt_tok.pad_id, cfg, rt)
         probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log, optimizer,   # what a correct
                     0.0 if cfg["overfit_batches"] else cfg["label_smoothing"],            # model does
-                    step=one_step if rt.world_size == 1 and rt.scaler is None else None)  # (not: processes, fp16)
+                    step=probe_step(model, data, cfg, rt))
     with RunClock(rt, run, cfg) as clock:       # runtime.py: the time budget; Ctrl-C and SIGTERM only noted
         while True:
             signalled = clock.tick(run)         # run.minutes moved on; 'received SIGINT' after a Ctrl-C

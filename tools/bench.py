@@ -609,13 +609,11 @@ def bench_diagnostics() -> dict:
         log = RunLog(folder, True, watchers=[symptoms])
         steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type,
                             StepChecks(log, model, 1, optimizer))
-        one_step = lambda micro_batches, kept: train.train_step(model, kept, micro_batches,  # noqa: E731
-                                                                 data.tgt_tok.pad_id, cfg, rt)
 
         def probes():                                                   # before step 1, as train_loop calls them
             check_initial_loss(model, first, sequence_loss, data, log, rt.amp)
             probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"],
-                        step=one_step if rt.world_size == 1 and rt.scaler is None else None)
+                        step=train.probe_step(model, data, cfg, rt))
         probe_seconds = timed(probes)[0]                                # the process cold, as a run pays them
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
         names = ("step", "gradients_kept", "weights_grow", "lr_not_applied", "overfit_batches_change", "batch_repeated",
