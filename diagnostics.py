@@ -14,11 +14,15 @@ docs/debugging.md: the bugs they name (tools/bugs.py, seven held-out sets among 
 name, and their cost. Leaves out: statistics of activations, a learning-rate finder, beam search.
 """
 
+import dataclasses
+import functools
 import math
 
 import torch
 
+import decoding
 import probes
+from data import Split
 from probes import differ, ends_in_eos, module_names
 
 
@@ -46,7 +50,7 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
 
 @torch.no_grad()
 def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothing: float = 0.0,
-                rows: int = 4, step=None) -> list[str]:
+                rows: int = 4, step=None, evaluate=None) -> list[str]:
     """Before step 1, test the untrained model on a few sentences of the first batch (src, tgt_in,
     tgt_out; the sources cut to mixed lengths) for the properties a correct encoder-decoder has,
     whatever the bug that breaks them (the model's probes: probes.py); warn (log.warn) about each that
@@ -78,6 +82,9 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                             hands optimizer.step() the gradient of the loss as defined
       data_pairs            data_checks: the pairs aligned, validation apart from train, sides not
                             swapped, each side's ids its text's encoding, decoding back to it
+      scores_an_oracle      the run's validation (evaluate(model, data, batch_tokens, device, amp,
+                            n_sentences=...)) scores a translator that gives each source its reference
+                            at BLEU 100
     A probe that raises is a warning (probe_failed): a diagnostic never stops a run. Once, in full
     precision: 0.4 of a Multi30k training step, 3.5 of the toy task's (docs/debugging.md)."""
     was_training, device = model.training, next(model.parameters()).device
@@ -86,6 +93,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     src = probes.mixed_lengths(src, data.src_tok)
     model.eval()
     logits = model(src, tgt_in)                                 # (rows, T, V): what each probe compares with
+    gradient = functools.cache(lambda: probes.loss_gradient(model, src, tgt_in, tgt_out, loss_fn, data, smoothing))
     checks = {"teacher_forcing_pairs": lambda: teacher_forcing_pairs(batch, data),
               "batch_of_the_split": lambda: batch_of_the_split(batch, data),
               "reads_what_it_should": lambda: probes.dependency_probe(model, src, tgt_in, tgt_out, data),
@@ -95,13 +103,15 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
               "decoding_as_trained": lambda: probes.decoding_as_trained(model, src, tgt_in, logits, data, device),
               "loss_as_defined": lambda: loss_as_defined(tgt_out, loss_fn, data, smoothing),
               "attention_as_designed": lambda: probes.attention_as_designed(model, src, tgt_in),
-              "every_parameter_learns": lambda: probes.every_parameter_learns(model, src, tgt_in, tgt_out, loss_fn,
-                                                                              data, optimizer),
-              "step_follows_the_loss": lambda: probes.step_follows_the_loss(model, src, tgt_in, tgt_out, loss_fn,
-                                                                            data, step, smoothing),
-              "data_pairs": lambda: data_checks(data)}
+              "every_parameter_learns": lambda: probes.every_parameter_learns(model, gradient()[1], optimizer),
+              "step_follows_the_loss": lambda: probes.step_follows_the_loss(model, src, tgt_in, tgt_out, gradient(),
+                                                                            data, step),
+              "data_pairs": lambda: data_checks(data),
+              "scores_an_oracle": lambda: scores_an_oracle(model, data, evaluate, device)}
     if step is None:                            # (several processes, or fp16's scaler: not probed)
         del checks["step_follows_the_loss"]
+    if evaluate is None:
+        del checks["scores_an_oracle"]
     results = {}
     for name, probe in checks.items():
         try:
@@ -111,7 +121,8 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                               f"model with {type(e).__name__}: {str(e)[:200]}. The model does not behave as an "
                               "encoder-decoder is expected to (a tensor detached or computed under no_grad where "
                               "the loss needs its gradient, a shape the model does not expect); training goes on.")]
-        model.eval()
+        if model.training:                              # (a probe that left dropout on; eval() sets an
+            model.eval()                                # attribute on every module: only where needed)
     model.train(was_training)
     for found in results.values():
         for name, text in found:
@@ -130,13 +141,13 @@ def batch_of_the_split(batch: tuple, data, rows: int = 32) -> list[tuple[str, st
     decodes as ⁇)."""
     src, _, tgt_out = (t[:rows] for t in batch)
     train = data.splits["train"]
-    pairs = set(zip(train.src_text, train.tgt_text))
 
     def text(ids: torch.Tensor, tok) -> str:         # (cut at <eos> here, not by decoding.strip_special:
         ids = ids.tolist()                              # a check must not share the code it may blame)
         return tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
     seen = [(text(s, data.src_tok), text(t, data.tgt_tok)) for s, t in zip(src, tgt_out)]
-    strange = [pair for pair in seen if pair not in pairs]
+    known = set(seen).intersection(zip(train.src_text, train.tgt_text))     # (no set of the whole split)
+    strange = [pair for pair in seen if pair not in known]
     if len(strange) > len(seen) / 5:
         return [("batch_pairs", f"{len(strange)} of the first batch's {len(seen)} sentences are not pairs of the "
                  f"training split (\"{strange[0][0][:30]}\" -> \"{strange[0][1][:30]}\", decoded, is none): the model "
@@ -195,6 +206,41 @@ def loss_as_defined(tgt_out, loss_fn, data, smoothing: float) -> list[tuple[str,
     return []
 
 
+def scores_an_oracle(model, data, evaluate, device, n: int = 4) -> list[tuple[str, str]]:
+    """The validation scores a perfect translator at BLEU 100: the run's evaluate (decoding.evaluate, as
+    train.validate calls it) on n validation pairs, with decoding.translate replaced by an oracle that
+    gives each source its own reference, must score the translations against the references of their own
+    sources, in order. (An evaluate that never calls decoding.translate is not tested.)"""
+    val = data.splits["validation"]
+    first = {}                                  # n pairs whose sources are distinct: the oracle's lookup
+    for i, text in enumerate(val.src_text[:50]):
+        first.setdefault(text, i)
+    rows = list(first.values())[:n]
+    few = Split([val.src(i) for i in rows], [val.tgt(i) for i in rows], [val.src_text[i] for i in rows],
+                [val.tgt_text[i] for i in rows])
+    reference, asked = dict(zip(few.src_text, few.tgt_text)), []
+
+    def oracle(model, src_tok, tgt_tok, sentences: list[str], **kwargs) -> list[str]:
+        asked.extend(sentences)
+        return [reference.get(text, "") for text in sentences]
+    translate, decoding.translate = decoding.translate, oracle
+    try:
+        got = evaluate(model, dataclasses.replace(data, splits={**data.splits, "validation": few}), 10**6, device,
+                       None, n_sentences=len(rows))
+    finally:
+        decoding.translate = translate
+    if not asked or got["bleu"] > 99.9:
+        return []
+    strangers = [text for text in asked if text not in reference]
+    seen = (f"translate() was asked for {len(strangers)} sentences that are not the split's sources (\"{strangers[0][:40]}"
+            "\")" if strangers else f"its translations were the split's references, {len(asked)} asked for")
+    return [("scoring", f"validation scores a perfect translator, each source given its own reference, at BLEU "
+             f"{got['bleu']:.1f}, not 100 ({seen}): BLEU does not compare each translation with the reference of its "
+             "own source. Check what evaluate() hands translate() and score(): the split's sources, and the same "
+             "split's targets as the references (not its sources, not another split's), the same sentences in the "
+             "same order (translate() gives its outputs in input order).")]
+
+
 def data_checks(data) -> list[tuple[str, str]]:
     """The data, before any training: the pairs aligned (source and target lengths correlate in train
     as in validation), no validation or test source in train, each side of validation like the
@@ -215,12 +261,13 @@ def data_checks(data) -> list[tuple[str, str]]:
         if shared > 0.2:        # (toy:reverse's short digit strings repeat: 9-11%; Multi30k: 0.1%)
             found.append(("split_overlap", f"{shared:.0%} of the {name} sources are also in train: its scores measure "
                           "memory, not translation. Carve the splits apart (by source sentence)."))
-    def frequencies(ids) -> np.ndarray:                         # token frequencies, unit length
-        n = np.bincount(np.concatenate(list(ids) or [[0]]), minlength=data.src_tok.vocab_size).astype(float)
+    def frequencies(ids: np.ndarray) -> np.ndarray:             # token frequencies, unit length
+        n = np.bincount(ids, minlength=data.src_tok.vocab_size).astype(float)
         return n / (np.linalg.norm(n) + 1e-9)
-    val_src = frequencies(val.src(i) for i in range(min(len(val), 1000)))
-    cos = {side: float(val_src @ frequencies(getattr(train, side)(i) for i in range(min(len(train), 1000))))
-           for side in ("src", "tgt")}
+    k, j = min(len(val), 1000), min(len(train), 1000)           # the first 1000 sentences of each
+    val_src = frequencies(val.src_flat[:val.src_off[k]])
+    cos = {"src": float(val_src @ frequencies(train.src_flat[:train.src_off[j]])),
+           "tgt": float(val_src @ frequencies(train.tgt_flat[:train.tgt_off[j]]))}
     if data.src_tok is data.tgt_tok and cos["tgt"] > cos["src"] + 0.05:       # (one vocabulary: comparable)
         found.append(("sides_swapped", f"validation's sources look like train's targets (token frequencies: cosine "
                       f"{cos['tgt']:.2f} against {cos['src']:.2f} with train's sources): source and target "

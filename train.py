@@ -298,7 +298,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log, rt.amp)   # loss ~ ln(V)?
         probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log, optimizer,   # what a correct
                     0.0 if cfg["overfit_batches"] else cfg["label_smoothing"],            # model does
-                    step=probe_step(model, data, cfg, rt))
+                    step=probe_step(model, data, cfg, rt), evaluate=evaluate)
     with RunClock(rt, run, cfg) as clock:       # runtime.py: the time budget; Ctrl-C and SIGTERM only noted
         while True:
             signalled = clock.tick(run)         # run.minutes moved on; 'received SIGINT' after a Ctrl-C

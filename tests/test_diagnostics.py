@@ -53,7 +53,7 @@ def tiny(data, **knobs):
 
 def probe(model, batch, data, loss_fn=sequence_loss) -> list[str]:
     log = Warnings()
-    probe_model(model, batch, loss_fn, data, log)
+    probe_model(model, batch, loss_fn, data, log, evaluate=decoding.evaluate)
     return log.names
 
 
@@ -621,3 +621,22 @@ def test_the_properties_added_after_the_seventh_held_out_set(data, monkeypatch):
         assert symptoms("train", {"step": step, "loss": 2.0, "lr": lr, "progress": progress}) == []  # unseen
     assert [name for name, _ in symptoms("train", {"step": 75, "loss": 2.0, "lr": 1e-5, "progress": 75.0})] == \
         ["lr_schedule"]                                                  # the raw step fed as the progress
+
+
+def test_a_validation_that_does_not_score_each_translation_against_its_own_reference_is_named(data, monkeypatch):
+    model, batch = tiny(data)
+    assert probe(model, batch, data) == []                      # a perfect translator scores 100
+    evaluate, score = decoding.evaluate, decoding.score
+    monkeypatch.setattr(decoding, "score", lambda hyps, refs: score(hyps, refs[1:] + refs[:1]))     # shifted by one
+    assert "scoring" in probe(model, batch, data)
+    monkeypatch.setattr(decoding, "score", score)
+
+    def against_sources(model, data, *args, **kwargs):          # BLEU against the sources
+        val = data.splits["validation"]
+        swapped = type(val)([val.src(i) for i in range(len(val))], [val.tgt(i) for i in range(len(val))],
+                            val.src_text, val.src_text)
+        return evaluate(model, type(data)(data.src_tok, data.tgt_tok, {**data.splits, "validation": swapped},
+                                          data.report), *args, **kwargs)
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, evaluate=against_sources)
+    assert log.names == ["scoring"] and "not 100" in log.texts["scoring"]

@@ -613,7 +613,7 @@ def bench_diagnostics() -> dict:
         def probes():                                                   # before step 1, as train_loop calls them
             check_initial_loss(model, first, sequence_loss, data, log, rt.amp)
             probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"],
-                        step=train.probe_step(model, data, cfg, rt))
+                        step=train.probe_step(model, data, cfg, rt), evaluate=evaluate)
         probe_seconds = timed(probes)[0]                                # the process cold, as a run pays them
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
         names = ("step", "gradients_kept", "weights_grow", "lr_not_applied", "overfit_batches_change", "batch_repeated",
@@ -631,7 +631,9 @@ def bench_diagnostics() -> dict:
             for name, check in checks.items():
                 if i >= warmup_steps:
                     seconds[name].append(sec if name == "step" else timed(check)[0])
-        warm = statistics.median(timed(probes)[0] for _ in range(5))    # again, the process warmed up
+        turns = [(timed(probes)[0], timed(lambda: loop_turn(model, optimizer, batches, state, cfg, rt))[0])
+                 for _ in range(5)]             # again, the process warmed up, in turns with a step (drift cancels)
+        warm, warm_step = (statistics.median(column) for column in zip(*turns))
         checks = StepChecks(log, model)                                 # update_ratio: one update, measured once
         ratio_seconds = timed(lambda: setattr(checks, "before", [p.detach().clone() for p in checks.params]))[0] \
             + timed(lambda: checks.update_ratio(100))[0]                # (the weights kept, then compared)
@@ -641,7 +643,8 @@ def bench_diagnostics() -> dict:
              "lr_not_applied": cfg["log_interval"], "overfit_batches_change": 1,
              "batch_repeated": 1, "symptoms": cfg["log_interval"]}
     rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step},
-            "probe_model (warm)": {"when": "the same, timed again (median of 5)", "seconds": warm, "steps": warm / step},
+            "probe_model (warm)": {"when": "the same, timed again in turns with a step (median of 5)", "seconds": warm,
+                                   "steps": warm / warm_step},
             "update_ratio": {"when": "once, after step 100", "seconds": ratio_seconds, "steps": ratio_seconds / step},
             "source_gain": {"when": "every validation", "seconds": gain, "of_validation": gain / validation}}
     for name, times in seconds.items():
