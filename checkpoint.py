@@ -37,7 +37,8 @@ except ImportError:     # Windows: no lock against a second live run; the rest o
 # a run folder belongs to one run
 
 RUN_FILES = ("ckpt.pt", "best.pt", "avg.pt", "pruned.pt", "log.jsonl", "plots.png", "snapshots", "finetune",
-             "prune_report.json", "test_translations.txt", "gates_final.png", "gates.gif", "heads_vs_step.png")
+             "prune_report.json", "test_translations.txt", "gates_final.png", "gates.gif", "heads_vs_step.png",
+             "tensorboard")
 CHECKPOINTS = RUN_FILES[:4]     # a folder holding one of these holds a run that cost time to train
 held_dirs = {}                  # run folder -> its open lock file, held until this process ends
 

@@ -140,6 +140,33 @@ class RunLog:
         self.record("warning", f"warning: {text}", name=name, step=step, text=text)
 
 
+class TensorBoard:
+    """A RunLog watcher (train.py --tensorboard=True) that copies each record to TensorBoard: its numbers
+    under kind/key at its step (train/loss, eval/bleu, ...), a warning's text under warning/<name>. In
+    out_dir/tensorboard (tensorboard --logdir out_dir); a resumed run drops what the killed one logged
+    after its checkpoint, as RunLog does. Needs the tensorboard package."""
+
+    def __init__(self, out_dir: str, resume_step: int | None = None, writer=None):
+        if writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard=True needs the tensorboard package: pip install tensorboard "
+                                  "(log.jsonl holds the same numbers without it)") from None
+            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step)
+        self.writer = writer
+
+    def __call__(self, kind: str, values: dict) -> list:
+        step = values.get("step", 0)
+        if kind == "warning":
+            self.writer.add_text(f"warning/{values['name']}", values["text"], step)
+        for key, value in values.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        self.writer.flush()
+        return []                               # (it warns about nothing)
+
+
 def printable(extra: dict, sep: str) -> str:
     """The scalar entries of a dict as text (lists and dicts are for log.jsonl only)."""
     return "".join(f"{sep}{k} {v}" for k, v in extra.items() if not isinstance(v, (list, dict)))

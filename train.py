@@ -20,7 +20,7 @@ import torch
 from batching import TrainBatches
 from checkpoint import (checkpoint_of, claim_run_dir, load_checkpoint, model_from_checkpoint, resumed_config,
                         save_checkpoint, take_snapshot, write_average)
-from common import RunLog, StepLog, plot_log, printable, progress_bar
+from common import RunLog, StepLog, TensorBoard, plot_log, printable, progress_bar
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataConfig, DataError, load_data
 from decoding import evaluate
@@ -43,6 +43,7 @@ log_interval = 50  # steps between log lines
 eval_interval = 500  # steps between validation runs (loss, greedy BLEU) and checkpoints
 eval_sentences = 500  # validation sentences translated for BLEU (0 = all)
 plot = True  # draw plots.png (loss, learning rate, gradient norm, BLEU) from log.jsonl at the end
+tensorboard = False  # also write log.jsonl's numbers and the warnings to out_dir/tensorboard (pip install tensorboard)
 seed = 1337  # seeds the weights, dropout and batch order
 device = "auto"  # 'auto' (a GPU if there is one), 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"  # 'float32', 'bfloat16', 'float16' or 'auto': bf16 on A100+ GPUs and bf16 CPUs, fp16 on older GPUs, else fp32
@@ -279,8 +280,11 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     batches = rt.share(TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"]))
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
+    watchers = [Symptoms(cfg["learning_rate"], cfg["warmup_frac"])]                # diagnostics.py
+    if cfg["tensorboard"] and rt.master:
+        watchers.append(TensorBoard(cfg["out_dir"], run.step if resume else None))    # the records copied there
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None, run.step if resume else None,
-                 watchers=[Symptoms(cfg["learning_rate"], cfg["warmup_frac"])])     # diagnostics.py
+                 watchers=watchers)
     checks = StepChecks(log, model, cfg["overfit_batches"], optimizer) if rt.master else None    # diagnostics.py
     steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, checks)
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
