@@ -103,9 +103,9 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
               "decoding_as_trained": lambda: probes.decoding_as_trained(model, src, tgt_in, logits, data, device),
               "loss_as_defined": lambda: loss_as_defined(tgt_out, loss_fn, data, smoothing),
               "attention_as_designed": lambda: probes.attention_as_designed(model, src, tgt_in),
-              "every_parameter_learns": lambda: probes.every_parameter_learns(model, gradient()[1], optimizer),
+              "every_parameter_learns": lambda: probes.every_parameter_learns(model, *gradient()[1:], optimizer),
               "step_follows_the_loss": lambda: probes.step_follows_the_loss(model, src, tgt_in, tgt_out, gradient(),
-                                                                            data, step),
+                                                                            step),
               "data_pairs": lambda: data_checks(data),
               "scores_an_oracle": lambda: scores_an_oracle(model, data, evaluate, device)}
     if step is None:                            # (several processes, or fp16's scaler: not probed)
@@ -233,7 +233,7 @@ def scores_an_oracle(model, data, evaluate, device, n: int = 4) -> list[tuple[st
         return []
     strangers = [text for text in asked if text not in reference]
     seen = (f"translate() was asked for {len(strangers)} sentences that are not the split's sources (\"{strangers[0][:40]}"
-            "\")" if strangers else f"its translations were the split's references, {len(asked)} asked for")
+            "\")" if strangers else f"translate() was asked for {len(asked)} of the split's sources and gave their references")
     return [("scoring", f"validation scores a perfect translator, each source given its own reference, at BLEU "
              f"{got['bleu']:.1f}, not 100 ({seen}): BLEU does not compare each translation with the reference of its "
              "own source. Check what evaluate() hands translate() and score(): the split's sources, and the same "

@@ -338,10 +338,14 @@ def translate_as_greedy(model, data, texts: list[str], direct: list[str], limit:
     with encoder_calls(model) as calls:                         # what translate() hands the encoder
         translations = [decoding.translate(model, src_tok, tgt_tok, texts, device=device, max_len_a=a,
                                            max_len_b=b)]
-    if not all(ends_in_eos(s, src_tok) for s, _ in calls):
+    handed = sorted(tuple(t for t in row.tolist() if t != src_tok.pad_id) for s, _ in calls for row in s)
+    wanted = sorted(tuple(src_tok.encode(text) + [src_tok.eos_id]) for text in texts)
+    if handed != wanted or not all(ends_in_eos(s, src_tok) for s, _ in calls):
         model.eval()
         return [("decoding_input", "translate() hands the encoder sources that are not as in training (each "
-                 "sentence's tokens, one <eos> last, then padding only): the model translates input it never saw. "
+                 "sentence's encoding by the source tokenizer, one <eos> last, then padding only; here "
+                 f"{sorted(map(len, handed))} tokens where the sentences' encodings and <eos> have "
+                 f"{sorted(map(len, wanted))}): the model translates input it never saw. "
                  "Encode each source as training's data does (the same tokenizer, <eos> appended, padded with "
                  "pad_id after it).")]
     if translations[0] != direct:                               # dropout on, or translate() wrong: which?
@@ -355,9 +359,12 @@ def translate_as_greedy(model, data, texts: list[str], direct: list[str], limit:
     got = translations[0]
     if got != direct:
         where = ("the same translations in another order: put them back in input order" if sorted(got) == sorted(direct)
-                 else "each a part of the other: cut each at its own <eos> and its own length limit (max_len_a "
+                 else "each a start of the other: cut each at its own <eos> and its own length limit (max_len_a "
                  "times its tokens with <eos>, plus max_len_b), drop only the special tokens"
-                 if all(x.startswith(y) or y.startswith(x) for x, y in zip(got, direct)) else "other translations: "
+                 if all(x.startswith(y) or y.startswith(x) for x, y in zip(got, direct)) else "each an end of the "
+                 "other: their first tokens dropped or added (greedy decoding's output starts with the first word, "
+                 "not <bos>): drop only the special tokens, none by position"
+                 if all(x.endswith(y) or y.endswith(x) for x, y in zip(got, direct)) else "other translations: "
                  "check the start and end tokens it passes to greedy decoding (<bos> to start, <eos> to stop)")
         return [("translate_mismatch", f"translate() does not return what greedy decoding of its sentences gives "
                  f"({[t[:30] for t in got]} against {[t[:30] for t in direct]}), {where}.")]
@@ -433,21 +440,41 @@ def attention_as_designed(model, src, tgt_in) -> list[tuple[str, str]]:
 
 
 def loss_gradient(model, src, tgt_in, tgt_out, loss_fn, data, smoothing: float) -> tuple:
-    """The loss as defined on the probe's sentences, loss_fn(model(src, tgt_in), tgt_out), and its
-    gradient: {parameter name: gradient, or None where the loss does not reach it} (every_parameter_learns
-    and step_follows_the_loss share one backward pass)."""
+    """The loss as defined on the probe's sentences per target token, loss_fn(model(src, tgt_in), tgt_out)
+    over their count (as the training step takes its mean); its gradient, {parameter name: gradient, or
+    None where the loss does not reach it}; and the modules with parameters the forward pass calls that
+    are not the model's ({id: class name}). every_parameter_learns and step_follows_the_loss share it."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with torch.enable_grad():
-        loss = loss_fn(model(src, tgt_in), tgt_out, data.tgt_tok.pad_id, smoothing)
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return loss.detach(), dict(zip(params, grads))
+    mine, outside = {id(m) for m in model.modules()}, {}
+
+    def called(module, args, out):
+        if id(module) not in mine and next(module.parameters(), None) is not None:
+            outside[id(module)] = type(module).__name__
+    watch = torch.nn.modules.module.register_module_forward_hook(called)     # every module's call, anywhere
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(model(src, tgt_in), tgt_out, data.tgt_tok.pad_id, smoothing)
+            loss = loss / max(int((tgt_out != data.tgt_tok.pad_id).sum()), 1)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    finally:
+        watch.remove()
+    return loss.detach(), dict(zip(params, grads)), outside
 
 
-def every_parameter_learns(model, grads: dict, optimizer) -> list[tuple[str, str]]:
-    """Given the loss's gradient on the probe's sentences (loss_gradient): every trainable parameter gets
-    a gradient that is not all zero, and the optimizer holds it; no weight matrix starts with all its
-    values equal; no parameter is frozen in a model without pruned heads."""
+def every_parameter_learns(model, grads: dict, outside: dict, optimizer) -> list[tuple[str, str]]:
+    """Given the loss's gradient on the probe's sentences and the modules its forward pass called outside
+    the model (loss_gradient): every module the forward pass calls is the model's; every trainable
+    parameter gets a gradient that is not all zero, and the optimizer holds it, with settings that hold
+    (optimizer_settings); no weight matrix starts with all its values equal; no parameter is frozen in a
+    model without pruned heads."""
     found = []
+    if outside:
+        kinds = ", ".join(dict.fromkeys(outside.values()))
+        found.append(("unregistered_modules", f"the forward pass calls {len(outside)} modules with parameters ("
+                      f"{kinds}) that are not the model's: held in a plain Python list, dict or tuple (or by another "
+                      "object), they are not in model.parameters(), so the optimizer never updates them and the "
+                      "checkpoint does not save them. Hold sub-modules in nn.ModuleList or nn.ModuleDict, or as "
+                      "attributes of a module."))
     params = dict(model.named_parameters())
     no_grad = [n for n, g in grads.items() if params[n].numel() and (g is None or not g.any())]
     if no_grad:
@@ -466,18 +493,7 @@ def every_parameter_learns(model, grads: dict, optimizer) -> list[tuple[str, str
     if missed:
         found.append(("not_optimized", f"{module_names(missed)} are trainable but not in the optimizer, which never "
                       "updates them: build the optimizer from model.parameters() after the model is complete."))
-    for group in optimizer.param_groups if optimizer is not None else []:
-        betas = group.get("betas")                              # (Adam's family only)
-        coupled = group.get("weight_decay", 0.0) > 0 and group.get("decoupled_weight_decay") is False
-        if betas is not None and not 0 <= betas[0] < betas[1] < 1 or coupled:
-            name = type(optimizer).__name__
-            found.append(("optimizer_settings", f"the optimizer ({name}) adds weight decay {group['weight_decay']} to "
-                          "the gradient (L2), and Adam divides it by sqrt(v): parameters with small gradients decay "
-                          "far faster than the rest. Use AdamW, whose decay is decoupled from the gradient."
-                          if coupled else f"the optimizer ({name}) has (beta1, beta2) = {tuple(betas)}: the second "
-                          "moment must average over longer than the first (0 <= beta1 < beta2 < 1, usually 0.9 and "
-                          "0.98-0.999), or m / sqrt(v) is no longer bounded and steps overshoot the learning rate."))
-            break
+    found += optimizer_settings(optimizer, grads) if optimizer is not None else []
     pruned = any(getattr(m, "n_head", 1) == 0 for m in model.modules())
     frozen = [n for n, p in params.items() if not p.requires_grad and p.numel()]
     if frozen and not pruned:
@@ -485,13 +501,41 @@ def every_parameter_learns(model, grads: dict, optimizer) -> list[tuple[str, str
     return found
 
 
-def step_follows_the_loss(model, src, tgt_in, tgt_out, gradient: tuple, data, step) -> list[tuple[str, str]]:
+def optimizer_settings(optimizer, grads: dict) -> list[tuple[str, str]]:
+    """Adam's settings hold (its family only: groups with betas): 0 <= beta1 < beta2 < 1; weight decay
+    decoupled; eps under the gradient's size (its root mean square over every weight, the mean over
+    tokens as the step takes it), or m / (sqrt(v) + eps) is the gradient over eps, not a step of about
+    the learning rate."""
+    size = torch.cat([g.flatten().float() for g in grads.values() if g is not None] or [torch.ones(1)])
+    size = size.pow(2).mean().sqrt().item()
+    name = type(optimizer).__name__
+    for group in optimizer.param_groups:
+        betas, eps = group.get("betas"), group.get("eps", 0.0)
+        if betas is None:
+            continue
+        if group.get("weight_decay", 0.0) > 0 and group.get("decoupled_weight_decay") is False:
+            return [("optimizer_settings", f"the optimizer ({name}) adds weight decay {group['weight_decay']} to the "
+                     "gradient (L2), and Adam divides it by sqrt(v): parameters with small gradients decay far faster "
+                     "than the rest. Use AdamW, whose decay is decoupled from the gradient.")]
+        if not 0 <= betas[0] < betas[1] < 1:
+            return [("optimizer_settings", f"the optimizer ({name}) has (beta1, beta2) = {tuple(betas)}: the second "
+                     "moment must average over longer than the first (0 <= beta1 < beta2 < 1, usually 0.9 and "
+                     "0.98-0.999), or m / sqrt(v) is no longer bounded and steps overshoot the learning rate.")]
+        if eps > size:
+            return [("optimizer_settings", f"the optimizer ({name}) has eps = {eps:g}, above the gradient's size at "
+                     f"the start ({size:.1e}, its root mean square): Adam's step m / (sqrt(v) + eps) is then about "
+                     "the gradient over eps, far smaller than the learning rate, and the model hardly learns. Keep "
+                     "eps far under the gradients (1e-8 or 1e-9 is usual; 1e-6 at most).")]
+    return []
+
+
+def step_follows_the_loss(model, src, tgt_in, tgt_out, gradient: tuple, step) -> list[tuple[str, str]]:
     """One training step as the loop takes it (step: train.train_step on these sentences, with an
     optimizer that keeps what it is handed and changes nothing) hands optimizer.step() the gradient of
     the loss as defined (gradient: loss_gradient's, with the run's smoothing), up to its scale (the mean
     over tokens, clipping by norm): their cosine ~1 and the step's loss per token the loss's (dropout
     off: the same computation)."""
-    (loss, grads), kept = gradient, KeptGradients(model)
+    (loss, grads, _), kept = gradient, KeptGradients(model)
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         with torch.enable_grad():
@@ -511,7 +555,7 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, gradient: tuple, data, st
             if report.get("update") == "done" else []
     got, wanted = flat([kept.grads.get(id(p)) for p in params]), flat(grads.values())
     cos = (got @ wanted / (got.norm() * wanted.norm()).clamp_min(1e-30)).item()
-    per_token = loss.item() / max(int((tgt_out != data.tgt_tok.pad_id).sum()), 1)
+    per_token = loss.item()                                     # (loss_gradient's: per target token)
     stepped = report.get("loss", per_token)                     # (the mean over the target tokens)
     if cos < 0.99 or abs(stepped - per_token) > 0.01 * abs(per_token) + 1e-6:
         return [("step_gradient", f"one training step as the loop takes it (train.train_step) does not follow the "

@@ -640,3 +640,35 @@ def test_a_validation_that_does_not_score_each_translation_against_its_own_refer
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log, evaluate=against_sources)
     assert log.names == ["scoring"] and "not 100" in log.texts["scoring"]
+
+
+def test_the_properties_added_after_the_eighth_held_out_set(data, monkeypatch):
+    """Every module the forward pass calls is the model's; Adam's eps under the gradients' size;
+    translate() hands the encoder each source's own encoding; a translation whose first token is
+    dropped is told apart from one cut at the end."""
+    model, batch = tiny(data)
+    plain = [torch.nn.LayerNorm(32)]                            # a layer held in a plain list: not the model's
+    encode = Transformer.encode
+    monkeypatch.setattr(Transformer, "encode", lambda self, src: (plain[0](encode(self, src)[0]), encode(self, src)[1]))
+    found = Warnings()
+    probe_model(model, batch, sequence_loss, data, found)
+    assert found.names == ["unregistered_modules"] and "LayerNorm" in found.texts["unregistered_modules"]
+    monkeypatch.undo()
+    for eps, named in ((1e-8, []), (1.0, ["optimizer_settings"])):
+        found = Warnings()
+        probe_model(model, batch, sequence_loss, data, found, torch.optim.AdamW(model.parameters(), eps=eps))
+        assert found.names == named
+    assert "eps = 1" in found.texts["optimizer_settings"]
+    batches = decoding.length_sorted_batches
+    monkeypatch.setattr(decoding, "length_sorted_batches", lambda encoded, *args: batches([e[1:] for e in encoded],
+                                                                                           *args))
+    found = Warnings()
+    probe_model(model, batch, sequence_loss, data, found)
+    assert found.names == ["decoding_input"] and "[5, 7] tokens where the sentences' encodings and <eos> have [6, 8]" in \
+        found.texts["decoding_input"]
+    monkeypatch.undo()
+    strip = decoding.strip_special
+    monkeypatch.setattr(decoding, "strip_special", lambda ids, eos_id: strip(ids, eos_id)[1:])   # the first dropped
+    found = Warnings()
+    probe_model(model, batch, sequence_loss, data, found)
+    assert found.names == ["translate_mismatch"] and "each an end of the other" in found.texts["translate_mismatch"]

@@ -6,11 +6,11 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 84 runs, ~22 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 94 runs, ~25 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Eight sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT to HELD_OUT_7 (the last five in tools/held_out_3.py to _7.py), bugs
+Nine sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT to HELD_OUT_8 (the last six in tools/held_out_3.py to _8.py), bugs
 written apart from the diagnostics, after them, by someone who had not read them: how well the
 checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
@@ -45,6 +45,7 @@ import held_out_4  # noqa: E402
 import held_out_5  # noqa: E402
 import held_out_6  # noqa: E402
 import held_out_7  # noqa: E402
+import held_out_8  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -589,7 +590,7 @@ NAMED_3 = {"residual_dropped": "target_input_ignored", "decode_cache_list_aliasi
            "gru_decode_starts_from_zeros": "decoding_mismatch", "gru_embeddings_divided": "target_input_ignored"}
 HELD_OUT_3 = held_out(held_out_3.HELD_OUT_3, NAMED_3)
 NAMED_4 = {"embeddings_not_scaled": "embedding_scale", "greedy_input_not_fed_back": "decoding_mismatch",
-           "bleu_against_sources": "", "tgt_in_by_roll": "target_shift",
+           "bleu_against_sources": "scoring", "tgt_in_by_roll": "target_shift",
            "target_ids_from_source_text": "tokenizer_round_trip", "smoothed_ce_scatter_overwrites": "loss_definition",
            "run_progress_min_of_limits": "lr_schedule", "gru_attention_query_final_state": "causal_mask",
            "gru_attention_no_softmax": "attention_not_distribution",
@@ -613,7 +614,13 @@ NAMED_7 = {"causal_mask_filled_with_zero": "causal_mask", "cached_causal_mask_no
            "gru_model_args_swapped": "step_gradient", "gru_source_reversed_in_collate": "batch_pairs",
            "gru_loss_gradient_sign_flipped": "loss_definition"}
 HELD_OUT_7 = held_out(held_out_7.HELD_OUT_7, NAMED_7)
-SETS = HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6 + HELD_OUT_7
+NAMED_8 = {"cross_attention_reads_decoder": "source_ignored", "layers_in_plain_list": "unregistered_modules",
+           "tgt_in_out_unpacked_swapped": "step_gradient", "adam_eps_too_large": "optimizer_settings",
+           "greedy_prefix_without_bos": "decoding_mismatch", "translate_strips_first_token": "translate_mismatch",
+           "gru_char_vocab_counts_lines": "tokenizer_round_trip", "gru_loss_backward_uses_log_probs": "loss_definition",
+           "gru_lr_schedule_as_factor": "lr_not_applied", "gru_translate_encodes_word_by_word": "decoding_input"}
+HELD_OUT_8 = held_out(held_out_8.HELD_OUT_8, NAMED_8)
+SETS = HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6 + HELD_OUT_7 + HELD_OUT_8
 for bug in SETS:
     bug.held_out = True
 BY_NAME = {bug.name: bug for bug in GALLERY + SETS}
