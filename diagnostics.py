@@ -107,7 +107,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
               "step_follows_the_loss": lambda: probes.step_follows_the_loss(model, src, tgt_in, tgt_out, gradient(),
                                                                             step),
               "data_pairs": lambda: data_checks(data),
-              "scores_an_oracle": lambda: scores_an_oracle(model, data, evaluate, device)}
+              "scores_an_oracle": lambda: scores_an_oracle(data, evaluate, device)}
     if step is None:                            # (several processes, or fp16's scaler: not probed)
         del checks["step_follows_the_loss"]
     if evaluate is None:
@@ -206,11 +206,22 @@ def loss_as_defined(tgt_out, loss_fn, data, smoothing: float) -> list[tuple[str,
     return []
 
 
-def scores_an_oracle(model, data, evaluate, device, n: int = 4) -> list[tuple[str, str]]:
+class Uniform(torch.nn.Module):
+    """Stands in for the model where only the scoring is tested (scores_an_oracle): uniform logits."""
+    def __init__(self, vocab_size: int, device):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.zeros(vocab_size, device=device))
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(*tgt_in.shape, -1)                    # (B, T, V)
+
+
+def scores_an_oracle(data, evaluate, device, n: int = 4) -> list[tuple[str, str]]:
     """The validation scores a perfect translator at BLEU 100: the run's evaluate (decoding.evaluate, as
     train.validate calls it) on n validation pairs, with decoding.translate replaced by an oracle that
-    gives each source its own reference, must score the translations against the references of their own
-    sources, in order. (An evaluate that never calls decoding.translate is not tested.)"""
+    gives each source its own reference (and the model by Uniform: its loss is not tested here, and costs
+    no forward pass), must score the translations against the references of their own sources, in order.
+    (An evaluate that never calls decoding.translate is not tested.)"""
     val = data.splits["validation"]
     first = {}                                  # n pairs whose sources are distinct: the oracle's lookup
     for i, text in enumerate(val.src_text[:50]):
@@ -225,8 +236,8 @@ def scores_an_oracle(model, data, evaluate, device, n: int = 4) -> list[tuple[st
         return [reference.get(text, "") for text in sentences]
     translate, decoding.translate = decoding.translate, oracle
     try:
-        got = evaluate(model, dataclasses.replace(data, splits={**data.splits, "validation": few}), 10**6, device,
-                       None, n_sentences=len(rows))
+        got = evaluate(Uniform(data.tgt_tok.vocab_size, device), dataclasses.replace(
+            data, splits={**data.splits, "validation": few}), 10**6, device, None, n_sentences=len(rows))
     finally:
         decoding.translate = translate
     if not asked or got["bleu"] > 99.9:
