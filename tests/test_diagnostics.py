@@ -672,3 +672,15 @@ def test_the_properties_added_after_the_eighth_held_out_set(data, monkeypatch):
     found = Warnings()
     probe_model(model, batch, sequence_loss, data, found)
     assert found.names == ["translate_mismatch"] and "each an end of the other" in found.texts["translate_mismatch"]
+
+
+def test_references_too_short_for_bleu_are_not_taken_for_a_scoring_bug(data):
+    model, batch = tiny(data)
+    val = data.splits["validation"]
+    words = type(val)([val.src(i) for i in range(len(val))], [val.tgt(i) for i in range(len(val))], val.src_text,
+                      [t.replace(" ", "") for t in val.tgt_text])     # one word each: no 4-gram, BLEU 0 even
+    log = Warnings()                                                #   against themselves
+    probe_model(model, batch, sequence_loss, type(data)(data.src_tok, data.tgt_tok,
+                                                        {**data.splits, "validation": words}, data.report),
+                log, evaluate=decoding.evaluate)
+    assert "scoring" not in log.names and "tokenizer_round_trip" in log.names     # (its ids are not its text)
