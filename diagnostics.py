@@ -4,13 +4,13 @@ cause and its fix: a line "warning: ..." and a record {"kind": "warning", "name"
 train_loop wires them in, by when they look:
 
     check_initial_loss, probe_model   before step 1: the untrained model (probes.py: what it reads, decoding
-                  = training, ...), the first batch, the loss function, the optimizer and the data, tested for
-                  the properties a correct encoder-decoder and its training have
+                  = training, ...), the first batch, the loss function, the optimizer, the data and the
+                  validation's scoring, tested for the properties a correct encoder-decoder and its training have
     StepChecks    in common.StepLog, at every log line: the weights and gradients; at every step: the batch
                   moving on (in overfit mode: staying the same)
     Symptoms      in common.RunLog, at every record: the loss against ln(V), the learning rate's schedule,
                   validation loss against BLEU, what its source is worth to the model, the translations' length
-docs/debugging.md: the bugs they name (tools/bugs.py, seven held-out sets among them), what they do not
+docs/debugging.md: the bugs they name (tools/bugs.py, eight held-out sets among them), what they do not
 name, and their cost. Leaves out: statistics of activations, a learning-rate finder, beam search.
 """
 
