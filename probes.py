@@ -549,6 +549,11 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, gradient: tuple, step) ->
                  "loss(logits, tgt_out, pad_id, smoothing).")]
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()  # noqa: E731
                                  for g, p in zip(gs, params)])
+    if not kept.stepped and report.get("update") == "done":
+        return [("step_gradient", "one training step as the loop takes it (train.train_step) reports an update "
+                 "but never calls optimizer.step(): a condition skips it. Only a non-finite loss or gradient "
+                 "skips a step; a large gradient norm is scaled down to grad_clip (clip_grad_norm_), not "
+                 "thrown away.")]
     if not kept.grads:
         return [("step_gradient", "one training step as the loop takes it (train.train_step) hands "
                  "optimizer.step() no gradient: they are cleared or never made before the update (zero_grad() "
@@ -575,9 +580,11 @@ class KeptGradients:
     changes no weight; zero_grad() clears them as the real one does."""
     def __init__(self, model):
         self.param_groups, self.grads = [{"params": list(model.parameters()), "lr": 0.0}], {}
+        self.stepped = False
 
     def step(self) -> None:
         self.grads = {id(p): p.grad.detach().clone() for p in self.param_groups[0]["params"] if p.grad is not None}
+        self.stepped = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.param_groups[0]["params"]:

@@ -684,3 +684,26 @@ def test_references_too_short_for_bleu_are_not_taken_for_a_scoring_bug(data):
                                                         {**data.splits, "validation": words}, data.report),
                 log, evaluate=decoding.evaluate)
     assert "scoring" not in log.names and "tokenizer_round_trip" in log.names     # (its ids are not its text)
+
+
+def test_a_step_that_reports_an_update_it_never_made_is_named(data):
+    from runtime import setup
+    model, batch = tiny(data)
+    cfg, rt = dict(train.DEFAULTS, grad_clip=1.0), setup("cpu", "float32")
+
+    def skips_large_norms(micro_batches, kept):             # "clipping" by throwing the step away
+        src, tgt_in, tgt_out = micro_batches[0]
+        n_tok = (tgt_out != data.tgt_tok.pad_id).sum().float()
+        loss = sequence_loss(model(src, tgt_in), tgt_out, data.tgt_tok.pad_id, 0.0) / n_tok
+        loss.backward()
+        if torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]) <= 0.0:
+            kept.step()
+        kept.zero_grad()
+        return {"loss": loss.item(), "update": "done"}
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, step=skips_large_norms)
+    assert log.names == ["step_gradient"] and "never calls optimizer.step()" in log.texts["step_gradient"]
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, step=lambda micro_batches, kept: train.train_step(
+        model, kept, micro_batches, data.tgt_tok.pad_id, cfg, rt))
+    assert log.names == []
