@@ -23,6 +23,7 @@ from sacrebleu.metrics import BLEU
 
 import decoding
 import probes
+import textbook
 from data import Split
 from probes import differ, ends_in_eos, module_names
 
@@ -64,6 +65,8 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                             encoder output it attends to, and the target inputs up to its own
                             position, and nothing else (dependency_probe)
       alone_as_in_a_batch   a sentence's logits alone are its logits in the batch, padding and all
+      as_the_textbook       every stage (embeddings, each layer, attention weights, the GRU's summary and
+                            first state, the logits) is what textbook.py computes from the model's weights
       word_order            the prediction responds to the word it is given, and the encoder and the
                             decoder tell a sentence from its words reordered
       no_hidden_state       the same batch twice, another between: the same logits
@@ -100,6 +103,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
               "batch_of_the_split": lambda: batch_of_the_split(batch, data),
               "reads_what_it_should": lambda: probes.dependency_probe(model, src, tgt_in, tgt_out, data),
               "alone_as_in_a_batch": lambda: probes.alone_as_in_a_batch(model, src, tgt_in, logits, data),
+              "as_the_textbook": lambda: textbook.as_the_textbook(model, src, tgt_in, logits, data),
               "word_order": lambda: probes.word_order(model, src, tgt_in, logits, data),
               "no_hidden_state": lambda: probes.no_hidden_state(model, src, tgt_in, logits),
               "decoding_as_trained": lambda: probes.decoding_as_trained(model, src, tgt_in, logits, data, device),

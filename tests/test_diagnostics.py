@@ -13,14 +13,17 @@ import torch
 
 import decoding
 import loss
+import textbook
 import train
 from batching import TrainBatches
 from common import RunLog, StepLog
 from data import DataConfig, load_data
 from diagnostics import StepChecks, Symptoms, probe_model
+import probes
 from probes import attention_spread
 from loss import sequence_loss
-from model_transformer import MultiHeadAttention, Residual, Transformer
+from model_rnn import Seq2SeqRNN
+from model_transformer import FeedForward, MultiHeadAttention, Residual, Transformer
 
 
 class Warnings:
@@ -51,10 +54,12 @@ def tiny(data, **knobs):
     return model, TrainBatches(data, 400, 0).next(0, 0)[0]
 
 
-def probe(model, batch, data, loss_fn=sequence_loss) -> list[str]:
+def probe(model, batch, data, loss_fn=sequence_loss, textbook: bool = False) -> list[str]:
+    """The names of the warnings probe_model gives; textbook_mismatch, which any change to a model's
+    code draws (test_a_model_that_computes_otherwise_than_the_textbook_says_where), only with textbook."""
     log = Warnings()
     probe_model(model, batch, loss_fn, data, log, evaluate=decoding.evaluate)
-    return log.names
+    return [name for name in log.names if textbook or name != "textbook_mismatch"]
 
 
 @pytest.mark.parametrize("arch", ["transformer", "rnn"])
@@ -117,7 +122,7 @@ def test_the_properties_a_correct_model_has_name_bugs_they_were_not_written_for(
     model.out_proj.weight.requires_grad_(True)
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log, torch.optim.AdamW(model.encoder.parameters()))
-    assert log.names == ["not_optimized"] and "checked before step 1 (10 of 11 hold" in log.said
+    assert log.names == ["not_optimized"] and "checked before step 1 (11 of 12 hold" in log.said
 
 
 def test_the_properties_name_bugs_written_after_them(data, monkeypatch):
@@ -472,11 +477,11 @@ def test_the_properties_added_after_the_fifth_held_out_set(data, monkeypatch, tm
 
 def test_a_probe_that_raises_is_a_warning_and_the_run_goes_on(data, monkeypatch):
     model, batch = tiny(data)
-    monkeypatch.setattr(Transformer, "attention_weights", lambda self, src, tgt_in: 1 / 0)
+    monkeypatch.setattr(probes, "attention_spread", lambda weights: 1 / 0)
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log)
     assert log.names == ["probe_failed"] and "attention_as_designed" in log.texts["probe_failed"]
-    assert "ZeroDivisionError" in log.texts["probe_failed"] and "10 of 11 hold" in log.said
+    assert "ZeroDivisionError" in log.texts["probe_failed"] and "11 of 12 hold" in log.said
 
 
 def test_a_run_of_one_step_is_not_told_its_schedule_is_wrong():
@@ -707,3 +712,44 @@ def test_a_step_that_reports_an_update_it_never_made_is_named(data):
     probe_model(model, batch, sequence_loss, data, log, step=lambda micro_batches, kept: train.train_step(
         model, kept, micro_batches, data.tgt_tok.pad_id, cfg, rt))
     assert log.names == []
+
+
+@pytest.mark.parametrize("knobs", [dict(arch="transformer"), dict(arch="transformer", pre_norm=False),
+                                   dict(arch="rnn", attention="dot", bidirectional=True),
+                                   dict(arch="rnn", attention="additive", embed_scale=False),
+                                   dict(arch="rnn", attention="none", bottleneck="cho", reverse_source=True),
+                                   dict(arch="rnn", attention="none", bottleneck="sutskever")])
+def test_every_stage_of_a_healthy_model_is_the_textbooks(data, knobs):
+    model, batch = tiny(data, emb_dim=32, hidden_size=32, **knobs)
+    model.eval()
+    src, tgt_in = batch[0][:4], batch[1][:4]
+    wanted = textbook.stages(model, src[0][src[0] != data.src_tok.pad_id], tgt_in[0][tgt_in[0] != data.tgt_tok.pad_id])
+    seen = textbook.model_stages(model, src, tgt_in)
+    assert len(wanted) >= 4 and {name for name, _ in wanted} - {"logits", "GRU logits"} <= set(seen)   # all compared
+    assert textbook.as_the_textbook(model, src, tgt_in, model(src, tgt_in), data) == []
+
+
+def test_a_model_that_computes_otherwise_than_the_textbook_says_where(data, monkeypatch):
+    """Changes that keep every other property (a consistently different function) are placed by stage."""
+    def where(model, batch):
+        log = Warnings()
+        probe_model(model, batch, sequence_loss, data, log)
+        return log.texts.get("textbook_mismatch", "")
+    model, batch = tiny(data)
+    monkeypatch.setattr(FeedForward, "forward", lambda self, x: self.down(torch.nn.functional.gelu(self.up(x))))
+    assert "the encoder layer 1 of" in where(model, batch) and "attention weights agree" in where(model, batch)
+    monkeypatch.undo()
+    monkeypatch.setattr(Transformer, "embed", lambda self, table, ids, start=0: self.embed_dropout(
+        table(ids) * math.sqrt(self.cfg.d_model) + self.positions[start + 1:start + 1 + ids.shape[1]]))
+    assert "the source embedding of" in where(model, batch)                  # positions counted from 1
+    monkeypatch.undo()
+    model, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
+    encode = Seq2SeqRNN.encode
+
+    def summary_of_the_last_position(self, src):                        # padding included
+        memory = encode(self, src)
+        summary = memory.outputs[:, -1]
+        init = torch.tanh(self.enc_bridge(summary)).view(len(src), self.cfg.n_dec_layer, -1)
+        return memory._replace(summary=summary, init=init)
+    monkeypatch.setattr(Seq2SeqRNN, "encode", summary_of_the_last_position)
+    assert "the summary of" in where(model, batch)
