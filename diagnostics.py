@@ -61,35 +61,30 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
       teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, one <eos> ending
                             each side, then padding only
       batch_of_the_split    ... and its rows pairs of the training split's texts
-      reads_what_it_should  one prediction's gradient reaches every real source token, every real
-                            encoder output it attends to, and the target inputs up to its own
-                            position, and nothing else (dependency_probe)
+      reads_what_it_should  one prediction's gradient reaches every real source token, every encoder
+                            output it attends to, its target inputs up to its own, nothing else
       alone_as_in_a_batch   a sentence's logits alone are its logits in the batch, padding and all
-      as_the_textbook       every stage (embeddings, each layer, attention weights, the GRU's summary and
-                            first state, the logits) is what textbook.py computes from the model's weights
-      word_order            the prediction responds to the word it is given, and the encoder and the
+      as_the_textbook       every stage (embeddings, layers, attention weights, the GRU's summary and
+                            first state, logits) is what textbook.py computes from the model's weights
+      word_order            the prediction responds to the word it is given; the encoder and the
                             decoder tell a sentence from its words reordered
+      training_mode_reads   in training mode (dropout on) the sentences still get different logits
       no_hidden_state       the same batch twice, another between: the same logits
-      decoding_as_trained   decoding step by step gives the teacher-forced logits; greedy decoding's
-                            choices are the forward pass's first ones on its own output, and
-                            translate() encodes its sources as training does and gives what
-                            greedy decoding does, alone or not, and the same twice (dropout off
-                            while decoding: dropout_in_decoding)
-      loss_as_defined       loss_fn is the cross-entropy of each position's logits against its own
-                            target (label smoothing too), its gradient p - q; padding costs nothing
-      attention_as_designed attention weights are distributions over the keys, their scores spread as
-                            1 / sqrt(Dh) makes them; word embeddings about as large as the positions,
-                            neighbouring positions' codes alike
-      every_parameter_learns  every module the forward pass calls is the model's; every parameter gets
-                            a gradient and is in the optimizer, whose settings hold (Adam's beta1 <
-                            beta2, weight decay decoupled, eps under the gradients)
+      decoding_as_trained   decode_step gives the teacher-forced logits; greedy decoding picks what the
+                            forward pass of its own output ranks first; translate() encodes as training
+                            does, gives what greedy does, the same twice (dropout off)
+      loss_as_defined       the cross-entropy of each position against its own target (smoothing too),
+                            its gradient p - q; padding costs nothing
+      attention_as_designed attention weights are distributions, their scores spread as 1 / sqrt(Dh)
+                            makes them; words about as large as positions, neighbouring codes alike
+      every_parameter_learns  every module called is the model's; every parameter gets a gradient and
+                            is in the optimizer, whose settings hold (betas, decoupled decay, eps)
       step_follows_the_loss one step as the loop takes it (step(micro_batches, optimizer): train_step)
                             hands optimizer.step() the gradient of the loss as defined
       data_pairs            data_checks: the pairs aligned, validation apart from train, sides not
                             swapped, each side's ids its text's encoding, decoding back to it
       scores_an_oracle      the run's validation (evaluate(model, data, batch_tokens, device, amp,
-                            n_sentences=...)) scores a translator that gives each source its reference
-                            at BLEU 100
+                            n_sentences=...)) scores a translator giving each reference at BLEU 100
     A probe that raises is a warning (probe_failed): a diagnostic never stops a run. Once, in full
     precision: 0.4-0.5 of a Multi30k training step, 2.2-3.8 of the toy task's (docs/debugging.md)."""
     was_training, device = model.training, next(model.parameters()).device
@@ -105,6 +100,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
               "alone_as_in_a_batch": lambda: probes.alone_as_in_a_batch(model, src, tgt_in, logits, data),
               "as_the_textbook": lambda: textbook.as_the_textbook(model, src, tgt_in, logits, data),
               "word_order": lambda: probes.word_order(model, src, tgt_in, logits, data),
+              "training_mode_reads": lambda: probes.training_mode_reads(model, src, tgt_in, logits),
               "no_hidden_state": lambda: probes.no_hidden_state(model, src, tgt_in, logits),
               "decoding_as_trained": lambda: probes.decoding_as_trained(model, src, tgt_in, logits, data, device),
               "loss_as_defined": lambda: loss_as_defined(tgt_out, loss_fn, data, smoothing),
@@ -345,6 +341,7 @@ class StepChecks:
       weights_shrink          ... or shrank to half of it
       weights_frozen          from step 100 to 500, a trainable parameter has not changed since step 1
       lr_not_applied          the optimizer's rate is not the schedule's (the one logged)
+      optimizer_steps         since the first log line, Adam's own step count did not move, or moved more than the loop's
       step_count              the step counter moves by other than 1 in one turn of the loop
       overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's
       batch_repeated          otherwise, a step's batch is the step before's, in the same epoch
@@ -359,6 +356,7 @@ class StepChecks:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()]
         self.names, self.params, self.first_sums = [n for n, _ in named], [p for _, p in named], []
         self.before: list[torch.Tensor] | None = None           # the weights before the update measured
+        self.counted: tuple[int, int] | None = None             # (the loop's step, the optimizer's) at the first log line
 
     def warn_once(self, name: str, text: str, step: int) -> None:
         if name not in self.warned:
@@ -383,6 +381,7 @@ class StepChecks:
         self.gradients_cleared(step)
         self.weight_growth(step, lr)
         self.rate_applied(step, lr)
+        self.optimizer_steps(step)
         if step >= 100 and lr > 0 and self.before is None:      # the next step's update is measured
             self.before = [p.detach().clone() for p in self.params]
 
@@ -410,6 +409,26 @@ class StepChecks:
                            "module's weights are thrown around (its learning rate too high, its initialisation far "
                            "too small); too small, and it hardly learns (a learning rate scaled down for its "
                            "parameter group, gradients under Adam's eps, weights initialised far too large).", step)
+
+    def optimizer_steps(self, step: int) -> None:
+        """Adam counts the steps it takes (state["step"] of each parameter, 0 before the first): since
+        the first log line, some (once the loop counted 20) and no more than the loop counted (a step
+        skipped moves neither; an fp16 overflow only the loop's). Only where counted: Adam, AdamW."""
+        opt = self.optimizer
+        if opt is None or not all("betas" in g for g in opt.param_groups):
+            return
+        counts = [torch.as_tensor(s["step"]).float() for s in opt.state.values() if "step" in s]
+        if opt.state and not counts:                            # (another state: not counted)
+            return
+        taken = int(torch.stack(counts).max().item()) if counts else 0       # (fused: on the GPU, one read)
+        self.counted = self.counted or (step, taken)            # the first log line's
+        took, counted = taken - self.counted[1], step - self.counted[0]
+        if (took == 0 and counted >= 20) or took > counted:     # (fewer is fine: fp16's overflows step no optimizer)
+            self.warn_once("optimizer_steps", f"step {step}: the optimizer the run started with took {took} steps "
+                           f"(Adam's own count) while the loop counted {counted}: the updates are "
+                           "not that optimizer's. Build the optimizer once, before the loop (one built at every step "
+                           "starts its moments from zero each time, so every update is about lr * sign(gradient)), "
+                           "and call optimizer.step() once per update.", step)
 
     def rate_applied(self, step: int, lr: float) -> None:
         """The rate the optimizer steps with is the schedule's, the one logged (times a group's lr_scale)."""

@@ -1,8 +1,8 @@
 """
 Probes: the properties a correct encoder-decoder has, tested on the untrained model before step 1
 (diagnostics.probe_model runs them and warns about each that fails): what one prediction reads
-(Karpathy's dependency probe), a sentence alone as in a batch, word order, no state kept between
-calls, decoding one token at a time as trained, attention as a distribution, every parameter
+(Karpathy's dependency probe), a sentence alone as in a batch, word order, training mode reading its
+input, no state kept between calls, decoding one token at a time as trained, attention as a distribution, every parameter
 learning (held by the model and its optimizer), one training step following the loss; and, where
 two runs that must agree part, the module where (where_they_part). Each probe returns its
 warnings, [(name, text)], none when the property holds. docs/debugging.md: the bugs they name.
@@ -210,7 +210,8 @@ def word_order(model, src, tgt_in, logits, data) -> list[tuple[str, str]]:
                  "decoder hardly reads its own input, so it cannot follow what it has translated so far. Check the "
                  "path from the target embedding to the output: the embedding's scale (times sqrt(d), not divided "
                  "by it), the residual connections (x + sublayer(x), not the sublayer's output alone), nothing "
-                 "detached, zeroed or overwritten on the way (the GRU's input at every step).")]
+                 "detached, zeroed or overwritten on the way (the GRU's input at every step), and an initialisation "
+                 f"that saturates a gate{gate_bias(model)}.")]
     T = tgt_in.shape[1]
     if T >= 4:
         swapped = tgt_in.clone()
@@ -220,6 +221,18 @@ def word_order(model, src, tgt_in, logits, data) -> list[tuple[str, str]]:
                           "the decoder cannot tell the order of the words decoded so far. Add positional encodings "
                           "to the target embeddings too."))
     return found[:1]
+
+
+def gate_bias(model) -> str:
+    """', its GRUs' update gates ... ' where a torch.nn.GRU's update gate z starts above 0.8 on average
+    (sigmoid of its biases, b_iz + b_hz; ~0.5 at PyTorch's initialisation), else ''."""
+    z = [torch.sigmoid((m.bias_ih_l0 + m.bias_hh_l0).chunk(3)[1]).mean().item() for m in model.modules()
+         if isinstance(m, torch.nn.GRU) and getattr(m, "bias", False)]
+    if not z or max(z) <= 0.8:
+        return ""
+    return (f": its GRUs' update gates start at z = {max(z):.2f} on average (the sigmoid of their biases; ~0.5 at "
+            "PyTorch's initialisation), and h' = (1 - z) * n + z * h then keeps the old state and lets little of the "
+            "input in (biases set to 1, the LSTM forget gate's habit, do this)")
 
 
 def input_response(model, src, tgt_in, logits, data) -> float | None:
@@ -255,6 +268,24 @@ def encoder_calls(model):
 def first_tensor(memory) -> torch.Tensor:
     """The encoder output in a model's memory: (B, S, D) for both models (a tuple whose first item it is)."""
     return memory[0] if isinstance(memory, (tuple, list)) else memory
+
+
+def training_mode_reads(model, src, tgt_in, logits) -> list[tuple[str, str]]:
+    """In training mode (dropout on) the sentences of a batch still get different logits, about as
+    different as in eval mode: dropout keeps 1 - p of each layer's values (scaled by 1 / (1 - p)), and
+    nothing else may change between the two modes."""
+    with torch.random.fork_rng(devices=[]):                     # (the run's random draws untouched)
+        model.train()
+        trained = model(src, tgt_in).float()
+        model.eval()
+    spread, wanted = trained.std(dim=0).mean().item(), logits.float().std(dim=0).mean().item()
+    if spread < 0.01 * wanted:
+        return [("training_mode_blind", f"in training mode every sentence of the batch gets the same logits (their "
+                 f"spread across the batch {spread:.1e}, in eval mode {wanted:.1e}): the forward pass in training "
+                 "keeps nothing of its input, so the model learns only the targets' frequencies. Check dropout's p "
+                 "(nn.Dropout's p is the probability of dropping, not of keeping: p = 1 - keep_prob; dropout=0 "
+                 "must give p = 0) and any branch the forward pass takes only in training (model.training).")]
+    return []
 
 
 def no_hidden_state(model, src, tgt_in, logits) -> list[tuple[str, str]]:

@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model_transformer import sinusoidal_positions
 from probes import differ, encoder_calls, first_tensor
 
 # what each stage is, for a warning: the formula the model's code must compute there
@@ -60,6 +59,12 @@ def stages(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> list[tuple[st
     return []
 
 
+def positions(n: int, d: int) -> torch.Tensor:
+    """(n, d): PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d))."""
+    angles = torch.arange(n)[:, None] / 10000 ** (torch.arange(0, d, 2) / d)                  # (n, d/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)                       # sin, cos, sin, ...
+
+
 def layer_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the features with the module's weights; nn.Identity (post-LN's final norm) is none."""
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps) if hasattr(norm, "eps") else x
@@ -95,7 +100,7 @@ def transformer(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> list[tup
     out = []
 
     def embed(table, ids):
-        return table.weight[ids] * math.sqrt(D) + sinusoidal_positions(len(ids), D).to(table.weight)
+        return table.weight[ids] * math.sqrt(D) + positions(len(ids), D).to(table.weight)
 
     x = embed(model.src_embed, src_ids)                                         # (S, D)
     out.append(("source embedding", x))

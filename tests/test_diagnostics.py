@@ -122,7 +122,7 @@ def test_the_properties_a_correct_model_has_name_bugs_they_were_not_written_for(
     model.out_proj.weight.requires_grad_(True)
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log, torch.optim.AdamW(model.encoder.parameters()))
-    assert log.names == ["not_optimized"] and "checked before step 1 (11 of 12 hold" in log.said
+    assert log.names == ["not_optimized"] and "checked before step 1 (12 of 13 hold" in log.said
 
 
 def test_the_properties_name_bugs_written_after_them(data, monkeypatch):
@@ -481,7 +481,7 @@ def test_a_probe_that_raises_is_a_warning_and_the_run_goes_on(data, monkeypatch)
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log)
     assert log.names == ["probe_failed"] and "attention_as_designed" in log.texts["probe_failed"]
-    assert "ZeroDivisionError" in log.texts["probe_failed"] and "11 of 12 hold" in log.said
+    assert "ZeroDivisionError" in log.texts["probe_failed"] and "12 of 13 hold" in log.said
 
 
 def test_a_run_of_one_step_is_not_told_its_schedule_is_wrong():
@@ -513,9 +513,16 @@ def test_a_warning_shows_what_it_saw_and_the_stage_that_failed(data, monkeypatch
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     log = Warnings()
     checks = StepChecks(log, model, 0, optimizer)
+
+    def update():
+        sequence_loss(model(batch[0], batch[1]), batch[2], data.tgt_tok.pad_id, 0.0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    update()
     checks.at_log_line(1, 1e-3)
     assert log.names == []
     optimizer.lr = 5e-4                                                 # an attribute the optimizer never reads
+    update()
     checks.at_log_line(2, 5e-4)
     assert log.names == ["lr_not_applied"] and "5.00e-04" in log.texts["lr_not_applied"]
 
@@ -753,3 +760,32 @@ def test_a_model_that_computes_otherwise_than_the_textbook_says_where(data, monk
         return memory._replace(summary=summary, init=init)
     monkeypatch.setattr(Seq2SeqRNN, "encode", summary_of_the_last_position)
     assert "the summary of" in where(model, batch)
+
+
+def test_the_properties_added_after_the_tenth_held_out_set(data):
+    """Training mode reads its input; the optimizer that steps is the run's; a GRU gate that starts shut."""
+    model, batch = tiny(data)                                           # (dropout 0.1: healthy)
+    for m in model.modules():
+        if "Dropout" in type(m).__name__:                               # (speed.FastDropout too)
+            m.p = 1.0                                                   # keep_prob taken for p
+    assert probe(model, batch, data) == ["training_mode_blind"]
+    model, batch = tiny(data)
+    for rebuilt, named in ((False, []), (True, ["optimizer_steps"])):
+        optimizer, log = torch.optim.AdamW(model.parameters(), lr=1e-5), Warnings()
+        checks = StepChecks(log, model, optimizer=optimizer)
+        for step in range(1, 26):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if rebuilt and step > 1 else optimizer
+            sequence_loss(model(batch[0], batch[1]), batch[2], data.tgt_tok.pad_id, 0.0).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step in (1, 25):
+                checks.at_log_line(step, 1e-5)
+        assert [n for n in log.names if n != "lr_not_applied"] == named
+    model, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("encoder.bias", "decoder.bias")):
+                p.fill_(1.0)                                            # the LSTM forget gate's habit
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log)
+    assert "update gates start at z = 0.88" in log.texts.get("target_input_ignored", "")

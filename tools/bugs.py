@@ -10,7 +10,7 @@ warning that named it quoted from the log, the seconds) and a figure of the runs
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
 Ten sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT to HELD_OUT_9 (the last seven in tools/held_out_3.py to _9.py), bugs
+HELD_OUT to HELD_OUT_10 (the last eight in tools/held_out_3.py to _10.py), bugs
 written apart from the diagnostics, after them, by someone who had not read them: how well the
 checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
@@ -47,6 +47,7 @@ import held_out_6  # noqa: E402
 import held_out_7  # noqa: E402
 import held_out_8  # noqa: E402
 import held_out_9  # noqa: E402
+import held_out_10  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -610,7 +611,8 @@ NAMED_6 = {"linear_weights_zero_init": "constant_init", "attention_masks_after_s
            "gru_length_limit_from_batch_size": "translate_mismatch", "gru_cosine_without_half_shift": "lr_schedule"}
 HELD_OUT_6 = held_out(held_out_6.HELD_OUT_6, NAMED_6)
 NAMED_7 = {"causal_mask_filled_with_zero": "causal_mask", "cached_causal_mask_not_offset": "decoding_mismatch",
-           "sublayer_reads_unnormalised": "", "logits_scaled_by_sqrt_d": "initial_loss", "cleaning_deletes_spaces": "",
+           "sublayer_reads_unnormalised": "textbook_mismatch", "logits_scaled_by_sqrt_d": "initial_loss",
+           "cleaning_deletes_spaces": "",
            "step_counted_twice": "step_count", "gru_encoder_under_no_grad": "no_gradient",
            "gru_model_args_swapped": "step_gradient", "gru_source_reversed_in_collate": "batch_pairs",
            "gru_loss_gradient_sign_flipped": "loss_definition"}
@@ -622,10 +624,16 @@ NAMED_8 = {"cross_attention_reads_decoder": "source_ignored", "layers_in_plain_l
            "gru_lr_schedule_as_factor": "lr_not_applied", "gru_translate_encodes_word_by_word": "decoding_input"}
 HELD_OUT_8 = held_out(held_out_8.HELD_OUT_8, NAMED_8)
 NAMED_9 = {"clip_skips_large_steps": "step_gradient", "gru_collate_target_of_wrong_row": "batch_pairs",
-           "gru_summary_from_first_output": ""}
+           "gru_summary_from_first_output": "textbook_mismatch"}
 HELD_OUT_9 = held_out(held_out_9.HELD_OUT_9, NAMED_9)          # (three: its helper ran out of time)
+NAMED_10 = {"tgt_in_drops_last_token": "target_shift", "loss_softmax_over_rows": "loss_definition",
+            "optimizer_rebuilt_every_step": "optimizer_steps", "attention_weights_detached": "no_gradient",
+            "decode_projections_all_query": "decoding_mismatch", "gru_dropout_as_keep_prob": "training_mode_blind",
+            "gru_token_mean_moved_to_lr": "lr_not_applied", "gru_gate_biases_one": "target_input_ignored",
+            "gru_logits_squashed_by_tanh": "textbook_mismatch", "gru_decode_step_unprojected_keys": "decoding_mismatch"}
+HELD_OUT_10 = held_out(held_out_10.HELD_OUT_10, NAMED_10)
 SETS = (HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6 + HELD_OUT_7 + HELD_OUT_8
-        + HELD_OUT_9)
+        + HELD_OUT_9 + HELD_OUT_10)
 for bug in SETS:
     bug.held_out = True
 BY_NAME = {bug.name: bug for bug in GALLERY + SETS}
