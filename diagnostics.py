@@ -10,7 +10,7 @@ train_loop wires them in, by when they look:
                   moving on (in overfit mode: staying the same)
     Symptoms      in common.RunLog, at every record: the loss against ln(V), the learning rate's schedule,
                   validation loss against BLEU, what its source is worth to the model, the translations' length
-docs/debugging.md: the bugs they name (tools/bugs.py, nine held-out sets among them), what they do not
+docs/debugging.md: the bugs they name (tools/bugs.py, ten held-out sets among them), what they do not
 name, and their cost. Leaves out: statistics of activations, a learning-rate finder, beam search.
 """
 
@@ -86,7 +86,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
       scores_an_oracle      the run's validation (evaluate(model, data, batch_tokens, device, amp,
                             n_sentences=...)) scores a translator giving each reference at BLEU 100
     A probe that raises is a warning (probe_failed): a diagnostic never stops a run. Once, in full
-    precision: 0.4-0.5 of a Multi30k training step, 2.2-3.8 of the toy task's (docs/debugging.md)."""
+    precision: 0.4-0.6 of a Multi30k training step, 2.4-3.5 of the toy task's (docs/debugging.md)."""
     was_training, device = model.training, next(model.parameters()).device
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
     src = torch.cat([src, torch.full_like(src[:, :3], data.src_tok.pad_id)], dim=1)   # padding for sure
@@ -341,7 +341,8 @@ class StepChecks:
       weights_shrink          ... or shrank to half of it
       weights_frozen          from step 100 to 500, a trainable parameter has not changed since step 1
       lr_not_applied          the optimizer's rate is not the schedule's (the one logged)
-      optimizer_steps         since the first log line, Adam's own step count did not move, or moved more than the loop's
+      optimizer_steps         since the first log line, Adam's own step count did not move, or moved more
+                              than the loop's
       step_count              the step counter moves by other than 1 in one turn of the loop
       overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's
       batch_repeated          otherwise, a step's batch is the step before's, in the same epoch
@@ -356,7 +357,7 @@ class StepChecks:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()]
         self.names, self.params, self.first_sums = [n for n, _ in named], [p for _, p in named], []
         self.before: list[torch.Tensor] | None = None           # the weights before the update measured
-        self.counted: tuple[int, int] | None = None             # (the loop's step, the optimizer's) at the first log line
+        self.counted: tuple[int, int] | None = None             # (the loop's step, Adam's) at the first log line
 
     def warn_once(self, name: str, text: str, step: int) -> None:
         if name not in self.warned:

@@ -2,10 +2,11 @@
 Probes: the properties a correct encoder-decoder has, tested on the untrained model before step 1
 (diagnostics.probe_model runs them and warns about each that fails): what one prediction reads
 (Karpathy's dependency probe), a sentence alone as in a batch, word order, training mode reading its
-input, no state kept between calls, decoding one token at a time as trained, attention as a distribution, every parameter
-learning (held by the model and its optimizer), one training step following the loss; and, where
-two runs that must agree part, the module where (where_they_part). Each probe returns its
-warnings, [(name, text)], none when the property holds. docs/debugging.md: the bugs they name.
+input, no state kept between calls, decoding one token at a time as trained, attention as a
+distribution, every parameter learning (held by the model and its optimizer), one training step
+following the loss; and, where two runs that must agree part, the module where (where_they_part).
+Each probe returns its warnings, [(name, text)], none when the property holds. docs/debugging.md:
+the bugs they name.
 Leaves out: the data and the loss (diagnostics.py), beam search, a trained model.
 """
 

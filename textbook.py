@@ -1,13 +1,13 @@
 """
 The textbook: what each model computes, written apart from model_transformer.py and model_rnn.py as
 the papers write it, from a model's own weights, for one sentence alone (no batch, no padding, no
-cache, no packing: only the causal mask). probes.as_the_textbook compares a model's every stage with
-it, so a mistake in a model's own code shows where it is even when it breaks no other property (a
-sub-layer that reads its input un-normalised, the positions' sign, the decoder started from another
-state: the model is then consistently another function).
+cache, no packing: only the causal mask). as_the_textbook, one of diagnostics.probe_model's probes,
+compares each stage of a model with it, so a mistake in the model's own code shows where it is even
+when it breaks no other property (a sub-layer that reads its input un-normalised, the positions'
+sign, the decoder started from another state: the model is then consistently another function).
 
     stages = textbook.stages(model, src_ids, tgt_ids)    # [(stage, tensor)] in the order they run
-    warnings = textbook.as_the_textbook(model, src, tgt_in, data)  # diagnostics.probe_model's probe
+    warnings = textbook.as_the_textbook(model, src, tgt_in, logits, data)   # [] or one warning
 Leaves out: dropout (the probes run the model in eval mode), decode_step (probes.decoding_as_trained).
 """
 
@@ -47,15 +47,19 @@ FORMULAS = {
 }
 
 
-def stages(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def stages(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, given=None) -> list[tuple[str, torch.Tensor]]:
     """src_ids (S,) a sentence's real tokens and <eos>, tgt_ids (T,) its target inputs -> [(stage,
     tensor)], e.g. [('source embedding', (S, D)), ('encoder layer 1 self-attention weights', (H, S, S)),
-    ('encoder layer 1', (S, D)), ..., ('logits', (T, V))]; [] for a model of another kind."""
+    ('encoder layer 1', (S, D)), ..., ('logits', (T, V))]; [] for a model of another kind. given(stage,
+    tensor) -> the tensor each next stage starts from: by default the textbook's own; as_the_textbook
+    gives the model's, so that a stage is computed from what the model had there (float rounding
+    does not grow along the stack, a mistake is found at its own stage)."""
+    given = given or (lambda stage, x: x)
     with torch.no_grad():
         if getattr(model, "kind", "") == "transformer":
-            return transformer(model, src_ids, tgt_ids)
+            return transformer(model, src_ids, tgt_ids, given)
         if getattr(model, "kind", "") == "rnn":
-            return rnn(model, src_ids, tgt_ids)
+            return rnn(model, src_ids, tgt_ids, given)
     return []
 
 
@@ -73,6 +77,8 @@ def layer_norm(norm, x: torch.Tensor) -> torch.Tensor:
 def attention(attn, queries: torch.Tensor, keys: torch.Tensor, causal: bool = False) -> tuple:
     """One MultiHeadAttention's weights: queries (T, D) over keys (S, D) -> (out (T, D), weights (H, T, S))."""
     H, Dh = attn.n_head, attn.head_dim
+    if H == 0:                                          # every head pruned: out_proj adds its bias alone
+        return attn.out_proj.bias.expand(len(queries), -1), queries.new_zeros(0, len(queries), len(keys))
     q = F.linear(queries, attn.q_proj.weight, attn.q_proj.bias).view(-1, H, Dh).transpose(0, 1)   # (H, T, Dh)
     k = F.linear(keys, attn.k_proj.weight, attn.k_proj.bias).view(-1, H, Dh).transpose(0, 1)      # (H, S, Dh)
     v = F.linear(keys, attn.v_proj.weight, attn.v_proj.bias).view(-1, H, Dh).transpose(0, 1)
@@ -94,49 +100,59 @@ def feed_forward(ff, h: torch.Tensor) -> tuple:
     return F.linear(F.relu(F.linear(h, ff.up.weight, ff.up.bias)), ff.down.weight, ff.down.bias), None
 
 
-def transformer(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def transformer(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, given) -> list[tuple[str, torch.Tensor]]:
     """Vaswani et al. 2017 for one sentence, as the stages list of stages() names them."""
     D, pre = model.cfg.d_model, model.cfg.pre_norm
     out = []
 
+    def stage(name, x):                                 # kept; what the next stage starts from
+        out.append((name, x))
+        return given(name, x)
+
     def embed(table, ids):
         return table.weight[ids] * math.sqrt(D) + positions(len(ids), D).to(table.weight)
 
-    x = embed(model.src_embed, src_ids)                                         # (S, D)
-    out.append(("source embedding", x))
+    x = stage("source embedding", embed(model.src_embed, src_ids))             # (S, D)
     for i, layer in enumerate(model.encoder):
         x, w = sublayer(layer.res_attn, x, lambda h: attention(layer.self_attn, h, h), pre)
+        stage(f"encoder layer {i + 1} self-attention weights", w)
         x, _ = sublayer(layer.res_ff, x, lambda h: feed_forward(layer.ff, h), pre)
-        out += [(f"encoder layer {i + 1} self-attention weights", w), (f"encoder layer {i + 1}", x)]
-    memory = layer_norm(model.enc_norm, x)
-    y = embed(model.tgt_embed, tgt_ids)                                         # (T, D)
-    out += [("encoder output", memory), ("target embedding", y)]
+        x = stage(f"encoder layer {i + 1}", x)
+    memory = stage("encoder output", layer_norm(model.enc_norm, x))
+    y = stage("target embedding", embed(model.tgt_embed, tgt_ids))              # (T, D)
     for i, layer in enumerate(model.decoder):
         y, w = sublayer(layer.res_self, y, lambda h: attention(layer.self_attn, h, h, causal=True), pre)
         y, c = sublayer(layer.res_cross, y, lambda h: attention(layer.cross_attn, h, memory), pre)
+        stage(f"decoder layer {i + 1} self-attention weights", w)
+        stage(f"decoder layer {i + 1} cross-attention weights", c)
         y, _ = sublayer(layer.res_ff, y, lambda h: feed_forward(layer.ff, h), pre)
-        out += [(f"decoder layer {i + 1} self-attention weights", w),
-                (f"decoder layer {i + 1} cross-attention weights", c), (f"decoder layer {i + 1}", y)]
-    return out + [("logits", F.linear(layer_norm(model.dec_norm, y), model.out_proj.weight))]
+        y = stage(f"decoder layer {i + 1}", y)
+    stage("logits", F.linear(layer_norm(model.dec_norm, y), model.out_proj.weight))
+    return out
 
 
-def rnn(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def rnn(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, given) -> list[tuple[str, torch.Tensor]]:
     """The GRU encoder-decoder of model_rnn.py's docstring (Sutskever, Cho, Luong, Bahdanau) for one
     sentence: 'encoder outputs' (S, Hx), 'summary' (Hx,), "decoder's first state" (L, H), 'attention
-    keys' (S, H) and 'attention weights' (T, S) with attention, 'logits' (T, V)."""
+    keys' (S, H) and 'attention weights' (T, S) with attention, 'GRU logits' (T, V)."""
     cfg = model.cfg
     scale = cfg.emb_dim ** 0.5 if cfg.embed_scale else 1.0
     dirs = 2 if cfg.bidirectional else 1
     read = src_ids.flip(0) if cfg.reverse_source else src_ids
     outputs, h_n = model.encoder(model.src_embed.weight[read][None] * scale)   # (1, S, Hx), (layers*dirs, 1, H)
-    outputs = outputs[0].flip(0) if cfg.reverse_source else outputs[0]
-    summary = torch.cat([h_n[-dirs + d, 0] for d in range(dirs)])              # (Hx,)
+    out = []
+
+    def stage(name, x):                                 # kept; what the next stage starts from
+        out.append((name, x))
+        return given(name, x)
+    outputs = stage("encoder outputs", outputs[0].flip(0) if cfg.reverse_source else outputs[0])
+    summary = stage("summary", torch.cat([h_n[-dirs + d, 0] for d in range(dirs)]))             # (Hx,)
     init = torch.tanh(F.linear(summary, model.enc_bridge.weight, model.enc_bridge.bias)).view(cfg.n_dec_layer, -1)
-    out = [("encoder outputs", outputs), ("summary", summary), ("decoder's first state", init)]
+    init = stage("decoder's first state", init)                                 # (L, H)
     emb = model.tgt_embed.weight[tgt_ids] * scale                               # (T, E)
     keys = outputs @ model.dec_key_proj.weight.T if cfg.attention != "none" else None    # (S, H)
     if keys is not None:
-        out.append(("attention keys", keys))
+        keys = stage("attention keys", keys)
 
     def attend(query):                                                          # (T, H) -> (T, Hx), (T, S)
         if cfg.attention == "dot":
@@ -159,46 +175,67 @@ def rnn(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> list[tuple[str, 
         cho = cfg.attention == "none" and cfg.bottleneck == "cho"
         inputs = torch.cat([emb, summary.expand(len(emb), -1)], dim=-1) if cho else emb
         states = model.decoder(inputs[None], hidden)[0][0]                      # (T, H)
-        context, weights = attend(states) if cfg.attention == "dot" else (summary.expand(len(emb), -1) if cho
-                                                                           else None, None)
+        if cfg.attention == "dot":
+            context, weights = attend(states)
+        else:                                   # no attention: the context is Cho's summary, or nothing
+            context, weights = (summary.expand(len(emb), -1) if cho else None), None
     if weights is not None:
-        out.append(("attention weights", weights))
+        stage("attention weights", weights)
     readout = states if context is None else torch.cat([states, context], dim=-1)
     hidden_out = torch.tanh(F.linear(readout, model.dec_readout.weight, model.dec_readout.bias))
-    return out + [("GRU logits", F.linear(hidden_out, model.out_proj.weight))]
+    stage("GRU logits", F.linear(hidden_out, model.out_proj.weight))
+    return out
 
 
 def as_the_textbook(model, src: torch.Tensor, tgt_in: torch.Tensor, logits: torch.Tensor, data) -> list:
     """The model's stages, in the batch (src (B, S) mixed lengths, tgt_in (B, T)), are the textbook's
-    for its shortest and its longest sentence alone: at the first stage that differs, the model's
-    code computes something else there (everything before it agrees). logits: model(src, tgt_in)'s.
-    A warning, or []."""
+    for its shortest and its longest sentence alone, each computed from the model's stage before it:
+    at the first that differs, the model's code computes something else there (everything before it
+    agrees). logits: model(src, tgt_in)'s. A warning, or []."""
     seen = model_stages(model, src, tgt_in)
     seen["logits" if model.kind == "transformer" else "GRU logits"] = logits
     lengths = (src != data.src_tok.pad_id).sum(dim=1)
     for b in dict.fromkeys((int(lengths.argmin()), int(lengths.argmax()))):
         s, t = int(lengths[b]), int((tgt_in[b] != data.tgt_tok.pad_id).sum())
         agreed = "it is the first stage"
-        for stage, wanted in stages(model, src[b, :s], tgt_in[b, :t]):
-            got = seen.get(stage)
-            if got is None or wanted is None:
-                continue
-            got = got[b].detach()
-            if got.dim() == wanted.dim() and all(g >= w for g, w in zip(got.shape, wanted.shape)):
+
+        def models(stage, wanted):                      # the model's tensor of this stage, this sentence
+            got = seen[stage][b].detach() if stage in seen else None
+            if got is not None and got.dim() == wanted.dim() and \
+                    all(g >= w for g, w in zip(got.shape, wanted.shape)):
                 got = got[tuple(slice(0, n) for n in wanted.shape)]              # its sentence's positions
-            if got.shape == wanted.shape and not differ(got, wanted):
+            return got
+
+        def follow(stage, x):                           # the next stage starts from the model's tensor
+            got = models(stage, x)
+            return got if got is not None and got.shape == x.shape else x
+        for stage, wanted in stages(model, src[b, :s], tgt_in[b, :t], follow):
+            got = models(stage, wanted)
+            if got is None:
+                continue
+            if got.shape == wanted.shape and agrees(stage, got, wanted):
                 agreed = f"every stage up to the {stage} agrees"
                 continue
             kind = stage if stage in FORMULAS else next((k for k in FORMULAS if stage.endswith(k)), "layer")
-            shapes = "" if got.shape == wanted.shape else f" (shape {tuple(got.shape)}, the textbook's {tuple(wanted.shape)})"
+            shapes = "" if got.shape == wanted.shape else \
+                f" (shape {tuple(got.shape)}, the textbook's {tuple(wanted.shape)})"
             after = (" Its attention weights agree with the textbook's: look at what follows them (the values, "
                      "the heads put side by side per position, out_proj, the feed-forward, the residual sums and "
                      "norms)." if kind == "layer" else "")
-            return [("textbook_mismatch", f"the {stage} of sentence {b} ({s} source tokens) is not the textbook's, "
-                     f"computed from the model's own weights for the sentence alone (textbook.py), while "
-                     f"{agreed}{shapes}: the model's code computes it otherwise. The textbook: "
-                     f"{FORMULAS[kind]}.{after} (A change made on purpose belongs in textbook.py too.)")]
+            return [("textbook_mismatch", f"the {stage} of sentence {b} ({s} source tokens) is not what the "
+                     "textbook computes from the model's own stage before it and its weights, for the sentence "
+                     f"alone (textbook.py), while {agreed}{shapes}: the model's code computes it otherwise. The "
+                     f"textbook: {FORMULAS[kind]}.{after} (A change made on purpose belongs in textbook.py too.)")]
     return []
+
+
+def agrees(stage: str, got: torch.Tensor, wanted: torch.Tensor) -> bool:
+    """Two tensors of a stage, of one shape, agree as probes.differ says; attention weights, which are
+    probabilities, within 0.01 (a saturated softmax, with weights 10x too large, turns the float
+    rounding of its scores into differences of 5e-4)."""
+    if stage.endswith("weights"):
+        return not got.numel() or (got - wanted).abs().max().item() <= 0.01
+    return not differ(got, wanted)
 
 
 def model_stages(model, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, torch.Tensor]:

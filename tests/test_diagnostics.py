@@ -3,6 +3,7 @@ symptom, as a printed warning and a "warning" record of log.jsonl, and stays sil
 model or signal. In-process, on tiny models (diagnostics.py): the probes of an untrained model before step 1
 (probe_model), the checks at the step log's lines (StepChecks, through common.StepLog), those of
 the records (Symptoms, through common.RunLog), wired in as train_loop wires them."""
+import dataclasses
 import json
 import math
 import os
@@ -736,6 +737,14 @@ def test_every_stage_of_a_healthy_model_is_the_textbooks(data, knobs):
     assert textbook.as_the_textbook(model, src, tgt_in, model(src, tgt_in), data) == []
 
 
+def test_a_model_with_pruned_heads_is_the_textbooks(data):
+    model, batch = tiny(data)
+    pruned = Transformer(dataclasses.replace(model.cfg, enc_self_heads=[0, 1], dec_cross_heads=[2, 0]),
+                         verbose=False).eval()                      # no head left in two attentions
+    src, tgt_in = batch[0][:4], batch[1][:4]
+    assert textbook.as_the_textbook(pruned, src, tgt_in, pruned(src, tgt_in), data) == []
+
+
 def test_a_model_that_computes_otherwise_than_the_textbook_says_where(data, monkeypatch):
     """Changes that keep every other property (a consistently different function) are placed by stage."""
     def where(model, batch):
@@ -749,6 +758,11 @@ def test_a_model_that_computes_otherwise_than_the_textbook_says_where(data, monk
     monkeypatch.setattr(Transformer, "embed", lambda self, table, ids, start=0: self.embed_dropout(
         table(ids) * math.sqrt(self.cfg.d_model) + self.positions[start + 1:start + 1 + ids.shape[1]]))
     assert "the source embedding of" in where(model, batch)                  # positions counted from 1
+    monkeypatch.undo()
+    attend = MultiHeadAttention.attend
+    monkeypatch.setattr(MultiHeadAttention, "attend", lambda self, q, k, v, mask=None, causal=False:
+                        attend(self, q / math.sqrt(q.shape[-1]), k, v, mask, causal))     # scores / Dh
+    assert "the encoder layer 1 self-attention weights of" in where(model, batch)
     monkeypatch.undo()
     model, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
     encode = Seq2SeqRNN.encode

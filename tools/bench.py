@@ -616,8 +616,8 @@ def bench_diagnostics() -> dict:
                         step=train.probe_step(model, data, cfg, rt), evaluate=evaluate)
         probe_seconds = timed(probes)[0]                                # the process cold, as a run pays them
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
-        names = ("step", "gradients_kept", "weights_grow", "lr_not_applied", "overfit_batches_change", "batch_repeated",
-                 "symptoms")
+        names = ("step", "gradients_kept", "weights_grow", "lr_not_applied", "optimizer_steps", "overfit_batches_change",
+                 "batch_repeated", "symptoms")
         seconds = {name: [] for name in names}
         for i in range(warmup_steps + steps):
             sec, (lr, _, out) = timed(lambda: loop_turn(model, optimizer, batches, state, cfg, rt))
@@ -625,6 +625,7 @@ def bench_diagnostics() -> dict:
             checks = {"step": lambda: None, "gradients_kept": lambda: steps_log.checks.gradients_cleared(state.step),
                       "weights_grow": lambda: steps_log.checks.weight_growth(state.step, lr),
                       "lr_not_applied": lambda: steps_log.checks.rate_applied(state.step, lr),
+                      "optimizer_steps": lambda: steps_log.checks.optimizer_steps(state.step),
                       "overfit_batches_change": lambda: steps_log.checks.same_batches(at_first, [first]),
                       "batch_repeated": lambda: steps_log.checks.batch_repeated(at_first, [first]),
                       "symptoms": lambda: symptoms("train", record)}
@@ -640,7 +641,7 @@ def bench_diagnostics() -> dict:
     step = statistics.median(seconds.pop("step"))
     validation, gain = validation_costs(model, data, cfg, rt)
     every = {"gradients_kept": cfg["log_interval"], "weights_grow": cfg["log_interval"],
-             "lr_not_applied": cfg["log_interval"], "overfit_batches_change": 1,
+             "lr_not_applied": cfg["log_interval"], "optimizer_steps": cfg["log_interval"], "overfit_batches_change": 1,
              "batch_repeated": 1, "symptoms": cfg["log_interval"]}
     rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step},
             "probe_model (warm)": {"when": "the same, timed again in turns with a step (median of 5)", "seconds": warm,
