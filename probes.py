@@ -276,9 +276,7 @@ def training_mode_reads(model, src, tgt_in, logits) -> list[tuple[str, str]]:
     different as in eval mode: dropout keeps 1 - p of each layer's values (scaled by 1 / (1 - p)), and
     nothing else may change between the two modes."""
     with torch.random.fork_rng(devices=[]):                     # (the run's random draws untouched)
-        model.train()
-        trained = model(src, tgt_in).float()
-        model.eval()
+        trained = model.train()(src, tgt_in).float()            # (probe_model puts eval mode back)
     spread, wanted = trained.std(dim=0).mean().item(), logits.float().std(dim=0).mean().item()
     if spread < 0.01 * wanted:
         return [("training_mode_blind", f"in training mode every sentence of the batch gets the same logits (their "

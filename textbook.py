@@ -54,13 +54,17 @@ def stages(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, given=None) -> l
     tensor) -> the tensor each next stage starts from: by default the textbook's own; as_the_textbook
     gives the model's, so that a stage is computed from what the model had there (float rounding
     does not grow along the stack, a mistake is found at its own stage)."""
-    given = given or (lambda stage, x: x)
+    out = []
+
+    def stage(name: str, x: torch.Tensor) -> torch.Tensor:     # kept; what the next stage starts from
+        out.append((name, x))
+        return given(name, x) if given else x
     with torch.no_grad():
         if getattr(model, "kind", "") == "transformer":
-            return transformer(model, src_ids, tgt_ids, given)
-        if getattr(model, "kind", "") == "rnn":
-            return rnn(model, src_ids, tgt_ids, given)
-    return []
+            transformer(model, src_ids, tgt_ids, stage)
+        elif getattr(model, "kind", "") == "rnn":
+            rnn(model, src_ids, tgt_ids, stage)
+    return out
 
 
 def positions(n: int, d: int) -> torch.Tensor:
@@ -100,14 +104,9 @@ def feed_forward(ff, h: torch.Tensor) -> tuple:
     return F.linear(F.relu(F.linear(h, ff.up.weight, ff.up.bias)), ff.down.weight, ff.down.bias), None
 
 
-def transformer(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, given) -> list[tuple[str, torch.Tensor]]:
-    """Vaswani et al. 2017 for one sentence, as the stages list of stages() names them."""
+def transformer(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, stage) -> None:
+    """Vaswani et al. 2017 for one sentence, each stage handed to stage(name, tensor) (stages()'s)."""
     D, pre = model.cfg.d_model, model.cfg.pre_norm
-    out = []
-
-    def stage(name, x):                                 # kept; what the next stage starts from
-        out.append((name, x))
-        return given(name, x)
 
     def embed(table, ids):
         return table.weight[ids] * math.sqrt(D) + positions(len(ids), D).to(table.weight)
@@ -128,23 +127,18 @@ def transformer(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, given) -> l
         y, _ = sublayer(layer.res_ff, y, lambda h: feed_forward(layer.ff, h), pre)
         y = stage(f"decoder layer {i + 1}", y)
     stage("logits", F.linear(layer_norm(model.dec_norm, y), model.out_proj.weight))
-    return out
 
 
-def rnn(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, given) -> list[tuple[str, torch.Tensor]]:
+def rnn(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, stage) -> None:
     """The GRU encoder-decoder of model_rnn.py's docstring (Sutskever, Cho, Luong, Bahdanau) for one
-    sentence: 'encoder outputs' (S, Hx), 'summary' (Hx,), "decoder's first state" (L, H), 'attention
-    keys' (S, H) and 'attention weights' (T, S) with attention, 'GRU logits' (T, V)."""
+    sentence, each stage handed to stage(name, tensor): 'encoder outputs' (S, Hx), 'summary' (Hx,),
+    "decoder's first state" (L, H), 'attention keys' (S, H) and 'attention weights' (T, S) with
+    attention, 'GRU logits' (T, V)."""
     cfg = model.cfg
     scale = cfg.emb_dim ** 0.5 if cfg.embed_scale else 1.0
     dirs = 2 if cfg.bidirectional else 1
     read = src_ids.flip(0) if cfg.reverse_source else src_ids
     outputs, h_n = model.encoder(model.src_embed.weight[read][None] * scale)   # (1, S, Hx), (layers*dirs, 1, H)
-    out = []
-
-    def stage(name, x):                                 # kept; what the next stage starts from
-        out.append((name, x))
-        return given(name, x)
     outputs = stage("encoder outputs", outputs[0].flip(0) if cfg.reverse_source else outputs[0])
     summary = stage("summary", torch.cat([h_n[-dirs + d, 0] for d in range(dirs)]))             # (Hx,)
     init = torch.tanh(F.linear(summary, model.enc_bridge.weight, model.enc_bridge.bias)).view(cfg.n_dec_layer, -1)
@@ -184,7 +178,6 @@ def rnn(model, src_ids: torch.Tensor, tgt_ids: torch.Tensor, given) -> list[tupl
     readout = states if context is None else torch.cat([states, context], dim=-1)
     hidden_out = torch.tanh(F.linear(readout, model.dec_readout.weight, model.dec_readout.bias))
     stage("GRU logits", F.linear(hidden_out, model.out_proj.weight))
-    return out
 
 
 def as_the_textbook(model, src: torch.Tensor, tgt_in: torch.Tensor, logits: torch.Tensor, data) -> list:
