@@ -131,9 +131,10 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
             log.warn(name, text)
     passed = [name for name, found in results.items() if not found]
     log.say(f"checked before step 1 ({len(passed)} of {len(results)} hold; diagnostics.py): {', '.join(passed)}\n"
-            "  watched from here: batches moving on, gradients cleared, weights moving and not blowing up, loss spikes, "
-            "the loss against ln(V), the learning rate's schedule, what the source is worth and the translations' "
-            "length at validation\n  can it overfit one batch? --overfit_batches=1")
+            "  watched from here: batches moving on, gradients cleared, weights moving and not blowing up, the "
+            "training mode, loss spikes, the loss against ln(V), the learning rate's schedule, what the source is "
+            "worth, the translations' length and the validated model being the trained one\n"
+            "  can it overfit one batch? --overfit_batches=1")
     return passed
 
 
@@ -260,7 +261,8 @@ def scores_an_oracle(data, evaluate, device, n: int = 4) -> list[tuple[str, str]
 def data_checks(data) -> list[tuple[str, str]]:
     """The data, before any training: the pairs aligned (source and target lengths correlate in train
     as in validation), no validation or test source in train, each side of validation like the
-    same side of train (not source and target swapped), the tokenizers' round trip."""
+    same side of train (not source and target swapped), every split keeping at least half the pairs
+    loaded, the tokenizers' round trip."""
     import numpy as np
     found, train, val = [], data.splits["train"], data.splits["validation"]
     r = {name: float(np.corrcoef(sp.src_lens, sp.tgt_lens)[0, 1]) if len(sp) > 2 and sp.src_lens.std() and
@@ -288,6 +290,13 @@ def data_checks(data) -> list[tuple[str, str]]:
         found.append(("sides_swapped", f"validation's sources look like train's targets (token frequencies: cosine "
                       f"{cos['tgt']:.2f} against {cos['src']:.2f} with train's sources): source and target "
                       "are likely swapped in one split. Check src_lang and tgt_lang for each file."))
+    for name, r in data.report.items():     # (the cleaning and the length filters of data.build_data)
+        if r.get("loaded") and r["kept"] < 0.5 * r["loaded"]:
+            why = ", ".join(f"{r[k]:,} {k}" for k in ("bad_rows", "empty", "too_long", "bad_ratio") if r.get(k))
+            found.append(("pairs_dropped", f"the {name} split keeps {r['kept']:,} of the {r['loaded']:,} pairs loaded "
+                          f"({why or 'dropped without a count'}): its cleaning throws most of the corpus away. Check "
+                          "each filter's condition (which pairs it keeps, not drops), the unit of max_len (tokens, "
+                          "not characters) and max_len_ratio."))
     found += tokenizer_round_trip(data)
     return found
 
@@ -346,9 +355,11 @@ class StepChecks:
       step_count              the step counter moves by other than 1 in one turn of the loop
       overfit_batches_change  in overfit mode, the batch at a position differs from the first epoch's
       batch_repeated          otherwise, a step's batch is the step before's, in the same epoch
-      update_ratio            once, the step after the first log line from step 100 on: a module's weight
-                              matrices moved by more than a tenth of their size in one update, or by less
-                              than a millionth but not 0 (the usual: 1e-4 to 1e-2)"""
+      update_ratio            once, the step after the first log line from step 100 on past the warm-up:
+                              a module's weight matrices moved by more than a tenth of their size in one
+                              update, or by less than a millionth but not 0 (the usual: 1e-4 to 1e-2); or
+                              the model as a whole (the median module) by less than 1e-4
+      training_mode           the model steps in eval mode (dropout off) though it has dropout"""
 
     def __init__(self, log, model, overfit: int = 0, optimizer=None):
         self.log, self.overfit, self.warned, self.first_norm, self.first_batches = log, overfit, set(), 0.0, {}
@@ -358,6 +369,9 @@ class StepChecks:
         self.names, self.params, self.first_sums = [n for n, _ in named], [p for _, p in named], []
         self.before: list[torch.Tensor] | None = None           # the weights before the update measured
         self.counted: tuple[int, int] | None = None             # (the loop's step, Adam's) at the first log line
+        self.model, self.last_lr = model, 0.0
+        self.dropout = any(getattr(m, "p", 0) > 0 if "Dropout" in type(m).__name__ else    # (speed.FastDropout
+                           isinstance(m, torch.nn.RNNBase) and m.dropout > 0 for m in model.modules())  # too)
 
     def warn_once(self, name: str, text: str, step: int) -> None:
         if name not in self.warned:
@@ -383,8 +397,11 @@ class StepChecks:
         self.weight_growth(step, lr)
         self.rate_applied(step, lr)
         self.optimizer_steps(step)
-        if step >= 100 and lr > 0 and self.before is None:      # the next step's update is measured
+        self.training_mode(step)
+        past_warmup = 0 < lr <= self.last_lr                    # (the rate no longer rising: at its peak or after)
+        if step >= 100 and past_warmup and self.before is None:     # the next step's update is measured
             self.before = [p.detach().clone() for p in self.params]
+        self.last_lr = lr
 
     def update_ratio(self, step: int) -> None:
         """Each module's update against its weights, its matrices' norms (Karpathy's rule of thumb:
@@ -410,6 +427,23 @@ class StepChecks:
                            "module's weights are thrown around (its learning rate too high, its initialisation far "
                            "too small); too small, and it hardly learns (a learning rate scaled down for its "
                            "parameter group, gradients under Adam's eps, weights initialised far too large).", step)
+        moving = sorted(r for r in ratios.values() if r)
+        if moving and moving[len(moving) // 2] < 1e-4:         # (the clean runs' medians: 8.6e-4 and up)
+            self.warn_once("update_ratio", f"step {step}, past the warm-up: one update moved the model's weight "
+                           f"matrices by {moving[len(moving) // 2]:.0e} of their norm (the median module; usually "
+                           "about 1e-3): the whole model hardly learns. The optimizer's steps are far too small for "
+                           "these weights: plain SGD run at a rate tuned for Adam (without Adam's division by the "
+                           "gradient's size SGD needs a rate ~100x higher), a learning rate set far too low, or "
+                           "the loss scaled down where the optimizer does not undo it.", step)
+
+    def training_mode(self, step: int) -> None:
+        """The loop steps in training mode: whatever sets model.eval() (a validation, a translation)
+        sets model.train() back. Only where it matters: a model with some dropout."""
+        if not self.model.training and self.dropout:
+            self.warn_once("training_mode", f"step {step}: the model trains in eval mode, its dropout off: "
+                           "something that called model.eval() (a validation, a translation of examples) did "
+                           "not put it back. Keep the mode it found, was_training = model.training, and end "
+                           "with model.train(was_training); or call model.train() at the top of every step.", step)
 
     def optimizer_steps(self, step: int) -> None:
         """Adam counts the steps it takes (state["step"] of each parameter, 0 before the first): since
@@ -519,12 +553,16 @@ class Symptoms:
       lr_schedule           the run's progress outside [0, 1]; the learning rate negative, above its peak
                             (peak_lr), still 0 at step 100, or, a tenth of the run past the warm-up (progress),
                             rising or never yet within half of its peak (if a record was logged in that tenth,
-                            where every decay is still above half of it)."""
+                            where every decay is still above half of it).
+      validation_unchanged  two validations in a row give the same loss to the last digit while the
+                            training loss moved: the model validated is not the one trained."""
 
     def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
         self.ln_v, self.top_lr, self.named, self.gains, self.ratios = None, 0.0, set(), [], []
         self.peak_lr, self.warmup_frac, self.progress, self.stuck, self.last_lr = peak_lr, warmup_frac, 0.0, 0, 0.0
         self.near_peak = False          # a record logged within a tenth of the run after the warm-up's end
+        self.train_loss, self.last_eval = math.nan, None        # (validation_unchanged's: the last validation's
+        #                                                          loss, and the training loss then)
 
     def __call__(self, kind: str, r: dict) -> list[tuple[str, str]]:
         found = []
@@ -547,14 +585,24 @@ class Symptoms:
                 found.append(("loss_stuck", f"step {r['step']}: past the warm-up, the training loss "
                               f"{r['loss']:.2f} has not fallen 1 nat below ln(V) = {self.ln_v:.2f}, uniform guessing. "
                               "Check that the loss gets raw logits (no softmax before the cross-entropy), that the "
-                              "optimizer steps the model's parameters, and the learning rate."))
+                              "optimizer steps the model's parameters, and its learning rate: far too low for the "
+                              "optimizer (plain SGD at a rate tuned for Adam: without Adam's division by the "
+                              "gradient's size, SGD needs one ~100x higher) or far too high."))
         elif kind == "eval" and r["val_loss"] < 0.35 and r["bleu"] < 10:
             found.append(("teacher_forcing_leak", f"step {r['step']}: validation loss {r['val_loss']:.2f} (nearly "
                           f"always right when shown the target) but greedy BLEU {r['bleu']:.1f}: the decoder sees "
                           "the word it has to predict. Check the causal mask of decoder self-attention and that "
                           "tgt_in is tgt_out shifted right by one (<bos> first)."))
         if kind == "train":
-            self.progress = r.get("progress", 0.0)
+            self.progress, self.train_loss = r.get("progress", 0.0), r["loss"]
+        if kind == "eval":
+            last, self.last_eval = self.last_eval, (r["val_loss"], self.train_loss)
+            if last and last[0] == r["val_loss"] and abs(last[1] - self.train_loss) > 0.01:
+                found.append(("validation_unchanged", f"step {r['step']}: the validation loss is "
+                              f"{r['val_loss']:.6f} again, to the last digit, while the training loss moved from "
+                              f"{last[1]:.3f} to {self.train_loss:.3f}: the model validated is not the one being "
+                              "trained. Validate the training model itself (not a copy made at the start, a "
+                              "checkpoint read back from disk, or a model built anew), in eval mode."))
         if kind == "eval" and "source_gain" in r:
             self.gains.append(r["source_gain"])
             if len(self.gains) >= 2 and max(self.gains[-2:]) < 0.05 and self.progress >= 0.3:

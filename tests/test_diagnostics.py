@@ -49,7 +49,7 @@ def data():
 def tiny(data, **knobs):
     """An untrained tiny model of train.py's knobs (TINY's sizes), in training mode, and a first batch."""
     cfg = dict(train.DEFAULTS, tie_embeddings="none", d_model=32, n_head=2, n_enc_layer=2, n_dec_layer=2, d_ff=64,
-               dropout=0.1, **knobs)
+               **{"dropout": 0.1, **knobs})
     torch.manual_seed(0)
     model = train.build_model(cfg, data.src_tok, data.tgt_tok, verbose=False).train()
     return model, TrainBatches(data, 400, 0).next(0, 0)[0]
@@ -409,24 +409,28 @@ def test_a_warning_says_where_the_runs_that_should_agree_first_part(data, monkey
 
 def test_an_update_far_from_its_weights_size_names_the_module(data):
     model, batch = tiny(data)
-    for moved, named in ((1e-3, []), (0.5, ["update_ratio"]), (3e-7, ["update_ratio"])):
+    for moved, everyone, named in ((1e-3, 1e-4, []), (0.5, 1e-4, ["update_ratio"]), (3e-7, 1e-4, ["update_ratio"]),
+                                   (1e-3, 3e-6, ["update_ratio"])):     # (the last: the whole model hardly moves)
         log = Warnings()
         checks = StepChecks(log, model)
         checks.at_log_line(1, 0.0)                                      # before step 100: not measured
-        assert checks.before is None
         target = model.decoder[1].ff.up.weight
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1e-4)                                            # every parameter moves
-        checks.at_log_line(100, 1e-3)                                   # the next update is measured
+        checks.at_log_line(100, 2e-3)                                   # the rate still rising: the warm-up
+        assert checks.before is None
+        checks.at_log_line(125, 1e-3)                                   # the next update is measured
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(1e-4) if p is not target else p.mul_(1 + moved)      # (1e-4 of weights ~0.2: fine)
-        checks.at_step(types.SimpleNamespace(step=101, epoch=0), [batch])
+                p.add_(everyone) if p is not target else p.mul_(1 + moved)      # (1e-4 of weights ~0.2: fine)
+        checks.at_step(types.SimpleNamespace(step=126, epoch=0), [batch])
         assert log.names == named
-        if named:
+        if named and everyone < 1e-5:
+            assert "the whole model hardly learns" in log.texts["update_ratio"]
+        elif named:
             assert "decoder.1.ff.up" in log.texts["update_ratio"] and "encoder" not in log.texts["update_ratio"]
-        checks.at_step(types.SimpleNamespace(step=102, epoch=0), [batch])    # once: never measured again
+        checks.at_step(types.SimpleNamespace(step=127, epoch=0), [batch])    # once: never measured again
         assert checks.before == []
 
 
@@ -803,3 +807,31 @@ def test_the_properties_added_after_the_tenth_held_out_set(data):
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log)
     assert "update gates start at z = 0.88" in log.texts.get("target_input_ignored", "")
+
+
+def test_the_properties_added_after_the_tenth_held_out_sets_second_pass(data):
+    """The loop trains in training mode; the model validated is the one trained; the cleaning keeps
+    most of the corpus. (The whole model hardly moving: test_an_update_far_from_its_weights_size...)"""
+    for dropout, mode, named in ((0.1, "train", []), (0.1, "eval", ["training_mode"]), (0.0, "eval", [])):
+        model, _ = tiny(data, dropout=dropout, attn_dropout=dropout, ff_dropout=dropout)
+        log = Warnings()
+        StepChecks(log, getattr(model, mode)()).at_log_line(1, 0.0)
+        assert log.names == named, (dropout, mode)
+
+    def evals(*pairs):                  # (training loss, validation loss) at each validation
+        return [record for i, (loss, val) in enumerate(pairs, 1) for record in (
+            ("train", {"step": 100 * i, "loss": loss, "lr": 1e-3, "progress": 0.5}),
+            ("eval", {"step": 100 * i, "val_loss": val, "bleu": 0.0}))]
+    assert records(evals((2.0, 1.9), (1.5, 1.9))) == ["validation_unchanged"]
+    assert records(evals((2.0, 1.9), (1.5, 1.4), (1.2, 1.1))) == []
+    assert records(evals((2.0, 1.9), (2.0, 1.9))) == []                 # (the same step validated twice)
+
+    from data import Data
+    from diagnostics import data_checks
+    splits = data.splits
+    report = {"train": {"loaded": len(splits["train"]) * 3, "kept": len(splits["train"]), "too_long": 100},
+              "validation": {"loaded": len(splits["validation"]), "kept": len(splits["validation"])}}
+    found = dict(data_checks(Data(data.src_tok, data.tgt_tok, splits, report)))
+    assert list(found) == ["pairs_dropped"] and "100 too_long" in found["pairs_dropped"]
+    report["train"]["loaded"] = len(splits["train"]) + 10
+    assert data_checks(Data(data.src_tok, data.tgt_tok, splits, report)) == []

@@ -590,11 +590,8 @@ def validation_costs(model, data, cfg: dict, rt: Runtime) -> tuple[float, float]
     return whole, part
 
 
-def bench_diagnostics() -> dict:
-    """The diagnostics' cost against train.py's step: each check timed after every turn of the loop
-    (the median of `steps`), the probes once before the first (as a run pays them, the process cold)
-    and again after the steps (the median of 5); update_ratio once; per step, a check of a log line
-    counts 1 / log_interval of its time."""
+def a_run(config: str) -> tuple:
+    """What train.py has before its first step: (cfg, data, rt, model, optimizer, batches, RunState())."""
     cfg = load_config(config)
     data = load_data(DataConfig.of(cfg), verbose=False)
     rt = setup(device, dtype)
@@ -602,7 +599,55 @@ def bench_diagnostics() -> dict:
     model = train.build_model(cfg, data.src_tok, data.tgt_tok, verbose=False).to(rt.device).train()
     optimizer = train.make_optimizer(model, cfg)
     rt = own_runtime(rt, optimizer, cfg)
-    batches, state = TrainBatches(data, cfg["batch_tokens"], cfg["seed"]), train.RunState()
+    return cfg, data, rt, model, optimizer, TrainBatches(data, cfg["batch_tokens"], cfg["seed"]), train.RunState()
+
+
+def the_probes(model, first: tuple, data, log, optimizer, cfg: dict, rt: Runtime) -> None:
+    """What train_loop checks before step 1 (diagnostics.py)."""
+    check_initial_loss(model, first, sequence_loss, data, log, rt.amp)
+    probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"],
+                step=train.probe_step(model, data, cfg, rt), evaluate=evaluate)
+
+
+def a_run_begins(knobs: dict, with_probes: bool, turns: int = 10) -> float:
+    """In a fresh process (this file's knobs handed over): the seconds from the model built to `turns`
+    turns of the loop done, with the probes before them (as train_loop) or without."""
+    globals().update(knobs)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cfg, data, rt, model, optimizer, batches, state = a_run(config)
+    with tempfile.TemporaryDirectory() as folder:
+        log = RunLog(folder, True, watchers=[Symptoms()])
+
+        def begin() -> None:
+            if with_probes:
+                the_probes(model, batches.next(0, 0)[0], data, log, optimizer, cfg, rt)
+            for _ in range(turns):
+                loop_turn(model, optimizer, batches, state, cfg, rt)
+        return timed(begin)[0]
+
+
+def added_by_probes(step: float, pairs: int = 3) -> float:
+    """What the probes add to a run, in steps: a run's first turns with them against without them,
+    each in a fresh process (the cold start they share is paid once either way), in turns (median)."""
+    context = multiprocessing.get_context("spawn")
+    knobs = {name: globals()[name] for name in ("config", "dataset", "device", "dtype", "threads")}
+    added = []
+    for _ in range(pairs):
+        with context.Pool(1) as pool:
+            probed = pool.apply(a_run_begins, (knobs, True))
+        with context.Pool(1) as pool:
+            plain = pool.apply(a_run_begins, (knobs, False))
+        added.append(probed - plain)
+    return statistics.median(added) / step
+
+
+def bench_diagnostics() -> dict:
+    """The diagnostics' cost against train.py's step: each check timed after every turn of the loop
+    (the median of `steps`), the probes once before the first (as a run pays them, the process cold)
+    and again after the steps (the median of 5); update_ratio once; per step, a check of a log line
+    counts 1 / log_interval of its time."""
+    cfg, data, rt, model, optimizer, batches, state = a_run(config)
     first, at_first = batches.next(0, 0)[0], train.RunState()
     with tempfile.TemporaryDirectory() as folder:
         symptoms = Symptoms()
@@ -611,13 +656,11 @@ def bench_diagnostics() -> dict:
                             StepChecks(log, model, 1, optimizer))
 
         def probes():                                                   # before step 1, as train_loop calls them
-            check_initial_loss(model, first, sequence_loss, data, log, rt.amp)
-            probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"],
-                        step=train.probe_step(model, data, cfg, rt), evaluate=evaluate)
+            the_probes(model, first, data, log, optimizer, cfg, rt)
         probe_seconds = timed(probes)[0]                                # the process cold, as a run pays them
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
-        names = ("step", "gradients_kept", "weights_grow", "lr_not_applied", "optimizer_steps", "overfit_batches_change",
-                 "batch_repeated", "symptoms")
+        names = ("step", "gradients_kept", "weights_grow", "lr_not_applied", "optimizer_steps", "training_mode",
+                 "overfit_batches_change", "batch_repeated", "symptoms")
         seconds = {name: [] for name in names}
         for i in range(warmup_steps + steps):
             sec, (lr, _, out) = timed(lambda: loop_turn(model, optimizer, batches, state, cfg, rt))
@@ -626,6 +669,7 @@ def bench_diagnostics() -> dict:
                       "weights_grow": lambda: steps_log.checks.weight_growth(state.step, lr),
                       "lr_not_applied": lambda: steps_log.checks.rate_applied(state.step, lr),
                       "optimizer_steps": lambda: steps_log.checks.optimizer_steps(state.step),
+                      "training_mode": lambda: steps_log.checks.training_mode(state.step),
                       "overfit_batches_change": lambda: steps_log.checks.same_batches(at_first, [first]),
                       "batch_repeated": lambda: steps_log.checks.batch_repeated(at_first, [first]),
                       "symptoms": lambda: symptoms("train", record)}
@@ -641,9 +685,13 @@ def bench_diagnostics() -> dict:
     step = statistics.median(seconds.pop("step"))
     validation, gain = validation_costs(model, data, cfg, rt)
     every = {"gradients_kept": cfg["log_interval"], "weights_grow": cfg["log_interval"],
-             "lr_not_applied": cfg["log_interval"], "optimizer_steps": cfg["log_interval"], "overfit_batches_change": 1,
+             "lr_not_applied": cfg["log_interval"], "optimizer_steps": cfg["log_interval"],
+             "training_mode": cfg["log_interval"], "overfit_batches_change": 1,
              "batch_repeated": 1, "symptoms": cfg["log_interval"]}
+    added = added_by_probes(step)
     rows = {"probe_model": {"when": "once, before step 1", "seconds": probe_seconds, "steps": probe_seconds / step},
+            "probe_model (added to a run)": {"when": "a fresh run's first 10 turns with the probes against without "
+                                             "(median of 3 pairs)", "seconds": added * step, "steps": added},
             "probe_model (warm)": {"when": "the same, timed again in turns with a step (median of 5)", "seconds": warm,
                                    "steps": warm / warm_step},
             "update_ratio": {"when": "once, after step 100", "seconds": ratio_seconds, "steps": ratio_seconds / step},

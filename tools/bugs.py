@@ -607,7 +607,7 @@ HELD_OUT_5 = held_out(held_out_5.HELD_OUT_5, NAMED_5)
 NAMED_6 = {"linear_weights_zero_init": "constant_init", "attention_masks_after_softmax": "attention_not_distribution",
            "translate_source_left_padded": "decoding_input", "greedy_samples_instead_of_argmax": "decoding_mismatch",
            "char_ids_without_special_offset": "tokenizer_round_trip", "gru_summary_mean_of_outputs": "batch_dependence",
-           "gru_loss_skips_first_position": "step_gradient", "gru_sgd_with_adam_lr": "",
+           "gru_loss_skips_first_position": "step_gradient", "gru_sgd_with_adam_lr": "loss_stuck",
            "gru_length_limit_from_batch_size": "translate_mismatch", "gru_cosine_without_half_shift": "lr_schedule"}
 HELD_OUT_6 = held_out(held_out_6.HELD_OUT_6, NAMED_6)
 NAMED_7 = {"causal_mask_filled_with_zero": "causal_mask", "cached_causal_mask_not_offset": "decoding_mismatch",
