@@ -321,7 +321,7 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
             where = step_parts(model, src, tgt_in, real[:, t], t)
             return [("decoding_mismatch", f"decoding one token at a time (decode_step and its cache), fed the "
                      f"target inputs of the first batch, gives other logits than the teacher-forced forward pass "
-                     f"from position {t} on{'; they part ' + where if where else ''}: decoding does not compute "
+                     f"from position {t} on{'; ' + where if where else ''}: decoding does not compute "
                      "what training trained. Check that each "
                      "step embeds its token as training does (the same scale and dropout off), its position (the "
                      "number of tokens decoded before it), the cache (keys and values appended, not replaced; "
@@ -353,8 +353,9 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
             return [("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward pass "
                      f"of its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{texts[r][:40]}\" on: "
                      "greedy decoding does not take the most likely word. Check that it takes the log-softmax and "
-                     "the argmax over the vocabulary (the last axis, not the batch), feeds back what it chose as "
-                     "the next step's input, starts from <bos>, and adds up the chosen log-probabilities.")]
+                     "the argmax over the vocabulary (the last axis, not the batch), keeps what it chose (padding "
+                     "only where a sentence has finished, not where it goes on), feeds it back as the next step's "
+                     "input, starts from <bos>, and adds up the chosen log-probabilities.")]
         direct.append(tgt_tok.decode(hyp[r, :min(n - 1 if len(ended) else n, limits[r])].tolist()))  # to its
         #                                                                               <eos> or its own limit
     return translate_as_greedy(model, data, texts, direct, (a, b), device)
@@ -404,7 +405,8 @@ def translate_as_greedy(model, data, texts: list[str], direct: list[str], limit:
 
 def step_parts(model, src, tgt_in, rows, t: int) -> str:
     """Where decode_step at position t (after steps 0..t-1) and the forward pass part, on the given rows
-    (where_they_part): the forward's (B, T, ...) tensors at t against the step's (B, 1, ...) or (B, ...)."""
+    (where_they_part): the forward's (B, T, ...) tensors at t against the step's (B, 1, ...) or (B, ...);
+    then the modules one calls and the other does not (calls_apart)."""
     memory, cache = model.encode(src), None
     for u in range(t):
         _, cache = model.decode_step(tgt_in[:, u], memory, cache)
@@ -416,8 +418,51 @@ def step_parts(model, src, tgt_in, rows, t: int) -> str:
         if y.dim() == x.dim() and y.shape[1] == 1 and y.shape[2:] == x.shape[2:]:
             return x[rows, t], y[rows, 0]
         return (x[rows, t], y[rows]) if y.shape[1:] == x.shape[2:] else None
-    return where_they_part(model, lambda: model(src, tgt_in), lambda: model.decode_step(tgt_in[:, t], memory, cache),
-                           pick)
+    where = where_they_part(model, lambda: model(src, tgt_in),
+                            lambda: model.decode_step(tgt_in[:, t], memory, cache), pick)
+    return "; ".join(part for part in ("they part " + where if where else "", calls_apart(model, src, tgt_in, t))
+                     if part)
+
+
+def calls_apart(model, src, tgt_in, t: int) -> str:
+    """The modules teacher-forced decoding (model.decode) calls that decoding steps 0..t never call,
+    and those of the forward pass that the steps call and teacher-forced decoding does not, as a
+    clause ('' when none)."""
+    memory, modules = model.encode(src), dict(model.named_modules())
+
+    def steps():
+        cache = None
+        for u in range(t + 1):
+            _, cache = model.decode_step(tgt_in[:, u], memory, cache)
+
+    def named(names: list[str]) -> str:
+        return " and ".join(f"`{m}` ({type(modules[m]).__name__})" for m in names[:3])
+    wanted = modules_called(model, lambda: model.decode(tgt_in, memory))
+    got, forward = modules_called(model, steps), modules_called(model, lambda: model(src, tgt_in))
+    missing = outermost([m for m in wanted if m not in got])
+    extra = outermost([m for m in got if m not in wanted and m in forward])     # (the encoder's, say)
+    return "; ".join(part for part in (
+        f"decode_step never calls {named(missing)}, which teacher-forced decoding calls" if missing else "",
+        f"decode_step calls {named(extra)}, which teacher-forced decoding does not" if extra else "") if part)
+
+
+def modules_called(model, run) -> list[str]:
+    """The names of the model's modules with parameters that run() calls, in the order of their first call."""
+    called, hooks = {}, []
+    for name, module in model.named_modules():
+        if name and next(module.parameters(), None) is not None:
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: called.setdefault(name)))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(called)
+
+
+def outermost(names: list[str]) -> list[str]:
+    """The names not inside another of them: ['decoder.1'] of ['decoder.1', 'decoder.1.ff']."""
+    return [n for n in names if not any(n.startswith(other + ".") for other in names)]
 
 
 def short_sources(data, n: int) -> list[str]:

@@ -835,3 +835,23 @@ def test_the_properties_added_after_the_tenth_held_out_sets_second_pass(data):
     assert list(found) == ["pairs_dropped"] and "100 too_long" in found["pairs_dropped"]
     report["train"]["loaded"] = len(splits["train"]) + 10
     assert data_checks(Data(data.src_tok, data.tgt_tok, splits, report)) == []
+
+
+def test_a_decoding_step_that_calls_another_module_says_which(data, monkeypatch):
+    """decoding_mismatch names the modules teacher-forced decoding calls that the steps never do, and
+    those the steps call instead (here the encoder's GRU run as the decoder's); a healthy model's
+    steps, which call the projections the forward pass runs stacked, draw nothing."""
+    rnn, batch = tiny(data, arch="rnn", attention="dot", emb_dim=32, hidden_size=32)
+
+    def decode_step(self, y, memory, cache):
+        hidden = memory.init if cache is None else cache["hidden"]
+        states, hidden = self.encoder(self.embed(self.tgt_embed, y[:, None]), hidden.transpose(0, 1).contiguous())
+        return self.readout(states, self.attend(states, memory))[:, 0], {"hidden": hidden.transpose(0, 1)}
+    monkeypatch.setattr(type(rnn), "decode_step", decode_step)
+    log = Warnings()
+    probe_model(rnn, batch, sequence_loss, data, log)
+    assert "decode_step never calls `decoder` (GRU), which teacher-forced decoding calls; decode_step calls " \
+        "`encoder` (GRU)" in log.texts["decoding_mismatch"]
+    monkeypatch.undo()
+    model, batch = tiny(data)
+    assert probe(model, batch, data) == []

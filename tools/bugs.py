@@ -6,11 +6,11 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 107 runs, ~28 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 117 runs, ~20 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Ten sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT to HELD_OUT_10 (the last eight in tools/held_out_3.py to _10.py), bugs
+Eleven sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT to HELD_OUT_11 (the last nine in tools/held_out_3.py to _11.py), bugs
 written apart from the diagnostics, after them, by someone who had not read them: how well the
 checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
@@ -48,6 +48,7 @@ import held_out_7  # noqa: E402
 import held_out_8  # noqa: E402
 import held_out_9  # noqa: E402
 import held_out_10  # noqa: E402
+import held_out_11  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -632,8 +633,14 @@ NAMED_10 = {"tgt_in_drops_last_token": "target_shift", "loss_softmax_over_rows":
             "gru_token_mean_moved_to_lr": "lr_not_applied", "gru_gate_biases_one": "target_input_ignored",
             "gru_logits_squashed_by_tanh": "textbook_mismatch", "gru_decode_step_unprojected_keys": "decoding_mismatch"}
 HELD_OUT_10 = held_out(held_out_10.HELD_OUT_10, NAMED_10)
+NAMED_11 = {"positions_exponent_not_divided": "textbook_mismatch", "qkv_split_interleaved": "textbook_mismatch",
+            "decode_value_cache_from_keys": "decoding_mismatch", "decoder_self_attention_dropped": "no_gradient",
+            "loss_grad_eps_not_divided": "loss_definition", "greedy_where_args_swapped": "decoding_mismatch",
+            "gru_pack_lengths_sorted_alone": "batch_dependence", "gru_decode_step_runs_encoder_gru": "decoding_mismatch",
+            "gru_weight_decay_divided_by_lr": "weights_shrink", "gru_optimizer_of_discarded_model": "not_optimized"}
+HELD_OUT_11 = held_out(held_out_11.HELD_OUT_11, NAMED_11)
 SETS = (HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6 + HELD_OUT_7 + HELD_OUT_8
-        + HELD_OUT_9 + HELD_OUT_10)
+        + HELD_OUT_9 + HELD_OUT_10 + HELD_OUT_11)
 for bug in SETS:
     bug.held_out = True
 BY_NAME = {bug.name: bug for bug in GALLERY + SETS}
