@@ -433,8 +433,9 @@ class StepChecks:
                            f"matrices by {moving[len(moving) // 2]:.0e} of their norm (the median module; usually "
                            "about 1e-3): the whole model hardly learns. The optimizer's steps are far too small for "
                            "these weights: plain SGD run at a rate tuned for Adam (without Adam's division by the "
-                           "gradient's size SGD needs a rate ~100x higher), a learning rate set far too low, or "
-                           "the loss scaled down where the optimizer does not undo it.", step)
+                           "gradient's size SGD needs a rate ~100x higher), a learning rate set far too low, the "
+                           "loss scaled down where the optimizer does not undo it, or gradients that vanish before "
+                           "they reach most of the weights.", step)
 
     def training_mode(self, step: int) -> None:
         """The loop steps in training mode: whatever sets model.eval() (a validation, a translation)
@@ -555,7 +556,7 @@ class Symptoms:
                             rising or never yet within half of its peak (if a record was logged in that tenth,
                             where every decay is still above half of it).
       validation_unchanged  two validations in a row give the same loss to the last digit while the
-                            training loss moved: the model validated is not the one trained."""
+                            training loss fell by over 0.1 nats: the model validated is not the one trained."""
 
     def __init__(self, peak_lr: float = 0.0, warmup_frac: float = 0.0):
         self.ln_v, self.top_lr, self.named, self.gains, self.ratios = None, 0.0, set(), [], []
@@ -597,9 +598,10 @@ class Symptoms:
             self.progress, self.train_loss = r.get("progress", 0.0), r["loss"]
         if kind == "eval":
             last, self.last_eval = self.last_eval, (r["val_loss"], self.train_loss)
-            if last and last[0] == r["val_loss"] and abs(last[1] - self.train_loss) > 0.01:
+            if last and last[0] == r["val_loss"] and last[1] - self.train_loss > 0.1:    # (a model that does not
+                #                                                   train at all: weights_frozen's; its loss moves by noise)
                 found.append(("validation_unchanged", f"step {r['step']}: the validation loss is "
-                              f"{r['val_loss']:.6f} again, to the last digit, while the training loss moved from "
+                              f"{r['val_loss']:.6f} again, to the last digit, while the training loss fell from "
                               f"{last[1]:.3f} to {self.train_loss:.3f}: the model validated is not the one being "
                               "trained. Validate the training model itself (not a copy made at the start, a "
                               "checkpoint read back from disk, or a model built anew), in eval mode."))

@@ -825,6 +825,7 @@ def test_the_properties_added_after_the_tenth_held_out_sets_second_pass(data):
     assert records(evals((2.0, 1.9), (1.5, 1.9))) == ["validation_unchanged"]
     assert records(evals((2.0, 1.9), (1.5, 1.4), (1.2, 1.1))) == []
     assert records(evals((2.0, 1.9), (2.0, 1.9))) == []                 # (the same step validated twice)
+    assert records(evals((3.14, 3.12), (3.13, 3.12))) == []             # (a model that does not train at all)
 
     from data import Data
     from diagnostics import data_checks
