@@ -85,6 +85,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                             swapped, each side's ids its text's encoding, decoding back to it
       scores_an_oracle      the run's validation (evaluate(model, data, batch_tokens, device, amp,
                             n_sentences=...)) scores a translator giving each reference at BLEU 100
+                            and reports the model's loss as training defines it
     A probe that raises is a warning (probe_failed): a diagnostic never stops a run. Once, in full
     precision: 0.4-0.6 of a Multi30k training step, 2.4-3.5 of the toy task's (docs/debugging.md)."""
     was_training, device = model.training, next(model.parameters()).device
@@ -109,7 +110,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
               "step_follows_the_loss": lambda: probes.step_follows_the_loss(model, src, tgt_in, tgt_out, gradient(),
                                                                             step),
               "data_pairs": lambda: data_checks(data),
-              "scores_an_oracle": lambda: scores_an_oracle(data, evaluate, device)}
+              "scores_an_oracle": lambda: scores_an_oracle(model, data, evaluate, device)}
     if step is None:                            # (several processes, or fp16's scaler: not probed)
         del checks["step_follows_the_loss"]
     if evaluate is None:
@@ -209,23 +210,15 @@ def loss_as_defined(tgt_out, loss_fn, data, smoothing: float) -> list[tuple[str,
     return []
 
 
-class Uniform(torch.nn.Module):
-    """Stands in for the model where only the scoring is tested (scores_an_oracle): uniform logits."""
-    def __init__(self, vocab_size: int, device):
-        super().__init__()
-        self.logits = torch.nn.Parameter(torch.zeros(vocab_size, device=device))
-
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        return self.logits.expand(*tgt_in.shape, -1)                    # (B, T, V)
-
-
-def scores_an_oracle(data, evaluate, device, n: int = 4) -> list[tuple[str, str]]:
-    """The validation scores a perfect translator at BLEU 100: the run's evaluate (decoding.evaluate, as
-    train.validate calls it) on n validation pairs, with decoding.translate replaced by an oracle that
-    gives each source its own reference (and the model by Uniform: its loss is not tested here, and costs
-    no forward pass), must score the translations against the references of their own sources, in order.
-    Not tested: an evaluate that never calls decoding.translate, and references without a 4-gram among
-    them (sacreBLEU scores them 0 against themselves)."""
+def scores_an_oracle(model, data, evaluate, device, n: int = 4) -> list[tuple[str, str]]:
+    """The validation scores a perfect translator at BLEU 100, and the model's loss as the cross-entropy
+    defines it: the run's evaluate (decoding.evaluate, as train.validate calls it) on n validation pairs,
+    with decoding.translate replaced by an oracle that gives each source its own reference, must score
+    the translations against the references of their own sources, in order, and report the mean
+    cross-entropy of model(src, tgt_in) against tgt_out over the real target tokens (no smoothing,
+    dropout off). Not tested: an
+    evaluate that never calls decoding.translate, and references without a 4-gram among them
+    (sacreBLEU scores them 0 against themselves)."""
     val = data.splits["validation"]
     first = {}                                  # n pairs whose sources are distinct: the oracle's lookup
     for i, text in enumerate(val.src_text[:50]):
@@ -240,10 +233,29 @@ def scores_an_oracle(data, evaluate, device, n: int = 4) -> list[tuple[str, str]
         return [reference.get(text, "") for text in sentences]
     translate, decoding.translate = decoding.translate, oracle
     try:
-        got = evaluate(Uniform(data.tgt_tok.vocab_size, device), dataclasses.replace(
-            data, splits={**data.splits, "validation": few}), 10**6, device, None, n_sentences=len(rows))
+        got = evaluate(model, dataclasses.replace(data, splits={**data.splits, "validation": few}), 10**6, device,
+                       None, n_sentences=len(rows))
     finally:
         decoding.translate = translate
+    model.eval()                                        # the pairs batched here, apart from collate:
+    src_tok, tgt_tok = data.src_tok, data.tgt_tok
+    sources = [list(few.src(i)) + [src_tok.eos_id] for i in range(len(rows))]
+    targets = [list(few.tgt(i)) for i in range(len(rows))]
+
+    def padded(seqs: list, pad: int) -> torch.Tensor:
+        return torch.tensor([x + [pad] * (max(map(len, seqs)) - len(x)) for x in seqs], device=device)
+    src, pad = padded(sources, src_tok.pad_id), tgt_tok.pad_id
+    tgt_in = padded([[tgt_tok.bos_id] + y for y in targets], pad)
+    tgt_out = padded([y + [tgt_tok.eos_id] for y in targets], pad)
+    wanted = torch.nn.functional.cross_entropy(model(src, tgt_in).flatten(0, 1).float(), tgt_out.flatten(),
+                                               ignore_index=pad).item()
+    if abs(got["loss"] - wanted) > 1e-4 * (1 + wanted):         # (float rounding: ~1e-6)
+        return [("validation_loss", f"the validation loss evaluate() reports on {len(rows)} validation pairs, "
+                 f"{got['loss']:.3f}, is not the model's cross-entropy on them, {wanted:.3f} (model(src, tgt_in) "
+                 "against tgt_out, no smoothing, per real target token, dropout off): the validation loss "
+                 "measures something else. Check what evaluate() scores the logits "
+                 "against (tgt_out, not tgt_in), its smoothing (none), what it divides by (the real target "
+                 "tokens) and that it runs the model in eval mode.")]
     perfect = BLEU().corpus_score(few.tgt_text, [few.tgt_text]).score     # 100, or 0: no 4-grams to count
     if not asked or perfect == 0 or got["bleu"] > perfect - 0.1:
         return []
@@ -261,8 +273,8 @@ def scores_an_oracle(data, evaluate, device, n: int = 4) -> list[tuple[str, str]
 def data_checks(data) -> list[tuple[str, str]]:
     """The data, before any training: the pairs aligned (source and target lengths correlate in train
     as in validation), no validation or test source in train, each side of validation like the
-    same side of train (not source and target swapped), every split keeping at least half the pairs
-    loaded, the tokenizers' round trip."""
+    same side of train (not source and target swapped), validation's sentences holding spaces (BLEU's
+    words), every split keeping at least half the pairs loaded, the tokenizers' round trip."""
     import numpy as np
     found, train, val = [], data.splits["train"], data.splits["validation"]
     r = {name: float(np.corrcoef(sp.src_lens, sp.tgt_lens)[0, 1]) if len(sp) > 2 and sp.src_lens.std() and
@@ -290,6 +302,16 @@ def data_checks(data) -> list[tuple[str, str]]:
         found.append(("sides_swapped", f"validation's sources look like train's targets (token frequencies: cosine "
                       f"{cos['tgt']:.2f} against {cos['src']:.2f} with train's sources): source and target "
                       "are likely swapped in one split. Check src_lang and tgt_lang for each file."))
+    for side, texts in (("source", val.src_text[:1000]), ("target", val.tgt_text[:1000])):
+        long = [t for t in texts if len(t) >= 10]
+        if long and sum(not any(c.isspace() for c in t) for t in long) > len(long) / 2:
+            found.append(("text_without_spaces", f"{sum(not any(c.isspace() for c in t) for t in long)} of the "
+                          f"{len(long)} validation {side} sentences of 10 characters or more hold no space "
+                          f"(\"{long[0][:40]}\"): BLEU's words (13a) are what spaces separate, so each is one word "
+                          "and BLEU is about 0 whatever the translations. The spaces were lost before anything "
+                          "saw the text (cleaning whitespace with ''.join(s.split()), not ' '.join), or the "
+                          "language is written without them (score it with sacreBLEU's tokenize='zh', "
+                          "'ja-mecab' or 'char')."))
     for name, r in data.report.items():     # (the cleaning and the length filters of data.build_data)
         if r.get("loaded") and r["kept"] < 0.5 * r["loaded"]:
             why = ", ".join(f"{r[k]:,} {k}" for k in ("bad_rows", "empty", "too_long", "bad_ratio") if r.get(k))

@@ -541,8 +541,8 @@ def every_parameter_learns(model, grads: dict, outside: dict, optimizer) -> list
     """Given the loss's gradient on the probe's sentences and the modules its forward pass called outside
     the model (loss_gradient): every module the forward pass calls is the model's; every trainable
     parameter gets a gradient that is not all zero, and the optimizer holds it, with settings that hold
-    (optimizer_settings); no weight matrix starts with all its values equal; no parameter is frozen in a
-    model without pruned heads."""
+    (optimizer_settings); no weight matrix starts with all its values equal, no weight (a LayerNorm's gain
+    too) all 0; no parameter is frozen in a model without pruned heads."""
     found = []
     if outside:
         kinds = ", ".join(dict.fromkeys(outside.values()))
@@ -557,13 +557,14 @@ def every_parameter_learns(model, grads: dict, outside: dict, optimizer) -> list
         found.append(("no_gradient", f"{module_names(no_grad)} get no gradient from the loss: they are not on the "
                       "path from the input to the logits (a tensor detached, a module built but never called, "
                       ".data or torch.no_grad() around a computation), so they never learn."))
-    constant = [n for n, p in params.items() if n.endswith("weight") and p.dim() >= 2 and p.numel() > 1 and
-                bool((p == p.flatten()[0]).all())]
+    constant = [n for n, p in params.items() if n.endswith("weight") and p.numel() > 1 and (not p.any() or
+                p.dim() >= 2 and bool((p == p.flatten()[0]).all()))]       # (a LayerNorm's gain: 1, not 0)
     if constant:
         found.append(("constant_init", f"{module_names(constant)} start with all their weights equal: the units of "
                       "each compute the same thing and get the same gradient, so they never become different (and "
                       "weights of 0 pass no gradient back to what feeds them). Initialise weight matrices at random "
-                      "(normal or uniform, scaled by 1 / sqrt(fan_in)); only biases (and LayerNorm) start constant."))
+                      "(normal or uniform, scaled by 1 / sqrt(fan_in)); only biases start at 0, and a LayerNorm's "
+                      "gain (its weight) at 1."))
     held = {id(p) for group in (optimizer.param_groups if optimizer is not None else []) for p in group["params"]}
     missed = [n for n, p in params.items() if p.requires_grad and optimizer is not None and id(p) not in held]
     if missed:
@@ -613,6 +614,7 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, gradient: tuple, step) ->
     off: the same computation)."""
     (loss, grads, _), kept = gradient, KeptGradients(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}      # (put back after)
     try:
         with torch.enable_grad():
             report = step([(src.cpu(), tgt_in.cpu(), tgt_out.cpu())], kept)
@@ -622,6 +624,18 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, gradient: tuple, step) ->
                  f"{type(e).__name__} ({str(e)[:120]}) on sentences that model(src, tgt_in) and the loss take: "
                  "the step calls them otherwise. Check what it passes and in which order: model(src, tgt_in), "
                  "loss(logits, tgt_out, pad_id, smoothing).")]
+    finally:
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), weights[n])]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in changed:
+                    p.copy_(weights[n])
+    if changed:
+        return [("step_gradient", f"one training step as the loop takes it (train.train_step), with an optimizer "
+                 f"whose step() changes nothing, changes the weights of {module_names(changed)}: the step writes to "
+                 "the weights outside optimizer.step(). Check what it does to the parameters themselves (clipping "
+                 "scales the gradients, p.grad, not the weights; no update of p.data by hand; weight decay only "
+                 "in the optimizer).")]
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()  # noqa: E731
                                  for g, p in zip(gs, params)])
     if not kept.stepped and report.get("update") == "done":

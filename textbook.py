@@ -262,9 +262,10 @@ def model_stages(model, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, to
     finally:
         for h in hooks:
             h.remove()
-    memory = calls[0][1]
+    memory = calls[0][1] if calls else None     # (a forward pass that does not call model.encode: decoding
+    #                                              does, so decoding_as_trained tells them apart)
     if model.kind == "transformer":
-        seen["encoder output"] = first_tensor(memory)
+        seen["encoder output"] = first_tensor(memory) if memory is not None else None
     else:
         seen.update({"encoder outputs": getattr(memory, "outputs", None), "summary": getattr(memory, "summary", None),
                      "decoder's first state": getattr(memory, "init", None),

@@ -92,7 +92,7 @@ def test_each_probe_names_its_bug(data, monkeypatch):
         monkeypatch.setattr(model, "eval", lambda: model, raising=False)
         return translate_nbest(model, *args, **kwargs)
     monkeypatch.setattr(decoding, "translate_nbest", without_eval)
-    assert probe(model, batch, data) == ["dropout_in_decoding"]
+    assert probe(model, batch, data) == ["dropout_in_decoding", "validation_loss"]     # (eval() stays a no-op)
 
 
 def test_the_properties_a_correct_model_has_name_bugs_they_were_not_written_for(data, monkeypatch):
@@ -211,7 +211,7 @@ def test_the_data_checks_name_misaligned_overlapping_and_swapped_splits():
     from tokenizer import CharTokenizer
     import random
     rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 30))) for _ in range(600)]
+    words = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(2, 30))) for _ in range(600)]
     tok = CharTokenizer.train(words + [w.upper() for w in words], 100)
 
     def split(pairs):
@@ -225,6 +225,8 @@ def test_the_data_checks_name_misaligned_overlapping_and_swapped_splits():
     assert names({**healthy, "train": split(shifted)}) == ["misaligned_pairs"]
     assert names({**healthy, "validation": split(pairs[:50])}) == ["split_overlap"]
     assert names({**healthy, "validation": split([(t, s) for s, t in pairs[500:550]])}) == ["sides_swapped"]
+    spaceless = [(s.replace(" ", ""), t.replace(" ", "")) for s, t in pairs[500:550]]     # cleaning lost them
+    assert names({**healthy, "validation": split(spaceless)}) == ["text_without_spaces"] * 2
 
 
 def test_a_batch_without_the_teacher_forcing_shift_is_named(data):
@@ -856,3 +858,38 @@ def test_a_decoding_step_that_calls_another_module_says_which(data, monkeypatch)
     monkeypatch.undo()
     model, batch = tiny(data)
     assert probe(model, batch, data) == []
+
+
+def test_the_properties_added_after_the_twelfth_held_out_set(data, monkeypatch):
+    """A LayerNorm's gain at 0; a step that writes to the weights itself (put back after the probe); a
+    validation loss scored against tgt_in; a forward pass that skips model.encode does not break the
+    textbook probe."""
+    model, batch = tiny(data)
+    with torch.no_grad():
+        model.encoder[0].res_attn.norm.weight.zero_()
+    assert "constant_init" in probe(model, batch, data)
+    model, batch = tiny(data)
+    update = train.update
+
+    def clip_scales_weights(model, optimizer, *args):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)                                             # p.grad.mul_ meant
+        return update(model, optimizer, *args)
+    monkeypatch.setattr(train, "update", clip_scales_weights)
+    before = [p.detach().clone() for p in model.parameters()]
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, step=train.probe_step(model, data, train.DEFAULTS,
+                                                                               train.setup("cpu", "float32")))
+    assert "changes the weights of" in log.texts["step_gradient"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))       # put back
+    monkeypatch.undo()
+    monkeypatch.setattr(decoding, "sequence_loss", lambda logits, tgt_out, pad_id, eps: sequence_loss(
+        logits, tgt_out.roll(1, dims=1), pad_id, eps))                  # scored against tgt_in, nearly
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log, evaluate=decoding.evaluate)
+    assert "validation_loss" in log.names
+    monkeypatch.undo()
+    monkeypatch.setattr(Transformer, "forward", lambda self, src, tgt_in: self.decode(
+        tgt_in, (self.enc_norm(self.encoder[1](self.encoder[0](self.embed(self.src_embed, src), None), None)), None)))
+    assert "probe_failed" not in probe(model, batch, data, textbook=True)

@@ -6,11 +6,11 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 117 runs, ~20 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 127 runs, ~18 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Eleven sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT to HELD_OUT_11 (the last nine in tools/held_out_3.py to _11.py), bugs
+Twelve sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT to HELD_OUT_12 (the last ten in tools/held_out_3.py to _12.py), bugs
 written apart from the diagnostics, after them, by someone who had not read them: how well the
 checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
@@ -49,6 +49,7 @@ import held_out_8  # noqa: E402
 import held_out_9  # noqa: E402
 import held_out_10  # noqa: E402
 import held_out_11  # noqa: E402
+import held_out_12  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -613,7 +614,7 @@ NAMED_6 = {"linear_weights_zero_init": "constant_init", "attention_masks_after_s
 HELD_OUT_6 = held_out(held_out_6.HELD_OUT_6, NAMED_6)
 NAMED_7 = {"causal_mask_filled_with_zero": "causal_mask", "cached_causal_mask_not_offset": "decoding_mismatch",
            "sublayer_reads_unnormalised": "textbook_mismatch", "logits_scaled_by_sqrt_d": "initial_loss",
-           "cleaning_deletes_spaces": "",
+           "cleaning_deletes_spaces": "text_without_spaces",
            "step_counted_twice": "step_count", "gru_encoder_under_no_grad": "no_gradient",
            "gru_model_args_swapped": "step_gradient", "gru_source_reversed_in_collate": "batch_pairs",
            "gru_loss_gradient_sign_flipped": "loss_definition"}
@@ -639,8 +640,16 @@ NAMED_11 = {"positions_exponent_not_divided": "textbook_mismatch", "qkv_split_in
             "gru_pack_lengths_sorted_alone": "batch_dependence", "gru_decode_step_runs_encoder_gru": "decoding_mismatch",
             "gru_weight_decay_divided_by_lr": "weights_shrink", "gru_optimizer_of_discarded_model": "not_optimized"}
 HELD_OUT_11 = held_out(held_out_11.HELD_OUT_11, NAMED_11)
+NAMED_12 = {"embeddings_default_init": "embedding_scale", "init_zeroes_every_1d_parameter": "constant_init",
+            "forward_without_encoder_norm": "no_gradient", "attention_scaled_by_key_count": "textbook_mismatch",
+            "clip_scales_weights": "step_gradient", "translate_pads_with_eos": "decoding_input",
+            "gru_char_ids_from_sorted_chars": "tokenizer_round_trip",
+            "gru_whitespace_cleaning_deletes_spaces": "text_without_spaces",
+            "gru_val_loss_against_decoder_input": "validation_loss",
+            "gru_reverse_source_flipped_with_padding": "batch_dependence"}
+HELD_OUT_12 = held_out(held_out_12.HELD_OUT_12, NAMED_12)
 SETS = (HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6 + HELD_OUT_7 + HELD_OUT_8
-        + HELD_OUT_9 + HELD_OUT_10 + HELD_OUT_11)
+        + HELD_OUT_9 + HELD_OUT_10 + HELD_OUT_11 + HELD_OUT_12)
 for bug in SETS:
     bug.held_out = True
 BY_NAME = {bug.name: bug for bug in GALLERY + SETS}
