@@ -52,7 +52,7 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
 
 @torch.no_grad()
 def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothing: float = 0.0,
-                rows: int = 4, step=None, evaluate=None) -> list[str]:
+                rows: int = 4, step=None, evaluate=None, epoch=None) -> list[str]:
     """Before step 1, test the untrained model on a few sentences of the first batch (src, tgt_in,
     tgt_out; the sources cut to mixed lengths) for the properties a correct encoder-decoder has,
     whatever the bug that breaks them (the model's probes: probes.py); warn (log.warn) about each that
@@ -60,7 +60,8 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     hold, and return it:
       teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, one <eos> ending
                             each side, then padding only
-      batch_of_the_split    ... and its rows pairs of the training split's texts
+      batch_of_the_split    ... and its rows pairs of the training split's texts; the first epoch's
+                            batches (epoch: lists of indices) each training sentence once
       reads_what_it_should  one prediction's gradient reaches every real source token, every encoder
                             output it attends to, its target inputs up to its own, nothing else
       alone_as_in_a_batch   a sentence's logits alone are its logits in the batch, padding and all
@@ -84,8 +85,8 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
       data_pairs            data_checks: the pairs aligned, validation apart from train, sides not
                             swapped, each side's ids its text's encoding, decoding back to it
       scores_an_oracle      the run's validation (evaluate(model, data, batch_tokens, device, amp,
-                            n_sentences=...)) scores a translator giving each reference at BLEU 100
-                            and reports the model's loss as training defines it
+                            n_sentences=...)) scores an oracle's translations with sacreBLEU's corpus
+                            BLEU against their own references, and reports the model's cross-entropy
     A probe that raises is a warning (probe_failed): a diagnostic never stops a run. Once, in full
     precision: 0.4-0.6 of a Multi30k training step, 2.4-3.5 of the toy task's (docs/debugging.md)."""
     was_training, device = model.training, next(model.parameters()).device
@@ -96,7 +97,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     logits = model(src, tgt_in)                                 # (rows, T, V): what each probe compares with
     gradient = functools.cache(lambda: probes.loss_gradient(model, src, tgt_in, tgt_out, loss_fn, data, smoothing))
     checks = {"teacher_forcing_pairs": lambda: teacher_forcing_pairs(batch, data),
-              "batch_of_the_split": lambda: batch_of_the_split(batch, data),
+              "batch_of_the_split": lambda: batch_of_the_split(batch, data) + an_epoch_of_the_split(epoch, data),
               "reads_what_it_should": lambda: probes.dependency_probe(model, src, tgt_in, tgt_out, data),
               "alone_as_in_a_batch": lambda: probes.alone_as_in_a_batch(model, src, tgt_in, logits, data),
               "as_the_textbook": lambda: textbook.as_the_textbook(model, src, tgt_in, logits, data),
@@ -161,6 +162,19 @@ def batch_of_the_split(batch: tuple, data, rows: int = 32) -> list[tuple[str, st
     return []
 
 
+def an_epoch_of_the_split(epoch: list | None, data) -> list[tuple[str, str]]:
+    """An epoch's batches (lists of indices; None: not checked) hold each training sentence once."""
+    if epoch is None:
+        return []
+    held, n = [int(i) for idx in epoch for i in idx], len(data.splits["train"])
+    if len(held) == n and len(set(held)) == n and (not held or 0 <= min(held) and max(held) < n):
+        return []
+    return [("epoch_of_the_split", f"the first epoch's training batches hold {len(held):,} sentences ("
+             f"{len(set(held)):,} distinct), the training split {n:,}: the batches are not cut from the training "
+             "split (another split's lengths or sentences), or they drop or repeat some. Make the batches from "
+             "data.splits['train'] (its lengths and its sentences), each sentence once per epoch.")]
+
+
 def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
     """A training batch as teacher forcing needs it: tgt_in is <bos> then tgt_out shifted right by one;
     the source and tgt_out each hold one <eos>, at the end of their real tokens, and after it only padding."""
@@ -211,14 +225,12 @@ def loss_as_defined(tgt_out, loss_fn, data, smoothing: float) -> list[tuple[str,
 
 
 def scores_an_oracle(model, data, evaluate, device, n: int = 4) -> list[tuple[str, str]]:
-    """The validation scores a perfect translator at BLEU 100, and the model's loss as the cross-entropy
-    defines it: the run's evaluate (decoding.evaluate, as train.validate calls it) on n validation pairs,
-    with decoding.translate replaced by an oracle that gives each source its own reference, must score
-    the translations against the references of their own sources, in order, and report the mean
-    cross-entropy of model(src, tgt_in) against tgt_out over the real target tokens (no smoothing,
-    dropout off). Not tested: an
-    evaluate that never calls decoding.translate, and references without a 4-gram among them
-    (sacreBLEU scores them 0 against themselves)."""
+    """The validation scores as sacreBLEU does, and reports the model's loss (validation_loss): the run's
+    evaluate (decoding.evaluate, as train.validate calls it) on n validation pairs, with
+    decoding.translate replaced by an oracle that gives each source its own reference (all but the
+    first less their last word), must report the corpus BLEU of those translations against the
+    references of their own sources, in order. Not tested: an evaluate that never calls
+    decoding.translate, and references without a 4-gram among them (BLEU 0 whatever is compared)."""
     val = data.splits["validation"]
     first = {}                                  # n pairs whose sources are distinct: the oracle's lookup
     for i, text in enumerate(val.src_text[:50]):
@@ -226,21 +238,45 @@ def scores_an_oracle(model, data, evaluate, device, n: int = 4) -> list[tuple[st
     rows = list(first.values())[:n]
     few = Split([val.src(i) for i in rows], [val.tgt(i) for i in rows], [val.src_text[i] for i in rows],
                 [val.tgt_text[i] for i in rows])
-    reference, asked = dict(zip(few.src_text, few.tgt_text)), []
+    given = {src: ref if k == 0 else " ".join(ref.split()[:-1]) or ref
+             for k, (src, ref) in enumerate(zip(few.src_text, few.tgt_text))}
+    asked = []
 
     def oracle(model, src_tok, tgt_tok, sentences: list[str], **kwargs) -> list[str]:
         asked.extend(sentences)
-        return [reference.get(text, "") for text in sentences]
+        return [given.get(text, "") for text in sentences]
     translate, decoding.translate = decoding.translate, oracle
     try:
         got = evaluate(model, dataclasses.replace(data, splits={**data.splits, "validation": few}), 10**6, device,
                        None, n_sentences=len(rows))
     finally:
         decoding.translate = translate
-    model.eval()                                        # the pairs batched here, apart from collate:
+    found = validation_loss(model, data, few, got["loss"], device)
+    wanted = BLEU().corpus_score([given[s] for s in few.src_text], [few.tgt_text]).score
+    if found or not asked or wanted == 0 or abs(got["bleu"] - wanted) <= 0.01:
+        return found
+    strangers = [text for text in asked if text not in given]
+    seen = (f"translate() was asked for {len(strangers)} sentences that are not the split's sources "
+            f"(\"{strangers[0][:40]}\")" if strangers else
+            f"translate() was asked for the split's {len(asked)} sources")
+    return [("scoring", f"validation scores an oracle's translations (each source's own reference, all but the "
+             f"first less their last word) at BLEU {got['bleu']:.1f}, where sacreBLEU's corpus BLEU of them against "
+             f"the references of their own sources is {wanted:.1f} ({seen}): BLEU does not compare each translation "
+             "with the reference of its own source, over the corpus. Check what evaluate() hands translate() and "
+             "score(): the split's sources, and the same split's targets as the references (not its sources, not "
+             "another split's), the same sentences in the same order (translate() gives its outputs in input "
+             "order); and that score() takes sacreBLEU's corpus_score over all the sentences (not a mean of "
+             "sentence scores).")]
+
+
+def validation_loss(model, data, few: Split, reported: float, device) -> list[tuple[str, str]]:
+    """The validation loss evaluate() reported on the pairs of `few` is the model's cross-entropy on them:
+    model(src, tgt_in) against tgt_out, batched here apart from collate, per real target token, no
+    smoothing, dropout off."""
+    model.eval()
     src_tok, tgt_tok = data.src_tok, data.tgt_tok
-    sources = [list(few.src(i)) + [src_tok.eos_id] for i in range(len(rows))]
-    targets = [list(few.tgt(i)) for i in range(len(rows))]
+    sources = [list(few.src(i)) + [src_tok.eos_id] for i in range(len(few))]
+    targets = [list(few.tgt(i)) for i in range(len(few))]
 
     def padded(seqs: list, pad: int) -> torch.Tensor:
         return torch.tensor([x + [pad] * (max(map(len, seqs)) - len(x)) for x in seqs], device=device)
@@ -249,25 +285,14 @@ def scores_an_oracle(model, data, evaluate, device, n: int = 4) -> list[tuple[st
     tgt_out = padded([y + [tgt_tok.eos_id] for y in targets], pad)
     wanted = torch.nn.functional.cross_entropy(model(src, tgt_in).flatten(0, 1).float(), tgt_out.flatten(),
                                                ignore_index=pad).item()
-    if abs(got["loss"] - wanted) > 1e-4 * (1 + wanted):         # (float rounding: ~1e-6)
-        return [("validation_loss", f"the validation loss evaluate() reports on {len(rows)} validation pairs, "
-                 f"{got['loss']:.3f}, is not the model's cross-entropy on them, {wanted:.3f} (model(src, tgt_in) "
-                 "against tgt_out, no smoothing, per real target token, dropout off): the validation loss "
-                 "measures something else. Check what evaluate() scores the logits "
-                 "against (tgt_out, not tgt_in), its smoothing (none), what it divides by (the real target "
-                 "tokens) and that it runs the model in eval mode.")]
-    perfect = BLEU().corpus_score(few.tgt_text, [few.tgt_text]).score     # 100, or 0: no 4-grams to count
-    if not asked or perfect == 0 or got["bleu"] > perfect - 0.1:
+    if abs(reported - wanted) <= 1e-4 * (1 + wanted):           # (float rounding: ~1e-6)
         return []
-    strangers = [text for text in asked if text not in reference]
-    seen = (f"translate() was asked for {len(strangers)} sentences that are not the split's sources "
-            f"(\"{strangers[0][:40]}\")" if strangers else
-            f"translate() was asked for the split's {len(asked)} sources and gave their references")
-    return [("scoring", f"validation scores a perfect translator, each source given its own reference, at BLEU "
-             f"{got['bleu']:.1f}, not {perfect:.0f} ({seen}): BLEU does not compare each translation with the "
-             "reference of its own source. Check what evaluate() hands translate() and score(): the split's "
-             "sources, and the same split's targets as the references (not its sources, not another split's), "
-             "the same sentences in the same order (translate() gives its outputs in input order).")]
+    return [("validation_loss", f"the validation loss evaluate() reports on {len(few)} validation pairs, "
+             f"{reported:.3f}, is not the model's cross-entropy on them, {wanted:.3f} (model(src, tgt_in) "
+             "against tgt_out, no smoothing, per real target token, dropout off): the validation loss measures "
+             "something else. Check what evaluate() scores the logits against (tgt_out, not tgt_in), its "
+             "smoothing (none), what it divides by (the real target tokens) and that it runs the model in eval "
+             "mode.")]
 
 
 def data_checks(data) -> list[tuple[str, str]]:

@@ -542,7 +542,8 @@ def every_parameter_learns(model, grads: dict, outside: dict, optimizer) -> list
     the model (loss_gradient): every module the forward pass calls is the model's; every trainable
     parameter gets a gradient that is not all zero, and the optimizer holds it, with settings that hold
     (optimizer_settings); no weight matrix starts with all its values equal, no weight (a LayerNorm's gain
-    too) all 0; no parameter is frozen in a model without pruned heads."""
+    too) all 0; no module but an embedding is held under two names; no parameter is frozen in a model
+    without pruned heads."""
     found = []
     if outside:
         kinds = ", ".join(dict.fromkeys(outside.values()))
@@ -551,6 +552,17 @@ def every_parameter_learns(model, grads: dict, outside: dict, optimizer) -> list
                       "object), they are not in model.parameters(), so the optimizer never updates them and the "
                       "checkpoint does not save them. Hold sub-modules in nn.ModuleList or nn.ModuleDict, or as "
                       "attributes of a module."))
+    names = {}                                  # each module with weights, under every name it is held
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and not isinstance(module, torch.nn.Embedding) and next(module.parameters(), None) is not None:
+            names.setdefault(id(module), []).append(name)
+    twice = [held for held in names.values() if len(held) > 1]
+    outer = outermost([held[-1] for held in twice])
+    if outer:
+        pairs = [held for held in twice if held[-1] in outer]
+        found.append(("shared_modules", ", ".join(f"`{b}` is `{a}`" for a, b, *_ in pairs[:3]) + ": one module "
+                      "held under two names computes both with one set of weights (and one cache). Build each "
+                      "its own module; only embeddings are shared on purpose (tied)."))
     params = dict(model.named_parameters())
     no_grad = [n for n, g in grads.items() if params[n].numel() and (g is None or not g.any())]
     if no_grad:

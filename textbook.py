@@ -74,8 +74,11 @@ def positions(n: int, d: int) -> torch.Tensor:
 
 
 def layer_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the features with the module's weights; nn.Identity (post-LN's final norm) is none."""
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps) if hasattr(norm, "eps") else x
+    """LayerNorm over the features with the module's weights (its gain and bias, eps 1e-5: whatever kind
+    of norm the model holds there); nn.Identity (post-LN's final norm) is none."""
+    if isinstance(norm, torch.nn.Identity):
+        return x
+    return F.layer_norm(x, x.shape[-1:], getattr(norm, "weight", None), getattr(norm, "bias", None), 1e-5)
 
 
 def attention(attn, queries: torch.Tensor, keys: torch.Tensor, causal: bool = False) -> tuple:

@@ -658,7 +658,14 @@ def test_a_validation_that_does_not_score_each_translation_against_its_own_refer
                                           data.report), *args, **kwargs)
     log = Warnings()
     probe_model(model, batch, sequence_loss, data, log, evaluate=against_sources)
-    assert log.names == ["scoring"] and "not 100" in log.texts["scoring"]
+    assert log.names == ["scoring"] and "sacreBLEU's corpus BLEU of them" in log.texts["scoring"]
+    from sacrebleu.metrics import BLEU
+
+    def mean_of_sentences(hyps, refs):                          # not the corpus BLEU
+        return {**score(hyps, refs), "bleu": sum(BLEU().sentence_score(h, [r]).score for h, r in zip(hyps, refs))
+                / len(hyps)}
+    monkeypatch.setattr(decoding, "score", mean_of_sentences)
+    assert "scoring" in probe(model, batch, data)
 
 
 def test_the_properties_added_after_the_eighth_held_out_set(data, monkeypatch):
@@ -893,3 +900,23 @@ def test_the_properties_added_after_the_twelfth_held_out_set(data, monkeypatch):
     monkeypatch.setattr(Transformer, "forward", lambda self, src, tgt_in: self.decode(
         tgt_in, (self.enc_norm(self.encoder[1](self.encoder[0](self.embed(self.src_embed, src), None), None)), None)))
     assert "probe_failed" not in probe(model, batch, data, textbook=True)
+
+
+def test_the_properties_added_after_the_thirteenth_held_out_set(data, monkeypatch):
+    """One module under two names; a norm of another kind (the textbook does not fail on it); an epoch
+    of batches that is not the training split's."""
+    model, batch = tiny(data)
+    model.decoder[0].cross_attn = model.decoder[0].self_attn
+    log = Warnings()
+    probe_model(model, batch, sequence_loss, data, log)
+    assert "`decoder.0.cross_attn` is `decoder.0.self_attn`" in log.texts["shared_modules"]
+    model, batch = tiny(data)
+    class BatchNormOverFeatures(torch.nn.BatchNorm1d):
+        def forward(self, x):                                           # (B, T, D): statistics per feature
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+    model.encoder[0].res_attn.norm = BatchNormOverFeatures(32)
+    assert "probe_failed" not in probe(model, batch, data, textbook=True)
+    from diagnostics import an_epoch_of_the_split
+    train_rows = len(data.splits["train"])
+    assert an_epoch_of_the_split(TrainBatches(data, 400, 0).of_epoch(0), data) == []
+    assert [n for n, _ in an_epoch_of_the_split([list(range(train_rows // 2))], data)] == ["epoch_of_the_split"]

@@ -6,11 +6,11 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 127 runs, ~18 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 137 runs, ~20 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
-Twelve sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
-HELD_OUT to HELD_OUT_12 (the last ten in tools/held_out_3.py to _12.py), bugs
+Thirteen sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
+HELD_OUT to HELD_OUT_13 (the last eleven in tools/held_out_3.py to _13.py), bugs
 written apart from the diagnostics, after them, by someone who had not read them: how well the
 checks generalise (docs/debugging.md). Leaves out: bugs of beam search, of several processes.
 """
@@ -50,6 +50,7 @@ import held_out_9  # noqa: E402
 import held_out_10  # noqa: E402
 import held_out_11  # noqa: E402
 import held_out_12  # noqa: E402
+import held_out_13  # noqa: E402
 
 bugs = ""  # the runs to make, comma-separated names (default: all, the clean one first); -h lists them
 out_dir = "out/bugs"  # one run folder per bug in here, its printed log beside it (NAME.txt), and the data cache
@@ -637,7 +638,8 @@ HELD_OUT_10 = held_out(held_out_10.HELD_OUT_10, NAMED_10)
 NAMED_11 = {"positions_exponent_not_divided": "textbook_mismatch", "qkv_split_interleaved": "textbook_mismatch",
             "decode_value_cache_from_keys": "decoding_mismatch", "decoder_self_attention_dropped": "no_gradient",
             "loss_grad_eps_not_divided": "loss_definition", "greedy_where_args_swapped": "decoding_mismatch",
-            "gru_pack_lengths_sorted_alone": "batch_dependence", "gru_decode_step_runs_encoder_gru": "decoding_mismatch",
+            "gru_pack_lengths_sorted_alone": "batch_dependence",
+            "gru_decode_step_runs_encoder_gru": "decoding_mismatch",
             "gru_weight_decay_divided_by_lr": "weights_shrink", "gru_optimizer_of_discarded_model": "not_optimized"}
 HELD_OUT_11 = held_out(held_out_11.HELD_OUT_11, NAMED_11)
 NAMED_12 = {"embeddings_default_init": "embedding_scale", "init_zeroes_every_1d_parameter": "constant_init",
@@ -648,8 +650,16 @@ NAMED_12 = {"embeddings_default_init": "embedding_scale", "init_zeroes_every_1d_
             "gru_val_loss_against_decoder_input": "validation_loss",
             "gru_reverse_source_flipped_with_padding": "batch_dependence"}
 HELD_OUT_12 = held_out(held_out_12.HELD_OUT_12, NAMED_12)
+NAMED_13 = {"positions_scaled_with_tokens": "textbook_mismatch",
+            "cross_attention_shares_self_attention": "shared_modules",
+            "batchnorm_instead_of_layernorm": "textbook_mismatch", "collate_eos_overwrites_last_source": "batch_pairs",
+            "loss_logsumexp_over_batch": "loss_definition", "bleu_mean_of_sentence_scores": "scoring",
+            "gru_trains_on_validation": "epoch_of_the_split", "gru_val_loss_mean_of_batch_sums": "validation_loss",
+            "gru_decode_step_readout_swapped": "decoding_mismatch",
+            "gru_decode_step_bottom_layer_state": "decoding_mismatch"}
+HELD_OUT_13 = held_out(held_out_13.HELD_OUT_13, NAMED_13)
 SETS = (HELD_OUT + HELD_OUT_2 + HELD_OUT_3 + HELD_OUT_4 + HELD_OUT_5 + HELD_OUT_6 + HELD_OUT_7 + HELD_OUT_8
-        + HELD_OUT_9 + HELD_OUT_10 + HELD_OUT_11 + HELD_OUT_12)
+        + HELD_OUT_9 + HELD_OUT_10 + HELD_OUT_11 + HELD_OUT_12 + HELD_OUT_13)
 for bug in SETS:
     bug.held_out = True
 BY_NAME = {bug.name: bug for bug in GALLERY + SETS}
