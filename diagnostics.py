@@ -53,11 +53,9 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
 @torch.no_grad()
 def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothing: float = 0.0,
                 rows: int = 4, step=None, evaluate=None, epoch=None) -> list[str]:
-    """Before step 1, test the untrained model on a few sentences of the first batch (src, tgt_in,
-    tgt_out; the sources cut to mixed lengths) for the properties a correct encoder-decoder has,
-    whatever the bug that breaks them (the model's probes: probes.py); warn (log.warn) about each that
-    fails (where two runs that must agree part: probes.where_they_part), print the list of those that
-    hold, and return it:
+    """Before step 1, test the untrained model on a few sentences of the first batch (the sources cut to
+    mixed lengths) for the properties a correct encoder-decoder has, whatever the bug that breaks them
+    (probes.py); warn about each that fails, print the list of those that hold, and return it:
       teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, one <eos> ending
                             each side, then padding only
       batch_of_the_split    ... and its rows pairs of the training split's texts; the first epoch's
@@ -71,24 +69,19 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                             decoder tell a sentence from its words reordered
       training_mode_reads   in training mode (dropout on) the sentences still get different logits
       no_hidden_state       the same batch twice, another between: the same logits
-      decoding_as_trained   decode_step gives the teacher-forced logits; greedy decoding picks what the
-                            forward pass of its own output ranks first; translate() encodes as training
-                            does, gives what greedy does, the same twice (dropout off)
-      loss_as_defined       the cross-entropy of each position against its own target (smoothing too),
-                            its gradient p - q; padding costs nothing
-      attention_as_designed attention weights are distributions, their scores spread as 1 / sqrt(Dh)
-                            makes them; words about as large as positions, neighbouring codes alike
-      every_parameter_learns  every module called is the model's; every parameter gets a gradient and
-                            is in the optimizer, whose settings hold (betas, decoupled decay, eps)
+      decoding_as_trained   decode_step gives the teacher-forced logits; greedy picks what the forward
+                            pass ranks first; translate() encodes as training does, gives greedy's output
+      loss_as_defined       each position's cross-entropy (smoothed) and gradient p - q; padding free
+      attention_as_designed weights distributions, scores spread as 1 / sqrt(Dh) makes them; codes sane
+      every_parameter_learns  every module called is the model's, held once; every parameter starts at
+                            random, gets a gradient, is in the optimizer, whose settings hold
       step_follows_the_loss one step as the loop takes it (step(micro_batches, optimizer): train_step)
-                            hands optimizer.step() the gradient of the loss as defined
-      data_pairs            data_checks: the pairs aligned, validation apart from train, sides not
-                            swapped, each side's ids its text's encoding, decoding back to it
-      scores_an_oracle      the run's validation (evaluate(model, data, batch_tokens, device, amp,
-                            n_sentences=...)) scores an oracle's translations with sacreBLEU's corpus
-                            BLEU against their own references, and reports the model's cross-entropy
+                            hands optimizer.step() the loss's gradient and writes no weight itself
+      data_pairs            data_checks: the pairs aligned, the splits apart, the sides, spaces, most
+                            pairs kept, each side's ids its text's encoding, decoding back to it
+      scores_an_oracle      the run's evaluate reports an oracle's corpus BLEU and the model's loss
     A probe that raises is a warning (probe_failed): a diagnostic never stops a run. Once, in full
-    precision: 0.4-0.6 of a Multi30k training step, 2.4-3.5 of the toy task's (docs/debugging.md)."""
+    precision: 0.8 of a Multi30k bf16 training step, 2.6-4.0 of the toy task's (docs/debugging.md)."""
     was_training, device = model.training, next(model.parameters()).device
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
     src = torch.cat([src, torch.full_like(src[:, :3], data.src_tok.pad_id)], dim=1)   # padding for sure
