@@ -10,7 +10,7 @@ train_loop wires them in, by when they look:
                   moving on (in overfit mode: staying the same)
     Symptoms      in common.RunLog, at every record: the loss against ln(V), the learning rate's schedule,
                   validation loss against BLEU, what its source is worth to the model, the translations' length
-docs/debugging.md: the bugs they name (tools/bugs.py, ten held-out sets among them), what they do not
+docs/debugging.md: the bugs they name (tools/bugs.py, thirteen held-out sets among them), what they do not
 name, and their cost. Leaves out: statistics of activations, a learning-rate finder, beam search.
 """
 
