@@ -159,11 +159,12 @@ def an_epoch_of_the_split(epoch: list | None, data) -> list[tuple[str, str]]:
     """An epoch's batches (lists of indices; None: not checked) hold each training sentence once."""
     if epoch is None:
         return []
-    held, n = [int(i) for idx in epoch for i in idx], len(data.splits["train"])
-    if len(held) == n and len(set(held)) == n and (not held or 0 <= min(held) and max(held) < n):
+    held = torch.cat([torch.as_tensor(idx, dtype=torch.long) for idx in epoch] or [torch.zeros(0).long()])
+    n, distinct = len(data.splits["train"]), len(torch.unique(held))
+    if len(held) == n and distinct == n and (not n or 0 <= held.min() and held.max() < n):
         return []
     return [("epoch_of_the_split", f"the first epoch's training batches hold {len(held):,} sentences ("
-             f"{len(set(held)):,} distinct), the training split {n:,}: the batches are not cut from the training "
+             f"{distinct:,} distinct), the training split {n:,}: the batches are not cut from the training "
              "split (another split's lengths or sentences), or they drop or repeat some. Make the batches from "
              "data.splits['train'] (its lengths and its sentences), each sentence once per epoch.")]
 
@@ -291,7 +292,7 @@ def validation_loss(model, data, few: Split, reported: float, device) -> list[tu
 def data_checks(data) -> list[tuple[str, str]]:
     """The data, before any training: the pairs aligned (source and target lengths correlate in train
     as in validation), no validation or test source in train, each side of validation like the
-    same side of train (not source and target swapped), validation's sentences holding spaces (BLEU's
+    same side of train (not source and target swapped), validation's references holding spaces (BLEU's
     words), every split keeping at least half the pairs loaded, the tokenizers' round trip."""
     import numpy as np
     found, train, val = [], data.splits["train"], data.splits["validation"]
@@ -320,23 +321,23 @@ def data_checks(data) -> list[tuple[str, str]]:
         found.append(("sides_swapped", f"validation's sources look like train's targets (token frequencies: cosine "
                       f"{cos['tgt']:.2f} against {cos['src']:.2f} with train's sources): source and target "
                       "are likely swapped in one split. Check src_lang and tgt_lang for each file."))
-    for side, texts in (("source", val.src_text[:1000]), ("target", val.tgt_text[:1000])):
-        long = [t for t in texts if len(t) >= 10]
-        if long and sum(not any(c.isspace() for c in t) for t in long) > len(long) / 2:
-            found.append(("text_without_spaces", f"{sum(not any(c.isspace() for c in t) for t in long)} of the "
-                          f"{len(long)} validation {side} sentences of 10 characters or more hold no space "
-                          f"(\"{long[0][:40]}\"): BLEU's words (13a) are what spaces separate, so each is one word "
-                          "and BLEU is about 0 whatever the translations. The spaces were lost before anything "
-                          "saw the text (cleaning whitespace with ''.join(s.split()), not ' '.join), or the "
-                          "language is written without them (score it with sacreBLEU's tokenize='zh', "
-                          "'ja-mecab' or 'char')."))
+    long = [t for t in val.tgt_text[:1000] if len(t) >= 10]        # (the side BLEU scores)
+    if long and sum(not any(c.isspace() for c in t) for t in long) > len(long) / 2:
+        found.append(("text_without_spaces", f"{sum(not any(c.isspace() for c in t) for t in long)} of the "
+                      f"{len(long)} validation references of 10 characters or more hold no space "
+                      f"(\"{long[0][:40]}\"): BLEU's words (13a) are what spaces separate, so each is one word "
+                      "and BLEU is about 0 whatever the translations. The spaces were lost before anything "
+                      "saw the text (cleaning whitespace with ''.join(s.split()), not ' '.join), or the "
+                      "language is written without them (score it with sacreBLEU's tokenize='zh', "
+                      "'ja-mecab' or 'char')."))
     for name, r in data.report.items():     # (the cleaning and the length filters of data.build_data)
         if r.get("loaded") and r["kept"] < 0.5 * r["loaded"]:
             why = ", ".join(f"{r[k]:,} {k}" for k in ("bad_rows", "empty", "too_long", "bad_ratio") if r.get(k))
             found.append(("pairs_dropped", f"the {name} split keeps {r['kept']:,} of the {r['loaded']:,} pairs loaded "
-                          f"({why or 'dropped without a count'}): its cleaning throws most of the corpus away. Check "
-                          "each filter's condition (which pairs it keeps, not drops), the unit of max_len (tokens, "
-                          "not characters) and max_len_ratio."))
+                          f"({why or 'dropped without a count'}): its cleaning throws most of the corpus away (unless "
+                          "max_len or max_len_ratio was set that tight on purpose). Check each filter's condition "
+                          "(which pairs it keeps, not drops), the unit of max_len (tokens, not characters) and "
+                          "max_len_ratio."))
     found += tokenizer_round_trip(data)
     return found
 
@@ -397,11 +398,11 @@ class StepChecks:
       batch_repeated          otherwise, a step's batch is the step before's, in the same epoch
       update_ratio            once, the step after the first log line from step 100 on past the warm-up:
                               a module's weight matrices moved by more than a tenth of their size in one
-                              update, or by less than a millionth but not 0 (the usual: 1e-4 to 1e-2); or
-                              the model as a whole (the median module) by less than 1e-4
+                              update, or by less than a millionth but not 0 (the usual: 1e-4 to 1e-2); or,
+                              in a run from scratch near its peak rate (peak_lr), the median module under 1e-4
       training_mode           the model steps in eval mode (dropout off) though it has dropout"""
 
-    def __init__(self, log, model, overfit: int = 0, optimizer=None):
+    def __init__(self, log, model, overfit: int = 0, optimizer=None, peak_lr: float = 0.0):
         self.log, self.overfit, self.warned, self.first_norm, self.first_batches = log, overfit, set(), 0.0, {}
         self.optimizer = optimizer
         self.last_batch, self.last_step = (-1, torch.zeros(0)), None
@@ -409,7 +410,7 @@ class StepChecks:
         self.names, self.params, self.first_sums = [n for n, _ in named], [p for _, p in named], []
         self.before: list[torch.Tensor] | None = None           # the weights before the update measured
         self.counted: tuple[int, int] | None = None             # (the loop's step, Adam's) at the first log line
-        self.model, self.last_lr = model, 0.0
+        self.model, self.last_lr, self.peak_lr = model, 0.0, peak_lr    # (peak_lr: a run from scratch's; 0: none)
         self.dropout = any(getattr(m, "p", 0) > 0 if "Dropout" in type(m).__name__ else    # (speed.FastDropout
                            isinstance(m, torch.nn.RNNBase) and m.dropout > 0 for m in model.modules())  # too)
 
@@ -441,6 +442,7 @@ class StepChecks:
         past_warmup = 0 < lr <= self.last_lr                    # (the rate no longer rising: at its peak or after)
         if step >= 100 and past_warmup and self.before is None:     # the next step's update is measured
             self.before = [p.detach().clone() for p in self.params]
+            self.near_peak = lr >= 0.5 * self.peak_lr > 0
         self.last_lr = lr
 
     def update_ratio(self, step: int) -> None:
@@ -468,7 +470,8 @@ class StepChecks:
                            "too small); too small, and it hardly learns (a learning rate scaled down for its "
                            "parameter group, gradients under Adam's eps, weights initialised far too large).", step)
         moving = sorted(r for r in ratios.values() if r)
-        if moving and moving[len(moving) // 2] < 1e-4:         # (the clean runs' medians: 8.6e-4 and up)
+        if self.near_peak and moving and moving[len(moving) // 2] < 1e-4:   # (clean medians near the peak:
+            #                                                                    8.6e-4 and up; the ratio follows lr)
             self.warn_once("update_ratio", f"step {step}, past the warm-up: one update moved the model's weight "
                            f"matrices by {moving[len(moving) // 2]:.0e} of their norm (the median module; usually "
                            "about 1e-3): the whole model hardly learns. The optimizer's steps are far too small for "

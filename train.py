@@ -285,7 +285,9 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         watchers.append(TensorBoard(cfg["out_dir"], run.step if resume else None))    # the records copied there
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None, run.step if resume else None,
                  watchers=watchers)
-    checks = StepChecks(log, model, cfg["overfit_batches"], optimizer) if rt.master else None    # diagnostics.py
+    from_scratch = cfg["init_from"] == "scratch" and not resume          # (the whole model's update: judged then)
+    checks = StepChecks(log, model, cfg["overfit_batches"], optimizer, cfg["learning_rate"] if from_scratch else 0.0) \
+        if rt.master else None                                                          # diagnostics.py
     steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, checks)
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
 
