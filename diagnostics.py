@@ -322,8 +322,9 @@ def data_checks(data) -> list[tuple[str, str]]:
                       f"{cos['tgt']:.2f} against {cos['src']:.2f} with train's sources): source and target "
                       "are likely swapped in one split. Check src_lang and tgt_lang for each file."))
     long = [t for t in val.tgt_text[:1000] if len(t) >= 10]        # (the side BLEU scores)
-    if long and sum(not any(c.isspace() for c in t) for t in long) > len(long) / 2:
-        found.append(("text_without_spaces", f"{sum(not any(c.isspace() for c in t) for t in long)} of the "
+    unsplit = sum(not any(c.isspace() for c in t) for t in long)
+    if long and unsplit > len(long) / 2:
+        found.append(("text_without_spaces", f"{unsplit} of the "
                       f"{len(long)} validation references of 10 characters or more hold no space "
                       f"(\"{long[0][:40]}\"): BLEU's words (13a) are what spaces separate, so each is one word "
                       "and BLEU is about 0 whatever the translations. The spaces were lost before anything "
@@ -411,6 +412,7 @@ class StepChecks:
         self.before: list[torch.Tensor] | None = None           # the weights before the update measured
         self.counted: tuple[int, int] | None = None             # (the loop's step, Adam's) at the first log line
         self.model, self.last_lr, self.peak_lr = model, 0.0, peak_lr    # (peak_lr: a run from scratch's; 0: none)
+        self.near_peak = False                                  # the update measured: at half the peak rate or more
         self.dropout = any(getattr(m, "p", 0) > 0 if "Dropout" in type(m).__name__ else    # (speed.FastDropout
                            isinstance(m, torch.nn.RNNBase) and m.dropout > 0 for m in model.modules())  # too)
 

@@ -420,15 +420,15 @@ def step_parts(model, src, tgt_in, rows, t: int) -> str:
         return (x[rows, t], y[rows]) if y.shape[1:] == x.shape[2:] else None
     where = where_they_part(model, lambda: model(src, tgt_in),
                             lambda: model.decode_step(tgt_in[:, t], memory, cache), pick)
-    return "; ".join(part for part in ("they part " + where if where else "", calls_apart(model, src, tgt_in, t))
-                     if part)
+    calls = calls_apart(model, src, tgt_in, memory, t)
+    return "; ".join(part for part in ("they part " + where if where else "", calls) if part)
 
 
-def calls_apart(model, src, tgt_in, t: int) -> str:
+def calls_apart(model, src, tgt_in, memory, t: int) -> str:
     """The modules teacher-forced decoding (model.decode) calls that decoding steps 0..t never call,
     and those of the forward pass that the steps call and teacher-forced decoding does not, as a
-    clause ('' when none)."""
-    memory, modules = model.encode(src), dict(model.named_modules())
+    clause ('' when none). memory: model.encode(src)'s."""
+    modules = dict(model.named_modules())
 
     def steps():
         cache = None
@@ -626,7 +626,8 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, gradient: tuple, step) ->
     off: the same computation)."""
     (loss, grads, _), kept = gradient, KeptGradients(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}      # (put back after)
+    named = dict(model.named_parameters())
+    weights = {name: p.detach().clone() for name, p in named.items()}                 # (put back after)
     try:
         with torch.enable_grad():
             report = step([(src.cpu(), tgt_in.cpu(), tgt_out.cpu())], kept)
@@ -637,11 +638,10 @@ def step_follows_the_loss(model, src, tgt_in, tgt_out, gradient: tuple, step) ->
                  "the step calls them otherwise. Check what it passes and in which order: model(src, tgt_in), "
                  "loss(logits, tgt_out, pad_id, smoothing).")]
     finally:
-        changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), weights[n])]
+        changed = [n for n, p in named.items() if not torch.equal(p.detach(), weights[n])]
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in changed:
-                    p.copy_(weights[n])
+            for n in changed:
+                named[n].copy_(weights[n])
     if changed:
         return [("step_gradient", f"one training step as the loop takes it (train.train_step), with an optimizer "
                  f"whose step() changes nothing, changes the weights of {module_names(changed)}: the step writes to "
