@@ -28,7 +28,7 @@ from diagnostics import StepChecks, Symptoms, check_initial_loss, probe_model
 from loss import sequence_loss
 from model_rnn import KNOBS as rnn_knobs, RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
-from runtime import Diverged, RunClock, Runtime, count_bad_step, setup
+from runtime import Diverged, RunClock, Runtime, count_bad_step, end_process, setup
 from speed import speed_up
 from tokenizer import pair_from_state
 
@@ -416,3 +416,5 @@ def main(argv: list[str] | None = None) -> RunState:
 
 if __name__ == "__main__":
     main_guard(main, DataError)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        end_process()           # runtime.py: under torchrun, without the interpreter's teardown

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # read by torch when it is imported, here and in subprocesses
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a process killed by a signal (SIGSEGV, SIGABRT) prints where
 os.environ["NMT_TEST_CACHE"] = tempfile.mkdtemp(prefix="nmt-tests-")
 atexit.register(shutil.rmtree, os.environ["NMT_TEST_CACHE"], ignore_errors=True)
 
