@@ -52,14 +52,15 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
 
 @torch.no_grad()
 def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothing: float = 0.0,
-                rows: int = 4, step=None, evaluate=None, epoch=None) -> list[str]:
+                rows: int = 4, step=None, evaluate=None, batches=None) -> list[str]:
     """Before step 1, test the untrained model on a few sentences of the first batch (the sources cut to
     mixed lengths) for the properties a correct encoder-decoder has, whatever the bug that breaks them
     (probes.py); warn about each that fails, print the list of those that hold, and return it:
       teacher_forcing_pairs the first batch: tgt_in = <bos> + tgt_out shifted right, one <eos> ending
                             each side, then padding only
       batch_of_the_split    ... and its rows pairs of the training split's texts; the first epoch's
-                            batches (epoch: lists of indices) each training sentence once
+                            batches (of batches: batching.TrainBatches) each training sentence once,
+                            cut to batch_tokens
       reads_what_it_should  one prediction's gradient reaches every real source token, every encoder
                             output it attends to, its target inputs up to its own, nothing else
       alone_as_in_a_batch   a sentence's logits alone are its logits in the batch, padding and all
@@ -90,7 +91,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
     logits = model(src, tgt_in)                                 # (rows, T, V): what each probe compares with
     gradient = functools.cache(lambda: probes.loss_gradient(model, src, tgt_in, tgt_out, loss_fn, data, smoothing))
     checks = {"teacher_forcing_pairs": lambda: teacher_forcing_pairs(batch, data),
-              "batch_of_the_split": lambda: batch_of_the_split(batch, data) + an_epoch_of_the_split(epoch, data),
+              "batch_of_the_split": lambda: batch_of_the_split(batch, data) + an_epoch_of_the_split(batches, data),
               "reads_what_it_should": lambda: probes.dependency_probe(model, src, tgt_in, tgt_out, data),
               "alone_as_in_a_batch": lambda: probes.alone_as_in_a_batch(model, src, tgt_in, logits, data),
               "as_the_textbook": lambda: textbook.as_the_textbook(model, src, tgt_in, logits, data),
@@ -155,18 +156,35 @@ def batch_of_the_split(batch: tuple, data, rows: int = 32) -> list[tuple[str, st
     return []
 
 
-def an_epoch_of_the_split(epoch: list | None, data) -> list[tuple[str, str]]:
-    """An epoch's batches (lists of indices; None: not checked) hold each training sentence once."""
-    if epoch is None:
+def an_epoch_of_the_split(batches, data) -> list[tuple[str, str]]:
+    """The first epoch's batches (of batching.TrainBatches; None: not checked) hold each training sentence
+    once, and are cut to batch_tokens: their median padded size (counted here as batching.batch_cost
+    counts it: sentences x (longest source + longest target, with <eos> and <bos>)) over half of it, in
+    an epoch of 4 batches or more; none of 2 sentences or more over it."""
+    if batches is None:
         return []
+    epoch, budget, sp = batches.of_epoch(0), batches.batch_tokens, data.splits["train"]
     held = torch.cat([torch.as_tensor(idx, dtype=torch.long) for idx in epoch] or [torch.zeros(0).long()])
-    n, distinct = len(data.splits["train"]), len(torch.unique(held))
-    if len(held) == n and distinct == n and (not n or 0 <= held.min() and held.max() < n):
+    n, distinct = len(sp), len(torch.unique(held))
+    if len(held) != n or distinct != n or n and not (0 <= held.min() and held.max() < n):
+        return [("epoch_of_the_split", f"the first epoch's training batches hold {len(held):,} sentences ("
+                 f"{distinct:,} distinct), the training split {n:,}: the batches are not cut from the training "
+                 "split (another split's lengths or sentences), or they drop or repeat some. Make the batches from "
+                 "data.splits['train'] (its lengths and its sentences), each sentence once per epoch.")]
+    sizes = torch.tensor([[len(idx) * (int(sp.src_lens[idx].max()) + int(sp.tgt_lens[idx].max()) + 2), len(idx)]
+                          for idx in epoch if len(idx)]).reshape(-1, 2)          # (padded tokens, sentences)
+    over = sizes[(sizes[:, 0] > budget) & (sizes[:, 1] > 1)]
+    median = float(sizes[:, 0].float().median()) if len(sizes) else 0.0
+    if not len(over) and (len(sizes) < 4 or median >= budget / 2):
         return []
-    return [("epoch_of_the_split", f"the first epoch's training batches hold {len(held):,} sentences ("
-             f"{distinct:,} distinct), the training split {n:,}: the batches are not cut from the training "
-             "split (another split's lengths or sentences), or they drop or repeat some. Make the batches from "
-             "data.splits['train'] (its lengths and its sentences), each sentence once per epoch.")]
+    told = (f"{len(over)} hold more ({int(over[0, 1])} sentences in {int(over[0, 0]):,} padded tokens)" if len(over)
+            else f"the median holds {median:,.0f} padded tokens")
+    return [("batch_size", f"batch_tokens={budget:,} asks for batches of that many padded tokens (sentences x "
+             f"(longest source + longest target), with <eos> and <bos>); of the first epoch's {len(sizes):,} "
+             f"batches, {told}: the batches are not cut to the budget the run was tuned for (too small: each step "
+             "sees a fraction of the data, its gradient noisy; too large: memory). Check how make_batches counts "
+             "a batch's cost, n x (longest source + longest target), padding included, and that it adds "
+             "sentences while that stays within batch_tokens.")]
 
 
 def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
@@ -355,12 +373,18 @@ def tokenizer_round_trip(data, n: int = 100) -> list[tuple[str, str]]:
         lost = [i for i, ids in enumerate(encoded) if tok.decode(ids) != texts[i]]
         wrong = [i for i, ids in enumerate(encoded) if stored[i] != ids]
         if len(lost) > len(stored) / 2:
-            i = lost[0]
+            i, unk = lost[0], getattr(tok, "unk_id", None)
+            unknown = sum(unk in encoded[j] for j in lost)          # pieces the vocabulary does not hold
+            why = (f"In {unknown} of them encode() gives <unk> (⁇): the vocabulary lacks pieces that are common in "
+                   "the text. Check how it is built from the training text: every piece counted, the most frequent "
+                   "kept, none skipped (the special tokens shift the ids, they do not push out the commonest "
+                   "pieces), vocab_size large enough." if unknown > len(lost) / 2 else
+                   "Check that decode() joins the pieces as encode() split them (no spaces added or lost) and "
+                   "drops only the special tokens.")
             return [("tokenizer_round_trip", f"the {side} tokenizer does not give its text back: of the first "
                      f"{len(stored)} validation sentences, {len(lost)} decode(encode(text)) to other text (\""
                      f"{texts[i][:40]}\" comes back as \"{tok.decode(encoded[i])[:40]}\"): what the model learns, "
-                     "or what BLEU scores, is not the text. Check that decode() joins the pieces as encode() split "
-                     "them (no spaces added or lost) and drops only the special tokens.")]
+                     f"or what BLEU scores, is not the text. {why}")]
         if wrong:
             i = wrong[0]
             how = ids_against(stored[i], encoded[i], tok.encode(other_texts[i]))

@@ -353,9 +353,10 @@ def decoding_as_trained(model, src, tgt_in, logits, data, device) -> list[tuple[
             return [("decoding_mismatch", f"greedy decoding does not choose what the teacher-forced forward pass "
                      f"of its own output ranks first, from step {int(off.nonzero()[0, 0])} of \"{texts[r][:40]}\" on: "
                      "greedy decoding does not take the most likely word. Check that it takes the log-softmax and "
-                     "the argmax over the vocabulary (the last axis, not the batch), keeps what it chose (padding "
-                     "only where a sentence has finished, not where it goes on), feeds it back as the next step's "
-                     "input, starts from <bos>, and adds up the chosen log-probabilities.")]
+                     "the argmax over the whole vocabulary (the last axis, not the batch; over a slice of it, the "
+                     "index counts from the slice's start), keeps what it chose (padding only where a sentence has "
+                     "finished, not where it goes on), feeds it back as the next step's input, starts from <bos>, "
+                     "and adds up the chosen log-probabilities.")]
         direct.append(tgt_tok.decode(hyp[r, :min(n - 1 if len(ended) else n, limits[r])].tolist()))  # to its
         #                                                                               <eos> or its own limit
     return translate_as_greedy(model, data, texts, direct, (a, b), device)
@@ -542,8 +543,8 @@ def every_parameter_learns(model, grads: dict, outside: dict, optimizer) -> list
     the model (loss_gradient): every module the forward pass calls is the model's; every trainable
     parameter gets a gradient that is not all zero, and the optimizer holds it, with settings that hold
     (optimizer_settings); no weight matrix starts with all its values equal, no weight (a LayerNorm's gain
-    too) all 0; no module but an embedding is held under two names; no parameter is frozen in a model
-    without pruned heads."""
+    too) all 0, the matrices' median std 0.2-5 / sqrt(fan_in); no module but an embedding is held
+    under two names; no parameter is frozen in a model without pruned heads."""
     found = []
     if outside:
         kinds = ", ".join(dict.fromkeys(outside.values()))
@@ -577,6 +578,18 @@ def every_parameter_learns(model, grads: dict, outside: dict, optimizer) -> list
                       "weights of 0 pass no gradient back to what feeds them). Initialise weight matrices at random "
                       "(normal or uniform, scaled by 1 / sqrt(fan_in)); only biases start at 0, and a LayerNorm's "
                       "gain (its weight) at 1."))
+    matrices = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding)
+                for p in m.parameters(recurse=False) if p.dim() == 2 and min(p.shape) > 1}
+    scaled = sorted((float(p.float().std()) * p.shape[1] ** 0.5, p.shape[1]) for n, p in params.items()
+                    if id(p) in matrices and n not in constant)     # std x sqrt(fan_in): ~0.6 default, ~1 Xavier
+    gain, fan_in = scaled[len(scaled) // 2] if scaled else (1.0, 0)
+    if not 0.2 <= gain <= 5.0:
+        found.append(("init_scale", f"the weight matrices start with a std of {gain:.2f} / sqrt(fan_in), the median "
+                      "over the model's (PyTorch's default initialisation gives 0.58 / sqrt(fan_in), Xavier's about "
+                      f"1 / sqrt(fan_in)): each layer {'shrinks' if gain < 1 else 'inflates'} what it is given, so "
+                      f"the signal and the gradients {'fade' if gain < 1 else 'blow up'} through the layers. "
+                      "Initialise weight matrices with a std of about 1 / sqrt(fan_in) (nn.init.xavier_uniform_, or "
+                      f"the default): a fixed std such as GPT-2's 0.02 suits widths of about 768, not {fan_in}."))
     held = {id(p) for group in (optimizer.param_groups if optimizer is not None else []) for p in group["params"]}
     missed = [n for n, p in params.items() if p.requires_grad and optimizer is not None and id(p) not in held]
     if missed:

@@ -305,7 +305,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
         probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log, optimizer,   # what a correct
                     0.0 if cfg["overfit_batches"] else cfg["label_smoothing"],            # model does
                     step=probe_step(model, data, cfg, rt), evaluate=evaluate,
-                    epoch=None if cfg["overfit_batches"] or rt.world_size > 1 else batches.of_epoch(0))
+                    batches=None if cfg["overfit_batches"] or rt.world_size > 1 else batches)
     with RunClock(rt, run, cfg) as clock:       # runtime.py: the time budget; Ctrl-C and SIGTERM only noted
         while True:
             signalled = clock.tick(run)         # run.minutes moved on; 'received SIGINT' after a Ctrl-C

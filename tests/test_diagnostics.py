@@ -918,5 +918,28 @@ def test_the_properties_added_after_the_thirteenth_held_out_set(data, monkeypatc
     assert "probe_failed" not in probe(model, batch, data, textbook=True)
     from diagnostics import an_epoch_of_the_split
     train_rows = len(data.splits["train"])
-    assert an_epoch_of_the_split(TrainBatches(data, 400, 0).of_epoch(0), data) == []
-    assert [n for n, _ in an_epoch_of_the_split([list(range(train_rows // 2))], data)] == ["epoch_of_the_split"]
+    assert an_epoch_of_the_split(TrainBatches(data, 400, 0), data) == []
+    half = types.SimpleNamespace(of_epoch=lambda epoch: [list(range(train_rows // 2))], batch_tokens=400)
+    assert [n for n, _ in an_epoch_of_the_split(half, data)] == ["epoch_of_the_split"]
+
+
+def test_the_properties_added_after_the_fourteenth_held_out_set(data, monkeypatch):
+    from diagnostics import an_epoch_of_the_split, tokenizer_round_trip
+    import batching
+    train_rows = len(data.splits["train"])
+    whole = types.SimpleNamespace(of_epoch=lambda epoch: [list(range(train_rows))], batch_tokens=400)
+    assert [n for n, _ in an_epoch_of_the_split(whole, data)] == ["batch_size"]      # one batch far over the budget
+    monkeypatch.setattr(batching, "batch_cost", lambda n, s, t: n * s * t)           # cut far under it
+    assert [n for n, _ in an_epoch_of_the_split(TrainBatches(data, 400, 0), data)] == ["batch_size"]
+    monkeypatch.undo()
+    model, batch = tiny(data)
+    assert "init_scale" not in probe(model, batch, data)
+    for m in model.modules():                                           # GPT-2's std at a width of 32
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.02)
+    assert "init_scale" in probe(model, batch, data)
+    tok = data.src_tok                                                  # the commonest characters lost
+    kept = dict(list(tok.char_to_id.items())[4:])
+    monkeypatch.setattr(tok, "char_to_id", kept)
+    found = dict(tokenizer_round_trip(data))
+    assert "<unk>" in found["tokenizer_round_trip"] and "vocabulary" in found["tokenizer_round_trip"]

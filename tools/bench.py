@@ -602,11 +602,11 @@ def a_run(config: str) -> tuple:
     return cfg, data, rt, model, optimizer, TrainBatches(data, cfg["batch_tokens"], cfg["seed"]), train.RunState()
 
 
-def the_probes(model, first: tuple, data, log, optimizer, cfg: dict, rt: Runtime, epoch=None) -> None:
+def the_probes(model, first: tuple, data, log, optimizer, cfg: dict, rt: Runtime, batches=None) -> None:
     """What train_loop checks before step 1 (diagnostics.py)."""
     check_initial_loss(model, first, sequence_loss, data, log, rt.amp)
     probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"],
-                step=train.probe_step(model, data, cfg, rt), evaluate=evaluate, epoch=epoch)
+                step=train.probe_step(model, data, cfg, rt), evaluate=evaluate, batches=batches)
 
 
 def a_run_begins(knobs: dict, with_probes: bool, turns: int = 10) -> float:
@@ -621,7 +621,7 @@ def a_run_begins(knobs: dict, with_probes: bool, turns: int = 10) -> float:
 
         def begin() -> None:
             if with_probes:
-                the_probes(model, batches.next(0, 0)[0], data, log, optimizer, cfg, rt, batches.of_epoch(0))
+                the_probes(model, batches.next(0, 0)[0], data, log, optimizer, cfg, rt, batches)
             for _ in range(turns):
                 loop_turn(model, optimizer, batches, state, cfg, rt)
         return timed(begin)[0]
@@ -656,7 +656,7 @@ def bench_diagnostics() -> dict:
                             StepChecks(log, model, 1, optimizer))
 
         def probes():                                                   # before step 1, as train_loop calls them
-            the_probes(model, first, data, log, optimizer, cfg, rt, batches.of_epoch(0))
+            the_probes(model, first, data, log, optimizer, cfg, rt, batches)
         probe_seconds = timed(probes)[0]                                # the process cold, as a run pays them
         symptoms("init", {"step": 0, "loss": 9.0, "ln_v": math.log(data.tgt_tok.vocab_size)})
         names = ("step", "gradients_kept", "weights_grow", "lr_not_applied", "optimizer_steps", "training_mode",
