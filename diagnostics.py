@@ -29,7 +29,7 @@ from probes import differ, ends_in_eos, module_names
 
 
 @torch.no_grad()
-def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
+def check_initial_loss(model, batch: tuple, loss_fn, data, log) -> None:
     """An untrained model should be as unsure as uniform guessing: loss close to ln(V) (with logits of
     unit variance, ~0.5 nats above it whatever V is). Far above: over-confident first guesses (weights
     too large, a wrong output layer); below: the model sees the word it must predict (a leaking mask)
@@ -39,8 +39,7 @@ def check_initial_loss(model, batch: tuple, loss_fn, data, log, amp) -> None:
     pad_id, device = data.tgt_tok.pad_id, next(model.parameters()).device
     model.eval()
     src, tgt_in, tgt_out = (t[:32].to(device) for t in batch)  # (32 sentences: ~0.02 nats of noise at init)
-    with amp:
-        loss = (loss_fn(model(src, tgt_in), tgt_out, pad_id, 0.0) / (tgt_out != pad_id).sum()).item()
+    loss = (loss_fn(model(src, tgt_in), tgt_out, pad_id, 0.0) / (tgt_out != pad_id).sum()).item()   # (in fp32)
     model.train()
     ln_v = math.log(data.tgt_tok.vocab_size)
     log.record("init", f"step 0: loss {loss:.3f}, ln(V) = {ln_v:.3f} ({loss - ln_v:+.2f} nats)",

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -198,11 +198,12 @@ def train_step(model, optimizer, micro_batches: list, pad_id: int, cfg: dict, rt
 
 def probe_step(model, data, cfg: dict, rt: Runtime):
     """train_step as a callable (micro_batches, optimizer) for the probes before step 1 (diagnostics.py:
-    step_gradient), or None: on one process without fp16's scaler only (a step on process 0 alone would
-    wait for the others; the scaler's state would change)."""
+    step_gradient), in full precision as every probe, or None: on one process without fp16's scaler only
+    (a step on process 0 alone would wait for the others; the scaler's state would change)."""
     if rt.world_size > 1 or rt.scaler is not None:
         return None
-    return lambda micro_batches, kept: train_step(model, kept, micro_batches, data.tgt_tok.pad_id, cfg, rt)
+    full = replace(rt, dtype="float32")                 # (bf16's autocast: twice the time on a few sentences)
+    return lambda micro_batches, kept: train_step(model, kept, micro_batches, data.tgt_tok.pad_id, cfg, full)
 
 
 def update(model, optimizer, loss_sum: torch.Tensor, n_tok: torch.Tensor, cfg: dict, rt: Runtime) -> dict:
@@ -301,7 +302,7 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
 
     model.train()
     if run.step == 0 and rt.master and cfg["init_from"] == "scratch":    # diagnostics.py, before step 1:
-        check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log, rt.amp)   # loss ~ ln(V)?
+        check_initial_loss(model, batches.next(0, 0)[0], sequence_loss, data, log)   # loss ~ ln(V)?
         probe_model(model, batches.next(0, 0)[0], sequence_loss, data, log, optimizer,   # what a correct
                     0.0 if cfg["overfit_batches"] else cfg["label_smoothing"],            # model does
                     step=probe_step(model, data, cfg, rt), evaluate=evaluate,

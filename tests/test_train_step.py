@@ -124,10 +124,10 @@ def test_initial_loss_check_warns_for_overconfident_first_guesses(tmp_path, caps
     model, _, rt, batches = tiny_step("float32")
     log = RunLog(str(tmp_path), True)
     data = types.SimpleNamespace(tgt_tok=types.SimpleNamespace(pad_id=0, vocab_size=12))
-    check_initial_loss(model, batches[0], sequence_loss, data, log, rt.amp)
+    check_initial_loss(model, batches[0], sequence_loss, data, log)
     printed = capsys.readouterr().out
     assert "step 0: loss" in printed and "warning" not in printed       # an honest start: no warning
     with torch.no_grad():
         model.tgt_embed.weight.mul_(10)                                   # tied: logits 10x too large
-    check_initial_loss(model, batches[0], sequence_loss, data, log, rt.amp)
+    check_initial_loss(model, batches[0], sequence_loss, data, log)
     assert "warning: the initial loss is +" in capsys.readouterr().out

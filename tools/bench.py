@@ -604,7 +604,7 @@ def a_run(config: str) -> tuple:
 
 def the_probes(model, first: tuple, data, log, optimizer, cfg: dict, rt: Runtime, batches=None) -> None:
     """What train_loop checks before step 1 (diagnostics.py)."""
-    check_initial_loss(model, first, sequence_loss, data, log, rt.amp)
+    check_initial_loss(model, first, sequence_loss, data, log)
     probe_model(model, first, sequence_loss, data, log, optimizer, cfg["label_smoothing"],
                 step=train.probe_step(model, data, cfg, rt), evaluate=evaluate, batches=batches)
 
