@@ -102,7 +102,7 @@ class RunLog:
     it (and maybe half a line); they will be run again, so they are dropped and every step is
     logged once. None: a new run, which starts a new log. watchers: callables that look at each
     record, (kind, values) -> [(warning name, text)], warned about after it (train.py gives it
-    diagnostics.Symptoms)."""
+    watch.Symptoms)."""
 
     def __init__(self, out_dir: str, enabled: bool, bar=None, resume_step: int | None = None, watchers=()):
         self.path = os.path.join(out_dir, "log.jsonl")
@@ -218,7 +218,7 @@ class StepLog:
     One spike is noise; spikes that repeat, or a loss that stays up after one, call for a lower
     learning rate, more warm-up or clipping. checks: an object with at_step(run, batches) and
     at_log_line(step, lr), called after every step and every log line (train.py gives it
-    diagnostics.StepChecks)."""
+    watch.StepChecks)."""
 
     def __init__(self, log: RunLog, src_pad: int, tgt_pad: int, device_type: str = "cpu", checks=None):
         self.log, self.src_pad, self.tgt_pad, self.spikes = log, src_pad, tgt_pad, SpikeWatch(2.0)

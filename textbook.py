@@ -16,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from probes import differ, encoder_calls, first_tensor
+from locate import differ
+from probes import encoder_calls, first_tensor
 
 # what each stage is, for a warning: the formula the model's code must compute there
 FORMULAS = {
@@ -226,7 +227,7 @@ def as_the_textbook(model, src: torch.Tensor, tgt_in: torch.Tensor, logits: torc
 
 
 def agrees(stage: str, got: torch.Tensor, wanted: torch.Tensor) -> bool:
-    """Two tensors of a stage, of one shape, agree as probes.differ says; attention weights, which are
+    """Two tensors of a stage, of one shape, agree as locate.differ says; attention weights, which are
     probabilities, within 0.01 (a saturated softmax, with weights 10x too large, turns the float
     rounding of its scores into differences of 5e-4)."""
     if stage.endswith("weights"):

@@ -24,13 +24,14 @@ from common import RunLog, StepLog, TensorBoard, plot_log, printable, progress_b
 from configurator import ConfigError, configure, knob_names, main_guard
 from data import DataConfig, DataError, load_data
 from decoding import evaluate
-from diagnostics import StepChecks, Symptoms, check_initial_loss, probe_model
+from diagnostics import check_initial_loss, probe_model
 from loss import sequence_loss
 from model_rnn import KNOBS as rnn_knobs, RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
 from runtime import Diverged, RunClock, Runtime, count_bad_step, end_process, setup
 from speed import speed_up
 from tokenizer import pair_from_state
+from watch import StepChecks, Symptoms
 
 # -----------------------------------------------------------------------------
 # knobs: defaults here, overridden by config/<name>.py, then by --key=value; python train.py -h
@@ -281,14 +282,14 @@ def train_loop(model, optimizer, data, cfg: dict, rt: Runtime, resume: dict | No
     batches = rt.share(TrainBatches(data, cfg["batch_tokens"], cfg["seed"], cfg["overfit_batches"]))
     if not batches.of_epoch(run.epoch):
         raise DataError("the training split gives no batches (fewer batches than processes?)")
-    watchers = [Symptoms(cfg["learning_rate"], cfg["warmup_frac"])]                # diagnostics.py
+    watchers = [Symptoms(cfg["learning_rate"], cfg["warmup_frac"])]                # watch.py
     if cfg["tensorboard"] and rt.master:
         watchers.append(TensorBoard(cfg["out_dir"], run.step if resume else None))    # the records copied there
     log = RunLog(cfg["out_dir"], rt.master, progress_bar() if rt.master else None, run.step if resume else None,
                  watchers=watchers)
     from_scratch = cfg["init_from"] == "scratch" and not resume          # (the whole model's update: judged then)
     checks = StepChecks(log, model, cfg["overfit_batches"], optimizer, cfg["learning_rate"] if from_scratch else 0.0) \
-        if rt.master else None                                                          # diagnostics.py
+        if rt.master else None                                                          # watch.py
     steps_log = StepLog(log, data.src_tok.pad_id, data.tgt_tok.pad_id, rt.device_type, checks)
     penalty_values = (lambda: penalty.log(run.step)) if penalty is not None else dict   # for the log lines
 

@@ -19,9 +19,10 @@ import train
 from batching import TrainBatches
 from common import RunLog, StepLog
 from data import DataConfig, load_data
-from diagnostics import StepChecks, Symptoms, probe_model
+from diagnostics import probe_model
 import probes
 from probes import attention_spread
+from watch import StepChecks, Symptoms
 from loss import sequence_loss
 from model_rnn import Seq2SeqRNN
 from model_transformer import FeedForward, MultiHeadAttention, Residual, Transformer
@@ -943,3 +944,46 @@ def test_the_properties_added_after_the_fourteenth_held_out_set(data, monkeypatc
     monkeypatch.setattr(tok, "char_to_id", kept)
     found = dict(tokenizer_round_trip(data))
     assert "<unk>" in found["tokenizer_round_trip"] and "vocabulary" in found["tokenizer_round_trip"]
+
+
+def test_the_properties_added_after_the_fifteenth_held_out_set(data, monkeypatch):
+    from diagnostics import scores_an_oracle, teacher_forcing_pairs
+    src, tgt_in, tgt_out = TrainBatches(data, 400, 0).next(0, 0)[0]
+    cut = src.masked_fill(src == data.src_tok.eos_id, data.src_tok.pad_id)             # sources without <eos>
+    assert "the source's rows do not end in one <eos>" in dict(teacher_forcing_pairs((cut, tgt_in, tgt_out), data))[
+        "target_shift"]
+    model, batch = tiny(data)
+
+    def last_pair_only(model, data, batch_tokens, device, amp, n_sentences=0, **kw):    # the loss summed with =
+        got = decoding.evaluate(model, data, batch_tokens, device, amp, n_sentences=n_sentences, **kw)
+        sp = data.splits["validation"]
+        last = dataclasses.replace(data, splits={"validation": type(sp)(*(x[-1:] for x in (
+            [sp.src(i) for i in range(len(sp))], [sp.tgt(i) for i in range(len(sp))], sp.src_text, sp.tgt_text)))})
+        tokens = [len(sp.tgt(i)) + 1 for i in range(len(sp))]
+        got["loss"] = decoding.evaluate(model, last, batch_tokens, device, amp)["loss"] * tokens[-1] / sum(tokens)
+        return got
+    assert [n for n, _ in scores_an_oracle(model.eval(), data, decoding.evaluate, "cpu")] == []
+    assert [n for n, _ in scores_an_oracle(model, data, last_pair_only, "cpu")] == ["validation_loss"]
+    kept = {}                                   # decoding's memory kept on the module, once per batch size
+    cross = MultiHeadAttention.cross_attention
+
+    def cross_attention(self, y, memory, mask, cache=None):
+        if cache is not None and kept.get(id(self), (None,))[0] != memory.shape[0]:
+            kept[id(self)] = (memory.shape[0], memory)
+        return cross(self, y, kept[id(self)][1] if cache is not None else memory, mask, cache)
+    monkeypatch.setattr(MultiHeadAttention, "cross_attention", cross_attention)
+    model, batch = tiny(data)
+    assert "hidden_state" in probe(model, batch, data)
+    rates = {s: (1e-3 * s / 30 if s < 30 else 1e-5 + 1e-3 * 0.5 * (1 + math.cos(math.pi * min(1, (s - 30) / 30))))
+             for s in range(25, 300, 25)}                                      # the decay's clock over w, not 1 - w
+    flat = Symptoms(peak_lr=1e-3, warmup_frac=0.1)
+    flat("init", {"step": 0, "loss": 2.7, "ln_v": 2.7})
+    found = [n for s, lr in rates.items() for n, _ in flat("train", {"step": s, "loss": 1.0, "lr": lr,
+                                                                       "progress": s / 300})]
+    assert found == ["lr_schedule"]
+    for decay in ("cosine", "exp", "rsqrt"):                                  # the schedules train.py offers
+        cfg = dict(train.DEFAULTS, learning_rate=1e-3, min_lr=1e-6, warmup_frac=0.02, decay=decay)
+        healthy = Symptoms(peak_lr=1e-3, warmup_frac=0.02)
+        healthy("init", {"step": 0, "loss": 2.7, "ln_v": 2.7})
+        assert not any(healthy("train", {"step": s, "loss": 1.0, "lr": train.lr_at(s / 1000, cfg),
+                                         "progress": s / 1000}) for s in range(10, 1001, 10)), decay

@@ -64,11 +64,12 @@ from batching import TrainBatches, collate, make_batches  # noqa: E402
 from data import DataConfig, DataError, data_of_checkpoint, load_data  # noqa: E402
 from decoding import (beam_search, evaluate, greedy, length_sorted_batches, max_target_len, score,  # noqa: E402
                       strip_special)
-from diagnostics import StepChecks, Symptoms, check_initial_loss, probe_model  # noqa: E402
+from diagnostics import check_initial_loss, probe_model  # noqa: E402
 from loss import sequence_loss  # noqa: E402
 from runtime import Runtime, advance_clock, setup  # noqa: E402
 from tools.baselines import Marian, TorchTransformer, torch_loss  # noqa: E402
 from tools.reference import greedy_uncached  # noqa: E402
+from watch import StepChecks, Symptoms  # noqa: E402
 
 # -----------------------------------------------------------------------------
 bench = "decode"  # which benchmark: 'decode', 'train', 'loop', 'generate', 'quality' or 'diagnostics'
