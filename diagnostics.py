@@ -5,7 +5,7 @@ log.jsonl. train_loop calls check_initial_loss and probe_model once, before step
 model (probes.py: what it reads, decoding = training, ...; textbook.py: every stage as the papers
 write it), the first batch and epoch, the loss function, the optimizer, the data and the
 validation's scoring, tested for the properties a correct encoder-decoder and its training have.
-The run as it goes is watch.py's. docs/debugging.md: the bugs they name (tools/bugs.py, fourteen
+The run as it goes is watch.py's. docs/debugging.md: the bugs they name (tools/bugs.py, fifteen
 held-out sets among them), what they do not name, and their cost. Leaves out: beam search.
 """
 
@@ -76,7 +76,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
                             pairs kept, each side's ids its text's encoding, decoding back to it
       scores_an_oracle      the run's evaluate reports an oracle's corpus BLEU and the model's loss
     A probe that raises is a warning (probe_failed): a diagnostic never stops a run. Once, in full
-    precision: 0.8 of a Multi30k bf16 training step, 2.6-4.0 of the toy task's (docs/debugging.md)."""
+    precision: 0.7-0.8 of a Multi30k bf16 training step, 2.3-3.1 of the toy task's (docs/debugging.md)."""
     was_training, device = model.training, next(model.parameters()).device
     src, tgt_in, tgt_out = (t[:rows].to(device) for t in batch)
     src = torch.cat([src, torch.full_like(src[:, :3], data.src_tok.pad_id)], dim=1)   # padding for sure

@@ -6,7 +6,7 @@ one after the other; the gallery ends with one table (the bug, what a learner wo
 warning that named it quoted from the log, the seconds) and a figure of the runs side by side
 (tools/runs.py). It exits with 1 when a bug goes unnamed or the clean run is flagged.
 
-    python tools/bugs.py                                  # all 154 runs, ~25 minutes on a 2-core CPU
+    python tools/bugs.py                                  # all 154 runs, ~30 minutes on a 2-core CPU
     python tools/bugs.py --bugs=clean,no_causal_mask --out_dir=out/bugs --figure=docs/bugs.png
 
 Fifteen sets: GALLERY, the bugs the diagnostics were first written for (and two clean runs), and
