@@ -63,7 +63,7 @@ def probe_model(model, batch: tuple, loss_fn, data, log, optimizer=None, smoothi
       word_order            the prediction responds to the word it is given; the encoder and the
                             decoder tell a sentence from its words reordered
       training_mode_reads   in training mode (dropout on) the sentences still get different logits
-      no_hidden_state       the same batch twice, another between: the same logits
+      no_hidden_state       the same batch twice, another between: the same logits; decoding's too
       decoding_as_trained   decode_step gives the teacher-forced logits; greedy picks what the forward
                             pass ranks first; translate() encodes as training does, gives greedy's output
       loss_as_defined       each position's cross-entropy (smoothed) and gradient p - q; padding free

@@ -493,7 +493,8 @@ def every_parameter_learns(model, grads: dict, outside: dict, optimizer) -> list
                       f"1 / sqrt(fan_in)): each layer {'shrinks' if gain < 1 else 'inflates'} what it is given, so "
                       f"the signal and the gradients {'fade' if gain < 1 else 'blow up'} through the layers. "
                       "Initialise weight matrices with a std of about 1 / sqrt(fan_in) (nn.init.xavier_uniform_, or "
-                      f"the default): a fixed std such as GPT-2's 0.02 suits widths of about 768, not {fan_in}."))
+                      "the default)" + (f": a fixed std such as GPT-2's 0.02 suits widths of about 768, not {fan_in}."
+                                        if gain < 1 else ".")))
     held = {id(p) for group in (optimizer.param_groups if optimizer is not None else []) for p in group["params"]}
     missed = [n for n, p in params.items() if p.requires_grad and optimizer is not None and id(p) not in held]
     if missed:

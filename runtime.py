@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, fields
 
 import torch
@@ -165,15 +166,24 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def end_process() -> None:
-    """End a process of a torchrun run now, its output flushed, without the interpreter's teardown.
-    In a few of the test suite's torchrun runs, process 0 was aborted there after the run had written
-    everything (SIGABRT, "terminate called without an active exception": a C++ thread destroyed
-    while it still ran); every file is closed by then (log.jsonl and the checkpoints are written
-    line by line, file by file)."""
+def end_process(main, *args) -> None:
+    """Run main(*args) in a process of a torchrun run, then end the process at once with main's exit
+    code, its output flushed, without the interpreter's teardown: in a few of the test suite's
+    torchrun runs, process 0 was aborted there after the run had written everything (SIGABRT,
+    "terminate called without an active exception": a C++ thread destroyed while it still ran).
+    Nothing is lost: log.jsonl and the checkpoints are written and closed record by record, file by
+    file, and TensorBoard's records flushed."""
+    try:
+        main(*args)
+        code = 0
+    except SystemExit as e:                                 # (sys.exit(2) for bad input, 1 when diverged)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def setup(device: str = "auto", dtype: str = "auto") -> Runtime:

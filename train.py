@@ -199,11 +199,12 @@ def train_step(model, optimizer, micro_batches: list, pad_id: int, cfg: dict, rt
 
 def probe_step(model, data, cfg: dict, rt: Runtime):
     """train_step as a callable (micro_batches, optimizer) for the probes before step 1 (diagnostics.py:
-    step_gradient), in full precision as every probe, or None: on one process without fp16's scaler only
-    (a step on process 0 alone would wait for the others; the scaler's state would change)."""
-    if rt.world_size > 1 or rt.scaler is not None:
+    step_gradient), in full precision as every probe (bf16's autocast itself is not probed), or None:
+    on one process only (a step on process 0 alone would wait for the others)."""
+    if rt.world_size > 1:
         return None
-    full = replace(rt, dtype="float32")                 # (bf16's autocast: twice the time on a few sentences)
+    full = replace(rt, dtype="float32", scaler=None)    # (bf16's autocast: twice the time on a few sentences;
+    #                                                     fp16's scaler: its state left as the run has it)
     return lambda micro_batches, kept: train_step(model, kept, micro_batches, data.tgt_tok.pad_id, cfg, full)
 
 
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> RunState:
 
 
 if __name__ == "__main__":
-    main_guard(main, DataError)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        end_process()           # runtime.py: under torchrun, without the interpreter's teardown
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:     # under torchrun: ended without the interpreter's
+        end_process(main_guard, main, DataError)       # teardown (runtime.py)
+    else:
+        main_guard(main, DataError)

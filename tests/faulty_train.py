@@ -29,6 +29,7 @@ os.chdir(ROOT)
 
 import torch  # noqa: E402
 
+import runtime  # noqa: E402
 import train  # noqa: E402
 
 mode, n = sys.argv[1], int(sys.argv[2])
@@ -124,4 +125,7 @@ def main():
     print(f"process {os.environ.get('RANK', 0)} stopped at step {run.step}", flush=True)
 
 
-train.main_guard(main, train.DataError)
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:     # as train.py ends a torchrun process
+    runtime.end_process(train.main_guard, main, train.DataError)
+else:
+    train.main_guard(main, train.DataError)
