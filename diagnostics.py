@@ -188,11 +188,12 @@ def teacher_forcing_pairs(batch: tuple, data) -> list[tuple[str, str]]:
     pad, bos = data.tgt_tok.pad_id, data.tgt_tok.bos_id
     real = tgt_out != pad
     shifted = torch.cat([torch.full_like(tgt_out[:, :1], bos), tgt_out[:, :-1]], dim=1).masked_fill(~real, pad)
-    wrong = ("tgt_in is not <bos> + tgt_out shifted right by one" if not torch.equal(tgt_in.masked_fill(~real, pad),
-                                                                                     shifted) else
-             "tgt_out's rows do not end in one <eos>, then padding" if not ends_in_eos(tgt_out, data.tgt_tok) else
-             "the source's rows do not end in one <eos>, then padding" if not ends_in_eos(src, data.src_tok) else "")
-    if wrong:
+    failed = [what for what, holds in (
+        ("tgt_in is not <bos> + tgt_out shifted right by one", torch.equal(tgt_in.masked_fill(~real, pad), shifted)),
+        ("tgt_out's rows do not end in one <eos>, then padding", ends_in_eos(tgt_out, data.tgt_tok)),
+        ("the source's rows do not end in one <eos>, then padding", ends_in_eos(src, data.src_tok))) if not holds]
+    if failed:
+        wrong = failed[0]
         return [("target_shift", f"the training batch is not as teacher forcing needs it: {wrong}. At each position "
                  "the decoder must read the previous target word (tgt_in = <bos> + tgt_out shifted right by one) and "
                  "predict the current one; the source and tgt_out end in one <eos>, and after it comes padding "

@@ -28,7 +28,7 @@ from diagnostics import check_initial_loss, probe_model
 from loss import sequence_loss
 from model_rnn import KNOBS as rnn_knobs, RNNConfig, Seq2SeqRNN
 from model_transformer import Transformer, TransformerConfig
-from runtime import Diverged, RunClock, Runtime, count_bad_step, end_process, setup
+from runtime import Diverged, RunClock, Runtime, count_bad_step, run_process, setup
 from speed import speed_up
 from tokenizer import pair_from_state
 from watch import StepChecks, Symptoms
@@ -418,7 +418,5 @@ def main(argv: list[str] | None = None) -> RunState:
 
 
 if __name__ == "__main__":
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:     # under torchrun: ended without the interpreter's
-        end_process(main_guard, main, DataError)       # teardown (runtime.py)
-    else:
-        main_guard(main, DataError)
+    run_process(main_guard, main, DataError)    # main_guard(main, DataError); under torchrun, the process
+    #                                             ended without the interpreter's teardown (runtime.py)

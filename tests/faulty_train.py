@@ -125,7 +125,4 @@ def main():
     print(f"process {os.environ.get('RANK', 0)} stopped at step {run.step}", flush=True)
 
 
-if int(os.environ.get("WORLD_SIZE", "1")) > 1:     # as train.py ends a torchrun process
-    runtime.end_process(train.main_guard, main, train.DataError)
-else:
-    train.main_guard(main, train.DataError)
+runtime.run_process(train.main_guard, main, train.DataError)     # as train.py runs it
